@@ -1,0 +1,65 @@
+# dapo-vlm: `make run` trains on the embedded default, `make test` runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export DAPO_VLM_HOME ?= $(CURDIR)/var
+export DAGSTER_HOME ?= $(DAPO_VLM_HOME)/dagster
+
+ROUNDS ?=
+DATASET ?=
+RUN_NAME ?=
+MODEL ?=
+CHECKPOINT ?=
+PORT ?=
+NUM_PROCESSES ?=
+PYTEST_ARGS ?=
+
+RUN_ARGS := $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
+	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
+	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
+
+.PHONY: install run test test-fast lint ui mlflow-ui reanalyze sync-mlflow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/python -m pipelines.cli run $(RUN_ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check dapo_ops pipelines tests benchmarks
+
+ui: install
+	@mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m pipelines.cli prepare-instance
+	$(BIN)/dagster dev -w workspace.yaml $(if $(PORT),-p $(PORT))
+
+mlflow-ui: install
+	$(BIN)/python -m pipelines.cli mlflow-ui $(if $(PORT),--port $(PORT))
+
+reanalyze: install
+	@test -n "$(CHECKPOINT)" || { echo "usage: make reanalyze CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MDI_TOLERANCE=...]"; exit 2; }
+	$(BIN)/python -m pipelines.cli reanalyze --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MDI_TOLERANCE),--mdi-tolerance $(MDI_TOLERANCE))
+
+sync-mlflow: install
+	$(BIN)/python -m pipelines.cli sync-mlflow $(if $(RUN_NAME),--run-name $(RUN_NAME))
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,173 @@
+"""Typed training configuration with TRL's names; the one place defaults live."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+Stage = Literal["early", "middle", "late", "all"]
+MdiShaping = Literal["clip", "group_log_distance"]
+
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+STAGES: tuple[str, ...] = ("early", "middle", "late", "all")
+MDI_SHAPINGS: tuple[str, ...] = ("clip", "group_log_distance")
+REWARD_NAMES: tuple[str, ...] = ("mc_idx_reward", "think_format_reward", "mdi_reward")
+
+EMBEDDED = "embedded"
+
+
+def data_root() -> Path:
+    """The data root: `DAPO_VLM_HOME`, default `./var`."""
+    return Path(os.environ.get("DAPO_VLM_HOME", "var")).resolve()
+
+
+@dataclass
+class DapoConfig:
+    """Everything a training run needs. Field names follow TRL's `GRPOConfig` where TRL has one."""
+
+    run_name: str = "embedded-demo"
+    model_name_or_path: str = EMBEDDED
+    dataset: str = EMBEDDED
+    seed: int = 0
+    max_rounds: int = 8
+
+    # Rollouts: P prompts x G completions per round.
+    prompts_per_round: int = 64
+    num_generations: int = 8
+    max_completion_length: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    # Update: mu epochs over the round's batch, split into steps_per_generation optimizer steps each.
+    num_iterations: int = 2
+    steps_per_generation: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss_type: LossType = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    beta: float = 0.0
+    scale_rewards: ScaleRewards = "group"
+
+    # DAPO extras.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_tries: int = 3
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
+
+    # Rewards: weights for (mc_idx_reward, think_format_reward, mdi_reward).
+    reward_weights: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])
+    mdi_tolerance: float = 2.0
+    mdi_reward_stage: Stage = "all"
+    mdi_shaping: MdiShaping = "clip"
+
+    # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
+    num_train_examples: int = 2048
+    num_eval_examples: int = 256
+    eval_subset_size: int = 128
+    warmup_steps: int = 60
+    warmup_learning_rate: float = 3e-3
+
+    # Scale-out.
+    num_processes: int = 1
+    device: str = "auto"
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Fail at once, saying what to change."""
+        problems: list[str] = []
+        if self.loss_type not in LOSS_TYPES:
+            problems.append(f"loss_type={self.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            problems.append(
+                f"scale_rewards={self.scale_rewards!r} is unknown; use one of {', '.join(SCALE_REWARDS)}"
+            )
+        if self.mdi_reward_stage not in STAGES:
+            problems.append(f"mdi_reward_stage={self.mdi_reward_stage!r} is unknown; use one of {', '.join(STAGES)}")
+        if self.mdi_shaping not in MDI_SHAPINGS:
+            problems.append(f"mdi_shaping={self.mdi_shaping!r} is unknown; use one of {', '.join(MDI_SHAPINGS)}")
+        if self.num_generations < 2:
+            problems.append(
+                f"num_generations={self.num_generations} gives no group statistics; set it to 2 or more"
+            )
+        if self.prompts_per_round < 1:
+            problems.append(f"prompts_per_round={self.prompts_per_round} must be at least 1")
+        batch = self.prompts_per_round * self.num_generations
+        if self.steps_per_generation < 1 or batch % self.steps_per_generation:
+            problems.append(
+                f"the round's batch of {batch} rollouts (prompts_per_round x num_generations) is not divisible "
+                f"by steps_per_generation={self.steps_per_generation}; choose a divisor of {batch}"
+            )
+        elif (batch // self.steps_per_generation) % self.num_generations:
+            problems.append(
+                f"each optimizer step's batch of {batch // self.steps_per_generation} rollouts is not divisible by "
+                f"num_generations={self.num_generations}; make prompts_per_round a multiple of steps_per_generation"
+            )
+        if self.num_iterations < 1:
+            problems.append(f"num_iterations={self.num_iterations} must be at least 1")
+        if self.max_completion_length < 1:
+            problems.append(f"max_completion_length={self.max_completion_length} must be at least 1")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be positive")
+        if len(self.reward_weights) != len(REWARD_NAMES):
+            problems.append(
+                f"reward_weights={self.reward_weights} needs {len(REWARD_NAMES)} weights, for {', '.join(REWARD_NAMES)}"
+            )
+        if self.mdi_tolerance <= 1:
+            problems.append(f"mdi_tolerance={self.mdi_tolerance} must be greater than 1")
+        if self.epsilon <= 0 or self.epsilon_high <= 0:
+            problems.append("epsilon and epsilon_high must be positive")
+        if self.beta < 0:
+            problems.append(f"beta={self.beta} must be >= 0")
+        if self.num_processes < 1:
+            problems.append(f"num_processes={self.num_processes} must be at least 1")
+        if self.model_name_or_path != EMBEDDED and not Path(self.model_name_or_path).exists():
+            problems.append(
+                f"model_name_or_path={self.model_name_or_path!r} does not exist; give a local model directory "
+                f"(nothing is downloaded) or {EMBEDDED!r} for the embedded tiny model"
+            )
+        if self.dataset != EMBEDDED and not Path(self.dataset).exists():
+            problems.append(
+                f"dataset={self.dataset!r} does not exist; give a parquet file, a folder of parquet files or a "
+                f"datasets.save_to_disk folder, or {EMBEDDED!r} for the synthetic data"
+            )
+        if not self.run_name or any(c in self.run_name for c in "/\\ ") or self.run_name.startswith("."):
+            problems.append(f"run_name={self.run_name!r} must be a plain name (no slashes or spaces)")
+        if problems:
+            raise ValueError("Invalid dapo-vlm configuration:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(zip(REWARD_NAMES, self.reward_weights, strict=True))
+
+    @property
+    def batch_size(self) -> int:
+        """Rollouts per round (N = P x G)."""
+        return self.prompts_per_round * self.num_generations
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> DapoConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DapoConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Unknown dapo-vlm configuration fields: {', '.join(unknown)}")
+        return cls(**values)
