@@ -109,11 +109,6 @@ class DapoConfig:
                 f"the round's batch of {batch} rollouts (prompts_per_round x num_generations) is not divisible "
                 f"by steps_per_generation={self.steps_per_generation}; choose a divisor of {batch}"
             )
-        elif (batch // self.steps_per_generation) % self.num_generations:
-            problems.append(
-                f"each optimizer step's batch of {batch // self.steps_per_generation} rollouts is not divisible by "
-                f"num_generations={self.num_generations}; make prompts_per_round a multiple of steps_per_generation"
-            )
         if self.num_iterations < 1:
             problems.append(f"num_iterations={self.num_iterations} must be at least 1")
         if self.max_completion_length < 1:

@@ -1,0 +1,532 @@
+"""The per-round markdown reports: pure functions from the round table and metric dicts to strings.
+
+The round table has one row per rollout (see `ROUND_TABLE_COLUMNS`). Conventions shared by all reports:
+
+- Means and stds leave out undefined values (NaN or null): a rollout without image tokens has NaN attention
+  metrics (METRICS.md) and does not enter the batch means. With no defined value the mean is NaN.
+- Std is the sample std (ddof=1); with fewer than two defined values it is NaN.
+- Tables render NaN as ``nan``; JSON blocks render it as ``null`` (JSON has no NaN) and round floats to
+  6 decimals.
+- The correct answer is shown as ``"<letter>. <choice>"``, e.g. ``"B. red"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import polars as pl
+
+from dapo_ops.config import STAGES
+
+ATTENTION_NAMES: tuple[str, ...] = (
+    "mdi",
+    "aei_text",
+    "aei_vision",
+    "text_ratio",
+    "vision_ratio",
+    "mdi_balance",
+    "mdi_penalty",
+)
+
+ROUND_TABLE_COLUMNS: tuple[str, ...] = (
+    "rollout_index",
+    "prompt_index",
+    "generation_index",
+    "question_id",
+    "question",
+    "choices",
+    "correct_choice_idx",
+    "completion",
+    "completion_length",
+    "is_eos",
+    "predicted_choice_idx",
+    "vision_tokens",
+    "text_tokens",
+    "completion_tokens",
+    "total_tokens",
+    *(f"attn/{stage}/{name}" for stage in STAGES for name in ATTENTION_NAMES),
+    "mc_idx_reward",
+    "think_format_reward",
+    "mdi_reward",
+    "total_reward",
+    "advantage",
+    "kept",
+)
+
+_STAGE_TITLES = {stage: stage.capitalize() for stage in STAGES}
+
+METRIC_NAMES_44: tuple[str, ...] = (
+    "num_tokens",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+    *(
+        f"attention/{stage}/{name}"
+        for stage in STAGES
+        for name in ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
+    ),
+    *(
+        f"rewards/{func}/{stat}"
+        for func in ("mc_idx_reward", "think_format_reward", "mdi_reward")
+        for stat in ("mean", "std")
+    ),
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_mean",
+    "clip_ratio/high_max",
+    "clip_ratio/region_mean",
+    "rewards/total_reward",
+)
+
+# Section heading -> name patterns; a pattern ending in "/" matches a prefix, any other matches exactly.
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "🎯 Reward Metrics:": ("rewards/", "reward", "reward_std", "frac_reward_zero_std", "eval/"),
+    "🧠 Attention Metrics:": ("attention/",),
+    "📏 Completion Metrics:": ("completions/", "num_tokens"),
+    "⚙️ Optimization Metrics:": (
+        "entropy",
+        "clip_ratio/",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "kl",
+        "perf/",
+    ),
+}
+# Metrics that match no group still get printed, so nothing logged is hidden from the terminal log.
+OTHER_METRICS_HEADING = "📋 Other Metrics:"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    """The defined values: nulls and NaN dropped (infinities kept, they are real and worth seeing)."""
+    out: list[float] = []
+    for v in values:
+        if v is None:
+            continue
+        f = float(v)
+        if not math.isnan(f):
+            out.append(f)
+    return out
+
+
+def mean_std(values: Iterable[Any]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of the defined values; NaN where there are too few."""
+    xs = _finite(values)
+    if not xs:
+        return math.nan, math.nan
+    mean = math.fsum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, math.nan
+    var = math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    return mean, math.sqrt(var)
+
+
+def _fmt(value: float | None, decimals: int = 3) -> str:
+    if value is None or math.isnan(value):
+        return "nan"
+    return f"{value:.{decimals}f}"
+
+
+def _fmt_pm(values: Iterable[Any], decimals: int = 3) -> str:
+    mean, std = mean_std(values)
+    return f"{_fmt(mean, decimals)} ± {_fmt(std, decimals)}"
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON-safe copy: NaN/inf -> null, floats rounded, containers recursed."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        return round(f, 6) if math.isfinite(f) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, Sequence | pl.Series):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _fence(text: str, lang: str = "") -> str:
+    """A fenced block that survives backtick runs inside `text` (completions may contain them)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{lang}\n{text}\n{ticks}"
+
+
+def _json_block(payload: Mapping[str, Any]) -> str:
+    return _fence(json.dumps(_json_value(payload), indent=2, ensure_ascii=False, allow_nan=False), "json")
+
+
+def _cell(text: Any) -> str:
+    """A markdown table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _letter(index: int) -> str:
+    return chr(ord("A") + index)
+
+
+def format_answer(choices: Sequence[str] | None, index: int | None) -> str | None:
+    """`"B. red"` for index 1 of `choices`; None when the index is missing or out of range."""
+    if index is None or choices is None or not 0 <= int(index) < len(choices):
+        return None
+    return f"{_letter(int(index))}. {choices[int(index)]}"
+
+
+def _require(table: pl.DataFrame, columns: Iterable[str], report: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{report}: the round table lacks column(s) {', '.join(missing)}")
+
+
+def _attn_col(stage: str, name: str) -> str:
+    return f"attn/{stage}/{name}"
+
+
+def _column(table: pl.DataFrame, name: str) -> list[Any]:
+    return table.get_column(name).to_list()
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"mdi_reward_stage={stage!r} is unknown; use one of {', '.join(STAGES)}")
+
+
+def _num_undefined_attention(table: pl.DataFrame) -> int:
+    return sum(1 for v in _column(table, _attn_col("all", "mdi")) if v is None or math.isnan(float(v)))
+
+
+def attention_stage_means(table: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """Batch means `{stage: {name: mean}}` over rollouts with defined values (NaN when none are defined).
+
+    This is what `render_attention_diagnostics` puts in its JSON block and what
+    `dapo_ops.charts.attention_balance_png` draws.
+    """
+    _require(table, [_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES], "attention_stage_means")
+    return {
+        stage: {name: mean_std(_column(table, _attn_col(stage, name)))[0] for name in ATTENTION_NAMES}
+        for stage in STAGES
+    }
+
+
+def _header(title: str, run_name: str, checkpoint: str) -> str:
+    return f"# {title}\n\nRun `{run_name}` · checkpoint `{checkpoint}`"
+
+
+def _batch_note(table: pl.DataFrame) -> str:
+    n = table.height
+    prompts = table.get_column("prompt_index").n_unique() if "prompt_index" in table.columns else 0
+    undefined = _num_undefined_attention(table)
+    return (
+        f"{n} rollouts from {prompts} prompts. Values are `mean ± std` (sample std, ddof=1) over rollouts; "
+        f"{undefined} rollout(s) without image tokens have undefined (NaN) attention metrics and are left "
+        "out of the attention means."
+    )
+
+
+# ------------------------------------------------------------------------------------ rollout results
+
+_ROLLOUT_REQUIRED = (
+    "rollout_index",
+    "prompt_index",
+    "question",
+    "choices",
+    "correct_choice_idx",
+    "completion",
+    "vision_tokens",
+    "text_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "mc_idx_reward",
+    "think_format_reward",
+    "mdi_reward",
+    "total_reward",
+    *(_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES),
+)
+# Identification and diagnosis fields copied into each rollout's JSON when the table has them.
+_ROLLOUT_OPTIONAL = (
+    "prompt_index",
+    "generation_index",
+    "question_id",
+    "completion_length",
+    "is_eos",
+    "advantage",
+    "kept",
+)
+
+
+def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"rollout_index": row["rollout_index"]}
+    record.update({k: row[k] for k in _ROLLOUT_OPTIONAL if k in row})
+    record["rewards"] = {
+        "accuracy": row["mc_idx_reward"],
+        "format": row["think_format_reward"],
+        "mdi": row[_attn_col(mdi_reward_stage, "mdi")],
+        "mdi_reward": row["mdi_reward"],
+        "total": row["total_reward"],
+    }
+    record["attention_metrics"] = {
+        stage: {name: row[_attn_col(stage, name)] for name in ATTENTION_NAMES} for stage in STAGES
+    }
+    record["token_counts"] = {
+        k: row[k] for k in ("vision_tokens", "text_tokens", "completion_tokens", "total_tokens")
+    }
+    choices = row["choices"]
+    record["question"] = row["question"]
+    record["choices"] = choices
+    record["answer"] = format_answer(choices, row["correct_choice_idx"])
+    if "predicted_choice_idx" in row:
+        record["predicted_answer"] = format_answer(choices, row["predicted_choice_idx"])
+    record["completion"] = row["completion"]
+    return record
+
+
+def render_rollout_results(
+    table: pl.DataFrame,
+    *,
+    mdi_reward_stage: str = "all",
+    run_name: str,
+    checkpoint: str,
+    max_samples: int | None = None,
+) -> str:
+    """`rollout_results.md`: overall table, MDI-per-stage table and one JSON block per rollout.
+
+    `MDI Mean` and each rollout's `rewards.mdi` are the MDI of `mdi_reward_stage`. `Success Rate` is the
+    share of rollouts with both `mc_idx_reward == 1` and `think_format_reward == 1`. Samples are listed by
+    `rollout_index`, the first `max_samples` of them when given.
+    """
+    _check_stage(mdi_reward_stage)
+    _require(table, _ROLLOUT_REQUIRED, "render_rollout_results")
+    table = table.sort("rollout_index")
+
+    accuracy = _column(table, "mc_idx_reward")
+    fmt = _column(table, "think_format_reward")
+    successes = [
+        a is not None and f is not None and float(a) == 1.0 and float(f) == 1.0
+        for a, f in zip(accuracy, fmt, strict=True)
+    ]
+    success_rate = sum(successes) / len(successes) if successes else math.nan
+    overall = _table(
+        ["Metric", "Value"],
+        [
+            ["Accuracy Mean", _fmt_pm(accuracy)],
+            ["Format Mean", _fmt_pm(fmt)],
+            ["MDI Mean", _fmt_pm(_column(table, _attn_col(mdi_reward_stage, "mdi")))],
+            ["MDI Reward Mean", _fmt_pm(_column(table, "mdi_reward"))],
+            ["Total Reward Mean", _fmt_pm(_column(table, "total_reward"))],
+            ["Success Rate", _fmt(success_rate)],
+        ],
+    )
+
+    stage_rows = []
+    for stage in STAGES:
+        mdi_mean, mdi_std = mean_std(_column(table, _attn_col(stage, "mdi")))
+        stage_rows.append(
+            [
+                _STAGE_TITLES[stage],
+                _fmt(mdi_mean),
+                _fmt(mdi_std),
+                _fmt(mean_std(_column(table, _attn_col(stage, "aei_text")))[0]),
+                _fmt(mean_std(_column(table, _attn_col(stage, "aei_vision")))[0]),
+            ]
+        )
+    mdi_table = _table(["Stage", "MDI Mean", "MDI Std", "AEI Text", "AEI Vision"], stage_rows)
+
+    shown = table if max_samples is None else table.head(max(0, max_samples))
+    samples = []
+    for row in shown.iter_rows(named=True):
+        title = f"### Rollout {row['rollout_index']} · prompt {row['prompt_index']}"
+        if "generation_index" in row:
+            title += f" · generation {row['generation_index']}"
+        samples.append(f"{title}\n\n{_json_block(_rollout_record(row, mdi_reward_stage))}")
+
+    parts = [
+        _header("Rollout results", run_name, checkpoint),
+        _batch_note(table) + f" `MDI Mean` is the MDI of stage `{mdi_reward_stage}`.",
+        "## Overall",
+        overall,
+        "## MDI by stage",
+        mdi_table,
+        f"## Samples\n\nShowing {shown.height} of {table.height} rollouts.",
+        *samples,
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------- attention diagnostics
+
+
+def render_attention_diagnostics(
+    table: pl.DataFrame,
+    *,
+    run_name: str,
+    checkpoint: str,
+    mdi_tolerance: float,
+    chart_file: str | None = None,
+) -> str:
+    """`attention_diagnostics.md`: per-stage MDI/AEI table, token table, optional chart, batch-mean JSON.
+
+    `Vision Ratio` is the token share `v = |V| / (|T| + |V|)` averaged over rollouts (a rollout with no
+    key tokens at all is left out). The per-stage table and the token table are separate tables so that
+    both are valid markdown.
+    """
+    _require(
+        table,
+        ["vision_tokens", "text_tokens", *(_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES)],
+        "render_attention_diagnostics",
+    )
+    means = attention_stage_means(table)
+    stage_table = _table(
+        ["Metric", *(_STAGE_TITLES[s] for s in STAGES)],
+        [
+            ["MDI Mean", *(_fmt(means[s]["mdi"]) for s in STAGES)],
+            ["MDI Std", *(_fmt(mean_std(_column(table, _attn_col(s, "mdi")))[1]) for s in STAGES)],
+            ["AEI Text", *(_fmt(means[s]["aei_text"]) for s in STAGES)],
+            ["AEI Vision", *(_fmt(means[s]["aei_vision"]) for s in STAGES)],
+        ],
+    )
+
+    vision = _column(table, "vision_tokens")
+    text = _column(table, "text_tokens")
+    shares = [
+        float(v) / (float(v) + float(t))
+        for v, t in zip(vision, text, strict=True)
+        if v is not None and t is not None and float(v) + float(t) > 0
+    ]
+    token_table = _table(
+        ["Metric", "Value"],
+        [
+            ["Vision Tokens", _fmt_pm(vision, 1)],
+            ["Text Tokens", _fmt_pm(text, 1)],
+            ["Vision Ratio", _fmt(mean_std(shares)[0])],
+        ],
+    )
+
+    parts = [
+        _header("Attention diagnostics", run_name, checkpoint),
+        _batch_note(table)
+        + f" MDI tolerance R = {mdi_tolerance:g}: `mdi_balance = clip(1 − |ln MDI| / ln R, 0, 1)`.",
+        "## Stages",
+        stage_table,
+        "## Tokens",
+        token_table,
+    ]
+    if chart_file is not None:
+        parts.append(f"![Attention balance per stage]({chart_file})")
+    parts += ["## Stage details (batch means)", _json_block({"attention_metrics": means})]
+    return "\n\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------ metrics block
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name.startswith(pattern) if pattern.endswith("/") else name == pattern
+
+
+def metric_group(name: str) -> str:
+    """The section heading a metric is printed under (`OTHER_METRICS_HEADING` when no group matches)."""
+    for heading, patterns in METRIC_GROUPS.items():
+        if any(_matches(name, p) for p in patterns):
+            return heading
+    return OTHER_METRICS_HEADING
+
+
+# Display order: METRICS.md table order, except that the round's total reward follows the per-function rewards.
+_DISPLAY = [n for n in METRIC_NAMES_44 if n != "rewards/total_reward"]
+_DISPLAY.insert(_DISPLAY.index("rewards/mdi_reward/std") + 1, "rewards/total_reward")
+_ORDER = {name: i for i, name in enumerate(_DISPLAY)}
+
+
+def format_metrics_block(metrics: Mapping[str, float], mode: str = "train") -> str:
+    """The terminal block `📊 Logging N metrics for <mode> mode`, one `   name: value` line per metric.
+
+    N counts the metrics of `METRIC_NAMES_44` present in `metrics`. Within a section the 44 come in
+    METRICS.md table order (`rewards/total_reward` right after the per-function rewards), then the other
+    metrics in the order given. Empty sections are left out.
+    """
+    count = sum(1 for name in metrics if name in _ORDER)
+    sections: dict[str, list[str]] = {heading: [] for heading in (*METRIC_GROUPS, OTHER_METRICS_HEADING)}
+    for name in metrics:
+        sections[metric_group(name)].append(name)
+    lines = [f"📊 Logging {count} metrics for {mode} mode"]
+    for heading, names in sections.items():
+        if not names:
+            continue
+        lines.append(heading)
+        # Stable sort: the 44 first in table order, the rest keep the caller's order.
+        for name in sorted(names, key=lambda n: _ORDER.get(n, len(_ORDER))):
+            lines.append(f"   {name}: {float(metrics[name]):.4f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- run terminal
+
+
+def _health_table(health: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        [
+            h.get("name", ""),
+            "✅ passed" if h.get("passed") else "❌ failed",
+            h.get("severity", ""),
+            h.get("message", ""),
+            h.get("remedy", "") or "",
+        ]
+        for h in health
+    ]
+    return _table(["Check", "Status", "Severity", "Message", "Remedy"], rows)
+
+
+def render_run_terminal(
+    log_lines: Sequence[str],
+    metrics: Mapping[str, float],
+    *,
+    run_name: str,
+    checkpoint: str,
+    health: Sequence[Mapping[str, Any]] | None = None,
+    mode: str = "train",
+) -> str:
+    """`run_terminal.md`: the round's log lines, health findings (when given) and the metrics block.
+
+    Each health finding is a dict with `name`, `passed` (bool), `severity`, `message` and `remedy`.
+    """
+    log_text = "\n".join(line.rstrip("\n") for line in log_lines)
+    parts = [
+        _header("Run terminal", run_name, checkpoint),
+        "## Log",
+        _fence(log_text or "(no log lines)", "text"),
+    ]
+    if health:
+        failed = sum(1 for h in health if not h.get("passed"))
+        parts += [
+            "## Health checks",
+            f"{len(health) - failed} of {len(health)} checks passed.",
+            _health_table(health),
+        ]
+    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode), "text")]
+    return "\n\n".join(parts) + "\n"

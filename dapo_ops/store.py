@@ -1,0 +1,248 @@
+"""The run store: where a training run's files live, atomic writes, checkpoint discovery and the run lock.
+
+Layout under the data root (see DESIGN.md "Storage"):
+``runs/<run_name>/{data, checkpoints/ckpt-NNNN, rounds/ckpt-NNNN, reports/ckpt-NNNN}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+CHECKPOINT_RE = re.compile(r"^ckpt-(\d{4,})$")
+COMPLETE_MARKER = "COMPLETE"
+TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_key(index: int) -> str:
+    return f"ckpt-{index:04d}"
+
+
+def checkpoint_index(key: str) -> int:
+    match = CHECKPOINT_RE.match(key)
+    if not match:
+        raise ValueError(f"{key!r} is not a checkpoint id; expected ckpt-NNNN, e.g. ckpt-0003")
+    return int(match.group(1))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write through a temporary sibling + fsync + rename, so readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def write_parquet_atomic(path: Path, frame: pl.DataFrame) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_torch_atomic(path: Path, obj: Any) -> Path:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success fsync it, add the completion marker and
+    rename it into place (replacing an older incomplete or complete copy)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    try:
+        yield tmp
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        fsync_tree(tmp)
+        if final.exists():
+            # Move the old copy aside first: rename over a non-empty directory is not allowed.
+            trash = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """Paths of one training run under the data root."""
+
+    root: Path
+    run_name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / "runs" / self.run_name
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint_dir(self, key: str) -> Path:
+        checkpoint_index(key)
+        return self.checkpoints_dir / key
+
+    def round_dir(self, key: str) -> Path:
+        checkpoint_index(key)
+        return self.run_dir / "rounds" / key
+
+    def reports_dir(self, key: str) -> Path:
+        checkpoint_index(key)
+        return self.run_dir / "reports" / key
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.json"
+
+    def is_complete_checkpoint(self, key: str) -> bool:
+        return (self.checkpoint_dir(key) / COMPLETE_MARKER).exists()
+
+    def complete_checkpoints(self) -> list[str]:
+        """Checkpoint ids whose directory carries the completion marker, oldest first."""
+        if not self.checkpoints_dir.exists():
+            return []
+        keys = [p.name for p in self.checkpoints_dir.iterdir() if CHECKPOINT_RE.match(p.name)]
+        return sorted((k for k in keys if self.is_complete_checkpoint(k)), key=checkpoint_index)
+
+    def latest_checkpoint(self) -> str | None:
+        keys = self.complete_checkpoints()
+        return keys[-1] if keys else None
+
+    def require_checkpoint(self, key: str) -> Path:
+        path = self.checkpoint_dir(key)
+        if not self.is_complete_checkpoint(key):
+            have = ", ".join(self.complete_checkpoints()) or "none"
+            raise FileNotFoundError(
+                f"checkpoint {key} of run {self.run_name!r} is missing or incomplete at {path} "
+                f"(complete checkpoints: {have})"
+            )
+        return path
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete leftovers of interrupted atomic writes anywhere in the run folder."""
+        removed: list[Path] = []
+        if not self.run_dir.exists():
+            return removed
+        for path in sorted(self.run_dir.rglob(TMP_PREFIX + "*"), key=lambda p: len(p.parts), reverse=True):
+            if not path.exists():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock on the run; a second process with the same run name is refused."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / ".lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held for the lifetime of the context
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunLockedError(
+                    f"run {self.run_name!r} is already in use by {holder} (lock {path}); wait for it to "
+                    f"finish or choose another RUN_NAME"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
