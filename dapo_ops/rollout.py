@@ -1,0 +1,343 @@
+"""Batched rollouts: G sampled completions per prompt with the KV cache, and the batch that carries them.
+
+Rows are group-major: rollout i belongs to prompt i // G. Each prompt is prefilled once (vision tower
+included) and its KV cache repeated G times; decoding then runs all N = P * G rows together.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dapo_ops.inputs import PromptBatch, select_pixel_values
+from dapo_ops.models import Policy
+
+_TENSOR_FIELDS = (
+    "prompt_ids",
+    "prompt_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "completion_ids",
+    "completion_mask",
+    "completion_lengths",
+    "is_eos",
+    "prompt_index",
+    "prompt_vision_mask",
+    "prompt_text_mask",
+)
+
+
+@dataclass
+class RolloutBatch:
+    """N = P * G rollouts, group-major, with everything a teacher-forced pass over prompt+completion needs.
+
+    `pixel_values` holds one copy of the image per rollout (patches concatenated in row order), so any
+    row subset (`select`) is again a consistent model input.
+    """
+
+    prompt_ids: torch.Tensor  # [N, Tp] long, left padded
+    prompt_mask: torch.Tensor  # [N, Tp] long
+    pixel_values: torch.Tensor  # [sum over rows of prod(image_grid_thw), D]
+    image_grid_thw: torch.Tensor  # [N, 3] long
+    completion_ids: torch.Tensor  # [N, Tc] long, pad after EOS
+    completion_mask: torch.Tensor  # [N, Tc] long, 1 up to and including EOS
+    completion_lengths: torch.Tensor  # [N] long, tokens incl. EOS
+    is_eos: torch.Tensor  # [N] bool, the completion ended with EOS (else it was clipped)
+    completions: list[str]  # decoded, special tokens skipped
+    prompt_index: torch.Tensor  # [N] long, index of the prompt in the PromptBatch it was sampled from
+    num_generations: int
+    prompt_vision_mask: torch.Tensor  # [N, Tp] bool, `<|image_pad|>` positions
+    prompt_text_mask: torch.Tensor  # [N, Tp] bool, text keys (METRICS.md)
+
+    def __len__(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def prompt_length(self) -> int:
+        """Tp: completion token j sits at column Tp + j of the concatenated sequence."""
+        return int(self.prompt_ids.shape[1])
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[N, Tp + Tc] prompt then completion (left padding before, padding after EOS)."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    def _pad_to_sequence(self, prompt_part: torch.Tensor) -> torch.Tensor:
+        tail = torch.zeros(
+            (len(self), self.completion_ids.shape[1]), dtype=torch.bool, device=prompt_part.device
+        )
+        return torch.cat([prompt_part.bool(), tail], dim=1)
+
+    @property
+    def vision_mask(self) -> torch.Tensor:
+        """[N, Tp + Tc] bool: image token keys; completion positions are never keys."""
+        return self._pad_to_sequence(self.prompt_vision_mask)
+
+    @property
+    def text_mask(self) -> torch.Tensor:
+        """[N, Tp + Tc] bool: text keys; completion positions are never keys."""
+        return self._pad_to_sequence(self.prompt_text_mask)
+
+    @property
+    def mm_token_type_ids(self) -> torch.Tensor:
+        """[N, Tp + Tc] 1 at image tokens: Qwen2.5-VL builds its 3D mRoPE positions from it."""
+        return self.vision_mask.to(torch.int32)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the teacher-forced forward over prompt + completion.
+
+        Passing `mm_token_type_ids` matters: without it Qwen2.5-VL falls back to 1D positions that
+        ignore the left padding and the image grid, i.e. not the positions the rollout was sampled with.
+        """
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values,
+            "image_grid_thw": self.image_grid_thw,
+            "mm_token_type_ids": self.mm_token_type_ids,
+        }
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> RolloutBatch:
+        """Rows `indices`, in that order (pixel values sliced per row by its image grid)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        values: dict[str, Any] = {}
+        for name in _TENSOR_FIELDS:
+            tensor = getattr(self, name)
+            if name == "pixel_values":
+                values[name] = select_pixel_values(self.pixel_values, self.image_grid_thw, idx)
+            else:
+                values[name] = tensor[idx.to(tensor.device)]
+        return RolloutBatch(
+            **values,
+            completions=[self.completions[i] for i in idx.tolist()],
+            num_generations=self.num_generations,
+        )
+
+    def to(self, device: str | torch.device) -> RolloutBatch:
+        values = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return RolloutBatch(
+            **values, completions=list(self.completions), num_generations=self.num_generations
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, strings and ints (loadable with `torch.load(..., weights_only=True)`)."""
+        state: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["completions"] = list(self.completions)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> RolloutBatch:
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+    def save(self, path: str | Path) -> None:
+        torch.save(
+            {name: (v.cpu() if isinstance(v, torch.Tensor) else v) for name, v in self.state_dict().items()},
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> RolloutBatch:
+        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """`cache` in recent transformers 5.x, `past_key_values` before (the old name is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(outputs: Any) -> Any:
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else outputs.past_key_values
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    suppressed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row from [N, V] logits: suppressed ids masked, greedy when temperature == 0."""
+    logits = logits.float().clone()
+    if suppressed is not None and suppressed.numel():
+        logits[:, suppressed] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def _sample_chunk(
+    policy: Policy,
+    prompts: PromptBatch,
+    *,
+    num_generations: int,
+    max_completion_length: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+    suppressed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [P*G, steps], lengths [P*G], is_eos [P*G]) for one chunk of prompts."""
+    model = policy.model
+    cache_kwarg = _cache_kwarg(model)
+    prompts = prompts.trim_padding()
+    input_ids, attention_mask = prompts.input_ids, prompts.attention_mask
+    mm_token_type_ids = prompts.mm_token_type_ids
+    # The model's own mRoPE positions (text 1D, image tokens 3D over the grid), honouring left padding.
+    position_ids, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids, image_grid_thw=prompts.image_grid_thw, attention_mask=attention_mask
+    )
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        pixel_values=prompts.pixel_values,
+        image_grid_thw=prompts.image_grid_thw,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    group = num_generations
+    cache = _output_cache(outputs)
+    cache.batch_repeat_interleave(group)
+    logits = outputs.logits[:, -1].repeat_interleave(group, dim=0)
+    attention_mask = attention_mask.repeat_interleave(group, dim=0)
+    # Next text position of each row: one past its largest prompt position (the image may span several).
+    next_position = (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(group, dim=0)
+
+    rows = logits.shape[0]
+    device = logits.device
+    eos, pad = policy.eos_token_id, policy.pad_token_id
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    tokens: list[torch.Tensor] = []
+    ones = torch.ones((rows, 1), dtype=attention_mask.dtype, device=device)
+    for step in range(max_completion_length):
+        token = sample_tokens(
+            logits, temperature=temperature, top_p=top_p, generator=generator, suppressed=suppressed
+        )
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        tokens.append(token)
+        lengths += (~finished).long()
+        finished |= token == eos
+        if bool(finished.all()) or step == max_completion_length - 1:
+            break
+        attention_mask = torch.cat([attention_mask, ones], dim=1)
+        step_positions = (next_position + step).view(1, rows, 1).expand(3, rows, 1)
+        outputs = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=step_positions,
+            use_cache=True,
+            **{cache_kwarg: cache},
+        )
+        cache = _output_cache(outputs)
+        logits = outputs.logits[:, -1]
+    return torch.stack(tokens, dim=1), lengths, finished
+
+
+def generate_rollouts(
+    policy: Policy,
+    prompts: PromptBatch,
+    *,
+    num_generations: int,
+    max_completion_length: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> RolloutBatch:
+    """Sample `num_generations` completions per prompt (group-major) with the KV cache.
+
+    Deterministic for a seed (and batch_size). Vision special tokens and padding are never sampled; a row
+    stops at `<|im_end|>`, which counts in its length and mask. `temperature=0` is greedy decoding.
+    `batch_size` caps the rollouts decoded together (whole prompt groups; at least one group).
+    """
+    if num_generations < 1 or max_completion_length < 1:
+        raise ValueError("num_generations and max_completion_length must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature=} {top_p=}")
+    model = policy.model
+    was_training = model.training
+    model.eval()
+    device = policy.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    suppressed = torch.tensor(policy.suppressed_token_ids, dtype=torch.long, device=device)
+    num_prompts = len(prompts)
+    per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_generations)
+
+    token_chunks: list[torch.Tensor] = []
+    length_chunks: list[torch.Tensor] = []
+    eos_chunks: list[torch.Tensor] = []
+    try:
+        for start in range(0, num_prompts, per_chunk):
+            chunk = prompts.select(range(start, min(num_prompts, start + per_chunk))).to(device)
+            tokens, lengths, is_eos = _sample_chunk(
+                policy,
+                chunk,
+                num_generations=num_generations,
+                max_completion_length=max_completion_length,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+                suppressed=suppressed,
+            )
+            token_chunks.append(tokens.cpu())
+            length_chunks.append(lengths.cpu())
+            eos_chunks.append(is_eos.cpu())
+    finally:
+        model.train(was_training)
+
+    lengths = torch.cat(length_chunks)
+    width = int(lengths.max())
+    pad = policy.pad_token_id
+    completion_ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    row = 0
+    for tokens in token_chunks:
+        take = min(width, tokens.shape[1])
+        completion_ids[row : row + len(tokens), :take] = tokens[:, :take]
+        row += len(tokens)
+    completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    completions = policy.tokenizer.batch_decode(
+        [ids[:n].tolist() for ids, n in zip(completion_ids, lengths.tolist(), strict=True)],
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
+
+    prompt_index = torch.arange(num_prompts).repeat_interleave(num_generations)
+    return RolloutBatch(
+        prompt_ids=prompts.input_ids.repeat_interleave(num_generations, dim=0).cpu(),
+        prompt_mask=prompts.attention_mask.repeat_interleave(num_generations, dim=0).cpu(),
+        pixel_values=select_pixel_values(prompts.pixel_values, prompts.image_grid_thw, prompt_index).cpu(),
+        image_grid_thw=prompts.image_grid_thw.repeat_interleave(num_generations, dim=0).cpu(),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        completion_lengths=lengths,
+        is_eos=torch.cat(eos_chunks),
+        completions=completions,
+        prompt_index=prompt_index,
+        num_generations=num_generations,
+        prompt_vision_mask=prompts.vision_mask.repeat_interleave(num_generations, dim=0).cpu(),
+        prompt_text_mask=prompts.text_mask.repeat_interleave(num_generations, dim=0).cpu(),
+    )

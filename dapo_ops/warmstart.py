@@ -1,0 +1,163 @@
+"""Supervised warm start: teach a fresh policy the `<think>{rationale}</think> Answer: {letter}` format.
+
+A randomly initialised policy earns no reward at all; a short teacher-forced pass on the training rows
+gives RL something to improve (DESIGN.md: "optionally warm-started by a short supervised pass").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from dapo_ops.inputs import LETTERS, PromptBatch, encode_prompts, format_choices, to_pil
+from dapo_ops.models import THINK_END, THINK_START, Policy
+from dapo_ops.rollout import RolloutBatch
+
+try:  # the data helper's decoder (handles transparency); ours is the fallback
+    from dapo_ops.data import decode_image as _decode_image
+except ImportError:  # pragma: no cover - only before dapo_ops.data exists
+    _decode_image = None
+
+
+def _answer_index(row: Mapping[str, Any]) -> int:
+    value = row.get("correct_choice_idx")
+    if value is None:
+        value = row.get("label_idx")
+    if value is None:
+        raise ValueError("a warm-start row needs correct_choice_idx (or label_idx)")
+    return int(value)
+
+
+def target_completion(row: Mapping[str, Any]) -> str:
+    """`<think>{first rationale}</think> Answer: {letter}` (without the closing `<|im_end|>`)."""
+    index = _answer_index(row)
+    choices = list(row["choices"])
+    rationales = [r for r in (row.get("rationales") or []) if r and r.strip()]
+    rationale = rationales[0].strip() if rationales else f"The answer is {choices[index]}."
+    return f"{THINK_START}{rationale}{THINK_END} Answer: {LETTERS[index]}"
+
+
+def corpus_from_rows(rows: pl.DataFrame | Sequence[Mapping[str, Any]]) -> list[str]:
+    """Texts a tokenizer for these rows should cover: questions, lettered choices, rationales, targets."""
+    records = rows.to_dicts() if isinstance(rows, pl.DataFrame) else list(rows)
+    texts: list[str] = []
+    for row in records:
+        texts.append(str(row["question"]))
+        texts.append(format_choices(list(row["choices"])))
+        texts.extend(str(r) for r in (row.get("rationales") or []))
+        texts.append(target_completion(row))
+    return texts
+
+
+def _image(value: Any) -> Any:
+    if _decode_image is not None and isinstance(value, bytes | bytearray | memoryview):
+        return _decode_image(value)
+    return to_pil(value)
+
+
+def teacher_forcing_batch(policy: Policy, prompts: PromptBatch, targets: Sequence[str]) -> RolloutBatch:
+    """A `RolloutBatch` (G = 1) whose completions are `targets` + `<|im_end|>`, for teacher forcing."""
+    tokenizer = policy.tokenizer
+    target_ids = [
+        tokenizer(t, add_special_tokens=False)["input_ids"] + [policy.eos_token_id] for t in targets
+    ]
+    lengths = torch.tensor([len(ids) for ids in target_ids], dtype=torch.long)
+    width = int(lengths.max())
+    completion_ids = torch.full((len(targets), width), policy.pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(target_ids):
+        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return RolloutBatch(
+        prompt_ids=prompts.input_ids,
+        prompt_mask=prompts.attention_mask,
+        pixel_values=prompts.pixel_values,
+        image_grid_thw=prompts.image_grid_thw,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        completion_lengths=lengths,
+        is_eos=torch.ones(len(targets), dtype=torch.bool),
+        completions=list(targets),
+        prompt_index=torch.arange(len(targets)),
+        num_generations=1,
+        prompt_vision_mask=prompts.vision_mask,
+        prompt_text_mask=prompts.text_mask,
+    )
+
+
+def completion_cross_entropy(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """Mean token cross-entropy of the completion tokens given prompt and image (differentiable)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+    width = batch.completion_ids.shape[1]
+    # Only the last Tc+1 positions matter: position p predicts token p+1.
+    logits = model(**inputs, use_cache=False, logits_to_keep=width + 1).logits[:, :-1].float()
+    mask = batch.completion_mask.to(device).float()
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch.completion_ids.to(device).reshape(-1), reduction="none"
+    ).view_as(mask)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def supervised_warm_start(
+    policy: Policy,
+    rows: pl.DataFrame,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """`steps` AdamW steps of teacher-forced cross-entropy on `target_completion(row) + <|im_end|>`.
+
+    Batches are drawn from per-epoch seeded permutations of `rows` (A-OKVQA layout; only completion
+    tokens are scored). Returns the loss of every step; the model is left in eval mode.
+    """
+    if steps <= 0 or rows.height == 0:
+        return []
+    model = policy.model
+    records = rows.select(
+        [
+            c
+            for c in ("question", "choices", "image", "rationales", "correct_choice_idx", "label_idx")
+            if c in rows.columns
+        ]
+    ).to_dicts()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    try:
+        for step in range(steps):
+            picked: list[int] = []
+            while len(picked) < min(batch_size, len(records)):
+                if not order:
+                    order = torch.randperm(len(records), generator=generator).tolist()
+                picked.append(order.pop())
+            batch_rows = [records[i] for i in picked]
+            prompts = encode_prompts(
+                policy,
+                [r["question"] for r in batch_rows],
+                [list(r["choices"]) for r in batch_rows],
+                [_image(r["image"]) for r in batch_rows],
+            )
+            batch = teacher_forcing_batch(policy, prompts, [target_completion(r) for r in batch_rows])
+            loss = completion_cross_entropy(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+    finally:
+        model.eval()
+    return losses
