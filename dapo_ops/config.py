@@ -70,6 +70,7 @@ class DapoConfig:
     mdi_shaping: MdiShaping = "clip"
 
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["color"])
     num_train_examples: int = 2048
     num_eval_examples: int = 256
     eval_subset_size: int = 128

@@ -90,9 +90,9 @@ def test_remove_temporaries_cleans_interrupted_writes(tmp_path):
 
 def test_second_holder_of_a_run_lock_is_refused_with_a_clear_message(tmp_path):
     store = RunStore(tmp_path, "demo")
-    with store.lock():
-        with pytest.raises(RunLockedError, match=f"'demo' is already in use by pid {os.getpid()}"), store.lock():
-            pass
+    with store.lock(), pytest.raises(RunLockedError, match=f"'demo' is already in use by pid {os.getpid()}"), \
+            store.lock():
+        pass
     with store.lock():  # released after the first holder finished
         pass
 

@@ -1,0 +1,542 @@
+"""One training round as plain functions over the run store, phase by phase.
+
+Each phase reads what the previous one wrote under ``rounds/ckpt-NNNN/`` and writes its own files
+atomically, so any phase can be re-run on its own (a crashed round, or a re-analysis) and the Dagster
+assets in ``pipelines`` stay thin wrappers around these functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from dapo_ops import advantages as adv
+from dapo_ops import data, inputs, models, rewards, rollout, store, synthetic, warmstart
+from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
+from dapo_ops.config import EMBEDDED, REWARD_NAMES, STAGES, DapoConfig
+from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
+from dapo_ops.update import make_optimizer, policy_update
+
+logger = logging.getLogger("dapo_vlm")
+
+ATTENTION_NAMES = ("mdi", "aei_text", "aei_vision", "mdi_balance", "mdi_penalty", "text_ratio", "vision_ratio")
+LOGGED_ATTENTION_NAMES = ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def derived_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from the run seed and a phase/round label (same on every machine)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class RoundLog:
+    """The round's real log: appended to ``terminal.log`` (rendered into run_terminal.md) and echoed to
+    Python logging, which Dagster captures."""
+
+    def __init__(self, path: Path, *, echo: Callable[[str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+
+    def __call__(self, message: str, level: int = logging.INFO) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        prefix = {logging.WARNING: "WARNING ", logging.ERROR: "ERROR "}.get(level, "")
+        line = f"[{stamp}] {prefix}{message}"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        logger.log(level, message)
+        if self.echo is not None:
+            self.echo(line)
+
+    def warning(self, message: str) -> None:
+        self(message, logging.WARNING)
+
+    def error(self, message: str) -> None:
+        self(message, logging.ERROR)
+
+    def lines(self) -> list[str]:
+        return self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+
+
+def round_log(run_store: RunStore, key: str, echo: Callable[[str], None] | None = None) -> RoundLog:
+    return RoundLog(run_store.round_dir(key) / "terminal.log", echo=echo)
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class DatasetSummary:
+    source: str
+    num_train: int
+    num_eval: int
+    num_quarantined: int
+    quarantine_reasons: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def prepare_dataset(config: DapoConfig, run_store: RunStore) -> DatasetSummary:
+    """Validate the dataset (or generate the embedded one) into ``data/{train,eval,quarantine}.parquet``."""
+    if config.dataset == EMBEDDED:
+        source = run_store.data_dir / "source"
+        synthetic.write_dataset(
+            source, num_train=config.num_train_examples, num_eval=config.num_eval_examples, seed=config.seed,
+            tasks=tuple(config.synthetic_tasks),
+        )
+    else:
+        source = Path(config.dataset)
+    splits = data.load_mc_splits(source)
+    train, train_q = splits["train"]
+    evaluation, eval_q = splits["eval"]
+    quarantine = pl.concat(
+        [train_q.with_columns(pl.lit("train").alias("split")), eval_q.with_columns(pl.lit("eval").alias("split"))],
+        how="diagonal_relaxed",
+    )
+    store.write_parquet_atomic(run_store.data_dir / "train.parquet", train)
+    store.write_parquet_atomic(run_store.data_dir / "eval.parquet", evaluation)
+    store.write_parquet_atomic(run_store.data_dir / "quarantine.parquet", quarantine)
+    reasons: dict[str, int] = {}
+    for kind in quarantine.get_column("kind").to_list() if quarantine.height else []:
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return DatasetSummary(str(source), train.height, evaluation.height, quarantine.height, reasons)
+
+
+def load_split(run_store: RunStore, split: str) -> pl.DataFrame:
+    path = run_store.data_dir / f"{split}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialize the `dataset` asset first")
+    return pl.read_parquet(path)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_state(run_store: RunStore, key: str) -> dict[str, Any]:
+    return store.read_json(run_store.require_checkpoint(key) / STATE_FILE)
+
+
+def resolve_model_dir(run_store: RunStore, key: str) -> Path:
+    """The directory holding checkpoint `key`'s weights (ckpt-0000 of a real model points at its source)."""
+    path = run_store.require_checkpoint(key)
+    state = store.read_json(path / STATE_FILE)
+    return Path(state["model_dir"]) if state.get("model_dir") else path
+
+
+def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog) -> dict[str, Any]:
+    """ckpt-0000: the embedded tiny model (tokenizer trained locally, warm-started) or a real model dir."""
+    key = checkpoint_key(0)
+    final = run_store.checkpoint_dir(key)
+    train = load_split(run_store, "train")
+    state: dict[str, Any] = {"checkpoint": key, "round": 0, "global_step": 0, "num_tokens": 0,
+                             "source_model": config.model_name_or_path}
+    if config.model_name_or_path == EMBEDDED:
+        corpus = list(synthetic.corpus())
+        if config.dataset != EMBEDDED:  # a real dataset with the embedded model: its words join the vocabulary
+            corpus += train["question"].to_list() + [" ".join(c) for c in train["choices"].to_list()]
+            corpus += [r for rs in train["rationales"].to_list() for r in rs]
+        torch.manual_seed(config.seed)
+        policy = models.build_embedded_policy(corpus, seed=config.seed)
+        log(f"built the embedded tiny Qwen2.5-VL: {sum(p.numel() for p in policy.model.parameters()):,} parameters, "
+            f"{len(policy.tokenizer)} tokens")
+        start = time.perf_counter()
+        losses = warmstart.supervised_warm_start(
+            policy, train, steps=config.warmup_steps, learning_rate=config.warmup_learning_rate,
+            batch_size=16, seed=config.seed,
+        )
+        log(f"supervised warm start: {len(losses)} steps in {time.perf_counter() - start:.1f}s, "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "supervised warm start skipped")
+        state["warmup_losses"] = losses
+        with store.atomic_directory(final) as tmp:
+            models.save_policy(policy, tmp)
+            store.write_json_atomic(tmp / STATE_FILE, state)
+        return {"policy": policy, "state": state}
+    source = Path(config.model_name_or_path).resolve()
+    policy = models.load_policy(source)
+    log(f"loaded {source} ({policy.model.config.model_type}, {policy.num_layers} decoder layers); "
+        f"ckpt-0000 refers to it without a copy")
+    state["model_dir"] = str(source)
+    with store.atomic_directory(final) as tmp:
+        store.write_json_atomic(tmp / STATE_FILE, state)
+    return {"policy": policy, "state": state}
+
+
+def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any]) -> Path:
+    final = run_store.checkpoint_dir(key)
+    with store.atomic_directory(final) as tmp:
+        models.save_policy(policy, tmp)
+        if optimizer is not None:
+            store.write_torch_atomic(tmp / OPTIMIZER_FILE, optimizer.state_dict())
+        store.write_json_atomic(tmp / STATE_FILE, state)
+    return final
+
+
+def load_optimizer(run_store: RunStore, key: str, policy: models.Policy, config: DapoConfig) -> torch.optim.Optimizer:
+    optimizer = make_optimizer(policy.model, config)
+    path = run_store.checkpoint_dir(key) / OPTIMIZER_FILE
+    if path.exists():
+        optimizer.load_state_dict(torch.load(path, weights_only=False))
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate
+    return optimizer
+
+
+# -------------------------------------------------------------------------------------------- rollouts
+
+
+def select_prompts(train: pl.DataFrame, config: DapoConfig, round_index: int) -> pl.DataFrame:
+    """The round's prompts: consecutive slices of a per-epoch seeded permutation (resumable, no repeats
+    within an epoch)."""
+    n = train.height
+    picked: list[int] = []
+    position = round_index * config.prompts_per_round
+    while len(picked) < config.prompts_per_round:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(config.seed, "epoch", epoch)))
+        take = min(config.prompts_per_round - len(picked), n - offset)
+        picked.extend(order[offset:offset + take].tolist())
+        position += take
+    return train[picked]
+
+
+def encode_rows(policy: models.Policy, rows: pl.DataFrame) -> inputs.PromptBatch:
+    images = [data.decode_image(b) for b in rows.get_column("image").to_list()]
+    return inputs.encode_prompts(policy, rows.get_column("question").to_list(),
+                                 rows.get_column("choices").to_list(), images)
+
+
+def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFrame:
+    g = batch.num_generations
+    n = len(batch.completions)
+    prompt_index = batch.prompt_index.tolist()
+    lengths = batch.completion_lengths.tolist()
+    ids = [batch.completion_ids[i, : lengths[i]].tolist() for i in range(n)]
+    return pl.DataFrame({
+        "rollout_index": list(range(n)),
+        "prompt_index": prompt_index,
+        "generation_index": [i % g for i in range(n)],
+        "question_id": [rows["question_id"][p] for p in prompt_index],
+        "question": [rows["question"][p] for p in prompt_index],
+        "choices": [rows["choices"][p].to_list() for p in prompt_index],
+        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in prompt_index],
+        "completion": batch.completions,
+        "completion_ids": ids,
+        "completion_length": lengths,
+        "is_eos": batch.is_eos.tolist(),
+        "prompt_tokens": batch.prompt_mask.sum(dim=1).tolist(),
+    }, schema_overrides={"completion_ids": pl.List(pl.Int64)})
+
+
+def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
+                            log: RoundLog) -> pl.DataFrame:
+    round_index = checkpoint_index(key)
+    rows = select_prompts(load_split(run_store, "train"), config, round_index)
+    prompts = encode_rows(policy, rows)
+    start = time.perf_counter()
+    batch = rollout.generate_rollouts(
+        policy, prompts, num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length, temperature=config.temperature,
+        top_p=config.top_p, seed=derived_seed(config.seed, "rollouts", round_index),
+    )
+    seconds = time.perf_counter() - start
+    table = rollout_table(rows, batch)
+    tokens = int(batch.completion_lengths.sum())
+    log(f"generated {len(batch.completions)} rollouts ({config.prompts_per_round} prompts x {config.num_generations}) "
+        f"in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s; "
+        f"mean length {table['completion_length'].mean():.1f}, EOS {table['is_eos'].mean():.2f}")
+    out = run_store.round_dir(key)
+    store.write_torch_atomic(out / "rollouts.pt", batch.to("cpu").state_dict())
+    store.write_parquet_atomic(out / "rollouts.parquet", table)
+    store.write_json_atomic(out / "rollouts.json", {"seconds": seconds, "completion_tokens": tokens})
+    return table
+
+
+def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
+    path = run_store.round_dir(key) / "rollouts.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialize `rollouts` for {key} first")
+    return rollout.RolloutBatch.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def attention_columns() -> list[str]:
+    return [f"attn/{s}/{n}" for s in STAGES for n in ATTENTION_NAMES]
+
+
+def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
+                      mdi_tolerance: float | None = None, write_old_logps: bool = True) -> pl.DataFrame:
+    """One teacher-forced pass: old per-token log-probs, entropy and per-stage modality attention."""
+    tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
+    batch = load_rollout_batch(run_store, key)
+    start = time.perf_counter()
+    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
+    seconds = time.perf_counter() - start
+    per_rollout = rollout_attention_metrics(outputs, batch, tolerance=tolerance)
+    columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
+    for metrics in per_rollout:
+        for stage in STAGES:
+            for name in ATTENTION_NAMES:
+                columns[f"attn/{stage}/{name}"].append(float(metrics[stage][name]))
+    mask = batch.completion_mask.float()
+    entropy = ((outputs.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    vision = batch.vision_mask.sum(1).tolist()
+    text = batch.text_mask.sum(1).tolist()
+    completion_tokens = batch.completion_mask.sum(1).tolist()
+    table = pl.DataFrame({
+        "rollout_index": list(range(len(per_rollout))),
+        **columns,
+        "vision_tokens": vision,
+        "text_tokens": text,
+        "completion_tokens": completion_tokens,
+        "total_tokens": (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)).tolist(),
+        "entropy": entropy,
+    }).with_columns(pl.lit(tolerance).alias("mdi_tolerance"))
+    mdi_all = table[f"attn/{config.mdi_reward_stage}/mdi"]
+    log(f"teacher-forced pass over {len(per_rollout)} rollouts in {seconds:.2f}s: "
+        + ", ".join(f"{s} MDI {nanmean(table[f'attn/{s}/mdi']):.3f}" for s in STAGES)
+        + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
+    out = run_store.round_dir(key)
+    if write_old_logps:
+        store.write_torch_atomic(out / "old_logps.pt", {"per_token_logps": outputs.per_token_logps,
+                                                       "entropy": outputs.entropy})
+    store.write_parquet_atomic(out / "attention.parquet", table)
+    store.write_json_atomic(out / "attention.json", {"seconds": seconds, "mdi_tolerance": tolerance})
+    return table
+
+
+def nanmean(series: pl.Series) -> float:
+    values = [v for v in series.to_list() if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------------------------- rewards
+
+
+def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: RoundLog) -> pl.DataFrame:
+    out = run_store.round_dir(key)
+    table = pl.read_parquet(out / "rollouts.parquet")
+    attention = pl.read_parquet(out / "attention.parquet")
+    completions = table["completion"].to_list()
+    kwargs = {
+        "prompts": table["question"].to_list(),
+        "completion_ids": table["completion_ids"].to_list(),
+        "correct_choice_idx": table["correct_choice_idx"].to_list(),
+        "choices": [list(c) for c in table["choices"].to_list()],
+    }
+    mdi = attention[f"attn/{config.mdi_reward_stage}/mdi"].to_list()
+    per_func = {
+        "mc_idx_reward": rewards.mc_idx_reward(completions, **kwargs),
+        "think_format_reward": rewards.think_format_reward(completions, **kwargs),
+        "mdi_reward": rewards.mdi_reward(
+            completions, mdi=mdi, mdi_tolerance=config.mdi_tolerance, mdi_shaping=config.mdi_shaping,
+            num_generations=config.num_generations, **kwargs,
+        ),
+    }
+    per_func = {name: [float("nan") if v is None else float(v) for v in values] for name, values in per_func.items()}
+    total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)
+    lengths = torch.tensor(table["completion_length"].to_list())
+    penalty = torch.zeros_like(total)
+    if config.overlong_buffer > 0:
+        penalty = adv.overlong_penalty(lengths, config.max_completion_length, config.overlong_buffer,
+                                       config.overlong_penalty_factor).to(total.dtype)
+    total = total + penalty
+    advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)
+    if config.dynamic_sampling:
+        keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)
+    else:
+        keep = torch.ones_like(total, dtype=torch.bool)
+    predicted = [
+        rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
+        for c, ch in zip(completions, kwargs["choices"], strict=True)
+    ]
+    result = pl.DataFrame({
+        "rollout_index": table["rollout_index"],
+        **{name: per_func[name] for name in REWARD_NAMES},
+        "overlong_penalty": penalty.tolist(),
+        "total_reward": total.tolist(),
+        "advantage": advantages.tolist(),
+        "kept": keep.tolist(),
+        "predicted_choice_idx": predicted,
+    }, schema_overrides={"predicted_choice_idx": pl.Int64})
+    # The attention values this round trained on; re-analysis later never rewrites them.
+    result = result.hstack(attention.select([c for c in attention.columns if c != "rollout_index"]))
+    zero_std = adv.zero_std_groups(total, config.num_generations)
+    log(f"rewards: accuracy {nanmean(result['mc_idx_reward']):.3f}, format {nanmean(result['think_format_reward']):.3f}, "
+        f"mdi_reward {nanmean(result['mdi_reward']):.3f}, total {nanmean(result['total_reward']):.3f}; "
+        f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {int(keep.sum())}/{len(keep)} rollouts")
+    store.write_parquet_atomic(out / "rewards.parquet", result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- update
+
+
+def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
+               optimizer: torch.optim.Optimizer, log: RoundLog, *, ref_policy: models.Policy | None = None
+               ) -> dict[str, Any]:
+    """μ epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically (never after a NaN)."""
+    round_index = checkpoint_index(key)
+    out = run_store.round_dir(key)
+    batch = load_rollout_batch(run_store, key)
+    old = torch.load(out / "old_logps.pt", map_location="cpu", weights_only=True)
+    reward_table = pl.read_parquet(out / "rewards.parquet")
+    advantages = torch.tensor(reward_table["advantage"].to_list(), dtype=torch.float32)
+    keep = torch.tensor(reward_table["kept"].to_list(), dtype=torch.bool)
+    state = checkpoint_state(run_store, key)
+    ref_logps = None
+    if config.beta > 0 and ref_policy is not None:
+        ref_logps = teacher_forced_pass(ref_policy, batch, temperature=config.temperature,
+                                        with_attention=False).per_token_logps
+    start = time.perf_counter()
+    result = policy_update(
+        policy.model, optimizer, batch, old["per_token_logps"], advantages, keep, config,
+        global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
+        ref_per_token_logps=ref_logps, log=log,
+    )
+    seconds = time.perf_counter() - start
+    summary = result.summary()
+    round_tokens = int(batch.prompt_mask.sum() + batch.completion_mask.sum())
+    next_key = checkpoint_key(round_index + 1)
+    train_size = load_split(run_store, "train").height
+    new_state = {
+        "checkpoint": next_key,
+        "round": round_index + 1,
+        "global_step": result.global_step,
+        "num_tokens": int(state.get("num_tokens", 0)) + round_tokens,
+        "source_model": state.get("source_model"),
+        "parent": key,
+        "epoch": (round_index + 1) * config.prompts_per_round / max(train_size, 1),
+    }
+    start_eval = time.perf_counter()
+    evaluation = evaluate(config, run_store, policy)
+    eval_seconds = time.perf_counter() - start_eval
+    save_start = time.perf_counter()
+    save_checkpoint(run_store, next_key, policy, optimizer, {**new_state, "eval": evaluation})
+    save_seconds = time.perf_counter() - save_start
+    log(f"update: {len(result.steps)} optimizer steps in {seconds:.2f}s (global step {result.global_step}); "
+        f"eval accuracy of {next_key}: {evaluation['eval/accuracy']:.3f}; wrote {next_key} in {save_seconds:.2f}s")
+    record = {
+        "steps": result.steps,
+        "summary": summary,
+        "state": new_state,
+        "eval": evaluation,
+        "round_tokens": round_tokens,
+        "seconds": {"update": seconds, "eval": eval_seconds, "save": save_seconds},
+        "num_rollouts_used": result.num_rollouts_used,
+    }
+    store.write_json_atomic(out / "update.json", record)
+    return record
+
+
+def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy) -> dict[str, float]:
+    """Greedy accuracy and format of `policy` on a fixed subset of the eval split."""
+    rows = load_split(run_store, "eval").head(config.eval_subset_size)
+    prompts = encode_rows(policy, rows)
+    batch = rollout.generate_rollouts(policy, prompts, num_generations=1,
+                                      max_completion_length=config.max_completion_length, temperature=0.0)
+    correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
+                                    choices=[list(c) for c in rows["choices"].to_list()])
+    fmt = rewards.think_format_reward(batch.completions)
+    return {"eval/accuracy": sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def round_table(run_store: RunStore, key: str) -> pl.DataFrame:
+    """One row per rollout: the rollout, the attention values and the rewards the round trained on."""
+    out = run_store.round_dir(key)
+    table = pl.read_parquet(out / "rollouts.parquet")
+    reward_table = pl.read_parquet(out / "rewards.parquet")
+    return table.join(reward_table, on="rollout_index", how="left")
+
+
+def _std(values: list[float]) -> float:
+    """Sample std (ddof=1, as torch.std / TRL); 0 for fewer than two values."""
+    values = [v for v in values if not math.isnan(v)]
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
+    """The metrics a round's rollouts, attention and rewards determine (all but the update's)."""
+    metrics: dict[str, float] = {}
+    lengths = [float(v) for v in table["completion_length"].to_list()]
+    eos = table["is_eos"].to_list()
+    terminated = [length for length, e in zip(lengths, eos, strict=True) if e]
+    metrics["completions/mean_length"] = sum(lengths) / len(lengths)
+    metrics["completions/min_length"] = min(lengths)
+    metrics["completions/max_length"] = max(lengths)
+    metrics["completions/clipped_ratio"] = 1.0 - sum(eos) / len(eos)
+    metrics["completions/mean_terminated_length"] = sum(terminated) / len(terminated) if terminated else 0.0
+    metrics["completions/min_terminated_length"] = min(terminated) if terminated else 0.0
+    metrics["completions/max_terminated_length"] = max(terminated) if terminated else 0.0
+    for stage in STAGES:
+        for name in LOGGED_ATTENTION_NAMES:
+            metrics[f"attention/{stage}/{name}"] = nanmean(table[f"attn/{stage}/{name}"])
+    for name in REWARD_NAMES:
+        values = [float(v) for v in table[name].to_list()]
+        metrics[f"rewards/{name}/mean"] = nanmean(table[name])
+        metrics[f"rewards/{name}/std"] = _std(values)
+    total = torch.tensor(table["total_reward"].to_list(), dtype=torch.float64)
+    kept = table["kept"].to_list()
+    kept_totals = [float(t) for t, k in zip(total.tolist(), kept, strict=True) if k]
+    metrics["reward"] = sum(kept_totals) / len(kept_totals) if kept_totals else float("nan")
+    metrics["reward_std"] = float(adv.group_reward_std(total, config.num_generations).mean())
+    metrics["frac_reward_zero_std"] = float(adv.zero_std_groups(total, config.num_generations).float().mean())
+    metrics["rewards/total_reward"] = float(total.mean())
+    metrics["sampling_entropy"] = nanmean(table["entropy"])
+    return metrics
+
+
+def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any]) -> dict[str, float]:
+    """The 44 metrics of METRICS.md (plus loss, grad_norm, learning_rate, epoch, eval/*, kl) for one round."""
+    metrics = batch_metrics(config, table)
+    sampling_entropy = metrics.pop("sampling_entropy")
+    metrics["num_tokens"] = float(update["state"]["num_tokens"])
+    summary = update["summary"]
+    for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean",
+                 "clip_ratio/high_max", "clip_ratio/region_mean"):
+        metrics[name] = float(summary[name])
+    if math.isnan(metrics["entropy"]):
+        # No optimizer step ran (every group was filtered): report the sampling policy's entropy instead.
+        metrics["entropy"] = sampling_entropy
+    metrics["loss"] = float(summary["loss"])
+    metrics["grad_norm"] = float(summary["grad_norm"])
+    metrics["learning_rate"] = float(summary.get("learning_rate", config.learning_rate))
+    metrics["epoch"] = float(update["state"]["epoch"])
+    if "kl" in summary:
+        metrics["kl"] = float(summary["kl"])
+    metrics.update({k: float(v) for k, v in update["eval"].items()})
+    return metrics
+
+
+def metrics_history(run_store: RunStore) -> pl.DataFrame:
+    """One row per finished round k: the metrics it logged (its `eval/accuracy` is that of ckpt-(k+1))."""
+    rows: list[dict[str, Any]] = []
+    rounds_dir = run_store.run_dir / "rounds"
+    keys = sorted((p.name for p in rounds_dir.iterdir() if (p / "metrics.json").exists()),
+                  key=checkpoint_index) if rounds_dir.exists() else []
+    for key in keys:
+        metrics = store.read_json(rounds_dir / key / "metrics.json")
+        row: dict[str, Any] = {"round": checkpoint_index(key), **metrics}
+        row["step"] = int(store.read_json(rounds_dir / key / "update.json")["state"]["global_step"])
+        rows.append(row)
+    return pl.DataFrame(rows) if rows else pl.DataFrame({"round": [], "step": []})

@@ -1,0 +1,353 @@
+"""The asset graph: dataset → base_checkpoint → (per checkpoint) rollouts → attention_metrics → rewards →
+policy_update → attention_report, training_report. Thin: each asset calls `dapo_ops.training`, moves files
+and attaches metadata. Heavy imports (torch, transformers, mlflow) happen inside the assets, so loading the
+code location stays fast."""
+
+
+import json
+import time
+
+import dagster as dg
+
+from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
+from pipelines.config import TrainingConfig
+from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
+
+GROUP = "dapo"
+checkpoints = dg.DynamicPartitionsDefinition(name="checkpoints")
+
+
+def _round_log(context: dg.AssetExecutionContext, store, key: str):
+    from dapo_ops.training import round_log
+
+    return round_log(store, key, echo=None)
+
+
+def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None = None) -> dict[str, str]:
+    tags = {"dagster.run_id": context.run.run_id, "dapo.run_name": run_name}
+    if key:
+        tags["dapo.checkpoint"] = key
+    return tags
+
+
+@dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
+def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
+            run_store: RunStoreResource) -> dg.MaterializeResult:
+    """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
+    from dapo_ops import training
+
+    cfg = config.to_dapo()
+    store = run_store.for_run(cfg.run_name)
+    write_json_atomic(store.config_path, cfg.to_dict())
+    summary = training.prepare_dataset(cfg, store)
+    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
+    context.log.info(f"dataset: {summary.num_train} train, {summary.num_eval} eval, "
+                     f"{summary.num_quarantined} quarantined rows from {summary.source}")
+    return dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "source": summary.source,
+        "num_train": summary.num_train,
+        "num_eval": summary.num_eval,
+        "num_quarantined": summary.num_quarantined,
+        "quarantine": dg.MetadataValue.md(
+            "| Reason | Rows |\n|---|---|\n" + reasons if reasons else "No row was quarantined."
+        ),
+        "path": dg.MetadataValue.path(str(store.data_dir)),
+    })
+
+
+@dg.asset(group_name=GROUP, deps=[dataset], kinds={"pytorch"})
+def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+                    mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
+    """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
+    real model directory. Registers the `ckpt-0000` partition."""
+    from dapo_ops import training
+
+    cfg = config.to_dapo()
+    store = run_store.for_run(cfg.run_name)
+    key = checkpoint_key(0)
+    log = _round_log(context, store, key)
+    log(f"run {cfg.run_name}: building {key} from {cfg.model_name_or_path}")
+    built = training.build_base_checkpoint(cfg, store, log)
+    policy = built["policy"]
+    evaluation = training.evaluate(cfg, store, policy)
+    state = {**built["state"], "eval": evaluation}
+    write_json_atomic(store.checkpoint_dir(key) / training.STATE_FILE, state)
+    log(f"{key}: eval accuracy {evaluation['eval/accuracy']:.3f}, format {evaluation['eval/format']:.3f}")
+    policy_cache.put(store, key, policy, None)
+    context.instance.add_dynamic_partitions(checkpoints.name, [key])
+    tracker = mlflow.tracker(store)
+    tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
+    tracker.log_round(f"{key}-eval", step=0, metrics=evaluation)
+    return dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "checkpoint": key,
+        "path": dg.MetadataValue.path(str(store.checkpoint_dir(key))),
+        "eval_accuracy": evaluation["eval/accuracy"],
+        "eval_format": evaluation["eval/format"],
+    })
+
+
+@dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[base_checkpoint], kinds={"pytorch", "parquet"})
+def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+             mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
+    """G completions per prompt sampled from checkpoint k (KV cache, batched, left padding)."""
+    from dapo_ops import training
+
+    cfg = config.to_dapo()
+    key = context.partition_key
+    store = run_store.for_run(cfg.run_name)
+    store.require_checkpoint(key)
+    log = _round_log(context, store, key)
+    # A journal left by an MLflow outage is sent before new work (no duplicates: see dapo_ops.tracking).
+    sent = mlflow.tracker(store).sync()
+    if sent:
+        log(f"sent {sent} journaled round(s) to MLflow")
+    log(f"round {checkpoint_index(key)} of run {cfg.run_name}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
+    policy = policy_cache.get(store, key, cfg)
+    table = training.generate_round_rollouts(cfg, store, key, policy, log)
+    sample = table.head(3).select("question", "completion").to_dicts()
+    return dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "num_rollouts": table.height,
+        "mean_completion_length": float(table["completion_length"].mean()),
+        "eos_ratio": float(table["is_eos"].mean()),
+        "sample": dg.MetadataValue.json(sample),
+    })
+
+
+@dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[rollouts], kinds={"pytorch", "parquet"})
+def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+                      policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
+    """One teacher-forced pass with checkpoint k: old log-probs, entropy and per-stage modality attention
+    (MDI, AEI) through the O(T)-memory attention function. Re-materializing it alone re-analyses a stored
+    round without touching rollouts, rewards or checkpoints."""
+    from dapo_ops import training
+    from dapo_ops.config import STAGES
+
+    cfg = config.to_dapo()
+    key = context.partition_key
+    store = run_store.for_run(cfg.run_name)
+    log = _round_log(context, store, key)
+    if config.reanalysis:
+        log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
+    policy = policy_cache.get(store, key, cfg)
+    table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not config.reanalysis)
+    return dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "reanalysis": config.reanalysis,
+        "mdi_tolerance": cfg.mdi_tolerance,
+        **{f"mdi_{stage}": training.nanmean(table[f"attn/{stage}/mdi"]) for stage in STAGES},
+    })
+
+
+@dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[attention_metrics], kinds={"parquet"},
+          check_specs=[
+              dg.AssetCheckSpec("format_collapse", asset="rewards"),
+              dg.AssetCheckSpec("clipped_completions", asset="rewards"),
+              dg.AssetCheckSpec("zero_variance_groups", asset="rewards"),
+              dg.AssetCheckSpec("attention_reward_no_variance", asset="rewards"),
+          ])
+def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource):
+    """Accuracy, think-format and attention-balance rewards, their weighted total, group advantages and
+    the keep-mask of groups that enter the update; stores the attention values it used."""
+    from dapo_ops import health, training
+
+    cfg = config.to_dapo()
+    key = context.partition_key
+    store = run_store.for_run(cfg.run_name)
+    log = _round_log(context, store, key)
+    training.compute_rewards(cfg, store, key, log)
+    metrics = training.batch_metrics(cfg, training.round_table(store, key))
+    findings = health.reward_findings(metrics, mdi_weight=cfg.weights["mdi_reward"])
+    _log_findings(log, findings)
+    write_json_atomic(store.round_dir(key) / "health_rewards.json", [f.to_dict() for f in findings])
+    yield dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "accuracy": metrics["rewards/mc_idx_reward/mean"],
+        "format": metrics["rewards/think_format_reward/mean"],
+        "mdi_reward": metrics["rewards/mdi_reward/mean"],
+        "total_reward": metrics["rewards/total_reward"],
+        "frac_reward_zero_std": metrics["frac_reward_zero_std"],
+    })
+    for finding in findings:
+        yield _check_result(finding)
+
+
+@dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[rewards], kinds={"pytorch"},
+          check_specs=[
+              dg.AssetCheckSpec("entropy_collapse", asset="policy_update"),
+              dg.AssetCheckSpec("non_finite", asset="policy_update"),
+          ])
+def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+                  policy_cache: dg.ResourceParam[PolicyCache]):
+    """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
+    registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
+    from dapo_ops import health, training
+    from dapo_ops.update import NonFiniteUpdateError
+
+    cfg = config.to_dapo()
+    key = context.partition_key
+    store = run_store.for_run(cfg.run_name)
+    log = _round_log(context, store, key)
+    policy = policy_cache.get(store, key, cfg)
+    optimizer = policy_cache.optimizer(store, key, cfg)
+    ref_policy = None
+    if cfg.beta > 0:
+        from dapo_ops import models
+
+        ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
+    try:
+        record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
+    except NonFiniteUpdateError as error:
+        policy_cache.invalidate()
+        log.error(str(error))
+        write_json_atomic(store.round_dir(key) / "health_update.json", [health.non_finite(
+            {"loss": float("nan")}).to_dict()])
+        raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
+    except BaseException:
+        policy_cache.invalidate()
+        raise
+    next_key = record["state"]["checkpoint"]
+    policy_cache.put(store, next_key, policy, optimizer)
+    context.instance.add_dynamic_partitions(checkpoints.name, [next_key])
+    start_entropy = _start_entropy(store)
+    metrics = {**record["summary"], **record["eval"]}
+    findings = health.update_findings(metrics, start_entropy=start_entropy)
+    _log_findings(log, findings)
+    write_json_atomic(store.round_dir(key) / "health_update.json", [f.to_dict() for f in findings])
+    yield dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "next_checkpoint": next_key,
+        "global_step": record["state"]["global_step"],
+        "optimizer_steps": len(record["steps"]),
+        "loss": record["summary"]["loss"],
+        "entropy": record["summary"]["entropy"],
+        "eval_accuracy": record["eval"]["eval/accuracy"],
+        "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
+    })
+    for finding in findings:
+        yield _check_result(finding)
+
+
+def _start_entropy(store) -> float | None:
+    import polars as pl
+
+    path = store.round_dir(checkpoint_key(0)) / "attention.parquet"
+    if not path.exists():
+        return None
+    return float(pl.read_parquet(path)["entropy"].mean())
+
+
+def _log_findings(log, findings) -> None:
+    for finding in findings:
+        if not finding.passed:
+            log.warning(f"health check {finding.name}: {finding.message}. Remedy: {finding.remedy}")
+
+
+def _check_result(finding) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=finding.name,
+        passed=finding.passed,
+        severity=dg.AssetCheckSeverity.ERROR if finding.severity == "ERROR" else dg.AssetCheckSeverity.WARN,
+        metadata={"finding": finding.message, "remedy": finding.remedy, "value": float(finding.value)},
+    )
+
+
+@dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[attention_metrics], kinds={"markdown"})
+def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+                     mlflow: MlflowResource) -> dg.MaterializeResult:
+    """attention_diagnostics.md (+ an attention-balance chart per stage). In a re-analysis it is logged to
+    an MLflow run of its own, tagged with the training run and checkpoint."""
+    import polars as pl
+
+    from dapo_ops import charts, reports, training
+    from dapo_ops.config import STAGES
+
+    cfg = config.to_dapo()
+    key = context.partition_key
+    store = run_store.for_run(cfg.run_name)
+    table = pl.read_parquet(store.round_dir(key) / "attention.parquet")
+    tolerance = float(table["mdi_tolerance"][0])
+    out = store.reports_dir(key)
+    stage_means = reports.attention_stage_means(table)
+    chart = charts.attention_balance_png(stage_means, out / "attention_balance.png", tolerance=tolerance)
+    text = reports.render_attention_diagnostics(table, run_name=cfg.run_name, checkpoint=key,
+                                                mdi_tolerance=tolerance, chart_file=chart.name)
+    path = write_text_atomic(out / "attention_diagnostics.md", text)
+    if config.reanalysis:
+        tracker = mlflow.tracker(store)
+        metrics = {f"attention/{s}/{n}": stage_means[s][n] for s in STAGES for n in training.LOGGED_ATTENTION_NAMES}
+        run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": tolerance,
+                                                                   "dagster_run_id": context.run.run_id})
+        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [path, chart]})
+    return dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "report": dg.MetadataValue.md(text),
+        "path": dg.MetadataValue.path(str(path)),
+        "mdi_all": stage_means["all"]["mdi"],
+    })
+
+
+@dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[policy_update, attention_report],
+          kinds={"markdown", "mlflow"})
+def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+                    mlflow: MlflowResource) -> dg.MaterializeResult:
+    """rollout_results.md and run_terminal.md, the 44 metrics (+ eval accuracy) in MLflow at the round's
+    global step, learning curves, and the three reports attached to the MLflow run."""
+
+    from dapo_ops import charts, reports, training
+    from dapo_ops import store as store_io
+
+    cfg = config.to_dapo()
+    key = context.partition_key
+    store = run_store.for_run(cfg.run_name)
+    log = _round_log(context, store, key)
+    round_dir = store.round_dir(key)
+    update = store_io.read_json(round_dir / "update.json")
+    table = training.round_table(store, key)
+    metrics = training.round_metrics(cfg, table, update)
+    start = time.time()
+    write_json_atomic(round_dir / "metrics.json", metrics)
+    out = store.reports_dir(key)
+    history = training.metrics_history(store)
+    curves = charts.learning_curves_png(history, out / "learning_curves.png")
+    rollout_md = reports.render_rollout_results(table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name,
+                                                checkpoint=key)
+    write_text_atomic(out / "rollout_results.md", rollout_md)
+    findings = [*store_io.read_json(round_dir / "health_rewards.json"), *store_io.read_json(round_dir / "health_update.json")]
+    log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
+        f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
+        f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
+    terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
+                                           health=findings)
+    terminal_path = write_text_atomic(out / "run_terminal.md", terminal)
+    tracker = mlflow.tracker(store)
+    tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
+    artifacts = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", terminal_path,
+                                     curves, out / "attention_balance.png"]}
+    sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics, artifacts=artifacts,
+                             tags=_run_tags(context, cfg.run_name, key))
+    if not sent:
+        log.warning(f"MLflow at {mlflow.uri(store.root)} is unreachable: round {key} is journaled and will be sent "
+                    f"later (make sync-mlflow)")
+    summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
+        f"| {name} | {metrics[name]:.4f} |" for name in (
+            "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",
+            "attention/all/mdi", "entropy", "completions/mean_length")))
+    # Marks the round finished for resumption (`make run` skips it from now on).
+    write_text_atomic(round_dir / "DONE", f"{time.time() - start:.3f}\n")
+    return dg.MaterializeResult(metadata={
+        "run_name": cfg.run_name,
+        "global_step": int(update["state"]["global_step"]),
+        "summary": dg.MetadataValue.md(summary_md),
+        "rollout_results": dg.MetadataValue.md(rollout_md),
+        "run_terminal": dg.MetadataValue.md(terminal),
+        "mlflow_logged": sent,
+        "reports": dg.MetadataValue.path(str(out)),
+        **{name: float(metrics[name]) for name in ("reward", "eval/accuracy", "entropy")},
+    })
+
+
+ALL_ASSETS = [dataset, base_checkpoint, rollouts, attention_metrics, rewards, policy_update, attention_report,
+              training_report]

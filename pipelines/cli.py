@@ -1,0 +1,257 @@
+"""`python -m pipelines.cli`: what the Makefile targets call.
+
+`run` materializes the asset graph through Dagster, in this process, recorded in the instance at
+`DAGSTER_HOME`, so that `make ui` afterwards shows every materialization. It resumes from the newest
+complete checkpoint and finishes a round whose reports were interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from dapo_ops.config import EMBEDDED, DapoConfig, data_root
+
+DAGSTER_YAML = """\
+# Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
+telemetry:
+  enabled: false
+"""
+
+ROUND_DONE = "DONE"
+DEFAULT_ROUNDS = DapoConfig().max_rounds
+
+
+def prepare_instance(root: Path | None = None) -> Path:
+    """Make sure DAGSTER_HOME is set (default <data root>/dagster) and holds a dagster.yaml."""
+    root = root or data_root()
+    home = Path(os.environ.get("DAGSTER_HOME") or root / "dagster").resolve()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    return home
+
+
+def _quiet_run_config(run_config):
+    import dagster as dg
+
+    config = run_config.to_config_dict() if isinstance(run_config, dg.RunConfig) else dict(run_config)
+    if not config.get("loggers"):
+        # Dagster's console logger prints every DEBUG event; progress lines are ours, the rest is in the UI.
+        config["loggers"] = {"console": {"config": {"log_level": "WARNING"}}}
+    return config
+
+
+def materialize(selection, config, *, partition_key: str | None = None, instance=None, tags=None):
+    """Materialize `selection` in process with the code location's resources; raise on failure."""
+    import dagster as dg
+
+    from pipelines.assets import ALL_ASSETS
+    from pipelines.config import run_config_for
+    from pipelines.definitions import defs
+
+    result = dg.materialize(
+        ALL_ASSETS,
+        selection=list(selection),
+        partition_key=partition_key,
+        instance=instance,
+        resources=defs.resources,
+        run_config=_quiet_run_config(run_config_for(selection, config)),
+        tags=tags or {},
+        raise_on_error=False,
+    )
+    if not result.success:
+        messages = []
+        for event in result.all_events:
+            if event.is_failure and event.event_specific_data is not None:
+                error = getattr(event.event_specific_data, "error", None)
+                if error is not None:
+                    messages.append(f"{event.step_key}: {error.message.strip()}")
+        raise RuntimeError("Dagster run failed:\n" + "\n".join(messages or ["(see the Dagster UI)"]))
+    return result
+
+
+def _progress(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress) -> dict:
+    """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist."""
+    import dagster as dg
+
+    from dapo_ops import store as store_io
+    from dapo_ops.store import RunStore, checkpoint_key
+    from dapo_ops.tracking import default_tracking_uri
+    from pipelines.config import ROUND_ASSETS, SETUP_ASSETS, TrainingConfig
+
+    root = root or data_root()
+    home = prepare_instance(root)
+    instance = dg.DagsterInstance.get()
+    store = RunStore(root, config.run_name)
+    tconfig = TrainingConfig.from_dapo(config.replace(max_rounds=rounds))
+    started = time.perf_counter()
+    with store.lock():
+        removed = store.remove_temporaries()
+        if removed:
+            echo(f"removed {len(removed)} leftover temporary file(s) of an interrupted write")
+        if not store.is_complete_checkpoint(checkpoint_key(0)):
+            echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
+            materialize(SETUP_ASSETS, tconfig, instance=instance)
+        instance.add_dynamic_partitions("checkpoints", store.complete_checkpoints())
+        for k in range(rounds):
+            key = checkpoint_key(k)
+            if (store.round_dir(key) / ROUND_DONE).exists():
+                continue
+            selection = ROUND_ASSETS
+            if store.is_complete_checkpoint(checkpoint_key(k + 1)):
+                # The update finished before an interruption: only the reports and MLflow are missing.
+                selection = ("attention_report", "training_report")
+            round_start = time.perf_counter()
+            echo(f"[round {k + 1}/{rounds}] {key}: {', '.join(selection)}")
+            materialize(selection, tconfig, partition_key=key, instance=instance,
+                        tags={"dapo/run_name": config.run_name})
+            metrics = store_io.read_json(store.round_dir(key) / "metrics.json")
+            echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
+                 f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
+                 f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
+                 f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
+                 f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    summary = {
+        "run_name": config.run_name,
+        "checkpoints": str(store.checkpoints_dir),
+        "reports": str(store.run_dir / "reports"),
+        "mlflow": tracking_uri,
+        "dagster_home": str(home),
+    }
+    echo("")
+    echo(f"Run {config.run_name!r} finished {rounds} round(s) in {time.perf_counter() - started:.0f}s.")
+    echo(f"  checkpoints: {summary['checkpoints']}")
+    echo(f"  reports:     {summary['reports']}/ckpt-NNNN/{{rollout_results,attention_diagnostics,run_terminal}}.md")
+    echo(f"  MLflow:      {tracking_uri} (experiment 'dapo-vlm', run '{config.run_name}'; `make mlflow-ui`)")
+    echo(f"  Dagster:     DAGSTER_HOME={home} (`make ui`)")
+    return summary
+
+
+def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
+    import dagster as dg
+
+    from dapo_ops.store import RunStore, read_json
+    from pipelines.config import REANALYSIS_ASSETS, TrainingConfig
+
+    root = root or data_root()
+    prepare_instance(root)
+    store = RunStore(root, run_name)
+    if not store.config_path.exists():
+        raise SystemExit(f"no run {run_name!r} under {root / 'runs'}; pass RUN_NAME=<an existing run>")
+    values = read_json(store.config_path)
+    if mdi_tolerance is not None:
+        values["mdi_tolerance"] = mdi_tolerance
+    config = TrainingConfig(**values, reanalysis=True)
+    instance = dg.DagsterInstance.get()
+    materialize(REANALYSIS_ASSETS, config, partition_key=checkpoint, instance=instance,
+                tags={"dapo/run_name": run_name, "dapo/reanalysis": "true"})
+    print(f"re-analysed {checkpoint} of {run_name}: {store.reports_dir(checkpoint) / 'attention_diagnostics.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train ROUNDS rounds on the embedded default or DATASET/MODEL")
+    run.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
+    run.add_argument("--dataset", default=EMBEDDED)
+    run.add_argument("--model", default=EMBEDDED)
+    run.add_argument("--num-processes", type=int, default=1)
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4")
+    re = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
+    re.add_argument("--checkpoint", required=True)
+    re.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
+    re.add_argument("--mdi-tolerance", type=float, default=None)
+    sync = sub.add_parser("sync-mlflow", help="send journaled rounds to MLflow")
+    sync.add_argument("--run-name", default=None)
+    ui = sub.add_parser("mlflow-ui", help="start the MLflow UI on the data root's store")
+    ui.add_argument("--port", type=int, default=5000)
+    sub.add_parser("prepare-instance", help="create DAGSTER_HOME and its dagster.yaml")
+    args = parser.parse_args(argv)
+
+    if args.command == "prepare-instance":
+        print(prepare_instance())
+        return 0
+    if args.command == "run":
+        overrides = dict(_parse_override(item) for item in args.set)
+        try:
+            config = DapoConfig(run_name=args.run_name, dataset=args.dataset, model_name_or_path=args.model,
+                                num_processes=args.num_processes, max_rounds=args.rounds, **overrides)
+        except (ValueError, TypeError) as error:
+            print(error, file=sys.stderr)
+            return 2
+        try:
+            run_training(config, args.rounds)
+        except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
+            from dapo_ops.store import RunLockedError
+
+            print(f"\nmake run failed: {error}", file=sys.stderr)
+            return 3 if isinstance(error, RunLockedError) else 1
+        return 0
+    if args.command == "reanalyze":
+        reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        return 0
+    if args.command == "sync-mlflow":
+        return sync_mlflow(args.run_name)
+    if args.command == "mlflow-ui":
+        return mlflow_ui(args.port)
+    return 2
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    import dataclasses
+    import json
+
+    name, _, raw = item.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(DapoConfig)}
+    if name not in fields:
+        raise SystemExit(f"--set {item}: unknown field {name!r}; fields: {', '.join(sorted(fields))}")
+    default = getattr(DapoConfig(), name)
+    if isinstance(default, bool):
+        return name, raw.lower() in ("1", "true", "yes")
+    if isinstance(default, int | float):
+        return name, type(default)(raw)
+    if isinstance(default, list):
+        return name, json.loads(raw)
+    return name, raw
+
+
+def sync_mlflow(run_name: str | None) -> int:
+    from dapo_ops.tracking import Tracker, default_tracking_uri
+
+    root = data_root()
+    runs = [root / "runs" / run_name] if run_name else sorted((root / "runs").glob("*"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    total = 0
+    for run_dir in runs:
+        if run_dir.is_dir():
+            sent = Tracker(run_dir, run_dir.name, tracking_uri=uri, data_root=root).sync()
+            print(f"{run_dir.name}: sent {sent} journaled round(s) to {uri}")
+            total += sent
+    return 0
+
+
+def mlflow_ui(port: int) -> int:
+    from dapo_ops.tracking import default_tracking_uri
+
+    root = data_root()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    artifacts = root / "mlartifacts"
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--default-artifact-root", str(artifacts), "--host", "127.0.0.1", "--port", str(port)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

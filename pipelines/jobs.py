@@ -1,0 +1,22 @@
+"""Jobs: set up a run, train one round of a checkpoint partition, re-analyse a stored round."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipelines.assets import checkpoints
+from pipelines.config import REANALYSIS_ASSETS, ROUND_ASSETS, SETUP_ASSETS
+
+setup_run_job = dg.define_asset_job(
+    "setup_run", selection=list(SETUP_ASSETS),
+    description="Validate (or generate) the dataset and build ckpt-0000.",
+)
+training_round_job = dg.define_asset_job(
+    "training_round", selection=list(ROUND_ASSETS), partitions_def=checkpoints,
+    description="One GRPO/DAPO round on checkpoint k: rollouts → attention → rewards → update → reports.",
+)
+reanalysis_job = dg.define_asset_job(
+    "reanalysis", selection=list(REANALYSIS_ASSETS), partitions_def=checkpoints,
+    description="Re-run only the attention analysis of a stored round (set reanalysis: true and, optionally, "
+                "another mdi_tolerance); rollouts, rewards and checkpoints are left untouched.",
+)

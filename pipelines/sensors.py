@@ -1,0 +1,43 @@
+"""Continue training: when `policy_update[k]` registers ckpt-(k+1), launch round k+1 until `max_rounds`."""
+
+
+import dagster as dg
+
+from dapo_ops.store import checkpoint_index
+from pipelines.config import ROUND_ASSETS, TrainingConfig, run_config_for
+from pipelines.jobs import training_round_job
+from pipelines.resources import RunStoreResource
+
+
+def next_round_request(run_name: str, next_key: str, store_root: RunStoreResource) -> dg.RunRequest | dg.SkipReason:
+    from dapo_ops.store import read_json
+
+    store = store_root.for_run(run_name)
+    if not store.config_path.exists():
+        return dg.SkipReason(f"run {run_name!r} has no config.json at {store.config_path}")
+    config = TrainingConfig(**read_json(store.config_path))
+    if checkpoint_index(next_key) >= config.max_rounds:
+        return dg.SkipReason(f"run {run_name!r} reached max_rounds={config.max_rounds} at {next_key}")
+    if not store.is_complete_checkpoint(next_key):
+        return dg.SkipReason(f"{next_key} of run {run_name!r} is not complete")
+    return dg.RunRequest(
+        run_key=f"{run_name}:{next_key}",
+        partition_key=next_key,
+        run_config=run_config_for(ROUND_ASSETS, config),
+        tags={"dapo/run_name": run_name},
+    )
+
+
+@dg.asset_sensor(asset_key=dg.AssetKey("policy_update"), job=training_round_job,
+                 default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=5)
+def next_round_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry, run_store: RunStoreResource):
+    """Launches the next training round after each policy update, up to the run's `max_rounds`."""
+    materialization = asset_event.asset_materialization
+    if materialization is None:
+        return dg.SkipReason("no materialization")
+    metadata = materialization.metadata
+    run_name = metadata["run_name"].value if "run_name" in metadata else None
+    next_key = metadata["next_checkpoint"].value if "next_checkpoint" in metadata else None
+    if not run_name or not next_key:
+        return dg.SkipReason("policy_update materialization without run_name/next_checkpoint metadata")
+    return next_round_request(str(run_name), str(next_key), run_store)

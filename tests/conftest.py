@@ -1,0 +1,76 @@
+"""Shared fixtures: a small 2-round training run materialized through Dagster into a temporary data root."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+try:  # Keep the 2-core machines responsive: one intra-op thread per test process.
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+except ImportError:  # pragma: no cover
+    pass
+
+# A CI-sized round: seconds, not minutes.
+SMALL_RUN = {
+    "run_name": "ci-small",
+    "prompts_per_round": 8,
+    "num_generations": 4,
+    "max_completion_length": 16,
+    "steps_per_generation": 2,
+    "num_iterations": 1,
+    "num_train_examples": 96,
+    "num_eval_examples": 24,
+    "eval_subset_size": 16,
+    "warmup_steps": 20,
+}
+
+
+@dataclass
+class TrainedRun:
+    root: Path
+    run_name: str
+    rounds: int
+    tracking_uri: str
+
+
+
+def _set_env(values: dict[str, str]) -> dict[str, str | None]:
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    return previous
+
+
+def _restore_env(previous: dict[str, str | None]) -> None:
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun]:
+    """Two rounds of the embedded default, small, through `pipelines.cli.run_training` (real Dagster
+    instance on SQLite, real MLflow SQLite store)."""
+    from dapo_ops.config import DapoConfig
+    from pipelines.cli import run_training
+
+    root = tmp_path_factory.mktemp("data_root")
+    uri = f"sqlite:///{root}/mlflow.db"
+    previous = _set_env({"DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
+                         "MLFLOW_TRACKING_URI": uri})
+    try:
+        config = DapoConfig(**SMALL_RUN)
+        run_training(config, rounds=2, root=root, echo=lambda _: None)
+        yield TrainedRun(root=root, run_name=config.run_name, rounds=2, tracking_uri=uri)
+    finally:
+        _restore_env(previous)

@@ -1,0 +1,164 @@
+"""The Dagster pipeline end to end: 2 small rounds into a temporary data root (real instance, real MLflow)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from dapo_ops.reports import METRIC_NAMES_44
+
+pytestmark = pytest.mark.slow
+
+REPORTS = ("rollout_results.md", "attention_diagnostics.md", "run_terminal.md")
+
+
+def _mlflow_run(trained_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trained_run.tracking_uri)
+    experiment = client.get_experiment_by_name("dapo-vlm")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`dapo.run_name` = '{trained_run.run_name}'")
+    training = [r for r in runs if "dapo.reanalysis_of" not in r.data.tags]
+    assert len(training) == 1
+    return client, training[0]
+
+
+def test_definitions_load_with_the_eight_assets_in_one_group():
+    from pipelines.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {"dataset", "base_checkpoint", "rollouts", "attention_metrics", "rewards", "policy_update",
+                    "attention_report", "training_report"}
+    assert {graph.get(dg.AssetKey(k)).group_name for k in keys} == {"dapo"}
+
+
+def test_checkpoints_and_partitions_exist_for_every_round(trained_run):
+    from dapo_ops.store import RunStore
+
+    store = RunStore(trained_run.root, trained_run.run_name)
+    assert store.complete_checkpoints() == ["ckpt-0000", "ckpt-0001", "ckpt-0002"]
+    instance = dg.DagsterInstance.from_config(str(trained_run.root / "dagster"))
+    assert instance.get_dynamic_partitions("checkpoints") == ["ckpt-0000", "ckpt-0001", "ckpt-0002"]
+    assert not list(store.run_dir.rglob(".tmp-*"))
+
+
+def test_every_round_materialized_every_asset(trained_run):
+    instance = dg.DagsterInstance.from_config(str(trained_run.root / "dagster"))
+    for key in ("rollouts", "attention_metrics", "rewards", "policy_update", "attention_report", "training_report"):
+        partitions = instance.get_materialized_partitions(dg.AssetKey(key))
+        assert partitions == {"ckpt-0000", "ckpt-0001"}, key
+
+
+def test_reports_are_written_for_every_round(trained_run):
+    reports = trained_run.root / "runs" / trained_run.run_name / "reports"
+    for key in ("ckpt-0000", "ckpt-0001"):
+        for name in REPORTS:
+            assert (reports / key / name).stat().st_size > 0
+        terminal = (reports / key / "run_terminal.md").read_text()
+        assert "📊 Logging 44 metrics for train mode" in terminal
+        assert "| Stage | MDI Mean | MDI Std | AEI Text | AEI Vision |" in (reports / key / "rollout_results.md").read_text()
+
+
+def test_mlflow_has_each_of_the_44_metrics_once_per_round_at_its_global_step(trained_run):
+    client, run = _mlflow_run(trained_run)
+    steps_per_round = 2  # steps_per_generation x num_iterations of the small run
+    for name in METRIC_NAMES_44:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [steps_per_round, 2 * steps_per_round], name
+        assert all(math.isfinite(m.value) for m in history), name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, 2, 4]
+
+
+def test_mlflow_run_has_config_params_tags_and_report_artifacts(trained_run):
+    client, run = _mlflow_run(trained_run)
+    assert run.data.params["num_generations"] == "4"
+    assert run.data.params["loss_type"] == "dapo"
+    assert run.data.tags["dapo.checkpoint"] == "ckpt-0001"
+    assert "dagster.run_id" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports/ckpt-0001")}
+    assert {f"reports/ckpt-0001/{name}" for name in REPORTS} <= artifacts
+
+
+def _digest(paths: list[Path]) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_reanalysis_touches_only_the_attention_analysis(trained_run):
+    from pipelines.cli import reanalyze
+
+    client, run = _mlflow_run(trained_run)
+    run_dir = trained_run.root / "runs" / trained_run.run_name
+    protected = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and (
+        "checkpoints" in p.parts or p.name in ("rollouts.parquet", "rollouts.pt", "rewards.parquet", "old_logps.pt",
+                                               "update.json", "metrics.json", "rollout_results.md"))]
+    before = _digest(protected)
+    metrics_before = {name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+                      for name in ("attention/all/mdi", "reward")}
+    report = run_dir / "reports" / "ckpt-0001" / "attention_diagnostics.md"
+    import os
+
+    previous = {k: os.environ.get(k) for k in ("DAPO_VLM_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ.update({"DAPO_VLM_HOME": str(trained_run.root), "DAGSTER_HOME": str(trained_run.root / "dagster"),
+                       "MLFLOW_TRACKING_URI": trained_run.tracking_uri})
+    try:
+        reanalyze(trained_run.run_name, "ckpt-0001", mdi_tolerance=4.0, root=trained_run.root)
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert _digest(protected) == before
+    assert {name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+            for name in metrics_before} == metrics_before
+    assert "4.0" in report.read_text() or "4" in report.read_text()
+    experiment = client.get_experiment_by_name("dapo-vlm")
+    reanalysis = client.search_runs([experiment.experiment_id], filter_string="tags.`dapo.checkpoint` = 'ckpt-0001'")
+    tagged = [r for r in reanalysis if r.data.tags.get("dapo.reanalysis_of")]
+    assert tagged and tagged[0].info.run_id != run.info.run_id
+
+
+def test_sensor_requests_the_next_round_until_max_rounds(trained_run):
+    from pipelines.resources import RunStoreResource
+    from pipelines.sensors import next_round_request
+
+    store = RunStoreResource(data_root=str(trained_run.root))
+    # make run wrote max_rounds=2 into the run's config: ckpt-0002 is the last checkpoint.
+    assert isinstance(next_round_request(trained_run.run_name, "ckpt-0002", store), dg.SkipReason)
+    request = next_round_request(trained_run.run_name, "ckpt-0001", store)
+    assert isinstance(request, dg.RunRequest)
+    assert request.partition_key == "ckpt-0001"
+    assert request.run_config["ops"]["rollouts"]["config"]["run_name"] == trained_run.run_name
+
+
+def test_retrain_schedule_continues_the_latest_run_from_its_newest_checkpoint(trained_run, monkeypatch):
+    from pipelines.definitions import defs
+
+    monkeypatch.setenv("DAPO_VLM_HOME", str(trained_run.root))
+    monkeypatch.setenv("DAPO_RETRAIN_ROUNDS", "3")
+    schedule = defs.get_schedule_def("retrain")
+    tick = datetime.datetime(2026, 11, 26, 3, 0, tzinfo=datetime.UTC)
+    with dg.build_schedule_context(resources={"run_store": defs.resources["run_store"]},
+                                   scheduled_execution_time=tick) as context:
+        result = schedule(context)
+    assert isinstance(result, dg.RunRequest)
+    assert result.partition_key == "ckpt-0002"
+    assert result.run_config["ops"]["training_report"]["config"]["max_rounds"] == 5
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+def test_definitions_validate_from_the_workspace():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w",
+                             "workspace.yaml"], cwd=root, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
