@@ -25,6 +25,16 @@ COMPLETE_MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def checkpoint_key(index: int) -> str:
     return f"ckpt-{index:04d}"
 
@@ -51,6 +61,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; these are ordinary shared files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -84,6 +95,7 @@ def write_parquet_atomic(path: Path, frame: pl.DataFrame) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         frame.write_parquet(tmp)
@@ -127,6 +139,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         (tmp / COMPLETE_MARKER).write_text("ok\n")

@@ -69,8 +69,17 @@ class RoundLog:
         return self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
 
 
+_console_echo: Callable[[str], None] | None = None
+
+
+def set_console_echo(echo: Callable[[str], None] | None) -> None:
+    """Also print every round-log line (live status on the terminal of `make run`)."""
+    global _console_echo
+    _console_echo = echo
+
+
 def round_log(run_store: RunStore, key: str, echo: Callable[[str], None] | None = None) -> RoundLog:
-    return RoundLog(run_store.round_dir(key) / "terminal.log", echo=echo)
+    return RoundLog(run_store.round_dir(key) / "terminal.log", echo=echo or _console_echo)
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -258,17 +267,34 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
         f"in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s; "
         f"mean length {table['completion_length'].mean():.1f}, EOS {table['is_eos'].mean():.2f}")
     out = run_store.round_dir(key)
-    store.write_torch_atomic(out / "rollouts.pt", batch.to("cpu").state_dict())
+    save_rollout_batch(out / "rollouts.pt", batch)
     store.write_parquet_atomic(out / "rollouts.parquet", table)
     store.write_json_atomic(out / "rollouts.json", {"seconds": seconds, "completion_tokens": tokens})
     return table
+
+
+def save_rollout_batch(path: Path, batch: rollout.RolloutBatch) -> None:
+    """Store each prompt's image patches once, not once per generation (G x smaller files)."""
+    state = batch.to("cpu").state_dict()
+    first = torch.unique(batch.prompt_index.cpu(), sorted=True)
+    rows = torch.stack([torch.nonzero(batch.prompt_index.cpu() == p)[0, 0] for p in first.tolist()])
+    state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state["image_grid_thw"], rows)
+    state["prompt_image_grid_thw"] = state["image_grid_thw"][rows]
+    state["prompt_rows"] = first
+    store.write_torch_atomic(path, state)
 
 
 def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
     path = run_store.round_dir(key) / "rollouts.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize `rollouts` for {key} first")
-    return rollout.RolloutBatch.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "prompt_rows" in state:
+        position = {p: i for i, p in enumerate(state.pop("prompt_rows").tolist())}
+        owners = torch.tensor([position[p] for p in state["prompt_index"].tolist()])
+        state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state.pop("prompt_image_grid_thw"),
+                                                           owners)
+    return rollout.RolloutBatch.from_state_dict(state)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -299,6 +325,7 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     completion_tokens = batch.completion_mask.sum(1).tolist()
     table = pl.DataFrame({
         "rollout_index": list(range(len(per_rollout))),
+        "prompt_index": batch.prompt_index.tolist(),
         **columns,
         "vision_tokens": vision,
         "text_tokens": text,
@@ -374,7 +401,7 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
         "predicted_choice_idx": predicted,
     }, schema_overrides={"predicted_choice_idx": pl.Int64})
     # The attention values this round trained on; re-analysis later never rewrites them.
-    result = result.hstack(attention.select([c for c in attention.columns if c != "rollout_index"]))
+    result = result.hstack(attention.select([c for c in attention.columns if c not in ("rollout_index", "prompt_index")]))
     zero_std = adv.zero_std_groups(total, config.num_generations)
     log(f"rewards: accuracy {nanmean(result['mc_idx_reward']):.3f}, format {nanmean(result['think_format_reward']):.3f}, "
         f"mdi_reward {nanmean(result['mdi_reward']):.3f}, total {nanmean(result['total_reward']):.3f}; "

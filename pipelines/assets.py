@@ -341,7 +341,9 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
         "run_name": cfg.run_name,
         "global_step": int(update["state"]["global_step"]),
         "summary": dg.MetadataValue.md(summary_md),
-        "rollout_results": dg.MetadataValue.md(rollout_md),
+        # The file holds every rollout; the UI shows the tables and the first samples.
+        "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(
+            table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8)),
         "run_terminal": dg.MetadataValue.md(terminal),
         "mlflow_logged": sent,
         "reports": dg.MetadataValue.path(str(out)),

@@ -79,9 +79,13 @@ def _progress(message: str) -> None:
     print(message, flush=True)
 
 
-def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress) -> dict:
-    """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist."""
+def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress,
+                 live: bool = False) -> dict:
+    """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist.
+    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too."""
     import dagster as dg
+
+    from dapo_ops import training
 
     from dapo_ops import store as store_io
     from dapo_ops.store import RunStore, checkpoint_key
@@ -94,6 +98,8 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     store = RunStore(root, config.run_name)
     tconfig = TrainingConfig.from_dapo(config.replace(max_rounds=rounds))
     started = time.perf_counter()
+    if live:
+        training.set_console_echo(lambda line: echo(f"    {line}"))
     with store.lock():
         removed = store.remove_temporaries()
         if removed:
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dataset", default=EMBEDDED)
     run.add_argument("--model", default=EMBEDDED)
     run.add_argument("--num-processes", type=int, default=1)
+    run.add_argument("--quiet", action="store_true", help="only one line per round")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="override any DapoConfig field, e.g. --set learning_rate=1e-4")
     re = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
             return 2
         try:
-            run_training(config, args.rounds)
+            run_training(config, args.rounds, live=not args.quiet)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
             from dapo_ops.store import RunLockedError
 
