@@ -1,0 +1,109 @@
+"""DAPO dynamic sampling with refill: keep only groups whose answer rewards differ, and oversample prompts
+until the round's batch is full again (TRL filters nothing; DAPO's paper keeps sampling)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import polars as pl
+import torch
+
+from dapo_ops import advantages, rewards
+from dapo_ops.rollout import RolloutBatch
+
+
+def _pad(tensor: torch.Tensor, width: int, value: int | bool, *, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    fill = torch.full((tensor.shape[0], missing), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([fill, tensor] if left else [tensor, fill], dim=1)
+
+
+def concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """One batch from several (prompts left padded, completions right padded to the widest);
+    `prompt_index` is renumbered so that groups stay distinct."""
+    if len(batches) == 1:
+        return batches[0]
+    tp = max(b.prompt_length for b in batches)
+    tc = max(b.completion_ids.shape[1] for b in batches)
+    offset = 0
+    prompt_index = []
+    for b in batches:
+        prompt_index.append(b.prompt_index + offset)
+        offset += int(b.prompt_index.max()) + 1 if len(b) else 0
+    return RolloutBatch(
+        prompt_ids=torch.cat([_pad(b.prompt_ids, tp, pad_token_id, left=True) for b in batches]),
+        prompt_mask=torch.cat([_pad(b.prompt_mask, tp, 0, left=True) for b in batches]),
+        pixel_values=torch.cat([b.pixel_values for b in batches]),
+        image_grid_thw=torch.cat([b.image_grid_thw for b in batches]),
+        completion_ids=torch.cat([_pad(b.completion_ids, tc, pad_token_id, left=False) for b in batches]),
+        completion_mask=torch.cat([_pad(b.completion_mask, tc, 0, left=False) for b in batches]),
+        completion_lengths=torch.cat([b.completion_lengths for b in batches]),
+        is_eos=torch.cat([b.is_eos for b in batches]),
+        completions=[c for b in batches for c in b.completions],
+        prompt_index=torch.cat(prompt_index),
+        num_generations=batches[0].num_generations,
+        prompt_vision_mask=torch.cat([_pad(b.prompt_vision_mask, tp, False, left=True) for b in batches]),
+        prompt_text_mask=torch.cat([_pad(b.prompt_text_mask, tp, False, left=True) for b in batches]),
+    )
+
+
+def informative_groups(batch: RolloutBatch, rows: pl.DataFrame, weights: dict[str, float]) -> torch.Tensor:
+    """BoolTensor[P]: groups whose accuracy+format rewards are not all equal (the attention reward is only
+    known after the teacher-forced pass; the final keep-mask in `rewards` uses the full total)."""
+    index = batch.prompt_index.tolist()
+    kwargs = {
+        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in index],
+        "choices": [list(rows["choices"][p]) for p in index],
+    }
+    accuracy = rewards.mc_idx_reward(batch.completions, **kwargs)
+    fmt = rewards.think_format_reward(batch.completions)
+    total = torch.tensor([weights["mc_idx_reward"] * (a or 0.0) + weights["think_format_reward"] * f
+                          for a, f in zip(accuracy, fmt, strict=True)], dtype=torch.float64)
+    return ~advantages.zero_std_groups(total, batch.num_generations)
+
+
+def sample_with_refill(
+    generate: Callable[[pl.DataFrame, int], RolloutBatch],
+    first_rows: pl.DataFrame,
+    draw_rows: Callable[[int], pl.DataFrame],
+    *,
+    num_prompts: int,
+    weights: dict[str, float],
+    max_tries: int,
+    pad_token_id: int,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[RolloutBatch, pl.DataFrame]:
+    """Generate, drop zero-variance groups, draw fresh prompts and generate again until `num_prompts`
+    informative groups are collected or `max_tries` generations were made. Returns the batch (group-major,
+    at most `num_prompts` groups) and its prompt rows. If no group is informative, the first batch is kept
+    whole so the round still has data."""
+    kept_batches: list[RolloutBatch] = []
+    kept_rows: list[pl.DataFrame] = []
+    collected = 0
+    first_batch = None
+    rows = first_rows
+    for attempt in range(max(1, max_tries)):
+        batch = generate(rows, attempt)
+        if first_batch is None:
+            first_batch = batch
+        informative = informative_groups(batch, rows, weights)
+        groups = torch.nonzero(informative).flatten()[: num_prompts - collected]
+        log(f"dynamic sampling try {attempt + 1}: {int(informative.sum())}/{len(informative)} groups informative; "
+            f"{collected + len(groups)}/{num_prompts} collected")
+        if len(groups):
+            g = batch.num_generations
+            select = (groups[:, None] * g + torch.arange(g)[None, :]).flatten()
+            picked = batch.select(select)
+            picked.prompt_index = torch.arange(len(groups)).repeat_interleave(g)
+            kept_batches.append(picked)
+            kept_rows.append(rows[groups.tolist()])
+            collected += len(groups)
+        if collected >= num_prompts:
+            break
+        rows = draw_rows(attempt + 1)
+    if not kept_batches:
+        assert first_batch is not None
+        return first_batch, first_rows
+    return concat_rollouts(kept_batches, pad_token_id), pl.concat(kept_rows)
