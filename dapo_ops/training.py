@@ -20,11 +20,11 @@ import polars as pl
 import torch
 
 from dapo_ops import advantages as adv
-from dapo_ops import data, inputs, models, rewards, rollout, store, synthetic, warmstart
+from dapo_ops import data, faults, inputs, models, rewards, rollout, sampling, store, synthetic, warmstart
 from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
 from dapo_ops.config import EMBEDDED, REWARD_NAMES, STAGES, DapoConfig
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
-from dapo_ops.update import make_optimizer, policy_update
+from dapo_ops.update import LOCAL, LocalCollective, make_optimizer, policy_update
 
 logger = logging.getLogger("dapo_vlm")
 
@@ -190,6 +190,7 @@ def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimi
         if optimizer is not None:
             store.write_torch_atomic(tmp / OPTIMIZER_FILE, optimizer.state_dict())
         store.write_json_atomic(tmp / STATE_FILE, state)
+    faults.point("after_checkpoint")
     return final
 
 
@@ -251,25 +252,42 @@ def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFra
 
 def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
                             log: RoundLog) -> pl.DataFrame:
+    faults.point("before_rollouts")
     round_index = checkpoint_index(key)
-    rows = select_prompts(load_split(run_store, "train"), config, round_index)
-    prompts = encode_rows(policy, rows)
+    train = load_split(run_store, "train")
+    rows = select_prompts(train, config, round_index)
+
+    def generate(prompt_rows: pl.DataFrame, attempt: int) -> rollout.RolloutBatch:
+        return rollout.generate_rollouts(
+            policy, encode_rows(policy, prompt_rows), num_generations=config.num_generations,
+            max_completion_length=config.max_completion_length, temperature=config.temperature,
+            top_p=config.top_p, seed=derived_seed(config.seed, "rollouts", round_index, *([attempt] if attempt else [])),
+        )
+
     start = time.perf_counter()
-    batch = rollout.generate_rollouts(
-        policy, prompts, num_generations=config.num_generations,
-        max_completion_length=config.max_completion_length, temperature=config.temperature,
-        top_p=config.top_p, seed=derived_seed(config.seed, "rollouts", round_index),
-    )
+    if config.dynamic_sampling:
+        def draw(attempt: int) -> pl.DataFrame:
+            order = torch.randperm(train.height, generator=torch.Generator().manual_seed(
+                derived_seed(config.seed, "refill", round_index, attempt)))
+            return train[order[: config.prompts_per_round].tolist()]
+
+        batch, rows = sampling.sample_with_refill(
+            generate, rows, draw, num_prompts=config.prompts_per_round, weights=config.weights,
+            max_tries=config.dynamic_sampling_max_tries, pad_token_id=policy.pad_token_id, log=log,
+        )
+    else:
+        batch = generate(rows, 0)
     seconds = time.perf_counter() - start
     table = rollout_table(rows, batch)
     tokens = int(batch.completion_lengths.sum())
-    log(f"generated {len(batch.completions)} rollouts ({config.prompts_per_round} prompts x {config.num_generations}) "
+    log(f"generated {len(batch.completions)} rollouts ({len(batch) // config.num_generations} prompts x {config.num_generations}) "
         f"in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s; "
         f"mean length {table['completion_length'].mean():.1f}, EOS {table['is_eos'].mean():.2f}")
     out = run_store.round_dir(key)
     save_rollout_batch(out / "rollouts.pt", batch)
     store.write_parquet_atomic(out / "rollouts.parquet", table)
     store.write_json_atomic(out / "rollouts.json", {"seconds": seconds, "completion_tokens": tokens})
+    faults.point("after_rollouts")
     return table
 
 
@@ -343,6 +361,7 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
                                                        "entropy": outputs.entropy})
     store.write_parquet_atomic(out / "attention.parquet", table)
     store.write_json_atomic(out / "attention.json", {"seconds": seconds, "mdi_tolerance": tolerance})
+    faults.point("after_attention")
     return table
 
 
@@ -407,6 +426,7 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
         f"mdi_reward {nanmean(result['mdi_reward']):.3f}, total {nanmean(result['total_reward']):.3f}; "
         f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {int(keep.sum())}/{len(keep)} rollouts")
     store.write_parquet_atomic(out / "rewards.parquet", result)
+    faults.point("after_rewards")
     return result
 
 
@@ -414,15 +434,20 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
 
 
 def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
-               optimizer: torch.optim.Optimizer, log: RoundLog, *, ref_policy: models.Policy | None = None
-               ) -> dict[str, Any]:
-    """μ epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically (never after a NaN)."""
+               optimizer: torch.optim.Optimizer, log: RoundLog, *, ref_policy: models.Policy | None = None,
+               collective: LocalCollective = LOCAL, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """μ epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically (never after a NaN).
+
+    In process by default. Under `accelerate` (`dapo_ops.distributed`) every rank calls it with the same
+    round files, its `collective` and `model` = the prepared (DDP/FSDP) wrapper of `policy.model`; only the
+    main process evaluates and writes ckpt-(k+1) and update.json, the others return the record without eval.
+    """
     round_index = checkpoint_index(key)
     out = run_store.round_dir(key)
     batch = load_rollout_batch(run_store, key)
     old = torch.load(out / "old_logps.pt", map_location="cpu", weights_only=True)
     reward_table = pl.read_parquet(out / "rewards.parquet")
-    advantages = torch.tensor(reward_table["advantage"].to_list(), dtype=torch.float32)
+    advantages = faults.poison("advantages", torch.tensor(reward_table["advantage"].to_list(), dtype=torch.float32))
     keep = torch.tensor(reward_table["kept"].to_list(), dtype=torch.bool)
     state = checkpoint_state(run_store, key)
     ref_logps = None
@@ -431,9 +456,9 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
                                         with_attention=False).per_token_logps
     start = time.perf_counter()
     result = policy_update(
-        policy.model, optimizer, batch, old["per_token_logps"], advantages, keep, config,
-        global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
-        ref_per_token_logps=ref_logps, log=log,
+        policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
+        config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
+        ref_per_token_logps=ref_logps, log=log, collective=collective,
     )
     seconds = time.perf_counter() - start
     summary = result.summary()
@@ -449,23 +474,30 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
         "parent": key,
         "epoch": (round_index + 1) * config.prompts_per_round / max(train_size, 1),
     }
-    start_eval = time.perf_counter()
-    evaluation = evaluate(config, run_store, policy)
-    eval_seconds = time.perf_counter() - start_eval
-    save_start = time.perf_counter()
-    save_checkpoint(run_store, next_key, policy, optimizer, {**new_state, "eval": evaluation})
-    save_seconds = time.perf_counter() - save_start
-    log(f"update: {len(result.steps)} optimizer steps in {seconds:.2f}s (global step {result.global_step}); "
-        f"eval accuracy of {next_key}: {evaluation['eval/accuracy']:.3f}; wrote {next_key} in {save_seconds:.2f}s")
-    record = {
+    record: dict[str, Any] = {
         "steps": result.steps,
         "summary": summary,
         "state": new_state,
-        "eval": evaluation,
+        "eval": {},
         "round_tokens": round_tokens,
-        "seconds": {"update": seconds, "eval": eval_seconds, "save": save_seconds},
+        "num_processes": collective.world_size,
         "num_rollouts_used": result.num_rollouts_used,
     }
+    # Sharded weights (FSDP, ZeRO-3) are gathered by every rank; the main process gets the whole policy.
+    trained = collective.full_policy(policy, policy.model if model is None else model)
+    if not collective.is_main:
+        return record
+    start_eval = time.perf_counter()
+    evaluation = evaluate(config, run_store, trained)
+    eval_seconds = time.perf_counter() - start_eval
+    save_start = time.perf_counter()
+    save_checkpoint(run_store, next_key, trained, collective.optimizer_to_save(optimizer),
+                    {**new_state, "eval": evaluation})
+    save_seconds = time.perf_counter() - save_start
+    log(f"update: {len(result.steps)} optimizer steps in {seconds:.2f}s (global step {result.global_step}); "
+        f"eval accuracy of {next_key}: {evaluation['eval/accuracy']:.3f}; wrote {next_key} in {save_seconds:.2f}s")
+    record["eval"] = evaluation
+    record["seconds"] = {"update": seconds, "eval": eval_seconds, "save": save_seconds}
     store.write_json_atomic(out / "update.json", record)
     return record
 

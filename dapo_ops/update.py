@@ -1,10 +1,18 @@
-"""The GRPO/DAPO update: `num_iterations` epochs of clipped policy-gradient steps over one rollout batch."""
+"""The GRPO/DAPO update: `num_iterations` epochs of clipped policy-gradient steps over one rollout batch.
+
+One code path serves one process and many: a `Collective` says how to backpropagate, sum statistics and
+clip across processes. `LocalCollective` (the default) is the in-process update; `dapo_ops.distributed`
+supplies one over `accelerate` (DDP, FSDP, DeepSpeed), where every rank holds the whole round batch and
+each optimizer step's rollouts are split across the ranks.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,25 +59,75 @@ class UpdateResult:
         return out
 
 
+class LocalCollective:
+    """The update in this process alone: rank 0 of a world of one. Subclasses span processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of `values` over all processes (a 1-D CPU tensor in, the same out)."""
+        return values
+
+    def sync_context(self, model: torch.nn.Module, *, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Where gradients are accumulated without communication (DDP's `no_sync`) until `sync`."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       max_norm: float) -> torch.Tensor:
+        """Clip the (already synchronized) gradients; the total norm before clipping."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def full_policy(self, policy: Any, model: torch.nn.Module) -> Any:
+        """The trained policy with whole weights on the main process (None elsewhere): here `policy` itself."""
+        return policy
+
+    def optimizer_to_save(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+        """The optimizer whose `state_dict()` goes into the checkpoint (None: not saved)."""
+        return optimizer
+
+
+LOCAL = LocalCollective()
+
+
 def make_optimizer(model: torch.nn.Module, config: DapoConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def step_batches(
-    indices: torch.Tensor, config: DapoConfig, *, generator: torch.Generator
-) -> list[list[torch.Tensor]]:
-    """Shuffle the kept rollouts and split them into optimizer steps of micro-batches (TRL's
-    `steps_per_generation` x `gradient_accumulation_steps`)."""
+def step_chunks(indices: torch.Tensor, config: DapoConfig, *, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle the kept rollouts and split them into the round's optimizer steps (TRL's
+    `steps_per_generation`). Every rank draws the same permutation from the same seeded generator."""
     order = indices[torch.randperm(len(indices), generator=generator)]
     steps = min(config.steps_per_generation, max(1, len(order)))
-    batches: list[list[torch.Tensor]] = []
-    for chunk in torch.tensor_split(order, steps):
-        if len(chunk) == 0:
-            continue
-        micro = min(config.gradient_accumulation_steps, len(chunk))
-        batches.append([m for m in torch.tensor_split(chunk, micro) if len(m)])
-    return batches
+    return [chunk for chunk in torch.tensor_split(order, steps) if len(chunk)]
+
+
+def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *, world_size: int = 1,
+                       rank: int = 0) -> list[torch.Tensor]:
+    """This rank's micro-batches of one optimizer step.
+
+    The step's rollouts are cut into `world_size x M` contiguous pieces, rank r taking pieces r·M … r·M+M−1,
+    with M = min(gradient_accumulation_steps, ⌈len/world_size⌉) the same on every rank, so that the ranks'
+    forwards and gradient reductions line up. A piece is empty only when the step has fewer rollouts than
+    pieces; the update then runs a zero-weight forward for it. With one process this is the plain split
+    into min(gradient_accumulation_steps, len) micro-batches.
+    """
+    micro = max(1, min(gradient_accumulation_steps, math.ceil(len(chunk) / world_size)))
+    pieces = torch.tensor_split(chunk, micro * world_size)
+    return list(pieces[rank * micro:(rank + 1) * micro])
+
+
+# Per-step sums reduced across processes in one call.
+_LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE = range(8)
 
 
 def policy_update(
@@ -85,11 +143,20 @@ def policy_update(
     seed: int,
     ref_per_token_logps: torch.Tensor | None = None,
     log: Callable[[str], None] = lambda _: None,
-    num_items_scale: int = 1,
+    collective: LocalCollective = LOCAL,
 ) -> UpdateResult:
     """Run μ epochs over the kept rollouts. Raises `NonFiniteUpdateError` before the optimizer step
-    when a loss or gradient is not finite (the caller must then discard the in-memory policy)."""
+    when a loss or gradient is not finite (the caller must then discard the in-memory policy).
+
+    `model` is what the forward runs through (a DDP/FSDP wrapper under `accelerate`). With several
+    processes every rank passes the whole round batch; the `dapo` loss is normalized by the completion
+    tokens of the whole step batch (TRL's `num_items_in_batch`, counted over all ranks) and multiplied by
+    the world size, because DDP averages gradients: the synchronized gradient is then exactly the
+    one-process gradient. The other loss types keep TRL's per-rank normalization (DDP's average of the
+    ranks' losses). Logged step values are the same sums over ranks as one process would compute.
+    """
     model.train()
+    world, rank = collective.world_size, collective.rank
     generator = torch.Generator().manual_seed(seed)
     kept = torch.nonzero(keep, as_tuple=False).flatten()
     result = UpdateResult(global_step=global_step, num_rollouts_used=len(kept))
@@ -97,73 +164,89 @@ def policy_update(
         log("no rollout entered the update (every group had zero reward variance); weights unchanged")
         return result
     completion_mask = rollouts.completion_mask
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_scale = float(world) if config.loss_type == "dapo" else 1.0
     for epoch in range(config.num_iterations):
-        for micro_batches in step_batches(kept, config, generator=generator):
+        for chunk in step_chunks(kept, config, generator=generator):
+            micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world, rank=rank)
             optimizer.zero_grad(set_to_none=True)
-            # DAPO's token-level normalization over the whole accumulated batch (TRL: num_items_in_batch).
-            num_items = int(sum(completion_mask[idx].sum().item() for idx in micro_batches)) * num_items_scale
-            step_stats: dict[str, float] = {}
-            total_loss = 0.0
-            entropy_sum = 0.0
-            token_count = 0
-            for idx in micro_batches:
-                batch = rollouts.select(idx)
-                logps, entropy = completion_forward(model, batch, temperature=config.temperature)
-                mask = batch.completion_mask.to(logps.dtype)
-                loss, stats = policy_loss(
-                    logps,
-                    old_per_token_logps[idx],
-                    advantages[idx],
-                    batch.completion_mask,
-                    loss_type=config.loss_type,
-                    epsilon=config.epsilon,
-                    epsilon_high=config.epsilon_high,
-                    beta=config.beta,
-                    ref_per_token_logps=None if ref_per_token_logps is None else ref_per_token_logps[idx],
-                    max_completion_length=config.max_completion_length,
-                    num_items_in_batch=num_items,
-                )
-                if config.loss_type != "dapo":
-                    # TRL scales per-micro-batch normalized losses by the accumulation steps.
-                    loss = loss / len(micro_batches)
-                if not torch.isfinite(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteUpdateError(
-                        f"non-finite loss ({loss.item()}) at global step {result.global_step + 1}, epoch {epoch}; "
-                        f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
-                        f"(now {config.learning_rate}) or check the rewards/advantages for NaN."
+            # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
+            num_items = int(completion_mask[chunk].sum().item())
+            sums = torch.zeros(8, dtype=torch.float64)
+            for position, idx in enumerate(micro_batches):
+                placeholder = len(idx) == 0  # keeps this rank's collectives in step; contributes nothing
+                rows = chunk[:1] if placeholder else idx
+                batch = rollouts.select(rows)
+                with collective.sync_context(model, sync=position == len(micro_batches) - 1):
+                    logps, entropy = completion_forward(model, batch, temperature=config.temperature)
+                    loss, stats = policy_loss(
+                        logps,
+                        old_per_token_logps[rows].to(logps.device),
+                        advantages[rows].to(logps.device),
+                        batch.completion_mask.to(logps.device),
+                        loss_type=config.loss_type,
+                        epsilon=config.epsilon,
+                        epsilon_high=config.epsilon_high,
+                        beta=config.beta,
+                        ref_per_token_logps=None if ref_per_token_logps is None
+                        else ref_per_token_logps[rows].to(logps.device),
+                        max_completion_length=config.max_completion_length,
+                        num_items_in_batch=num_items,
                     )
-                loss.backward()
-                total_loss += loss.item()
+                    if config.loss_type != "dapo":
+                        # TRL scales per-micro-batch normalized losses by the accumulation steps.
+                        loss = loss / len(micro_batches)
+                    if placeholder:
+                        loss = loss * 0.0
+                    scaled = loss * loss_scale
+                    # A non-finite loss is only flagged here: every rank must finish the same backward
+                    # passes (they synchronize), and all ranks then refuse the step together.
+                    collective.backward(scaled)
+                if placeholder:
+                    continue
+                mask = batch.completion_mask.to(torch.float64)
+                tokens = float(mask.sum())
                 # Clip ratios are token shares: weight each micro-batch by its completion tokens, as TRL does.
-                weight = float(mask.sum()) / max(num_items // num_items_scale, 1)
-                for name, value in stats.items():
-                    step_stats[name] = step_stats.get(name, 0.0) + weight * float(value)
-                entropy_sum += float((entropy.detach() * mask).sum())
-                token_count += int(mask.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if not torch.isfinite(grad_norm):
+                weight = tokens / max(num_items, 1)
+                value = float(scaled.detach())
+                sums[_LOSS] += value
+                sums[_NONFINITE] += 0.0 if math.isfinite(value) else 1.0
+                sums[_LOW] += weight * float(stats["clip_ratio/low_mean"])
+                sums[_HIGH] += weight * float(stats["clip_ratio/high_mean"])
+                sums[_REGION] += weight * float(stats["clip_ratio/region_mean"])
+                sums[_KL] += weight * float(stats.get("kl", 0.0))
+                sums[_ENTROPY] += float((entropy.detach().double().cpu() * mask).sum())
+                sums[_TOKENS] += tokens
+            sums = collective.sum(sums)
+            step_loss = float(sums[_LOSS]) / world
+            if sums[_NONFINITE] > 0:
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteUpdateError(
-                    f"non-finite gradient norm ({grad_norm.item()}) at global step {result.global_step + 1}; "
+                    f"non-finite loss ({step_loss}) at global step {result.global_step + 1}, epoch {epoch}; "
+                    f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
+                    f"(now {config.learning_rate}) or check the rewards/advantages for NaN."
+                )
+            grad_norm = collective.clip_grad_norm(model, optimizer, config.max_grad_norm)
+            if not torch.isfinite(torch.as_tensor(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteUpdateError(
+                    f"non-finite gradient norm ({float(grad_norm)}) at global step {result.global_step + 1}; "
                     f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
                     f"(now {config.learning_rate}) or max_grad_norm."
                 )
             optimizer.step()
             result.global_step += 1
             record = {
-                "loss": total_loss,
+                "loss": step_loss,
                 "grad_norm": float(grad_norm),
-                "entropy": entropy_sum / max(token_count, 1),
+                "entropy": float(sums[_ENTROPY]) / max(float(sums[_TOKENS]), 1.0),
                 "learning_rate": float(optimizer.param_groups[0]["lr"]),
                 "epoch": float(epoch),
-                "clip_ratio/low_mean": step_stats.get("clip_ratio/low_mean", 0.0),
-                "clip_ratio/high_mean": step_stats.get("clip_ratio/high_mean", 0.0),
-                "clip_ratio/region_mean": step_stats.get("clip_ratio/region_mean", 0.0),
+                "clip_ratio/low_mean": float(sums[_LOW]),
+                "clip_ratio/high_mean": float(sums[_HIGH]),
+                "clip_ratio/region_mean": float(sums[_REGION]),
             }
-            if "kl" in step_stats:
-                record["kl"] = step_stats["kl"]
+            if config.beta > 0:
+                record["kl"] = float(sums[_KL])
             result.steps.append(record)
             log(
                 f"step {result.global_step}: epoch {epoch} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.4f} "
@@ -175,3 +258,4 @@ def policy_update(
 
 def is_finite_number(value: float) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+

@@ -4,11 +4,15 @@ and attaches metadata. Heavy imports (torch, transformers, mlflow) happen inside
 code location stays fast."""
 
 
+import base64
 import json
+import re
 import time
+from pathlib import Path
 
 import dagster as dg
 
+from dapo_ops import faults
 from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
 from pipelines.config import TrainingConfig
 from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
@@ -21,6 +25,40 @@ def _round_log(context: dg.AssetExecutionContext, store, key: str):
     from dapo_ops.training import round_log
 
     return round_log(store, key, echo=None)
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)")
+MAX_INLINE_IMAGE_BYTES = 256_000
+
+
+def _inline_images(markdown: str, folder: Path) -> str:
+    """The report files link their charts by relative path, which the Dagster UI cannot load: embed each
+    chart as a data URI (its markdown renderer allows them); one that is missing or too big becomes its path."""
+
+    def embed(match: re.Match) -> str:
+        alt, name = match.groups()
+        path = folder / name
+        if path.is_file() and path.stat().st_size <= MAX_INLINE_IMAGE_BYTES:
+            return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+        return f"*{alt}: `{path}`*"
+
+    return _IMAGE_LINK.sub(embed, markdown)
+
+
+def add_checkpoint_partitions(instance: dg.DagsterInstance, keys: list[str]) -> None:
+    """Register checkpoint partitions. Runs share the partition keys (every run has a ckpt-0000), and two
+    `make run`s on one instance can race between Dagster's existence check and its insert."""
+    for attempt in range(5):
+        missing = [k for k in keys if not instance.has_dynamic_partition(checkpoints.name, k)]
+        if not missing:
+            return
+        try:
+            instance.add_dynamic_partitions(checkpoints.name, missing)
+            return
+        except Exception:  # noqa: BLE001 - SQLite IntegrityError / "database is locked": look again
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None = None) -> dict[str, str]:
@@ -40,9 +78,16 @@ def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
     store = run_store.for_run(cfg.run_name)
     write_json_atomic(store.config_path, cfg.to_dict())
     summary = training.prepare_dataset(cfg, store)
+    faults.point("after_dataset")
     reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
-    context.log.info(f"dataset: {summary.num_train} train, {summary.num_eval} eval, "
-                     f"{summary.num_quarantined} quarantined rows from {summary.source}")
+    quarantine_path = store.data_dir / "quarantine.parquet"
+    # Into ckpt-0000's round log too, so the count reaches run_terminal.md, not only the Dagster UI.
+    line = (f"dataset: {summary.num_train} train, {summary.num_eval} eval, {summary.num_quarantined} quarantined "
+            f"rows from {summary.source}")
+    if summary.num_quarantined:
+        counts = ", ".join(f"{n}x {reason}" for reason, n in sorted(summary.quarantine_reasons.items()))
+        line += f" ({counts}; rows and reasons in {quarantine_path})"
+    _round_log(context, store, checkpoint_key(0))(line)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         "source": summary.source,
@@ -53,6 +98,7 @@ def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
             "| Reason | Rows |\n|---|---|\n" + reasons if reasons else "No row was quarantined."
         ),
         "path": dg.MetadataValue.path(str(store.data_dir)),
+        "quarantine_path": dg.MetadataValue.path(str(quarantine_path)),
     })
 
 
@@ -60,25 +106,34 @@ def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
 def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
                     mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
-    real model directory. Registers the `ckpt-0000` partition."""
+    real model directory. Registers the `ckpt-0000` partition. A complete ckpt-0000 (left by an interrupted
+    setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
     from dapo_ops import training
 
     cfg = config.to_dapo()
     store = run_store.for_run(cfg.run_name)
     key = checkpoint_key(0)
     log = _round_log(context, store, key)
-    log(f"run {cfg.run_name}: building {key} from {cfg.model_name_or_path}")
-    built = training.build_base_checkpoint(cfg, store, log)
-    policy = built["policy"]
+    if store.is_complete_checkpoint(key):
+        log(f"run {cfg.run_name}: {key} is complete; finishing the setup with it")
+        policy = policy_cache.get(store, key, cfg)
+        state = training.checkpoint_state(store, key)
+    else:
+        log(f"run {cfg.run_name}: building {key} from {cfg.model_name_or_path}")
+        built = training.build_base_checkpoint(cfg, store, log)
+        policy, state = built["policy"], built["state"]
+        faults.point("after_base_checkpoint")
     evaluation = training.evaluate(cfg, store, policy)
-    state = {**built["state"], "eval": evaluation}
+    state = {**state, "eval": evaluation}
     write_json_atomic(store.checkpoint_dir(key) / training.STATE_FILE, state)
     log(f"{key}: eval accuracy {evaluation['eval/accuracy']:.3f}, format {evaluation['eval/format']:.3f}")
     policy_cache.put(store, key, policy, None)
-    context.instance.add_dynamic_partitions(checkpoints.name, [key])
+    add_checkpoint_partitions(context.instance, [key])
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
     tracker.log_round(f"{key}-eval", step=0, metrics=evaluation)
+    # Journaled (sent or pending): `make run` may skip the setup from now on.
+    write_text_atomic(store.setup_marker, f"{key}\n")
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         "checkpoint": key,
@@ -190,34 +245,41 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
-    policy = policy_cache.get(store, key, cfg)
-    optimizer = policy_cache.optimizer(store, key, cfg)
-    ref_policy = None
-    if cfg.beta > 0:
-        from dapo_ops import models
-
-        ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
+    child_metadata: dict = {}
     try:
-        record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
+        if cfg.num_processes > 1:
+            record, child_metadata = _update_in_subprocesses(context, cfg, store, key, log, policy_cache)
+        else:
+            policy = policy_cache.get(store, key, cfg)
+            optimizer = policy_cache.optimizer(store, key, cfg)
+            ref_policy = None
+            if cfg.beta > 0:
+                from dapo_ops import models
+
+                ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
+            record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
+            policy_cache.put(store, record["state"]["checkpoint"], policy, optimizer)
     except NonFiniteUpdateError as error:
         policy_cache.invalidate()
         log.error(str(error))
-        write_json_atomic(store.round_dir(key) / "health_update.json", [health.non_finite(
-            {"loss": float("nan")}).to_dict()])
+        finding = health.non_finite({"grad_norm" if "gradient" in str(error) else "loss": float("nan")})
+        write_json_atomic(store.round_dir(key) / "health_update.json", [finding.to_dict()])
+        yield _check_result(finding)  # the failed health check is recorded with the failed round
         raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
     except BaseException:
         policy_cache.invalidate()
         raise
     next_key = record["state"]["checkpoint"]
-    policy_cache.put(store, next_key, policy, optimizer)
-    context.instance.add_dynamic_partitions(checkpoints.name, [next_key])
+    add_checkpoint_partitions(context.instance, [next_key])
     start_entropy = _start_entropy(store)
     metrics = {**record["summary"], **record["eval"]}
     findings = health.update_findings(metrics, start_entropy=start_entropy)
     _log_findings(log, findings)
     write_json_atomic(store.round_dir(key) / "health_update.json", [f.to_dict() for f in findings])
     yield dg.MaterializeResult(metadata={
+        **child_metadata,
         "run_name": cfg.run_name,
+        "num_processes": cfg.num_processes,
         "next_checkpoint": next_key,
         "global_step": record["state"]["global_step"],
         "optimizer_steps": len(record["steps"]),
@@ -228,6 +290,47 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
     })
     for finding in findings:
         yield _check_result(finding)
+
+
+def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, policy_cache: PolicyCache):
+    """The update on `num_processes` processes: `accelerate launch` of `pipelines.pipes_update` through
+    Dagster Pipes. The children write ckpt-(k+1) and update.json as the in-process update does; rank 0
+    reports its logs and materialization metadata back. Returns (update record, the child's metadata)."""
+    import gc
+    import warnings
+
+    import torch
+
+    from dapo_ops import distributed
+    from dapo_ops.store import read_json
+    from dapo_ops.update import NonFiniteUpdateError
+
+    # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
+    # its GPU), and after the update it is stale (the next asset reloads ckpt-(k+1) from disk).
+    policy_cache.invalidate()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    launch = distributed.prepare_launch(cfg, store, key)
+    log(f"launching the update on {cfg.num_processes} processes with accelerate ({launch.accelerate_config.name}) "
+        f"through Dagster Pipes")
+    try:
+        with warnings.catch_warnings():  # Pipes' message reader flags a preview API on every launch
+            warnings.simplefilter("ignore", dg.PreviewWarning)
+            invocation = dg.PipesSubprocessClient(cwd=str(launch.cwd)).run(
+                context=context, command=launch.command, env=launch.env, extras=launch.extras)
+    except Exception as error:
+        failure = distributed.read_failure(store, key)
+        if failure and failure.get("kind") == distributed.NON_FINITE:
+            raise NonFiniteUpdateError(failure["message"]) from error
+        raise
+    record = read_json(store.round_dir(key) / "update.json")
+    store.require_checkpoint(record["state"]["checkpoint"])
+    metadata: dict = {}
+    for result in invocation.get_results():
+        if isinstance(result, dg.MaterializeResult):
+            metadata.update(result.metadata or {})
+    return record, metadata
 
 
 def _start_entropy(store) -> float | None:
@@ -283,7 +386,7 @@ def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, 
         tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [path, chart]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "report": dg.MetadataValue.md(text),
+        "report": dg.MetadataValue.md(_inline_images(text, out)),
         "path": dg.MetadataValue.path(str(path)),
         "mdi_all": stage_means["all"]["mdi"],
     })
@@ -315,6 +418,7 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
     rollout_md = reports.render_rollout_results(table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name,
                                                 checkpoint=key)
     write_text_atomic(out / "rollout_results.md", rollout_md)
+    faults.point("mid_report_write")
     findings = [*store_io.read_json(round_dir / "health_rewards.json"), *store_io.read_json(round_dir / "health_update.json")]
     log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
         f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
@@ -336,11 +440,12 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
             "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",
             "attention/all/mdi", "entropy", "completions/mean_length")))
     # Marks the round finished for resumption (`make run` skips it from now on).
+    faults.point("before_round_done")
     write_text_atomic(round_dir / "DONE", f"{time.time() - start:.3f}\n")
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         "global_step": int(update["state"]["global_step"]),
-        "summary": dg.MetadataValue.md(summary_md),
+        "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
         # The file holds every rollout; the UI shows the tables and the first samples.
         "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(
             table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8)),

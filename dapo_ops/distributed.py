@@ -1,0 +1,245 @@
+"""The policy update on several processes under `accelerate` (DDP on CPU/GPU, FSDP, DeepSpeed ZeRO-3).
+
+Parent side (no Dagster here; `pipelines.assets.policy_update` runs the command through Dagster Pipes):
+`prepare_launch` writes the round's config and returns the `accelerate launch` command of the child
+entry point `pipelines.pipes_update`, with the same Python interpreter.
+
+Child side: `run_update_distributed` — every rank loads checkpoint k and its optimizer state and the
+round's rollouts.pt / old_logps.pt / rewards.parquet, then runs `training.run_update` (the same code as
+in process) with an `AcceleratorCollective`: each optimizer step's rollouts (same seeded shuffle on all
+ranks) are split across the ranks, gradients are synchronized by DDP (or sharded by FSDP/ZeRO-3), and
+rank 0 evaluates and writes ckpt-(k+1) and update.json atomically, exactly as in process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dapo_ops import store as store_io
+from dapo_ops.config import DapoConfig
+from dapo_ops.store import RunStore
+from dapo_ops.update import LocalCollective
+
+logger = logging.getLogger("dapo_vlm")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs" / "accelerate"
+# Short names for the ready configs; DAPO_ACCELERATE_CONFIG takes one of them or a path to a yaml file.
+ACCELERATE_CONFIGS = {
+    "cpu": "cpu_ddp.yaml",
+    "single_gpu": "single_gpu.yaml",
+    "ddp": "multi_gpu_ddp.yaml",
+    "fsdp": "fsdp.yaml",
+    "zero3": "deepspeed_zero3.yaml",
+}
+CONFIG_ENV = "DAPO_ACCELERATE_CONFIG"
+CHILD_MODULE = "pipelines.pipes_update"
+UPDATE_CONFIG_FILE = "update_config.json"
+FAILURE_FILE = "update_failure.json"
+NON_FINITE = "non_finite"
+
+
+def uses_cuda(config: DapoConfig) -> bool:
+    """Whether the update's processes would run on GPUs (`device` "auto" with CUDA present, or "cuda...")."""
+    if config.device == "auto":
+        return torch.cuda.is_available()
+    return config.device.startswith("cuda")
+
+
+def accelerate_config_path(config: DapoConfig, choice: str | None = None) -> Path:
+    """The accelerate yaml for this run: `choice`, else `DAPO_ACCELERATE_CONFIG`, else multi-GPU DDP on
+    GPUs and DDP over gloo on CPU. A name from `ACCELERATE_CONFIGS` or a path."""
+    choice = choice or os.environ.get(CONFIG_ENV) or ("ddp" if uses_cuda(config) else "cpu")
+    path = CONFIG_DIR / ACCELERATE_CONFIGS[choice] if choice in ACCELERATE_CONFIGS else Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"accelerate config {choice!r} not found at {path}; set {CONFIG_ENV} to one of "
+            f"{', '.join(ACCELERATE_CONFIGS)} or to a yaml file"
+        )
+    return path.resolve()
+
+
+@dataclass
+class UpdateLaunch:
+    """What the parent runs: argv, extra environment, working directory, and Pipes extras."""
+
+    command: list[str]
+    env: dict[str, str]
+    cwd: Path
+    accelerate_config: Path
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, accelerate_config: str | None = None,
+                   python: str | None = None) -> UpdateLaunch:
+    """Write ``rounds/<key>/update_config.json`` and build the `accelerate launch` command of the update.
+
+    The child runs with this interpreter (`sys.executable`: the project's .venv). On CPU every process
+    gets `cpu_count / num_processes` threads (at least one) unless OMP_NUM_THREADS is set, and
+    ACCELERATE_USE_CPU makes accelerate pick the gloo backend (its MULTI_CPU type otherwise expects mpirun).
+    """
+    n = config.num_processes
+    yaml = accelerate_config_path(config, accelerate_config)
+    round_dir = run_store.round_dir(key)
+    config_path = store_io.write_json_atomic(round_dir / UPDATE_CONFIG_FILE, config.to_dict())
+    (round_dir / FAILURE_FILE).unlink(missing_ok=True)
+    command = [
+        python or sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(yaml),
+        "--num_processes", str(n),
+        "--num_machines", "1",
+        "--main_process_port", "0",  # a free port: several runs (or test sessions) may share the machine
+        "-m", CHILD_MODULE,
+        "--data-root", str(Path(run_store.root).resolve()),
+        "--run-name", run_store.run_name,
+        "--checkpoint", key,
+        "--config", str(config_path),
+    ]
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if not uses_cuda(config):
+        env["ACCELERATE_USE_CPU"] = "true"
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
+    extras = {"run_name": run_store.run_name, "checkpoint": key, "num_processes": n,
+              "accelerate_config": yaml.name}
+    return UpdateLaunch(command=command, env=env, cwd=REPO_ROOT, accelerate_config=yaml, extras=extras)
+
+
+def write_failure(run_store: RunStore, key: str, kind: str, message: str) -> Path:
+    """The child's account of a refused update (read by the parent, whose Pipes call only sees an exit code)."""
+    return store_io.write_json_atomic(run_store.round_dir(key) / FAILURE_FILE, {"kind": kind, "message": message})
+
+
+def read_failure(run_store: RunStore, key: str) -> dict[str, str] | None:
+    path = run_store.round_dir(key) / FAILURE_FILE
+    return store_io.read_json(path) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------- child
+
+
+class AcceleratorCollective(LocalCollective):
+    """`LocalCollective` over an `accelerate.Accelerator`: its backward (mixed precision, DeepSpeed), an
+    all-reduce of the step statistics, DDP's `no_sync` between micro-batches, clipping of the synchronized
+    gradients, and whole weights gathered from FSDP/ZeRO-3 shards for the checkpoint."""
+
+    def __init__(self, accelerator: Any, *, reload: Callable[[], Any] | None = None) -> None:
+        from accelerate.utils import DistributedType
+
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world_size = accelerator.num_processes
+        self.reload = reload
+        self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        tensor = values.to(self.accelerator.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor.cpu()
+
+    def sync_context(self, model: torch.nn.Module, *, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        # Only DDP: FSDP's no_sync would hold unsharded gradients, and DeepSpeed accumulates by itself.
+        if sync or not self.ddp:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
+    def clip_grad_norm(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       max_norm: float) -> torch.Tensor:
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        # DeepSpeed clips inside its step (gradient_clipping in its config) and may report no norm.
+        return torch.tensor(0.0) if norm is None else torch.as_tensor(norm).detach().float().cpu()
+
+    def full_policy(self, policy: Any, model: torch.nn.Module) -> Any:
+        if not self.sharded:
+            return policy if self.is_main else None
+        state = self.accelerator.get_state_dict(model)  # a collective: every rank takes part
+        if not self.is_main:
+            return None
+        if self.reload is None:
+            raise RuntimeError("sharded training needs `reload` to build the whole model for the checkpoint")
+        whole = self.reload()
+        result = whole.model.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            logger.warning("gathered state dict lacks %s (tied weights are expected here)", result.missing_keys)
+        return whole
+
+    def optimizer_to_save(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+        if self.sharded:
+            # Sharded optimizer state is not the plain torch format `training.load_optimizer` reads; the
+            # next round then starts AdamW afresh (its moments), as a warning in the round log says.
+            return None
+        return optimizer if self.is_main else None
+
+
+def make_accelerator(config: DapoConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Every parameter takes part in each forward (vision tower included): no unused-parameter search.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    return Accelerator(cpu=not uses_cuda(config), kwargs_handlers=[ddp])
+
+
+def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, log: Any, *,
+                           accelerator: Any = None) -> dict[str, Any]:
+    """One rank of the update (run under `accelerate launch`). Returns the round's update record
+    (rank 0: with eval, after writing ckpt-(k+1) and update.json; other ranks: without)."""
+    from dapo_ops import models, training
+    from dapo_ops.store import checkpoint_key
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    accelerator = accelerator or make_accelerator(config)
+    model_dir = training.resolve_model_dir(run_store, key)
+
+    def load() -> models.Policy:
+        return models.load_policy(model_dir, device=accelerator.device, torch_dtype=config.torch_dtype)
+
+    policy = load()
+    optimizer = training.load_optimizer(run_store, key, policy, config)
+    model, optimizer = accelerator.prepare(policy.model, optimizer)
+    collective = AcceleratorCollective(accelerator, reload=load)
+    if collective.is_main:
+        log(f"update on {collective.world_size} processes ({accelerator.distributed_type.value}, "
+            f"device {accelerator.device}, mixed precision {accelerator.mixed_precision})")
+        if collective.sharded:
+            log.warning("sharded optimizer state is not saved with the checkpoint; the next round restarts AdamW")
+    ref_policy = None
+    if config.beta > 0:
+        ref_policy = models.load_policy(training.resolve_model_dir(run_store, checkpoint_key(0)),
+                                        device=accelerator.device, torch_dtype=config.torch_dtype)
+    record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy,
+                                 collective=collective, model=model)
+    accelerator.wait_for_everyone()
+    return record
+
+
+class SilentLog:
+    """The round log of ranks other than 0 (only rank 0 writes terminal.log)."""
+
+    def __call__(self, message: str, level: int = logging.INFO) -> None:
+        logger.debug(message)
+
+    def warning(self, message: str) -> None:
+        logger.debug(message)
+
+    def error(self, message: str) -> None:
+        logger.debug(message)

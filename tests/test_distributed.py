@@ -1,0 +1,215 @@
+"""The policy update on several processes (accelerate, DDP over gloo on CPU) equals the in-process update.
+
+One small round is prepared once (dataset, ckpt-0000, rollouts, old log-probs, rewards); copies of it are
+updated in process and by `accelerate launch -m pipelines.pipes_update` with 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dapo_ops import distributed, models, training
+from dapo_ops.config import DapoConfig
+from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.update import rank_micro_batches
+
+KEY = checkpoint_key(0)
+NEXT = checkpoint_key(1)
+
+# 16 rollouts; 7 kept → optimizer steps of 4 and 3 rollouts, 2 micro-batches each: with 2 ranks the 3-rollout
+# step leaves rank 1 an empty piece (its zero-weight placeholder forward), and DDP's no_sync is exercised.
+CONFIG = DapoConfig(
+    run_name="dist-eq", prompts_per_round=4, num_generations=4, max_completion_length=8,
+    steps_per_generation=2, num_iterations=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+    num_train_examples=16, num_eval_examples=8, eval_subset_size=4, warmup_steps=0, num_processes=2,
+)
+KEPT = [0, 1, 2, 5, 8, 11, 14]
+
+
+def _prepare_round(root: Path) -> RunStore:
+    store = RunStore(root, CONFIG.run_name)
+    log = training.round_log(store, KEY)
+    training.prepare_dataset(CONFIG, store)
+    policy = training.build_base_checkpoint(CONFIG, store, log)["policy"]
+    training.generate_round_rollouts(CONFIG, store, KEY, policy, log)
+    training.compute_attention(CONFIG, store, KEY, policy, log)
+    training.compute_rewards(CONFIG, store, KEY, log)
+    out = store.round_dir(KEY)
+    # Advantages of both signs and old log-probs off the current ones, so that ratios clip both ways.
+    generator = torch.Generator().manual_seed(7)
+    rewards = pl.read_parquet(out / "rewards.parquet")
+    advantages = torch.randn(rewards.height, generator=generator).tolist()
+    kept = [i in KEPT for i in range(rewards.height)]
+    rewards.with_columns(pl.Series("advantage", advantages), pl.Series("kept", kept)).write_parquet(
+        out / "rewards.parquet")
+    old = torch.load(out / "old_logps.pt", weights_only=True)
+    old["per_token_logps"] = old["per_token_logps"] + 0.3 * torch.randn(
+        old["per_token_logps"].shape, generator=generator)
+    torch.save(old, out / "old_logps.pt")
+    return store
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dist") / "prepared"
+    _prepare_round(root)
+    return root
+
+
+def _copy(prepared: Path, name: str) -> RunStore:
+    root = prepared.parent / name
+    shutil.copytree(prepared, root)
+    return RunStore(root, CONFIG.run_name)
+
+
+def _update_in_process(store: RunStore) -> dict:
+    config = CONFIG.replace(num_processes=1)
+    policy = models.load_policy(training.resolve_model_dir(store, KEY))
+    optimizer = training.load_optimizer(store, KEY, policy, config)
+    return training.run_update(config, store, KEY, policy, optimizer, training.round_log(store, KEY))
+
+
+def _launch(store: RunStore, config: DapoConfig = CONFIG) -> subprocess.CompletedProcess:
+    launch = distributed.prepare_launch(config, store, KEY)
+    env = {**os.environ, **launch.env, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launch.command, cwd=launch.cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _weights(store: RunStore, key: str) -> dict[str, torch.Tensor]:
+    return load_file(str(store.checkpoint_dir(key) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def both_updates(prepared: Path) -> tuple[RunStore, RunStore]:
+    single, multi = _copy(prepared, "single"), _copy(prepared, "multi")
+    _update_in_process(single)
+    done = _launch(multi)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return single, multi
+
+
+def test_each_step_splits_its_rollouts_over_the_ranks_into_equally_many_micro_batches():
+    for size in range(1, 12):
+        chunk = torch.arange(size)
+        for world in (1, 2, 3):
+            for accumulation in (1, 2, 4):
+                per_rank = [rank_micro_batches(chunk, accumulation, world_size=world, rank=r) for r in range(world)]
+                assert len({len(pieces) for pieces in per_rank}) == 1
+                assert torch.cat([p for pieces in per_rank for p in pieces]).tolist() == list(range(size))
+        # One process: the plain split into min(accumulation, size) non-empty micro-batches.
+        assert [len(p) for p in rank_micro_batches(chunk, 4)] == [len(p) for p in torch.tensor_split(chunk, min(4, size))]
+
+
+def test_launch_command_uses_this_python_and_a_ready_accelerate_config(tmp_path: Path):
+    store = RunStore(tmp_path, "r")
+    launch = distributed.prepare_launch(CONFIG.replace(device="cpu"), store, KEY)
+    assert launch.command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert launch.command[launch.command.index("--num_processes") + 1] == "2"
+    assert launch.accelerate_config.name == "cpu_ddp.yaml"
+    assert launch.env["ACCELERATE_USE_CPU"] == "true"
+    written = json.loads((store.round_dir(KEY) / distributed.UPDATE_CONFIG_FILE).read_text())
+    assert DapoConfig.from_dict(written) == CONFIG.replace(device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(distributed.ACCELERATE_CONFIGS))
+def test_every_ready_accelerate_config_loads(name: str):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = distributed.accelerate_config_path(CONFIG, name)
+    assert load_config_from_file(str(path)).compute_environment.value == "LOCAL_MACHINE"
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_loss_and_statistics_per_step(both_updates):
+    single, multi = (json.loads((s.round_dir(KEY) / "update.json").read_text()) for s in both_updates)
+    assert multi["num_processes"] == 2 and single["num_processes"] == 1
+    assert len(single["steps"]) == len(multi["steps"]) == 4
+    for one, two in zip(single["steps"], multi["steps"], strict=True):
+        assert one.keys() == two.keys()
+        for name in one:
+            assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), name
+    assert any(abs(s["loss"]) > 1e-3 for s in single["steps"])
+    assert any(s["clip_ratio/region_mean"] > 0 for s in single["steps"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_updated_weights(both_updates):
+    single, multi = both_updates
+    before, one, two = _weights(single, KEY), _weights(single, NEXT), _weights(multi, NEXT)
+    assert one.keys() == two.keys()
+    moved = max(float((one[k] - before[k]).abs().max()) for k in one)
+    assert moved > 1e-4  # the update did change the weights
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
+    optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)
+    assert optimizer["state"] and len(optimizer["param_groups"][0]["params"]) == len(
+        torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)["param_groups"][0]["params"])
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_every_process_and_writes_nothing(prepared: Path):
+    store = _copy(prepared, "nan")
+    path = store.round_dir(KEY) / "rewards.parquet"
+    rewards = pl.read_parquet(path)
+    rewards.with_columns(pl.lit(float("nan")).alias("advantage")).write_parquet(path)
+    done = _launch(store)
+    assert done.returncode != 0
+    failure = distributed.read_failure(store, KEY)
+    assert failure is not None and failure["kind"] == distributed.NON_FINITE, done.stderr[-3000:]
+    assert "non-finite loss" in failure["message"]
+    assert not store.checkpoint_dir(NEXT).exists()
+    assert not (store.round_dir(KEY) / "update.json").exists()
+
+
+@pytest.mark.slow
+def test_make_run_with_two_processes_updates_through_dagster_pipes(tmp_path: Path):
+    """`NUM_PROCESSES=2 make run ROUNDS=1` on a CI-sized run: the Dagster asset launches the update with
+    accelerate through Pipes, the child reports back, MLflow records the param num_processes."""
+    import dagster as dg
+    from mlflow.tracking import MlflowClient
+
+    overrides = {"prompts_per_round": 8, "num_generations": 4, "max_completion_length": 16,
+                 "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
+                 "num_eval_examples": 24, "eval_subset_size": 16, "warmup_steps": 0}  # conftest's SMALL_RUN, cold
+    args = [f"--set={name}={value}" for name, value in overrides.items()]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "DAPO_VLM_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--rounds", "1", "--num-processes", "2",
+                           "--run-name", "dist-run", "--quiet", *args], cwd=distributed.REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    store = RunStore(tmp_path, "dist-run")
+    assert store.complete_checkpoints() == [KEY, NEXT]
+    assert json.loads((store.round_dir(KEY) / "update.json").read_text())["num_processes"] == 2
+    assert "update on 2 processes" in (store.round_dir(KEY) / "terminal.log").read_text()
+    instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster"))
+    event = instance.get_latest_materialization_event(dg.AssetKey("policy_update"))
+    metadata = event.asset_materialization.metadata
+    assert metadata["num_processes"].value == 2 and metadata["next_checkpoint"].value == NEXT
+    assert "update_seconds" in metadata  # reported by the child through Pipes
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dapo-vlm").experiment_id])
+    assert [run.data.params["num_processes"] for run in runs] == ["2"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the smoke script measures instead")
+def test_gpu_smoke_script_says_no_gpu_is_present_and_exits_0_or_3_when_a_gpu_is_required():
+    script = distributed.REPO_ROOT / "scripts" / "gpu_smoke.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    skipped = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.startswith("SKIPPED: no GPU present")
+    required = subprocess.run([str(script)], env={**env, "REQUIRE_GPU": "1"}, capture_output=True, text=True,
+                              timeout=120)
+    assert required.returncode == 3 and "SKIPPED: no GPU present" in required.stdout
