@@ -43,13 +43,13 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check dapo_ops pipelines tests benchmarks
 
+# Dagster needs an absolute DAGSTER_HOME; `make run` records its runs there (<data root>/dagster).
 ui: install
-	@mkdir -p $(DAGSTER_HOME)
-	$(BIN)/python -m pipelines.cli prepare-instance
-	$(BIN)/dagster dev -w workspace.yaml $(if $(PORT),-p $(PORT))
+	DAGSTER_HOME=$(abspath $(DAGSTER_HOME)) $(BIN)/python -m pipelines.cli prepare-instance
+	DAGSTER_HOME=$(abspath $(DAGSTER_HOME)) $(BIN)/dagster dev -w workspace.yaml -p $(or $(PORT),3000)
 
 mlflow-ui: install
-	$(BIN)/python -m pipelines.cli mlflow-ui $(if $(PORT),--port $(PORT))
+	$(BIN)/python -m pipelines.cli mlflow-ui --port $(or $(PORT),5000)
 
 reanalyze: install
 	@test -n "$(CHECKPOINT)" || { echo "usage: make reanalyze CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MDI_TOLERANCE=...]"; exit 2; }

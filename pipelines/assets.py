@@ -435,6 +435,10 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
     if not sent:
         log.warning(f"MLflow at {mlflow.uri(store.root)} is unreachable: round {key} is journaled and will be sent "
                     f"later (make sync-mlflow)")
+        # The report says so too; the journal sends the file as it is at sending time.
+        terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
+                                               health=findings)
+        write_text_atomic(terminal_path, terminal)
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
             "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",

@@ -1,0 +1,366 @@
+"""The Dagster and MLflow UIs in a real browser (headless Debian Chromium via Playwright), started with
+`make ui` and `make mlflow-ui` on the 2-round data root of `trained_run`: what a person looks for.
+
+Screenshots go to tests/screenshots/; DAPO_VLM_UPDATE_DOCS=1 also copies the README's two to docs/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from ui_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    UiProcess,
+    ensure_chromium,
+    free_port,
+    http_ok,
+    loaded_code_location,
+    make_command,
+    mlflow_ids,
+)
+
+pytestmark = pytest.mark.browser
+
+# Playwright drives the system Chromium; its own browser download must never run.
+os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
+
+SCREENSHOTS = REPO / "tests" / "screenshots"
+DOCS = REPO / "docs"
+README_SHOTS = {"dagster_asset_graph.png", "dagster_attention_report.png"}
+ASSETS = ("dataset", "base_checkpoint", "rollouts", "attention_metrics", "rewards", "policy_update",
+          "attention_report", "training_report")
+UI_TIMEOUT_MS = 30_000
+SERVER_START_S = 180
+RUN_TIMEOUT_MS = 300_000
+
+
+@dataclass
+class Uis:
+    dagster: str
+    mlflow: str
+    location: str  # the Dagster code location's name
+    run_name: str  # the training run in both UIs
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when missing: a failure fails CI and skips elsewhere."""
+    problem = ensure_chromium()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Chromium for the browser tests: {problem}")
+        pytest.skip(f"no Chromium for the browser tests: {problem}")
+    return str(CHROMIUM)
+
+
+@pytest.fixture(scope="module")
+def uis(chromium: str, trained_run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uis]:
+    """`make ui` and `make mlflow-ui` with only DAPO_VLM_HOME set, as after `make run`: both must find the
+    data root's Dagster instance and MLflow store by themselves."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+    env.update(DAPO_VLM_HOME=str(trained_run.root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    logs = tmp_path_factory.mktemp("ui_logs")
+    dagster_port, mlflow_port = free_port(), free_port()
+    dagster_base, mlflow_base = f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}"
+    started: list[UiProcess] = []
+    try:
+        dagster = UiProcess("make ui", make_command("ui", dagster_port), env, logs / "dagster.log", dagster_base)
+        started.append(dagster)
+        mlflow = UiProcess("make mlflow-ui", make_command("mlflow-ui", mlflow_port), env, logs / "mlflow.log",
+                           mlflow_base)
+        started.append(mlflow)
+        location: list[str] = []
+
+        def dagster_ready() -> bool:
+            name = http_ok(f"{dagster_base}/server_info") and loaded_code_location(dagster_base)
+            if name:
+                location.append(name)
+            return bool(name)
+
+        dagster.wait_until(dagster_ready, SERVER_START_S, "loaded code location")
+        mlflow.wait_until(lambda: http_ok(f"{mlflow_base}/health") and bool(
+            mlflow_ids(mlflow_base, "dapo-vlm", trained_run.run_name)), SERVER_START_S, "run in the MLflow API")
+        yield Uis(dagster=dagster_base, mlflow=mlflow_base, location=location[0], run_name=trained_run.run_name)
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str):
+    from playwright.sync_api import sync_playwright
+
+    for stale in SCREENSHOTS.glob("FAILED-*.png"):
+        stale.unlink()
+    with sync_playwright() as playwright:
+        # launch() gives every browser a fresh temporary user-data-dir.
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, request: pytest.FixtureRequest):
+    """A fresh browser context per test (its own storage); on failure its screenshot is kept."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    # Dagster's "Join the community" dialog covers the page on localhost; a person clicks Skip, which
+    # stores exactly this flag.
+    context.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    page = context.new_page()
+    failed_before = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failed_before:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^\w.-]+", "_", request.node.name)
+        page.screenshot(path=str(SCREENSHOTS / f"FAILED-{name}.png"))
+    context.close()
+
+
+def save(page_or_locator, name: str, **kwargs) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page_or_locator.screenshot(path=str(path), **kwargs)
+    if name in README_SHOTS and os.environ.get("DAPO_VLM_UPDATE_DOCS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(path, DOCS / name)
+    return path
+
+
+def show_markdown(page, base: str, asset: str, partition: str, entry: str):
+    """Open `asset`'s newest materialization of `partition` and the markdown of metadata `entry`; returns
+    the dialog."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{base}/assets/{asset}?view=events")
+    page.get_by_text(partition, exact=True).first.click()
+    expect(page.get_by_text(f"Partition {partition} materialized")).to_be_visible()
+    row = page.get_by_role("row").filter(has=page.get_by_text(entry, exact=True))
+    row.get_by_text("[Show Markdown]").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    return dialog
+
+
+def choose_partition(page, dialog, key: str) -> None:
+    """Type the key into the launchpad's partition box and pick it from the suggestions. The launchpad may
+    still be settling (it re-renders when its session loads): try again while the choice does not stick."""
+    from playwright.sync_api import Error, expect
+
+    for attempt in range(3):
+        try:
+            box = dialog.get_by_placeholder("Partition")
+            box.click()
+            box.fill(key)
+            page.get_by_role("menuitem", name=key).click(timeout=10_000)
+            expect(dialog.get_by_text(f"partition: {key}")).to_be_visible(timeout=10_000)
+            return
+        except (AssertionError, Error):
+            if attempt == 2:
+                raise
+
+
+# ----------------------------------------------------------------------------------------------- Dagster
+
+
+def test_asset_graph_shows_the_eight_assets_with_partitions_and_checks(uis, page):
+    from playwright.sync_api import expect
+
+    # Wide enough that the graph draws full asset cards (status, partitions, checks), not just names.
+    page.set_viewport_size({"width": 1920, "height": 900})
+    page.goto(f"{uis.dagster}/locations/{uis.location}/asset-groups/dapo/lineage")
+    page.get_by_text("Hide navigation").click()
+    for asset in ASSETS:
+        expect(page.get_by_text(asset, exact=True).first).to_be_visible()
+    # Two of the three checkpoint partitions have a round; ckpt-0002 is the next round's input.
+    expect(page.get_by_text("66% filled").first).to_be_visible()
+    # The check summaries of rewards (4 checks) and policy_update (2 checks).
+    expect(page.get_by_text(re.compile(r"^\d / 4 Passed$"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^\d / 2 Passed$"))).to_be_visible()
+    # The README picture: the graph's band, without the page chrome or the zoom buttons at the right edge.
+    titles = {asset: page.get_by_text(asset, exact=True).first.bounding_box() for asset in ASSETS}
+    column = titles["base_checkpoint"]["x"] - titles["dataset"]["x"]  # card width + gap, one per layer
+    left, top = max(0, titles["dataset"]["x"] - 40), max(0, min(b["y"] for b in titles.values()) - 40)
+    right = min(1920 - 56, titles["training_report"]["x"] + column)
+    bottom = min(900, max(b["y"] for b in titles.values()) + 150)
+    save(page, "dagster_asset_graph.png", clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+
+
+@pytest.mark.parametrize(("asset", "upstream", "downstream"), [
+    ("rollouts", "base_checkpoint", "attention_metrics"),
+    ("rewards", "attention_metrics", "policy_update"),
+    ("training_report", "attention_report", None),
+])
+def test_asset_page_shows_its_upstream_and_downstream_assets(uis, page, asset, upstream, downstream):
+    from playwright.sync_api import expect
+
+    page.goto(f"{uis.dagster}/assets/{asset}")
+    expect(page.get_by_role("link", name=re.compile(rf"\b{upstream}\b")).first).to_be_visible()
+    text = page.locator("body").inner_text()
+    sections = dict(re.findall(r"(Upstream|Downstream) assets\n(.*?)\n(?=Downstream assets|Definition)", text,
+                               flags=re.DOTALL))
+    assert upstream in sections.get("Upstream", "").split(), text
+    if downstream:
+        assert downstream in sections.get("Downstream", "").split(), text
+
+
+def test_checkpoints_partitions_show_their_materialization_status(uis, page):
+    from playwright.sync_api import expect
+
+    page.goto(f"{uis.dagster}/assets/rollouts?view=partitions")
+    for key in ("ckpt-0000", "ckpt-0001", "ckpt-0002"):
+        expect(page.get_by_text(key, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Materialized (2)")).to_be_visible()
+    expect(page.get_by_text("Missing (1)")).to_be_visible()
+    page.get_by_text("ckpt-0001", exact=True).first.click()
+    # SMALL_RUN: 8 prompts x 4 generations.
+    expect(page.get_by_role("row").filter(has=page.get_by_text("num_rollouts", exact=True))).to_contain_text("32")
+    save(page, "dagster_rollouts_partitions.png")
+
+
+def test_attention_report_renders_as_markdown_with_tables_and_chart(uis, page):
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": 1280, "height": 1400})  # room for the tables and the chart
+    dialog = show_markdown(page, uis.dagster, "attention_report", "ckpt-0001", "report")
+    expect(dialog.get_by_role("heading", name="Attention diagnostics")).to_be_visible()
+    stages = dialog.get_by_role("table").filter(has=page.get_by_role("cell", name="MDI Mean"))
+    expect(stages.get_by_role("columnheader")).to_have_text(["Metric", "Early", "Middle", "Late", "All"])
+    number = re.compile(r"^\d+\.\d{3}$")
+    expect(stages.get_by_role("row").filter(has=page.get_by_text("MDI Mean")).get_by_role("cell")).to_have_text(
+        ["MDI Mean", number, number, number, number])
+    chart = dialog.get_by_role("img", name="Attention balance per stage")
+    expect(chart).to_be_visible()
+    assert chart.evaluate("img => img.complete && img.naturalWidth > 0"), "the chart did not load"
+    box, chart_box = dialog.bounding_box(), chart.bounding_box()
+    bottom = min(box["y"] + box["height"], chart_box["y"] + chart_box["height"] + 24)
+    save(page, "dagster_attention_report.png",
+         clip={"x": box["x"], "y": box["y"], "width": box["width"], "height": bottom - box["y"]})
+
+
+@pytest.mark.parametrize(("entry", "heading", "text"), [
+    ("rollout_results", "Rollout results", "Accuracy Mean"),
+    ("run_terminal", "Run terminal", "attention/all/mdi"),
+])
+def test_training_report_renders_the_other_two_reports(uis, page, entry, heading, text):
+    from playwright.sync_api import expect
+
+    dialog = show_markdown(page, uis.dagster, "training_report", "ckpt-0001", entry)
+    expect(dialog.get_by_role("heading", name=heading)).to_be_visible()
+    expect(dialog.get_by_text(text).first).to_be_visible()
+    save(page, f"dagster_{entry}.png")
+
+
+@pytest.mark.parametrize(("asset", "checks"), [
+    ("rewards", ("attention_reward_no_variance", "clipped_completions", "format_collapse",
+                 "zero_variance_groups")),
+    ("policy_update", ("entropy_collapse", "non_finite")),
+])
+def test_health_checks_show_their_results(uis, page, asset, checks):
+    from playwright.sync_api import expect
+
+    page.goto(f"{uis.dagster}/assets/{asset}?view=checks")
+    expect(page.get_by_text(f"Checks ({len(checks)})")).to_be_visible()
+    for check in checks:
+        expect(page.get_by_text(check, exact=True).first).to_be_visible()
+    # The selected check: its pass/fail on the latest round and the finding behind it.
+    expect(page.get_by_text("Evaluation result")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^(Passed|Failed)$")).first).to_be_visible()
+    expect(page.get_by_text("finding", exact=True)).to_be_visible()
+    expect(page.get_by_text("remedy", exact=True)).to_be_visible()
+    save(page, f"dagster_{asset}_checks.png")
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+
+
+def open_training_run(page, uis: Uis) -> None:
+    """Home → Model training → experiment dapo-vlm → the training run, as a person clicks through."""
+    from playwright.sync_api import expect
+
+    page.goto(uis.mlflow)
+    page.get_by_text("Model training", exact=True).click()
+    page.get_by_role("link", name="dapo-vlm", exact=True).first.click()
+    page.get_by_role("link", name=uis.run_name, exact=True).click()
+    expect(page.get_by_role("heading", name=uis.run_name)).to_be_visible()
+    close = page.get_by_role("button", name="Close")
+    if close.count() == 1:  # the assistant side panel, only in the way of the screenshots
+        close.click()
+
+
+def test_mlflow_run_charts_attention_mdi(uis, page):
+    from playwright.sync_api import expect
+
+    open_training_run(page, uis)
+    page.get_by_text("Model metrics", exact=True).click()
+    page.get_by_placeholder("Search metric charts").fill("attention/all/mdi")
+    expect(page.get_by_text(f"{uis.run_name} (attention/all/mdi)", exact=True).first).to_be_visible()
+    save(page, "mlflow_attention_mdi.png")
+
+
+def test_mlflow_run_has_the_reports_as_artifacts(uis, page):
+    from playwright.sync_api import expect
+
+    open_training_run(page, uis)
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("reports", exact=True).click()
+    page.get_by_text("ckpt-0001", exact=True).click()
+    for name in ("attention_diagnostics.md", "rollout_results.md", "run_terminal.md", "learning_curves.png",
+                 "attention_balance.png"):
+        expect(page.get_by_text(name, exact=True)).to_be_visible()
+    page.get_by_text("attention_diagnostics.md", exact=True).click()
+    expect(page.get_by_text("reports/ckpt-0001/attention_diagnostics.md", exact=True)).to_be_visible()
+    expect(page.get_by_role("heading", name="Attention diagnostics")).to_be_visible()
+    expect(page.get_by_role("cell", name="MDI Mean")).to_be_visible()
+    save(page, "mlflow_report_artifacts.png")
+
+
+def test_reanalysis_launched_from_the_launchpad_rewrites_the_report(uis, page):
+    """Jobs → reanalysis → Open launchpad, partition ckpt-0000, config with another MDI tolerance →
+    Materialize; the run succeeds and the report shows the new tolerance. (Runs last: it adds a
+    materialization.)"""
+    from playwright.sync_api import expect
+
+    page.goto(f"{uis.dagster}/jobs")
+    page.get_by_role("link", name="reanalysis").click()
+    page.get_by_role("button", name="arrow_drop_down").click()
+    page.get_by_text("Open launchpad").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Launchpad (configure assets)")).to_be_visible()
+    expect(dialog.get_by_text("mdi_tolerance").first).to_be_visible()  # the scaffolded config has loaded
+    choose_partition(page, dialog, "ckpt-0000")
+    # Choosing the partition reloads the scaffolded config; then replace it, as a person pasting YAML.
+    dialog.get_by_text("mdi_tolerance").first.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.press("Delete")
+    config = f"{{run_name: {uis.run_name}, reanalysis: true, mdi_tolerance: 3.5}}"
+    page.keyboard.insert_text(f"ops:\n  attention_metrics:\n    config: {config}\n"
+                              f"  attention_report:\n    config: {config}\n")
+    expect(dialog.get_by_text("reanalysis: true, mdi_tolerance: 3.5")).to_have_count(2)  # both assets' config
+    expect(dialog.get_by_text("beta")).to_have_count(0)  # nothing left of the scaffold
+    expect(dialog.get_by_text("No errors")).to_be_visible()
+    save(page, "dagster_launchpad_reanalysis.png")
+    dialog.get_by_role("button", name="Materialize").click()
+
+    expect(page).to_have_url(re.compile(r"/runs/[0-9a-f-]{36}"))
+    status = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
+    expect(status).to_be_visible(timeout=RUN_TIMEOUT_MS)
+    save(page, "dagster_reanalysis_run.png")
+    assert status.inner_text() == "Success", page.locator("body").inner_text()[-3000:]
+
+    dialog = show_markdown(page, uis.dagster, "attention_report", "ckpt-0000", "report")
+    expect(dialog.get_by_text("MDI tolerance R = 3.5")).to_be_visible()
