@@ -74,7 +74,7 @@ class DapoConfig:
     num_train_examples: int = 2048
     num_eval_examples: int = 256
     eval_subset_size: int = 128
-    warmup_steps: int = 60
+    warmup_steps: int = 45
     warmup_learning_rate: float = 3e-3
 
     # Scale-out.
