@@ -29,8 +29,10 @@ TRACE_ENV = "DAPO_VLM_FAULT_TRACE"
 # Every named point, in the order a round reaches them (the tests pick kill points from this list).
 POINTS: tuple[str, ...] = (
     "run_start",              # the run lock is held, before any work
+    "before_setup",           # the setup's Dagster run (dataset, ckpt-0000) is about to start
     "after_dataset",          # data/{train,eval,quarantine}.parquet written
     "after_base_checkpoint",  # ckpt-0000 complete, before its evaluation reaches MLflow
+    "before_round",           # a round's Dagster run is about to start
     "before_rollouts",        # a round starts sampling
     "after_rollouts",         # rollouts written, before the teacher-forced pass
     "after_attention",        # old log-probs and attention written, before rewards

@@ -20,9 +20,14 @@ from typing import Any
 
 import polars as pl
 
+from dapo_ops import faults
+
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{4,})$")
 COMPLETE_MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
+# Leftovers of interrupted writes: ours (`.tmp-*`), `models.save_policy`'s (`.<name>.tmp-*`, `.<name>.old-*`)
+# and the MLflow journal's (`.<name>.<pid>.tmp`). Nothing else in a run folder starts with a dot but `.lock`.
+TEMPORARY_RE = re.compile(r"^(\.tmp-.*|\..+\.(tmp|old)-.*|\..+\.tmp)$")
 
 
 def _umask() -> int:
@@ -66,6 +71,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("mid_file_write")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -101,6 +107,7 @@ def write_parquet_atomic(path: Path, frame: pl.DataFrame) -> Path:
         frame.write_parquet(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        faults.point("mid_file_write")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -144,6 +151,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         yield tmp
         (tmp / COMPLETE_MARKER).write_text("ok\n")
         fsync_tree(tmp)
+        # Complete but still under its temporary name: a crash here must leave nothing readable.
+        faults.point("mid_checkpoint_write")
         if final.exists():
             # Move the old copy aside first: rename over a non-empty directory is not allowed.
             trash = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
@@ -197,6 +206,11 @@ class RunStore:
     def config_path(self) -> Path:
         return self.run_dir / "config.json"
 
+    @property
+    def setup_marker(self) -> Path:
+        """Written once the setup (dataset, ckpt-0000, its evaluation journaled for MLflow) has finished."""
+        return self.run_dir / "SETUP_DONE"
+
     def is_complete_checkpoint(self, key: str) -> bool:
         return (self.checkpoint_dir(key) / COMPLETE_MARKER).exists()
 
@@ -226,7 +240,8 @@ class RunStore:
         removed: list[Path] = []
         if not self.run_dir.exists():
             return removed
-        for path in sorted(self.run_dir.rglob(TMP_PREFIX + "*"), key=lambda p: len(p.parts), reverse=True):
+        found = [p for p in self.run_dir.rglob(".*") if TEMPORARY_RE.match(p.name)]
+        for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
             if not path.exists():
                 continue
             if path.is_dir():

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dapo_ops import faults
+
 DEFAULT_EXPERIMENT = "dapo-vlm"
 JOURNAL_VERSION = 1
 
@@ -507,8 +509,21 @@ class Tracker:
             parts = urlsplit(self.tracking_uri)
             if parts.scheme == "sqlite" and parts.path.startswith("//"):
                 # sqlite:////abs/path: SQLite does not create the folder of its database file.
-                Path(parts.path[1:]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                database = Path(parts.path[1:])
+                database.parent.mkdir(parents=True, exist_ok=True)
+                # Processes opening a new store at once race through MLflow's schema migrations ("table
+                # ... already exists"): each process's first access, which creates the tables, goes in turn.
+                fd = os.open(database.with_name(database.name + ".init-lock"), os.O_CREAT | os.O_RDWR, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    client = MlflowClient(tracking_uri=self.tracking_uri)
+                    client.search_experiments(max_results=1)
+                    client.search_registered_models(max_results=1)
+                finally:
+                    os.close(fd)
+            else:
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = client
         return self._client
 
     def _experiment(self) -> str:
@@ -665,7 +680,9 @@ class Tracker:
             run_id = self._resolve_run(create=True)
             todo = self._pending_for(run_id)
             for entry in todo:
+                faults.point("before_mlflow_send")
                 self._send(run_id, entry)
+                faults.point("after_mlflow_send")
                 _append_jsonl(
                     self.sent_path,
                     {

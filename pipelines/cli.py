@@ -22,6 +22,8 @@ telemetry:
 """
 
 ROUND_DONE = "DONE"
+# Tags the Dagster runs `make run` starts with its pid, so a resumed run can tell its own from orphans.
+CLI_PID_TAG = "dapo/cli_pid"
 DEFAULT_ROUNDS = DapoConfig().max_rounds
 
 
@@ -32,8 +34,26 @@ def prepare_instance(root: Path | None = None) -> Path:
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+        from dapo_ops.store import write_text_atomic
+
+        write_text_atomic(home / "dagster.yaml", DAGSTER_YAML)  # never a torn file after a crash
     return home
+
+
+def open_instance(home: Path):
+    """The Dagster instance at `home`. Two `make run`s starting on a new DAGSTER_HOME would race through
+    the creation of its SQLite tables, so the first touch of each storage happens under a file lock."""
+    import fcntl
+
+    import dagster as dg
+
+    with open(home / ".instance-lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)
+        instance.get_dynamic_partitions("checkpoints")
+        instance.schedule_storage  # noqa: B018 - creates schedules.db
+    return instance
 
 
 def _quiet_run_config(run_config):
@@ -69,10 +89,17 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
         for event in result.all_events:
             if event.is_failure and event.event_specific_data is not None:
                 error = getattr(event.event_specific_data, "error", None)
-                if error is not None:
-                    messages.append(f"{event.step_key}: {error.message.strip()}")
+                if error is not None and event.step_key is not None:
+                    messages.append(f"{event.step_key}: {_root_cause(error)}")
         raise RuntimeError("Dagster run failed:\n" + "\n".join(messages or ["(see the Dagster UI)"]))
     return result
+
+
+def _root_cause(error) -> str:
+    """The innermost error of a Dagster step failure (the user's exception, not Dagster's wrapper)."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def _progress(message: str) -> None:
@@ -82,51 +109,21 @@ def _progress(message: str) -> None:
 def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress,
                  live: bool = False) -> dict:
     """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist.
-    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too."""
-    import dagster as dg
+    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too.
 
-    from dapo_ops import training
-
-    from dapo_ops import store as store_io
-    from dapo_ops.store import RunStore, checkpoint_key
-    from dapo_ops.tracking import default_tracking_uri
-    from pipelines.config import ROUND_ASSETS, SETUP_ASSETS, TrainingConfig
+    Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
+    rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
+    from dapo_ops import faults
+    from dapo_ops.store import RunStore
 
     root = root or data_root()
-    home = prepare_instance(root)
-    instance = dg.DagsterInstance.get()
     store = RunStore(root, config.run_name)
-    tconfig = TrainingConfig.from_dapo(config.replace(max_rounds=rounds))
     started = time.perf_counter()
-    if live:
-        training.set_console_echo(lambda line: echo(f"    {line}"))
+    # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
-        removed = store.remove_temporaries()
-        if removed:
-            echo(f"removed {len(removed)} leftover temporary file(s) of an interrupted write")
-        if not store.is_complete_checkpoint(checkpoint_key(0)):
-            echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
-            materialize(SETUP_ASSETS, tconfig, instance=instance)
-        instance.add_dynamic_partitions("checkpoints", store.complete_checkpoints())
-        for k in range(rounds):
-            key = checkpoint_key(k)
-            if (store.round_dir(key) / ROUND_DONE).exists():
-                continue
-            selection = ROUND_ASSETS
-            if store.is_complete_checkpoint(checkpoint_key(k + 1)):
-                # The update finished before an interruption: only the reports and MLflow are missing.
-                selection = ("attention_report", "training_report")
-            round_start = time.perf_counter()
-            echo(f"[round {k + 1}/{rounds}] {key}: {', '.join(selection)}")
-            materialize(selection, tconfig, partition_key=key, instance=instance,
-                        tags={"dapo/run_name": config.run_name})
-            metrics = store_io.read_json(store.round_dir(key) / "metrics.json")
-            echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
-                 f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
-                 f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
-                 f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
-                 f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+        faults.point("run_start")
+        home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _default_tracking_uri(root)
     summary = {
         "run_name": config.run_name,
         "checkpoints": str(store.checkpoints_dir),
@@ -141,6 +138,95 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     echo(f"  MLflow:      {tracking_uri} (experiment 'dapo-vlm', run '{config.run_name}'; `make mlflow-ui`)")
     echo(f"  Dagster:     DAGSTER_HOME={home} (`make ui`)")
     return summary
+
+
+def _default_tracking_uri(root: Path) -> str:
+    from dapo_ops.tracking import default_tracking_uri
+
+    return default_tracking_uri(root)
+
+
+def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
+    """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
+    from dapo_ops import faults, training
+    from dapo_ops import store as store_io
+    from dapo_ops.store import checkpoint_key
+    from pipelines.assets import add_checkpoint_partitions
+    from pipelines.config import ROUND_ASSETS, SETUP_ASSETS, TrainingConfig
+
+    home = prepare_instance(store.root)
+    instance = open_instance(home)
+    tconfig = TrainingConfig.from_dapo(config.replace(max_rounds=rounds))
+    tags = {"dapo/run_name": config.run_name, CLI_PID_TAG: str(os.getpid())}
+    if live:
+        training.set_console_echo(lambda line: echo(f"    {line}"))
+    removed = store.remove_temporaries()
+    if removed:
+        echo(f"removed {len(removed)} leftover temporary file(s) of an interrupted write")
+    _fail_orphaned_runs(instance, config.run_name, echo)
+    if not (store.is_complete_checkpoint(checkpoint_key(0)) and store.setup_marker.exists()):
+        echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
+        faults.point("before_setup")
+        materialize(SETUP_ASSETS, tconfig, instance=instance, tags=tags)
+    add_checkpoint_partitions(instance, store.complete_checkpoints())
+    for k in range(rounds):
+        key = checkpoint_key(k)
+        round_dir = store.round_dir(key)
+        if (round_dir / ROUND_DONE).exists():
+            continue
+        selection = ROUND_ASSETS
+        # update.json is written right after ckpt-(k+1): with both, only the reports and MLflow are missing;
+        # otherwise the round runs again from ckpt-k (rounds are deterministic: the same result).
+        if store.is_complete_checkpoint(checkpoint_key(k + 1)) and (round_dir / "update.json").exists():
+            selection = ("attention_report", "training_report")
+        if round_dir.exists() and any(p.name != "terminal.log" for p in round_dir.iterdir()):
+            training.round_log(store, key)(f"resuming {key} after an interruption: {', '.join(selection)}")
+        round_start = time.perf_counter()
+        echo(f"[round {k + 1}/{rounds}] {key}: {', '.join(selection)}")
+        faults.point("before_round")
+        materialize(selection, tconfig, partition_key=key, instance=instance, tags=tags)
+        metrics = store_io.read_json(round_dir / "metrics.json")
+        echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
+             f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
+             f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
+             f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
+             f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
+    _send_pending(store, echo)
+    return home
+
+
+def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
+    """Mark this run's Dagster runs that a killed `make run` left STARTED as failed (we hold the run lock,
+    so no live CLI process owns them); the UI then shows the interruption instead of a run that never ends."""
+    import dagster as dg
+
+    stuck = instance.get_runs(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED],
+        tags={"dapo/run_name": run_name}))
+    for run in stuck:
+        if run.tags.get(CLI_PID_TAG) not in (None, str(os.getpid())):
+            instance.report_run_failed(run, message=f"interrupted: the `make run` process (pid "
+                                                    f"{run.tags[CLI_PID_TAG]}) ended without finishing it; resumed")
+            echo(f"marked Dagster run {run.run_id[:8]} of an interrupted `make run` as failed")
+
+
+def _send_pending(store, echo) -> None:
+    """A last attempt for rounds journaled while MLflow was unreachable; say so if some stay pending."""
+    import warnings
+
+    from dapo_ops.tracking import Tracker, redact_uri, resolve_tracking_uri
+
+    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
+                      data_root=store.root)
+    if not tracker.journal_path.exists() or not tracker.pending():
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker.sync()
+    left = tracker.pending()
+    if left:
+        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: {len(left)} round(s) wait in "
+             f"{tracker.journal_path}; the next round or `make sync-mlflow` sends them, each metric once.")
 
 
 def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
