@@ -21,7 +21,7 @@ RUN_ARGS := $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATAS
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
-.PHONY: install run test test-fast lint ui mlflow-ui reanalyze sync-mlflow bench clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze sync-mlflow bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-faults: install
+	DAPO_VLM_FULL_FAULTS=1 $(BIN)/python -m pytest tests/test_reliability.py -k many_kills -s $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
