@@ -98,23 +98,11 @@ def _json_default(value: Any) -> Any:
 
 
 def write_parquet_atomic(path: Path, frame: pl.DataFrame) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    try:
-        frame.write_parquet(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        faults.point("mid_file_write")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    import io
+
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_torch_atomic(path: Path, obj: Any) -> Path:
