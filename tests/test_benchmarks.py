@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import attention, round_vs_trl, run_all
+# `benchmarks/` sits beside the installed packages, not inside them: make it importable under plain `pytest` too.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import attention, round_vs_trl, run_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
