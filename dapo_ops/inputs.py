@@ -111,6 +111,19 @@ def select_pixel_values(
     return pixel_values[rows.to(pixel_values.device)]
 
 
+def vl_model_inputs(batch: Any) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a Qwen2.5-VL forward from any batch with these attributes. Passing
+    `mm_token_type_ids` matters: without it Qwen2.5-VL falls back to 1D positions that ignore the left
+    padding and the image grid."""
+    return {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "pixel_values": batch.pixel_values,
+        "image_grid_thw": batch.image_grid_thw,
+        "mm_token_type_ids": batch.mm_token_type_ids,
+    }
+
+
 @dataclass
 class PromptBatch:
     """Left-padded prompts with one image each, ready for Qwen2.5-VL (`model(**batch.model_inputs())`)."""
@@ -133,13 +146,7 @@ class PromptBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for a Qwen2.5-VL forward (mRoPE positions honour the left padding)."""
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "pixel_values": self.pixel_values,
-            "image_grid_thw": self.image_grid_thw,
-            "mm_token_type_ids": self.mm_token_type_ids,
-        }
+        return vl_model_inputs(self)
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> PromptBatch:
         """Rows `indices` (pixel values sliced per image)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dapo_ops.inputs import PromptBatch, select_pixel_values
+from dapo_ops.inputs import PromptBatch, select_pixel_values, vl_model_inputs
 from dapo_ops.models import Policy
 
 _TENSOR_FIELDS = (
@@ -98,13 +98,7 @@ class RolloutBatch:
         Passing `mm_token_type_ids` matters: without it Qwen2.5-VL falls back to 1D positions that
         ignore the left padding and the image grid, i.e. not the positions the rollout was sampled with.
         """
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "pixel_values": self.pixel_values,
-            "image_grid_thw": self.image_grid_thw,
-            "mm_token_type_ids": self.mm_token_type_ids,
-        }
+        return vl_model_inputs(self)
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RolloutBatch:
         """Rows `indices`, in that order (pixel values sliced per row by its image grid)."""
