@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dapo_ops.inputs import forward_position_ids, uses_rope_index
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
 STAGES: tuple[str, ...] = ("early", "middle", "late", "all")
@@ -492,16 +493,27 @@ def _unwrap(model_or_policy: Any) -> torch.nn.Module:
     return model_or_policy.model
 
 
-def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.device) -> dict[str, Any]:
-    input_ids = batch.input_ids.to(device)
-    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": batch.attention_mask.to(device)}
+def _legacy_model_inputs(model: torch.nn.Module, batch: Any) -> dict[str, Any]:
+    """Qwen inputs from a batch that only carries ids, masks, `pixel_values` and `image_grid_thw`."""
+    input_ids = batch.input_ids
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": batch.attention_mask}
     pixel_values = getattr(batch, "pixel_values", None)
     if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values.to(device)
-        inputs["image_grid_thw"] = batch.image_grid_thw.to(device)
+        inputs["pixel_values"] = pixel_values
+        inputs["image_grid_thw"] = batch.image_grid_thw
+    return inputs
+
+
+def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.device) -> dict[str, Any]:
+    """The family's forward kwargs over prompt + completion, with the positions generation used."""
+    model_inputs = getattr(batch, "model_inputs", None)
+    raw = model_inputs() if callable(model_inputs) else _legacy_model_inputs(model, batch)
+    inputs: dict[str, Any] = {k: v.to(device) for k, v in raw.items()}
+    input_ids = inputs["input_ids"]
+    if uses_rope_index(model) and "pixel_values" in inputs:
         # mm_token_type_ids makes Qwen2.5-VL use its 3D (mRoPE) positions, honouring left padding, exactly as
         # generation with the processor's inputs does; without them the forward falls back to 1D positions.
-        mm_types = getattr(batch, "mm_token_type_ids", None)
+        mm_types = inputs.get("mm_token_type_ids")
         if mm_types is None:
             config = model.config
             mm_types = torch.zeros_like(input_ids, dtype=torch.int32)
@@ -513,7 +525,10 @@ def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devi
             mm_types = torch.cat(
                 [mm_types, mm_types.new_zeros(mm_types.shape[0], input_ids.shape[1] - mm_types.shape[1])], 1
             )
-        inputs["mm_token_type_ids"] = mm_types.to(device)
+        inputs["mm_token_type_ids"] = mm_types
+    positions = forward_position_ids(model, inputs)
+    if positions is not None:
+        inputs["position_ids"] = positions
     return inputs
 
 

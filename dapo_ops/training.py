@@ -292,27 +292,15 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
 
 
 def save_rollout_batch(path: Path, batch: rollout.RolloutBatch) -> None:
-    """Store each prompt's image patches once, not once per generation (G x smaller files)."""
-    state = batch.to("cpu").state_dict()
-    first = torch.unique(batch.prompt_index.cpu(), sorted=True)
-    rows = torch.stack([torch.nonzero(batch.prompt_index.cpu() == p)[0, 0] for p in first.tolist()])
-    state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state["image_grid_thw"], rows)
-    state["prompt_image_grid_thw"] = state["image_grid_thw"][rows]
-    state["prompt_rows"] = first
-    store.write_torch_atomic(path, state)
+    """Store each prompt's image inputs once, not once per generation (G x smaller files)."""
+    store.write_torch_atomic(path, rollout.per_prompt_state(batch))
 
 
 def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
     path = run_store.round_dir(key) / "rollouts.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize `rollouts` for {key} first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "prompt_rows" in state:
-        position = {p: i for i, p in enumerate(state.pop("prompt_rows").tolist())}
-        owners = torch.tensor([position[p] for p in state["prompt_index"].tolist()])
-        state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state.pop("prompt_image_grid_thw"),
-                                                           owners)
-    return rollout.RolloutBatch.from_state_dict(state)
+    return rollout.from_per_prompt_state(torch.load(path, map_location="cpu", weights_only=True))
 
 
 # ------------------------------------------------------------------------------------------- attention
