@@ -349,9 +349,19 @@ class PromptBatch:
         )
 
 
+def as_content_parts(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Messages with string contents turned into `[{"type": "text", "text": ...}]`, the form every
+    multimodal template reads (Idefics3's iterates the content; Qwen's renders both forms alike)."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else dict(m)
+        for m in messages
+    ]
+
+
 def render_prompt(policy: Policy, messages: list[dict]) -> str:
     """The family's chat template over `messages`, ending with the assistant header."""
     processor = policy.processor
+    messages = as_content_parts(messages)
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

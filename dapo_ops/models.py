@@ -9,6 +9,7 @@ not depend on whether torchvision is installed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from dapo_ops.tokens import (
     IM_END,
     IM_START,
     IMAGE_PAD,
+    IMAGE_TOKEN_FIELDS,
     PAD_TOKEN,
     SPECIAL_TOKENS,
     SYSTEM_PROMPT,
@@ -159,7 +161,7 @@ class Policy:
             pad = self.tokenizer.convert_tokens_to_ids(PAD_TOKEN)
         return int(pad)
 
-    @property
+    @functools.cached_property
     def eos_token_id(self) -> int:
         """The token that ends an assistant turn (`<|im_end|>`, `<end_of_turn>`, ...), else the tokenizer's
         eos: generation stops there and the warm start appends it."""
@@ -209,7 +211,23 @@ class Policy:
 
 
 def turn_end_token_id(tokenizer: Any) -> int:
-    """The end of an assistant turn: a known turn-end token of the vocabulary, else the tokenizer's eos."""
+    """The token that closes an assistant turn in the chat template (`<|im_end|>`, `<end_of_turn>`,
+    `<end_of_utterance>`, ...): the first special token after an assistant message; the tokenizer's eos when
+    the template shows none."""
+    marker = "Zq7"
+    special = set(int(i) for i in tokenizer.all_special_ids)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": marker}]},
+    ]
+    with contextlib.suppress(Exception):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        tail = text[text.rindex(marker) + len(marker) :]
+        for value in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+            if int(value) in special:
+                return int(value)
     for token in TURN_END_TOKENS:
         value = token_id(tokenizer, token)
         if value is not None:
@@ -229,12 +247,14 @@ def build_tokenizer(
     bos_token: str | None = None,
     chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE,
     template_corpus: Sequence[str] = (),
+    extra_special_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `corpus` with a family's special tokens and chat template.
 
     Defaults are Qwen's: special tokens get ids 0..6 in `SPECIAL_TOKENS` order. `<think>` and `</think>`
     are added as ordinary (non-special) tokens so they survive `skip_special_tokens` decoding, as in
-    Qwen3-style tokenizers. `template_corpus` adds a family's template words (role names, headers).
+    Qwen3-style tokenizers. `template_corpus` adds a family's template words (role names, headers);
+    `extra_special_tokens` names special tokens as tokenizer attributes (Gemma 3's `boi_token`, ...).
     """
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
@@ -262,6 +282,7 @@ def build_tokenizer(
         additional_special_tokens=[t for t in special_tokens if t not in (pad_token, bos_token)],
         chat_template=chat_template,
         padding_side="left",
+        **({"extra_special_tokens": extra_special_tokens} if extra_special_tokens else {}),
     )
 
 
@@ -476,7 +497,11 @@ def _model_class_check(source: Path) -> Any:
             f"{source}/config.json: model_type {model_type!r} is not an image-text-to-text model that "
             "transformers can load (AutoModelForImageTextToText has no class for it; trust_remote_code stays off)"
         )
-    if image_token_id(config) is None:
+    # The raw file, not the config object: config classes fill a default id (LLaVA's 32000) that may name
+    # any token of this tokenizer.
+    raw = json.loads((source / "config.json").read_text())
+    holders = [raw, raw.get("text_config") or {}]
+    if not any(isinstance(h.get(name), int) for h in holders for name in IMAGE_TOKEN_FIELDS):
         raise ValueError(
             f"{source}: no image token id in config.json (image_token_id or image_token_index): the vision "
             "keys of the attention metrics are the positions of that token"
