@@ -221,10 +221,12 @@ def build_gemma3(corpus: Iterable[str], seed: int) -> Policy:
     )
     pad, bos, eos, boi, eoi, image = _ids(tokenizer, "<pad>", "<bos>", "<eos>", "<start_of_image>",
                                           "<end_of_image>", "<image_soft_token>")
-    # Sliding-window layers with a window shorter than the prompt, so the sliding mask really cuts keys.
+    # Sliding-window layers with a window shorter than prompt + completion (~70 tokens), so the sliding mask
+    # really cuts keys (the system prompt, and the image for the last completion tokens), yet the image stays
+    # in view of the first completion tokens (a window of a few tokens would make early-stage MDI infinite).
     config = Gemma3Config(
         text_config=_text_config(
-            len(tokenizer), head_dim=HIDDEN // HEADS, sliding_window=8, query_pre_attn_scalar=HIDDEN // HEADS,
+            len(tokenizer), head_dim=HIDDEN // HEADS, sliding_window=40, query_pre_attn_scalar=HIDDEN // HEADS,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
             pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
         ),

@@ -146,3 +146,59 @@ def test_a_directory_without_a_processor_is_refused_by_name(llava_dir: Path, tmp
         (bare / name).write_bytes((llava_dir / name).read_bytes())
     with pytest.raises(ValueError, match="no processor"):
         load_policy(bare)
+
+
+# ---------------------------------------------------------------------------------- a round per family
+
+# The family whose full round runs in the default suite; the others are `slow` (CI still runs them once).
+# LLaVA, because the pipeline has no line naming it: it trains with no code change.
+DEFAULT_ROUND_FAMILY = "llava"
+
+
+def _mlflow_training_run(uri: str, run_name: str):  # noqa: ANN202
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("dapo-vlm")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`dapo.run_name` = '{run_name}'")
+    return client, [r for r in runs if "dapo.reanalysis_of" not in r.data.tags]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(f, marks=() if f == DEFAULT_ROUND_FAMILY else pytest.mark.slow) for f in FAMILIES]
+)
+def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run MODEL=<tiny dir> ROUNDS=2` for the family: the 44 metrics finite in MLflow, attention metrics
+    defined, and ckpt-0001 re-analysed into a run of its own."""
+    from conftest import SMALL_RUN
+
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.reports import METRIC_NAMES_44
+    from dapo_ops.tiny_families import save_tiny_family
+    from pipelines.cli import reanalyze, run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for key, value in {"DAPO_VLM_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path / "dagster"),
+                       "MLFLOW_TRACKING_URI": uri}.items():
+        monkeypatch.setenv(key, value)
+    model_dir = save_tiny_family(name, tmp_path / f"tiny-{name}")
+    config = DapoConfig(**{**SMALL_RUN, "run_name": f"family-{name}", "model_name_or_path": str(model_dir)})
+    run_training(config, rounds=2, root=tmp_path, echo=lambda _: None)
+
+    client, training = _mlflow_training_run(uri, config.run_name)
+    assert len(training) == 1
+    run_id = training[0].info.run_id
+    for metric in METRIC_NAMES_44:
+        history = client.get_metric_history(run_id, metric)
+        assert len(history) == 2 and all(math.isfinite(m.value) for m in history), metric
+    for stage in ("early", "middle", "late", "all"):
+        assert all(m.value > 0 for m in client.get_metric_history(run_id, f"attention/{stage}/mdi")), stage
+
+    reanalyze(config.run_name, "ckpt-0001", mdi_tolerance=4.0, root=tmp_path)
+    experiment = client.get_experiment_by_name("dapo-vlm")
+    checkpoint_runs = client.search_runs([experiment.experiment_id], filter_string="tags.`dapo.checkpoint` = 'ckpt-0001'")
+    assert [r for r in checkpoint_runs if r.data.tags.get("dapo.reanalysis_of") == config.run_name]
+    report = tmp_path / "runs" / config.run_name / "reports" / "ckpt-0001" / "attention_diagnostics.md"
+    stages = [line for line in report.read_text().splitlines() if line.startswith(("| MDI", "| AEI"))]
+    assert stages and not any(cell.strip() in ("nan", "inf") for line in stages for cell in line.split("|")), stages
