@@ -179,6 +179,11 @@ def per_prompt_state(batch: RolloutBatch) -> dict[str, Any]:
 def from_per_prompt_state(state: dict[str, Any]) -> RolloutBatch:
     """The inverse of `per_prompt_state`: each rollout gets its prompt's image inputs back."""
     state = dict(state)
+    if "vision" not in state:  # written before image inputs were family-generic: Qwen patches + grids
+        grids = state.pop("prompt_image_grid_thw", state["image_grid_thw"])
+        state["vision"] = VisionInputs.from_patches(state.pop("pixel_values"), grids).state_dict()
+        state.pop("image_grid_thw")
+        state.setdefault("prompt_token_inputs", {"mm_token_type_ids": state["prompt_vision_mask"].long()})
     if "prompt_rows" in state:
         position = {p: i for i, p in enumerate(state.pop("prompt_rows").tolist())}
         owners = torch.tensor([position[p] for p in state["prompt_index"].tolist()], dtype=torch.long)
