@@ -28,7 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from dapo_ops.inputs import forward_position_ids, uses_rope_index
+from dapo_ops.inputs import forward_position_ids, unwrapped, uses_rope_index
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
 STAGES: tuple[str, ...] = ("early", "middle", "late", "all")
@@ -515,7 +515,7 @@ def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devi
         # generation with the processor's inputs does; without them the forward falls back to 1D positions.
         mm_types = inputs.get("mm_token_type_ids")
         if mm_types is None:
-            config = model.config
+            config = unwrapped(model).config
             mm_types = torch.zeros_like(input_ids, dtype=torch.int32)
             if getattr(config, "image_token_id", None) is not None:
                 mm_types[input_ids == config.image_token_id] = 1

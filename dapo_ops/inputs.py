@@ -248,9 +248,16 @@ def vl_model_inputs(batch: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside DDP / FSDP / accelerate wrappers (they keep it in `.module`)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def uses_rope_index(model: torch.nn.Module) -> bool:
     """Qwen-VL families build multimodal (3D) positions themselves from `mm_token_type_ids` and the grid."""
-    return callable(getattr(getattr(model, "model", None), "get_rope_index", None))
+    return callable(getattr(getattr(unwrapped(model), "model", None), "get_rope_index", None))
 
 
 def prompt_position_ids(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -258,7 +265,7 @@ def prompt_position_ids(model: torch.nn.Module, inputs: Mapping[str, torch.Tenso
     1D positions counting attended tokens only ([B, T]), so a row's positions ignore its left padding."""
     if uses_rope_index(model) and "mm_token_type_ids" in inputs:
         extra = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
-        positions, _ = model.model.get_rope_index(
+        positions, _ = unwrapped(model).model.get_rope_index(
             inputs["input_ids"], inputs["mm_token_type_ids"], attention_mask=inputs["attention_mask"], **extra
         )
         return positions

@@ -94,6 +94,24 @@ def test_greedy_rollouts_are_the_teacher_forced_argmax(family: tuple[str, Policy
     assert torch.equal(scores.argmax(-1)[mask], rollouts.completion_ids[mask])
 
 
+class _Wrapper(torch.nn.Module):
+    """What DDP and accelerate put around the model: the HF model lives in `.module`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_a_wrapped_model_gets_the_same_forward_inputs(family: tuple[str, Policy]) -> None:
+    """Under DDP the update's forward must see the positions the single-process update sees."""
+    _, policy = family
+    rollouts = generate_rollouts(policy, _prompts(policy), num_generations=1, max_completion_length=3, seed=0)
+    plain = _model_inputs(policy.model, rollouts, torch.device("cpu"))
+    wrapped = _model_inputs(_Wrapper(policy.model), rollouts, torch.device("cpu"))
+    assert plain.keys() == wrapped.keys()
+    assert all(torch.equal(plain[k], wrapped[k]) for k in plain)
+
+
 def test_a_saved_family_loads_through_the_auto_classes(family: tuple[str, Policy], tmp_path: Path) -> None:
     name, policy = family
     loaded = load_policy(save_policy(policy, tmp_path / name))
