@@ -305,6 +305,8 @@ def test_total_reward_refuses_missing_weights_and_ragged_lists() -> None:
 
 
 def test_registry_names_match_the_config() -> None:
-    from dapo_ops.config import REWARD_NAMES
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.rewards import DEFAULT_REWARD_FUNCS as REWARD_NAMES
 
     assert tuple(REWARD_FUNCTIONS) == REWARD_NAMES
+    assert tuple(DapoConfig().reward_funcs) == REWARD_NAMES
