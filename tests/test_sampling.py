@@ -85,3 +85,9 @@ def test_refill_gives_up_after_max_tries_and_keeps_the_first_batch_if_nothing_is
                                      num_prompts=2, config=CONFIG,
                                      max_tries=2, pad_token_id=PAD)
     assert batch is flat and rows.height == 2
+
+
+def test_refill_scores_the_default_rewards_without_the_attention_reward():
+    # mdi_reward needs the teacher-forced pass; before it, the default config judges groups by the others.
+    batch = _batch([RIGHT, WRONG, RIGHT, RIGHT], 3, 2)
+    assert informative_groups(batch, _rows([0, 0]), DapoConfig()).tolist() == [True, False]
