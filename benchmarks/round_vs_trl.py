@@ -176,10 +176,12 @@ class Clock:
 def library_round(policy, optimizer, rows, config, round_index: int, global_step: int, clock: Clock
                   ) -> tuple[dict[str, float], int]:
     """One in-memory dapo-vlm round; returns per-phase seconds (and the new global step)."""
+    import polars as pl
     import torch
 
-    from dapo_ops import advantages, rewards, rollout, training
-    from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
+    from dapo_ops import advantages, rewards, rollout, sampling, training
+    from dapo_ops.attention import METRIC_NAMES, rollout_attention_metrics, teacher_forced_pass
+    from dapo_ops.config import STAGES
     from dapo_ops.update import policy_update
 
     phases: dict[str, float] = {}
@@ -199,19 +201,9 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     per_rollout = rollout_attention_metrics(outputs, batch, tolerance=config.mdi_tolerance)
     t, last = clock.now(), t
     phases["teacher-forced pass + attention"] = t - last
-    index = batch.prompt_index.tolist()
-    columns = {
-        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in index],
-        "choices": [list(rows["choices"][p]) for p in index],
-    }
-    per_func = {
-        "mc_idx_reward": rewards.mc_idx_reward(batch.completions, **columns),
-        "think_format_reward": rewards.think_format_reward(batch.completions, **columns),
-        "mdi_reward": rewards.mdi_reward(
-            batch.completions, mdi=[m[config.mdi_reward_stage]["mdi"] for m in per_rollout],
-            mdi_tolerance=config.mdi_tolerance, mdi_shaping=config.mdi_shaping,
-            num_generations=config.num_generations, **columns),
-    }
+    attention = pl.DataFrame({f"attn/{stage}/{name}": [float(m[stage][name]) for m in per_rollout]
+                              for stage in STAGES for name in METRIC_NAMES})
+    per_func = rewards.score_rollouts(config, sampling.rollout_columns(batch, rows), attention)
     total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)
     advantage = advantages.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)
     keep = torch.ones(len(total), dtype=torch.bool)

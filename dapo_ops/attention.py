@@ -28,18 +28,22 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dapo_ops.config import STAGES
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
-STAGES: tuple[str, ...] = ("early", "middle", "late", "all")
+# Per-rollout metrics of each stage: the measurements, then the balance derived from the MDI. Columns
+# `attn/{stage}/{name}`, report blocks and `batch_means` use this order.
 METRIC_NAMES: tuple[str, ...] = (
     "mdi",
     "aei_text",
     "aei_vision",
-    "mdi_balance",
-    "mdi_penalty",
     "text_ratio",
     "vision_ratio",
+    "mdi_balance",
+    "mdi_penalty",
 )
+# The subset logged per round as `attention/{stage}/{name}` (in the round metrics' order).
+LOGGED_METRIC_NAMES: tuple[str, ...] = ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
 # The name under which the lean attention function (and its mask builder) is registered.
 LEAN_ATTENTION = "dapo_modality_mass"
 

@@ -6,18 +6,21 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from dapo_ops import rewards
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "group_log_distance"]
 
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
-STAGES: tuple[str, ...] = ("early", "middle", "late", "all")
-MDI_SHAPINGS: tuple[str, ...] = ("clip", "group_log_distance")
-REWARD_NAMES: tuple[str, ...] = ("mc_idx_reward", "think_format_reward", "mdi_reward")
+# The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
+# module can hand it to `loss`, `attention` and the Dagster config without importing torch).
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
+STAGES: tuple[str, ...] = get_args(Stage)
+MDI_SHAPINGS: tuple[str, ...] = get_args(MdiShaping)
 
 EMBEDDED = "embedded"
 
@@ -63,7 +66,9 @@ class DapoConfig:
     overlong_buffer: int = 0
     overlong_penalty_factor: float = 1.0
 
-    # Rewards: weights for (mc_idx_reward, think_format_reward, mdi_reward).
+    # Rewards (TRL's `reward_funcs`/`reward_weights`): built-in names from `rewards.REWARD_FUNCTIONS`, or import
+    # paths `my_pkg.rewards:length_penalty`; one weight per entry.
+    reward_funcs: list[str] = field(default_factory=lambda: list(rewards.DEFAULT_REWARD_FUNCS))
     reward_weights: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])
     mdi_tolerance: float = 2.0
     mdi_reward_stage: Stage = "all"
@@ -118,10 +123,7 @@ class DapoConfig:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be positive")
-        if len(self.reward_weights) != len(REWARD_NAMES):
-            problems.append(
-                f"reward_weights={self.reward_weights} needs {len(REWARD_NAMES)} weights, for {', '.join(REWARD_NAMES)}"
-            )
+        problems += self._reward_problems()
         if self.mdi_tolerance <= 1:
             problems.append(f"mdi_tolerance={self.mdi_tolerance} must be greater than 1")
         if self.epsilon <= 0 or self.epsilon_high <= 0:
@@ -145,9 +147,35 @@ class DapoConfig:
         if problems:
             raise ValueError("Invalid dapo-vlm configuration:\n  - " + "\n  - ".join(problems))
 
+    def _reward_problems(self) -> list[str]:
+        """Every `reward_funcs` entry resolves to a callable, names are unique, one weight per entry."""
+        problems: list[str] = []
+        if not self.reward_funcs:
+            problems.append("reward_funcs is empty; name at least one reward")
+        for entry in self.reward_funcs:
+            try:
+                rewards.resolve_reward(entry)
+            except ValueError as error:
+                problems.append(f"reward_funcs: {error}")
+        names = self.reward_names
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"reward_funcs logs {', '.join(duplicates)} twice; each reward name must be unique")
+        if len(self.reward_weights) != len(self.reward_funcs):
+            problems.append(
+                f"reward_weights={self.reward_weights} needs {len(self.reward_funcs)} weights, one per reward_funcs "
+                f"entry ({', '.join(names)})"
+            )
+        return problems
+
+    @property
+    def reward_names(self) -> list[str]:
+        """The configured rewards' names, as columns of rewards.parquet and in `rewards/<name>/mean|std`."""
+        return [rewards.reward_name(entry) for entry in self.reward_funcs]
+
     @property
     def weights(self) -> dict[str, float]:
-        return dict(zip(REWARD_NAMES, self.reward_weights, strict=True))
+        return dict(zip(self.reward_names, self.reward_weights, strict=True))
 
     @property
     def batch_size(self) -> int:

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dapo_ops.config import LOSS_TYPES
+
 __all__ = ["LOSS_TYPES", "entropy_from_logits", "policy_loss", "selective_log_softmax"]
 
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 # Rows per chunk are chosen so that one chunk's float32 temporaries stay near this many elements (16 MiB):
 # a real 152k vocabulary gets ~27 rows per chunk. On CPU this size was also the fastest (cache-friendly).

@@ -21,19 +21,42 @@ from typing import Any
 
 import polars as pl
 
+from dapo_ops.attention import LOGGED_METRIC_NAMES
+from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
 from dapo_ops.config import STAGES
+from dapo_ops.rewards import DEFAULT_REWARD_FUNCS
 
-ATTENTION_NAMES: tuple[str, ...] = (
-    "mdi",
-    "aei_text",
-    "aei_vision",
-    "text_ratio",
-    "vision_ratio",
-    "mdi_balance",
-    "mdi_penalty",
-)
+# How the built-in rewards are labelled in the reports (JSON key, overall-table row); any other reward is
+# shown under its own name.
+REWARD_LABELS: dict[str, tuple[str, str]] = {
+    "mc_idx_reward": ("accuracy", "Accuracy Mean"),
+    "think_format_reward": ("format", "Format Mean"),
+    "mdi_reward": ("mdi_reward", "MDI Reward Mean"),
+}
 
-ROUND_TABLE_COLUMNS: tuple[str, ...] = (
+
+def reward_label(name: str) -> str:
+    """The short label of reward `name` in report JSON and asset metadata (`accuracy` for mc_idx_reward)."""
+    return REWARD_LABELS.get(name, (name, ""))[0]
+
+
+def _reward_row_title(name: str) -> str:
+    return REWARD_LABELS.get(name, ("", f"{name} Mean"))[1]
+
+
+def round_table_columns(reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS) -> tuple[str, ...]:
+    """The round table's columns when the round is scored by `reward_names`."""
+    return (
+        *_ROUND_TABLE_HEAD,
+        *(f"attn/{stage}/{name}" for stage in STAGES for name in ATTENTION_NAMES),
+        *reward_names,
+        "total_reward",
+        "advantage",
+        "kept",
+    )
+
+
+_ROUND_TABLE_HEAD: tuple[str, ...] = (
     "rollout_index",
     "prompt_index",
     "generation_index",
@@ -49,47 +72,43 @@ ROUND_TABLE_COLUMNS: tuple[str, ...] = (
     "text_tokens",
     "completion_tokens",
     "total_tokens",
-    *(f"attn/{stage}/{name}" for stage in STAGES for name in ATTENTION_NAMES),
-    "mc_idx_reward",
-    "think_format_reward",
-    "mdi_reward",
-    "total_reward",
-    "advantage",
-    "kept",
 )
+ROUND_TABLE_COLUMNS: tuple[str, ...] = round_table_columns()
 
 _STAGE_TITLES = {stage: stage.capitalize() for stage in STAGES}
 
-METRIC_NAMES_44: tuple[str, ...] = (
-    "num_tokens",
-    "completions/mean_length",
-    "completions/min_length",
-    "completions/max_length",
-    "completions/clipped_ratio",
-    "completions/mean_terminated_length",
-    "completions/min_terminated_length",
-    "completions/max_terminated_length",
-    *(
-        f"attention/{stage}/{name}"
-        for stage in STAGES
-        for name in ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
-    ),
-    *(
-        f"rewards/{func}/{stat}"
-        for func in ("mc_idx_reward", "think_format_reward", "mdi_reward")
-        for stat in ("mean", "std")
-    ),
-    "reward",
-    "reward_std",
-    "frac_reward_zero_std",
-    "entropy",
-    "clip_ratio/low_mean",
-    "clip_ratio/low_min",
-    "clip_ratio/high_mean",
-    "clip_ratio/high_max",
-    "clip_ratio/region_mean",
-    "rewards/total_reward",
-)
+
+def round_metric_names(reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS) -> tuple[str, ...]:
+    """The metrics every round logs when scored by `reward_names`, in the metrics table's order.
+
+    The default rewards give the 44 names; each further reward adds `rewards/<name>/mean` and `/std`.
+    """
+    return (
+        "num_tokens",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+        "completions/clipped_ratio",
+        "completions/mean_terminated_length",
+        "completions/min_terminated_length",
+        "completions/max_terminated_length",
+        *(f"attention/{stage}/{name}" for stage in STAGES for name in LOGGED_METRIC_NAMES),
+        *(f"rewards/{func}/{stat}" for func in reward_names for stat in ("mean", "std")),
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "entropy",
+        "clip_ratio/low_mean",
+        "clip_ratio/low_min",
+        "clip_ratio/high_mean",
+        "clip_ratio/high_max",
+        "clip_ratio/region_mean",
+        "rewards/total_reward",
+    )
+
+
+# The round metrics of the default configuration (44 names).
+ROUND_METRIC_NAMES: tuple[str, ...] = round_metric_names()
 
 # Section heading -> name patterns; a pattern ending in "/" matches a prefix, any other matches exactly.
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {
@@ -262,9 +281,6 @@ _ROLLOUT_REQUIRED = (
     "text_tokens",
     "completion_tokens",
     "total_tokens",
-    "mc_idx_reward",
-    "think_format_reward",
-    "mdi_reward",
     "total_reward",
     *(_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES),
 )
@@ -280,16 +296,25 @@ _ROLLOUT_OPTIONAL = (
 )
 
 
-def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str) -> dict[str, Any]:
+def _with_mdi(reward_names: Sequence[str]) -> list[str | None]:
+    """The reward names with None where the MDI itself is shown: just before `mdi_reward` (its input), or
+    after the rewards when `mdi_reward` is not configured."""
+    names: list[str | None] = list(reward_names)
+    names.insert(names.index("mdi_reward") if "mdi_reward" in names else len(names), None)
+    return names
+
+
+def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str, reward_names: Sequence[str]) -> dict[str, Any]:
     record: dict[str, Any] = {"rollout_index": row["rollout_index"]}
     record.update({k: row[k] for k in _ROLLOUT_OPTIONAL if k in row})
-    record["rewards"] = {
-        "accuracy": row["mc_idx_reward"],
-        "format": row["think_format_reward"],
-        "mdi": row[_attn_col(mdi_reward_stage, "mdi")],
-        "mdi_reward": row["mdi_reward"],
-        "total": row["total_reward"],
-    }
+    scores: dict[str, Any] = {}
+    for name in _with_mdi(reward_names):
+        if name is None:
+            scores["mdi"] = row[_attn_col(mdi_reward_stage, "mdi")]
+        else:
+            scores[reward_label(name)] = row[name]
+    scores["total"] = row["total_reward"]
+    record["rewards"] = scores
     record["attention_metrics"] = {
         stage: {name: row[_attn_col(stage, name)] for name in ATTENTION_NAMES} for stage in STAGES
     }
@@ -313,35 +338,34 @@ def render_rollout_results(
     run_name: str,
     checkpoint: str,
     max_samples: int | None = None,
+    reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
 ) -> str:
     """`rollout_results.md`: overall table, MDI-per-stage table and one JSON block per rollout.
 
-    `MDI Mean` and each rollout's `rewards.mdi` are the MDI of `mdi_reward_stage`. `Success Rate` is the
-    share of rollouts with both `mc_idx_reward == 1` and `think_format_reward == 1`. Samples are listed by
-    `rollout_index`, the first `max_samples` of them when given.
+    The overall table and each rollout's `rewards` have one entry per reward of `reward_names` (the
+    configured `reward_funcs`), the MDI of `mdi_reward_stage` (`MDI Mean`, `rewards.mdi`) and the total.
+    `Success Rate`, shown when both are configured, is the share of rollouts with both `mc_idx_reward == 1`
+    and `think_format_reward == 1`. Samples are listed by `rollout_index`, the first `max_samples` of them
+    when given.
     """
     _check_stage(mdi_reward_stage)
-    _require(table, _ROLLOUT_REQUIRED, "render_rollout_results")
+    _require(table, [*_ROLLOUT_REQUIRED, *reward_names], "render_rollout_results")
     table = table.sort("rollout_index")
 
-    accuracy = _column(table, "mc_idx_reward")
-    fmt = _column(table, "think_format_reward")
-    successes = [
-        a is not None and f is not None and float(a) == 1.0 and float(f) == 1.0
-        for a, f in zip(accuracy, fmt, strict=True)
+    rows = [
+        ["MDI Mean", _fmt_pm(_column(table, _attn_col(mdi_reward_stage, "mdi")))]
+        if name is None
+        else [_reward_row_title(name), _fmt_pm(_column(table, name))]
+        for name in _with_mdi(reward_names)
     ]
-    success_rate = sum(successes) / len(successes) if successes else math.nan
-    overall = _table(
-        ["Metric", "Value"],
-        [
-            ["Accuracy Mean", _fmt_pm(accuracy)],
-            ["Format Mean", _fmt_pm(fmt)],
-            ["MDI Mean", _fmt_pm(_column(table, _attn_col(mdi_reward_stage, "mdi")))],
-            ["MDI Reward Mean", _fmt_pm(_column(table, "mdi_reward"))],
-            ["Total Reward Mean", _fmt_pm(_column(table, "total_reward"))],
-            ["Success Rate", _fmt(success_rate)],
-        ],
-    )
+    rows.append(["Total Reward Mean", _fmt_pm(_column(table, "total_reward"))])
+    if "mc_idx_reward" in reward_names and "think_format_reward" in reward_names:
+        successes = [
+            a is not None and f is not None and float(a) == 1.0 and float(f) == 1.0
+            for a, f in zip(_column(table, "mc_idx_reward"), _column(table, "think_format_reward"), strict=True)
+        ]
+        rows.append(["Success Rate", _fmt(sum(successes) / len(successes) if successes else math.nan)])
+    overall = _table(["Metric", "Value"], rows)
 
     stage_rows = []
     for stage in STAGES:
@@ -363,7 +387,7 @@ def render_rollout_results(
         title = f"### Rollout {row['rollout_index']} · prompt {row['prompt_index']}"
         if "generation_index" in row:
             title += f" · generation {row['generation_index']}"
-        samples.append(f"{title}\n\n{_json_block(_rollout_record(row, mdi_reward_stage))}")
+        samples.append(f"{title}\n\n{_json_block(_rollout_record(row, mdi_reward_stage, reward_names))}")
 
     parts = [
         _header("Rollout results", run_name, checkpoint),
@@ -457,20 +481,26 @@ def metric_group(name: str) -> str:
     return OTHER_METRICS_HEADING
 
 
-# Display order: METRICS.md table order, except that the round's total reward follows the per-function rewards.
-_DISPLAY = [n for n in METRIC_NAMES_44 if n != "rewards/total_reward"]
-_DISPLAY.insert(_DISPLAY.index("rewards/mdi_reward/std") + 1, "rewards/total_reward")
-_ORDER = {name: i for i, name in enumerate(_DISPLAY)}
+def _display_order(reward_names: Sequence[str]) -> dict[str, int]:
+    """Position of each round metric: the metrics table's order, except that the round's total reward
+    follows the per-function rewards."""
+    names = [n for n in round_metric_names(reward_names) if n != "rewards/total_reward"]
+    last = max(i for i, n in enumerate(names) if n.startswith("rewards/"))
+    names.insert(last + 1, "rewards/total_reward")
+    return {name: i for i, name in enumerate(names)}
 
 
-def format_metrics_block(metrics: Mapping[str, float], mode: str = "train") -> str:
+def format_metrics_block(
+    metrics: Mapping[str, float], mode: str = "train", reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS
+) -> str:
     """The terminal block `📊 Logging N metrics for <mode> mode`, one `   name: value` line per metric.
 
-    N counts the metrics of `METRIC_NAMES_44` present in `metrics`. Within a section the 44 come in
-    METRICS.md table order (`rewards/total_reward` right after the per-function rewards), then the other
-    metrics in the order given. Empty sections are left out.
+    N counts the round metrics (`round_metric_names(reward_names)`, 44 for the default rewards) present in
+    `metrics`. Within a section those come in the metrics table's order (`rewards/total_reward` right after
+    the per-function rewards), then the other metrics in the order given. Empty sections are left out.
     """
-    count = sum(1 for name in metrics if name in _ORDER)
+    order = _display_order(reward_names)
+    count = sum(1 for name in metrics if name in order)
     sections: dict[str, list[str]] = {heading: [] for heading in (*METRIC_GROUPS, OTHER_METRICS_HEADING)}
     for name in metrics:
         sections[metric_group(name)].append(name)
@@ -479,8 +509,8 @@ def format_metrics_block(metrics: Mapping[str, float], mode: str = "train") -> s
         if not names:
             continue
         lines.append(heading)
-        # Stable sort: the 44 first in table order, the rest keep the caller's order.
-        for name in sorted(names, key=lambda n: _ORDER.get(n, len(_ORDER))):
+        # Stable sort: the round metrics first in table order, the rest keep the caller's order.
+        for name in sorted(names, key=lambda n: order.get(n, len(order))):
             lines.append(f"   {name}: {float(metrics[name]):.4f}")
     return "\n".join(lines)
 
@@ -510,6 +540,7 @@ def render_run_terminal(
     checkpoint: str,
     health: Sequence[Mapping[str, Any]] | None = None,
     mode: str = "train",
+    reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
 ) -> str:
     """`run_terminal.md`: the round's log lines, health findings (when given) and the metrics block.
 
@@ -528,5 +559,5 @@ def render_run_terminal(
             f"{len(health) - failed} of {len(health)} checks passed.",
             _health_table(health),
         ]
-    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode), "text")]
+    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode, reward_names=reward_names), "text")]
     return "\n\n".join(parts) + "\n"

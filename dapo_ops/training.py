@@ -21,15 +21,19 @@ import torch
 
 from dapo_ops import advantages as adv
 from dapo_ops import data, faults, inputs, models, rewards, rollout, sampling, store, synthetic, warmstart
-from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
-from dapo_ops.config import EMBEDDED, REWARD_NAMES, STAGES, DapoConfig
+from dapo_ops.attention import (
+    LOGGED_METRIC_NAMES,
+    METRIC_NAMES,
+    rollout_attention_metrics,
+    teacher_forced_pass,
+)
+from dapo_ops.config import EMBEDDED, STAGES, DapoConfig
+from dapo_ops.reports import reward_label
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
 from dapo_ops.update import LOCAL, LocalCollective, make_optimizer, policy_update
 
 logger = logging.getLogger("dapo_vlm")
 
-ATTENTION_NAMES = ("mdi", "aei_text", "aei_vision", "mdi_balance", "mdi_penalty", "text_ratio", "vision_ratio")
-LOGGED_ATTENTION_NAMES = ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -272,7 +276,7 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
             return train[order[: config.prompts_per_round].tolist()]
 
         batch, rows = sampling.sample_with_refill(
-            generate, rows, draw, num_prompts=config.prompts_per_round, weights=config.weights,
+            generate, rows, draw, num_prompts=config.prompts_per_round, config=config,
             max_tries=config.dynamic_sampling_max_tries, pad_token_id=policy.pad_token_id, log=log,
         )
     else:
@@ -319,7 +323,7 @@ def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
 
 
 def attention_columns() -> list[str]:
-    return [f"attn/{s}/{n}" for s in STAGES for n in ATTENTION_NAMES]
+    return [f"attn/{s}/{n}" for s in STAGES for n in METRIC_NAMES]
 
 
 def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
@@ -334,7 +338,7 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
     for metrics in per_rollout:
         for stage in STAGES:
-            for name in ATTENTION_NAMES:
+            for name in METRIC_NAMES:
                 columns[f"attn/{stage}/{name}"].append(float(metrics[stage][name]))
     mask = batch.completion_mask.float()
     entropy = ((outputs.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
@@ -373,46 +377,32 @@ def nanmean(series: pl.Series) -> float:
 # --------------------------------------------------------------------------------------------- rewards
 
 
-def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: RoundLog) -> pl.DataFrame:
-    out = run_store.round_dir(key)
-    table = pl.read_parquet(out / "rollouts.parquet")
-    attention = pl.read_parquet(out / "attention.parquet")
-    completions = table["completion"].to_list()
-    kwargs = {
-        "prompts": table["question"].to_list(),
-        "completion_ids": table["completion_ids"].to_list(),
-        "correct_choice_idx": table["correct_choice_idx"].to_list(),
-        "choices": [list(c) for c in table["choices"].to_list()],
-    }
-    mdi = attention[f"attn/{config.mdi_reward_stage}/mdi"].to_list()
-    per_func = {
-        "mc_idx_reward": rewards.mc_idx_reward(completions, **kwargs),
-        "think_format_reward": rewards.think_format_reward(completions, **kwargs),
-        "mdi_reward": rewards.mdi_reward(
-            completions, mdi=mdi, mdi_tolerance=config.mdi_tolerance, mdi_shaping=config.mdi_shaping,
-            num_generations=config.num_generations, **kwargs,
-        ),
-    }
-    per_func = {name: [float("nan") if v is None else float(v) for v in values] for name, values in per_func.items()}
-    total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)
-    lengths = torch.tensor(table["completion_length"].to_list())
-    penalty = torch.zeros_like(total)
+def reward_table(config: DapoConfig, table: pl.DataFrame, attention: pl.DataFrame) -> pl.DataFrame:
+    """The round's rewards (pure): one column per configured reward, the overlong penalty, the weighted
+    total, group advantages, the keep-mask, the predicted choice, and the attention values scored on.
+
+    `table` is the rollouts table, `attention` the attention table of the same rollouts.
+    """
+    per_func = rewards.score_rollouts(config, table, attention)
+    total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)  # [N]
+    lengths = torch.tensor(table["completion_length"].to_list())  # [N]
+    penalty = torch.zeros_like(total)  # [N]
     if config.overlong_buffer > 0:
         penalty = adv.overlong_penalty(lengths, config.max_completion_length, config.overlong_buffer,
                                        config.overlong_penalty_factor).to(total.dtype)
     total = total + penalty
-    advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)
+    advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)  # [N]
     if config.dynamic_sampling:
-        keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)
+        keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)  # [N]
     else:
-        keep = torch.ones_like(total, dtype=torch.bool)
+        keep = torch.ones_like(total, dtype=torch.bool)  # [N]
     predicted = [
         rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
-        for c, ch in zip(completions, kwargs["choices"], strict=True)
+        for c, ch in zip(table["completion"].to_list(), table["choices"].to_list(), strict=True)
     ]
     result = pl.DataFrame({
         "rollout_index": table["rollout_index"],
-        **{name: per_func[name] for name in REWARD_NAMES},
+        **{name: per_func[name] for name in config.reward_names},
         "overlong_penalty": penalty.tolist(),
         "total_reward": total.tolist(),
         "advantage": advantages.tolist(),
@@ -420,11 +410,19 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
         "predicted_choice_idx": predicted,
     }, schema_overrides={"predicted_choice_idx": pl.Int64})
     # The attention values this round trained on; re-analysis later never rewrites them.
-    result = result.hstack(attention.select([c for c in attention.columns if c not in ("rollout_index", "prompt_index")]))
-    zero_std = adv.zero_std_groups(total, config.num_generations)
-    log(f"rewards: accuracy {nanmean(result['mc_idx_reward']):.3f}, format {nanmean(result['think_format_reward']):.3f}, "
-        f"mdi_reward {nanmean(result['mdi_reward']):.3f}, total {nanmean(result['total_reward']):.3f}; "
-        f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {int(keep.sum())}/{len(keep)} rollouts")
+    return result.hstack(attention.select([c for c in attention.columns if c not in ("rollout_index", "prompt_index")]))
+
+
+def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: RoundLog) -> pl.DataFrame:
+    """The rewards phase: rollouts.parquet + attention.parquet -> `reward_table` -> rewards.parquet."""
+    out = run_store.round_dir(key)
+    result = reward_table(config, pl.read_parquet(out / "rollouts.parquet"), pl.read_parquet(out / "attention.parquet"))
+    total = torch.tensor(result["total_reward"].to_list(), dtype=torch.float64)  # [N]
+    zero_std = adv.zero_std_groups(total, config.num_generations)  # [P]
+    kept = int(result["kept"].sum())
+    means = ", ".join(f"{reward_label(name)} {nanmean(result[name]):.3f}" for name in config.reward_names)
+    log(f"rewards: {means}, total {nanmean(result['total_reward']):.3f}; "
+        f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {kept}/{result.height} rollouts")
     store.write_parquet_atomic(out / "rewards.parquet", result)
     faults.point("after_rewards")
     return result
@@ -548,9 +546,9 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
     metrics["completions/min_terminated_length"] = min(terminated) if terminated else 0.0
     metrics["completions/max_terminated_length"] = max(terminated) if terminated else 0.0
     for stage in STAGES:
-        for name in LOGGED_ATTENTION_NAMES:
+        for name in LOGGED_METRIC_NAMES:
             metrics[f"attention/{stage}/{name}"] = nanmean(table[f"attn/{stage}/{name}"])
-    for name in REWARD_NAMES:
+    for name in config.reward_names:
         values = [float(v) for v in table[name].to_list()]
         metrics[f"rewards/{name}/mean"] = nanmean(table[name])
         metrics[f"rewards/{name}/std"] = _std(values)
@@ -566,7 +564,8 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
 
 
 def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any]) -> dict[str, float]:
-    """The 44 metrics of METRICS.md (plus loss, grad_norm, learning_rate, epoch, eval/*, kl) for one round."""
+    """The round metrics (`reports.round_metric_names(config.reward_names)`: the 44 of the default rewards) plus
+    loss, grad_norm, learning_rate, epoch, eval/* and kl, for one round."""
     metrics = batch_metrics(config, table)
     sampling_entropy = metrics.pop("sampling_entropy")
     metrics["num_tokens"] = float(update["state"]["num_tokens"])

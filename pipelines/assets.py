@@ -204,9 +204,11 @@ def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig,
               dg.AssetCheckSpec("attention_reward_no_variance", asset="rewards"),
           ])
 def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource):
-    """Accuracy, think-format and attention-balance rewards, their weighted total, group advantages and
-    the keep-mask of groups that enter the update; stores the attention values it used."""
+    """The configured rewards (`reward_funcs`: accuracy, think-format and attention balance by default), their
+    weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
+    values it used."""
     from dapo_ops import health, training
+    from dapo_ops.reports import reward_label
 
     cfg = config.to_dapo()
     key = context.partition_key
@@ -214,14 +216,12 @@ def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store
     log = _round_log(context, store, key)
     training.compute_rewards(cfg, store, key, log)
     metrics = training.batch_metrics(cfg, training.round_table(store, key))
-    findings = health.reward_findings(metrics, mdi_weight=cfg.weights["mdi_reward"])
+    findings = health.reward_findings(metrics, weights=cfg.weights)
     _log_findings(log, findings)
     write_json_atomic(store.round_dir(key) / "health_rewards.json", [f.to_dict() for f in findings])
     yield dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "accuracy": metrics["rewards/mc_idx_reward/mean"],
-        "format": metrics["rewards/think_format_reward/mean"],
-        "mdi_reward": metrics["rewards/mdi_reward/mean"],
+        **{reward_label(name): metrics[f"rewards/{name}/mean"] for name in cfg.reward_names},
         "total_reward": metrics["rewards/total_reward"],
         "frac_reward_zero_std": metrics["frac_reward_zero_std"],
     })
@@ -364,7 +364,8 @@ def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, 
     an MLflow run of its own, tagged with the training run and checkpoint."""
     import polars as pl
 
-    from dapo_ops import charts, reports, training
+    from dapo_ops import charts, reports
+    from dapo_ops.attention import LOGGED_METRIC_NAMES
     from dapo_ops.config import STAGES
 
     cfg = config.to_dapo()
@@ -380,7 +381,7 @@ def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, 
     path = write_text_atomic(out / "attention_diagnostics.md", text)
     if config.reanalysis:
         tracker = mlflow.tracker(store)
-        metrics = {f"attention/{s}/{n}": stage_means[s][n] for s in STAGES for n in training.LOGGED_ATTENTION_NAMES}
+        metrics = {f"attention/{s}/{n}": stage_means[s][n] for s in STAGES for n in LOGGED_METRIC_NAMES}
         run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": tolerance,
                                                                    "dagster_run_id": context.run.run_id})
         tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [path, chart]})
@@ -416,7 +417,7 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
     history = training.metrics_history(store)
     curves = charts.learning_curves_png(history, out / "learning_curves.png")
     rollout_md = reports.render_rollout_results(table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name,
-                                                checkpoint=key)
+                                                checkpoint=key, reward_names=cfg.reward_names)
     write_text_atomic(out / "rollout_results.md", rollout_md)
     faults.point("mid_report_write")
     findings = [*store_io.read_json(round_dir / "health_rewards.json"), *store_io.read_json(round_dir / "health_update.json")]
@@ -424,7 +425,7 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
         f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
         f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
     terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
-                                           health=findings)
+                                           health=findings, reward_names=cfg.reward_names)
     terminal_path = write_text_atomic(out / "run_terminal.md", terminal)
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
@@ -437,7 +438,7 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
                     f"later (make sync-mlflow)")
         # The report says so too; the journal sends the file as it is at sending time.
         terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
-                                               health=findings)
+                                               health=findings, reward_names=cfg.reward_names)
         write_text_atomic(terminal_path, terminal)
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
@@ -452,7 +453,8 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
         "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
         # The file holds every rollout; the UI shows the tables and the first samples.
         "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(
-            table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8)),
+            table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8,
+            reward_names=cfg.reward_names)),
         "run_terminal": dg.MetadataValue.md(terminal),
         "mlflow_logged": sent,
         "reports": dg.MetadataValue.path(str(out)),

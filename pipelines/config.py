@@ -39,6 +39,7 @@ class TrainingConfig(dg.Config):
     dynamic_sampling_max_tries: int = _DEFAULTS.dynamic_sampling_max_tries
     overlong_buffer: int = _DEFAULTS.overlong_buffer
     overlong_penalty_factor: float = _DEFAULTS.overlong_penalty_factor
+    reward_funcs: list[str] = _DEFAULTS.reward_funcs
     reward_weights: list[float] = _DEFAULTS.reward_weights
     mdi_tolerance: float = _DEFAULTS.mdi_tolerance
     mdi_reward_stage: str = _DEFAULTS.mdi_reward_stage

@@ -51,3 +51,27 @@ def test_dagster_config_mirrors_every_library_field_with_the_same_default():
         assert getattr(config, field.name) == getattr(DapoConfig(), field.name), field.name
     assert config.to_dapo() == DapoConfig()
     assert TrainingConfig.from_dapo(DapoConfig(learning_rate=1e-3)).learning_rate == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("length_penalty", "reward 'length_penalty' is not a built-in reward"),
+        ("tests.no_such_module:length_penalty", "reward 'tests.no_such_module:length_penalty': cannot import"),
+        ("tests.custom_rewards:no_such_reward", "has no attribute 'no_such_reward'"),
+        ("tests.custom_rewards:NOT_A_FUNCTION", "reward 'tests.custom_rewards:NOT_A_FUNCTION' is a float, not a callable"),
+    ],
+)
+def test_a_bad_reward_entry_fails_at_config_time_naming_it(entry, message):
+    with pytest.raises(ValueError, match="Invalid dapo-vlm configuration") as info:
+        DapoConfig(reward_funcs=["mc_idx_reward", entry], reward_weights=[1.0, 1.0])
+    assert message in str(info.value)
+
+
+def test_reward_weights_follow_the_configured_reward_funcs():
+    config = DapoConfig(reward_funcs=["mc_idx_reward", "tests.custom_rewards:length_penalty"], reward_weights=[2.0, 0.5])
+    assert config.weights == {"mc_idx_reward": 2.0, "length_penalty": 0.5}
+    with pytest.raises(ValueError, match=r"needs 2 weights, one per reward_funcs entry \(mc_idx_reward, length_penalty\)"):
+        DapoConfig(reward_funcs=["mc_idx_reward", "tests.custom_rewards:length_penalty"])
+    with pytest.raises(ValueError, match="logs mc_idx_reward twice"):
+        DapoConfig(reward_funcs=["mc_idx_reward", "mc_idx_reward"], reward_weights=[1.0, 1.0])

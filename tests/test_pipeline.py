@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dapo_ops.reports import METRIC_NAMES_44
+from dapo_ops.reports import ROUND_METRIC_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_reports_are_written_for_every_round(trained_run):
 def test_mlflow_has_each_of_the_44_metrics_once_per_round_at_its_global_step(trained_run):
     client, run = _mlflow_run(trained_run)
     steps_per_round = 2  # steps_per_generation x num_iterations of the small run
-    for name in METRIC_NAMES_44:
+    for name in ROUND_METRIC_NAMES:
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [steps_per_round, 2 * steps_per_round], name
         assert all(math.isfinite(m.value) for m in history), name

@@ -16,13 +16,13 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
 from dapo_ops.charts import attention_balance_png, learning_curves_png
+from dapo_ops.config import STAGES
 from dapo_ops.reports import (
-    ATTENTION_NAMES,
     METRIC_GROUPS,
-    METRIC_NAMES_44,
     OTHER_METRICS_HEADING,
-    STAGES,
+    ROUND_METRIC_NAMES,
     format_metrics_block,
     metric_group,
     render_attention_diagnostics,
@@ -122,7 +122,7 @@ def diagnostics(table: pl.DataFrame | None = None, **kwargs) -> str:
 
 
 def all_44() -> dict[str, float]:
-    return {name: i / 8 for i, name in enumerate(METRIC_NAMES_44)}
+    return {name: i / 8 for i, name in enumerate(ROUND_METRIC_NAMES)}
 
 
 # ------------------------------------------------------------------------------------ rollout results
@@ -285,10 +285,10 @@ def test_attention_diagnostics_json_holds_batch_means_per_stage():
 # ------------------------------------------------------------------------------------ metrics block
 
 
-def test_metric_names_44_are_44_unique_names_each_in_a_named_section():
-    assert len(METRIC_NAMES_44) == 44
-    assert len(set(METRIC_NAMES_44)) == 44
-    assert all(metric_group(name) in METRIC_GROUPS for name in METRIC_NAMES_44)
+def test_round_metric_names_are_44_unique_names_each_in_a_named_section():
+    assert len(ROUND_METRIC_NAMES) == 44
+    assert len(set(ROUND_METRIC_NAMES)) == 44
+    assert all(metric_group(name) in METRIC_GROUPS for name in ROUND_METRIC_NAMES)
 
 
 def test_metrics_block_header_counts_the_44_and_sections_come_in_order():
