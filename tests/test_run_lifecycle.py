@@ -80,6 +80,24 @@ def test_an_end_during_an_outage_is_journaled_and_sent_by_the_next_sync(store: t
     assert up.pending_status() is None
 
 
+def test_a_sigterm_during_make_run_ends_its_run_killed(store: tuple[Path, str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from dapo_ops.store import RunStore
+    from pipelines.cli import RunInterrupted, _tracked_run
+
+    root, uri = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_store = RunStore(root, "terminated")
+    run_id = Tracker(run_store.run_dir, "terminated", tracking_uri=uri, data_root=root).start({"seed": 0})
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match="SIGTERM"), _tracked_run(run_store, echo=lambda _: None):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert status_of(uri, run_id) == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the run
+
+
 def test_end_rejects_a_status_mlflow_does_not_have(store: tuple[Path, str], tmp_path: Path) -> None:
     tracker = Tracker(tmp_path / "run", "bad-status", tracking_uri=store[1], data_root=store[0])
     with pytest.raises(ValueError, match="'DONE' is not one of"):
