@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from dapo_ops.tracking import default_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
     workdir = tempfile.TemporaryDirectory(prefix="dapo-bench-round-")
     root = Path(workdir.name)
     environment = {"DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "TOKENIZERS_PARALLELISM": "false",
+                   "MLFLOW_TRACKING_URI": default_tracking_uri(root), "TOKENIZERS_PARALLELISM": "false",
                    "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
     previous_env = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)

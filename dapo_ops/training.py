@@ -576,8 +576,9 @@ def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any
     if math.isnan(metrics["entropy"]):
         # No optimizer step ran (every group was filtered): report the sampling policy's entropy instead.
         metrics["entropy"] = sampling_entropy
-    metrics["loss"] = float(summary["loss"])
-    metrics["grad_norm"] = float(summary["grad_norm"])
+    if update["steps"]:  # without an optimizer step nothing was measured: no loss/grad_norm, never a fake 0
+        metrics["loss"] = float(summary["loss"])
+        metrics["grad_norm"] = float(summary["grad_norm"])
     metrics["learning_rate"] = float(summary.get("learning_rate", config.learning_rate))
     metrics["epoch"] = float(update["state"]["epoch"])
     if "kl" in summary:

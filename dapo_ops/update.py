@@ -34,8 +34,9 @@ class UpdateResult:
     def summary(self) -> dict[str, float]:
         """Round-level metrics in TRL's names (mean/min/max over the round's optimizer steps)."""
         if not self.steps:
+            # No optimizer step: no loss or gradient norm was measured, so there is none to report (not 0).
             return {
-                "loss": 0.0, "grad_norm": 0.0, "entropy": float("nan"),
+                "entropy": float("nan"),
                 "clip_ratio/low_mean": 0.0, "clip_ratio/low_min": 0.0, "clip_ratio/high_mean": 0.0,
                 "clip_ratio/high_max": 0.0, "clip_ratio/region_mean": 0.0,
             }
@@ -161,7 +162,8 @@ def policy_update(
     kept = torch.nonzero(keep, as_tuple=False).flatten()
     result = UpdateResult(global_step=global_step, num_rollouts_used=len(kept))
     if len(kept) == 0:
-        log("no rollout entered the update (every group had zero reward variance); weights unchanged")
+        log("no rollout entered the update (every group had zero reward variance); weights unchanged, "
+            "no optimizer step: loss and grad_norm are not logged this round")
         return result
     completion_mask = rollouts.completion_mask
     loss_scale = float(world) if config.loss_type == "dapo" else 1.0

@@ -283,7 +283,7 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
         "next_checkpoint": next_key,
         "global_step": record["state"]["global_step"],
         "optimizer_steps": len(record["steps"]),
-        "loss": record["summary"]["loss"],
+        **({"loss": record["summary"]["loss"]} if "loss" in record["summary"] else {}),  # absent: no step
         "entropy": record["summary"]["entropy"],
         "eval_accuracy": record["eval"]["eval/accuracy"],
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
@@ -433,6 +433,10 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
                                      curves, out / "attention_balance.png"]}
     sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics, artifacts=artifacts,
                              tags=_run_tags(context, cfg.run_name, key))
+    if checkpoint_index(key) + 1 >= cfg.max_rounds:
+        # The round that reaches max_rounds ends the MLflow run FINISHED (what ends rounds that `dagster dev`'s
+        # sensor launches; `make run` also ends it, FAILED/KILLED too, in pipelines.cli). A later round reopens it.
+        tracker.end("FINISHED")
     if not sent:
         log.warning(f"MLflow at {mlflow.uri(store.root)} is unreachable: round {key} is journaled and will be sent "
                     f"later (make sync-mlflow)")

@@ -8,12 +8,17 @@ complete checkpoint and finishes a round whose reports were interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dapo_ops.config import EMBEDDED, DapoConfig, data_root
+from dapo_ops.tracking import resolve_tracking_uri
 
 DAGSTER_YAML = """\
 # Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
@@ -85,6 +90,9 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
         raise_on_error=False,
     )
     if not result.success:
+        if any(_was_interrupted(event) for event in result.all_events):
+            # Dagster turns a SIGINT during a step into a step failure; it is still a kill, not a failed round.
+            raise RunInterrupted(signal.SIGINT)
         messages = []
         for event in result.all_events:
             if event.is_failure and event.event_specific_data is not None:
@@ -93,6 +101,15 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
                     messages.append(f"{event.step_key}: {_root_cause(error)}")
         raise RuntimeError("Dagster run failed:\n" + "\n".join(messages or ["(see the Dagster UI)"]))
     return result
+
+
+def _was_interrupted(event) -> bool:
+    error = getattr(event.event_specific_data, "error", None) if event.is_failure else None
+    while error is not None:
+        if error.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt", "RunInterrupted"):
+            return True
+        error = error.cause
+    return False
 
 
 def _root_cause(error) -> str:
@@ -122,8 +139,9 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
         faults.point("run_start")
-        home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _default_tracking_uri(root)
+        with _tracked_run(store, echo):
+            home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
+    tracking_uri = resolve_tracking_uri(root)
     summary = {
         "run_name": config.run_name,
         "checkpoints": str(store.checkpoints_dir),
@@ -140,10 +158,81 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     return summary
 
 
-def _default_tracking_uri(root: Path) -> str:
-    from dapo_ops.tracking import default_tracking_uri
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached `make run`: its MLflow run ends KILLED (kill -9 cannot be caught: the
+    run then stays RUNNING until the next `make run` of the same RUN_NAME continues it)."""
 
-    return default_tracking_uri(root)
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _catch_termination() -> Iterator[list[int]]:
+    """SIGTERM/SIGINT raise `RunInterrupted` in the main thread; yields the signals received so far
+    (Dagster may turn the exception into a step failure: the list still says it was a kill)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        received.append(signum)
+        raise RunInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _tracked_run(store, echo) -> Iterator[None]:
+    """The MLflow run's lifecycle around one `make run`: RUNNING (the same run id when resumed) while it
+    trains, then FINISHED when every round is done, FAILED when a round fails, KILLED on SIGTERM/SIGINT.
+    The status goes through the journal, so one that MLflow misses now is sent by the next sync.
+    (Rounds that `dagster dev`'s sensor launches leave the run RUNNING between rounds; the round that
+    reaches `max_rounds` ends it FINISHED in `training_report`.)"""
+    import warnings
+
+    from dapo_ops.tracking import Tracker
+
+    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
+                      data_root=store.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an outage here is reported by the rounds themselves
+        tracker.set_status("RUNNING")
+    status = "FAILED"
+    with _catch_termination() as received:
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "KILLED" if received else "FAILED"
+            raise
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                shown = tracker.end(status)
+            _report_unsent(tracker, status, shown, echo)
+
+
+def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
+    """Say so when rounds or the run's end wait in the journal (MLflow unreachable)."""
+    from dapo_ops.tracking import redact_uri
+
+    left = tracker.pending()
+    if left:
+        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: {len(left)} round(s) wait in "
+             f"{tracker.journal_path}; the next round or `make sync-mlflow` sends them, each metric once.")
+    elif not shown and tracker.last_error is not None:
+        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: the run's end ({status}) "
+             f"waits in {tracker.state_dir}; `make sync-mlflow` sends it.")
 
 
 def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
@@ -191,7 +280,6 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
              f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
              f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
              f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
-    _send_pending(store, echo)
     return home
 
 
@@ -208,25 +296,6 @@ def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
             instance.report_run_failed(run, message=f"interrupted: the `make run` process (pid "
                                                     f"{run.tags[CLI_PID_TAG]}) ended without finishing it; resumed")
             echo(f"marked Dagster run {run.run_id[:8]} of an interrupted `make run` as failed")
-
-
-def _send_pending(store, echo) -> None:
-    """A last attempt for rounds journaled while MLflow was unreachable; say so if some stay pending."""
-    import warnings
-
-    from dapo_ops.tracking import Tracker, redact_uri, resolve_tracking_uri
-
-    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
-                      data_root=store.root)
-    if not tracker.journal_path.exists() or not tracker.pending():
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tracker.sync()
-    left = tracker.pending()
-    if left:
-        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: {len(left)} round(s) wait in "
-             f"{tracker.journal_path}; the next round or `make sync-mlflow` sends them, each metric once.")
 
 
 def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
@@ -286,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             run_training(config, args.rounds, live=not args.quiet)
+        except KeyboardInterrupt as error:
+            print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
+                  file=sys.stderr)
+            return 128 + getattr(error, "signum", signal.SIGINT)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
             from dapo_ops.store import RunLockedError
 
@@ -321,26 +394,34 @@ def _parse_override(item: str) -> tuple[str, object]:
 
 
 def sync_mlflow(run_name: str | None) -> int:
-    from dapo_ops.tracking import Tracker, default_tracking_uri
+    """Send every run's journaled rounds and run status; 1 when something could not be sent (MLflow
+    unreachable: it stays journaled), 2 when `run_name` has no run directory, else 0."""
+    from dapo_ops.tracking import Tracker, redact_uri
 
     root = data_root()
+    if run_name and not (root / "runs" / run_name).is_dir():
+        print(f"no run {run_name!r} under {root / 'runs'}", file=sys.stderr)
+        return 2
     runs = [root / "runs" / run_name] if run_name else sorted((root / "runs").glob("*"))
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-    total = 0
+    uri = resolve_tracking_uri(root)
+    unsent: list[str] = []
     for run_dir in runs:
         if run_dir.is_dir():
-            sent = Tracker(run_dir, run_dir.name, tracking_uri=uri, data_root=root).sync()
-            print(f"{run_dir.name}: sent {sent} journaled round(s) to {uri}")
-            total += sent
-    return 0
+            tracker = Tracker(run_dir, run_dir.name, tracking_uri=uri, data_root=root)
+            sent = tracker.sync()
+            print(f"{run_dir.name}: sent {sent} journaled round(s) to {redact_uri(uri)}")
+            left = tracker.pending()
+            if left or tracker.last_error is not None:
+                unsent.append(run_dir.name)
+                print(f"{run_dir.name}: NOT sent: {len(left)} round(s) stay in {tracker.journal_path}"
+                      f"{'' if left else ' (and the run status)'}: {tracker.last_error}", file=sys.stderr)
+    return 1 if unsent else 0
 
 
 def mlflow_ui(port: int) -> int:
-    from dapo_ops.tracking import default_tracking_uri
-
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    uri = resolve_tracking_uri(root)
     artifacts = root / "mlartifacts"
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--default-artifact-root", str(artifacts), "--host", "127.0.0.1", "--port", str(port)])

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_processes": int(record["num_processes"]),
                 "update_seconds": float(record["seconds"]["update"]),
                 "next_checkpoint": record["state"]["checkpoint"],
-                "loss": float(record["summary"]["loss"]),
+                **({"loss": float(record["summary"]["loss"])} if "loss" in record["summary"] else {}),
                 "eval_accuracy": float(record["eval"]["eval/accuracy"]),
             })
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -76,9 +75,9 @@ class MlflowResource(dg.ConfigurableResource):
     experiment_name: str = "dapo-vlm"
 
     def uri(self, root: Path) -> str:
-        from dapo_ops.tracking import default_tracking_uri
+        from dapo_ops.tracking import resolve_tracking_uri
 
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+        return resolve_tracking_uri(root, self.tracking_uri or None)
 
     def tracker(self, store: RunStore):
         from dapo_ops.tracking import Tracker

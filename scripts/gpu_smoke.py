@@ -143,7 +143,7 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
             "tokens_per_second": round_tokens / max(end - start, 1e-9),
             "update_tokens_per_second": round_tokens * config.num_iterations / max(end - updating, 1e-9),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
-            "loss": record["summary"]["loss"],
+            "loss": record["summary"].get("loss"),  # None: the round made no optimizer step
             "eval_accuracy": record["eval"]["eval/accuracy"],
         }
         rounds.append(row)

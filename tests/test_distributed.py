@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from dapo_ops import distributed, models, training
 from dapo_ops.config import DapoConfig
 from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.tracking import default_tracking_uri
 from dapo_ops.update import rank_micro_batches
 
 KEY = checkpoint_key(0)
@@ -182,7 +183,7 @@ def test_make_run_with_two_processes_updates_through_dagster_pipes(tmp_path: Pat
                  "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
                  "num_eval_examples": 24, "eval_subset_size": 16, "warmup_steps": 0}  # conftest's SMALL_RUN, cold
     args = [f"--set={name}={value}" for name, value in overrides.items()]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = default_tracking_uri(tmp_path)
     env = {**os.environ, "DAPO_VLM_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path / "dagster"),
            "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--rounds", "1", "--num-processes", "2",
