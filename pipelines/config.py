@@ -49,14 +49,15 @@ class _TrainingConfigBase(dg.ConfigurableResource):
         return cls(**config.to_dict(), **extra)
 
 
-TrainingConfig = pydantic.create_model(
-    "TrainingConfig",
-    __base__=_TrainingConfigBase,
-    __module__=__name__,
-    __doc__=_TrainingConfigBase.__doc__,
-    **_pydantic_fields(DapoConfig),
-    **DAGSTER_ONLY_FIELDS,
-)
+def dagster_config_class(config_class: type, name: str = "TrainingConfig") -> type[_TrainingConfigBase]:
+    """A `ConfigurableResource` with every field of the dataclass `config_class` (type and default) and
+    `reanalysis`. Dagster turns each `Literal` into an enum of its choices."""
+    return pydantic.create_model(name, __base__=_TrainingConfigBase, __module__=__name__,
+                                 __doc__=_TrainingConfigBase.__doc__, **_pydantic_fields(config_class),
+                                 **DAGSTER_ONLY_FIELDS)
+
+
+TrainingConfig = dagster_config_class(DapoConfig)
 
 ROUND_ASSETS = ("rollouts", "attention_metrics", "rewards", "policy_update", "attention_report", "training_report")
 SETUP_ASSETS = ("dataset", "base_checkpoint")
