@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,20 +203,22 @@ class RoundResult:
 
 
 def run_round(config: DapoConfig, run_store: RunStore, key: str, policy: Any, optimizer: Any,
-              log: training.RoundLog, *, engine: RolloutEngine | None = None, ref_policy: Any = None) -> RoundResult:
+              log: training.RoundLog, *, engine: RolloutEngine | None = None, ref_policy: Any = None,
+              clock: Callable[[], float] = time.perf_counter) -> RoundResult:
     """Round `key` from checkpoint k to ckpt-(k+1) and its reports, phase by phase as the assets run it
     (rollouts, attention_metrics, rewards, policy_update, attention_report, training_report), minus
-    MLflow. `seconds` times each phase. A NaN/Inf update writes its failed check and re-raises."""
+    MLflow. `seconds` times each phase by `clock` (on a GPU, one that synchronises). A NaN/Inf update
+    writes its failed check and re-raises."""
     from dapo_ops.update import NonFiniteUpdateError
 
     seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    last = clock()
 
     def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = now - clock
-        clock = now
+        nonlocal last
+        now = clock()
+        seconds[phase] = now - last
+        last = now
 
     record_config(config, run_store, log)
     training.generate_round_rollouts(config, run_store, key, policy, log, engine=engine)
