@@ -178,8 +178,9 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     """One in-memory dapo-vlm round; returns per-phase seconds (and the new global step)."""
     import torch
 
-    from dapo_ops import advantages, rewards, rollout, training
-    from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
+    from dapo_ops import advantages, rewards, training
+    from dapo_ops.attention import teacher_forced_pass
+    from dapo_ops.engines import make_engine
     from dapo_ops.update import policy_update
 
     phases: dict[str, float] = {}
@@ -188,15 +189,16 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     prompts = training.encode_rows(policy, rows)
     t = clock.now()
     phases["encode prompts"] = t - start
-    batch = rollout.generate_rollouts(
-        policy, prompts, num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+    batch = make_engine(config, policy).generate(
+        prompts, num_generations=config.num_generations, max_completion_length=config.max_completion_length,
         temperature=config.temperature, top_p=config.top_p,
         seed=training.derived_seed(config.seed, "rollouts", round_index),
     )
     t, last = clock.now(), t
     phases["generation"] = t - last
+    # The attention phase's pure core (training.compute_attention without the files).
     outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
-    per_rollout = rollout_attention_metrics(outputs, batch, tolerance=config.mdi_tolerance)
+    attention = training.attention_table(outputs, batch, tolerance=config.mdi_tolerance)
     t, last = clock.now(), t
     phases["teacher-forced pass + attention"] = t - last
     index = batch.prompt_index.tolist()
@@ -208,7 +210,7 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
         "mc_idx_reward": rewards.mc_idx_reward(batch.completions, **columns),
         "think_format_reward": rewards.think_format_reward(batch.completions, **columns),
         "mdi_reward": rewards.mdi_reward(
-            batch.completions, mdi=[m[config.mdi_reward_stage]["mdi"] for m in per_rollout],
+            batch.completions, mdi=attention[f"attn/{config.mdi_reward_stage}/mdi"].to_list(),
             mdi_tolerance=config.mdi_tolerance, mdi_shaping=config.mdi_shaping,
             num_generations=config.num_generations, **columns),
     }
