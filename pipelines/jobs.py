@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from dapo_ops.config import DapoConfig
 from pipelines.assets import checkpoints
 from pipelines.config import REANALYSIS_ASSETS, RESOURCE_KEY, ROUND_ASSETS, SETUP_ASSETS
 
@@ -15,9 +16,10 @@ training_round_job = dg.define_asset_job(
     "training_round", selection=list(ROUND_ASSETS), partitions_def=checkpoints,
     description="One GRPO/DAPO round on checkpoint k: rollouts → attention → rewards → update → reports.",
 )
-# Launches as is: the scaffold already says `reanalysis: true` (every other field keeps its default and can
-# be edited, e.g. run_name or another mdi_tolerance).
-REANALYSIS_DEFAULTS = {"resources": {RESOURCE_KEY: {"config": {"reanalysis": True}}}}
+# What the launchpad scaffolds for a partition: launches as is (the default run), and shows the two knobs a
+# re-analysis changes; every other field keeps the default it has in the training_config resource.
+REANALYSIS_DEFAULTS = {"resources": {RESOURCE_KEY: {"config": {
+    "run_name": DapoConfig().run_name, "reanalysis": True, "mdi_tolerance": DapoConfig().mdi_tolerance}}}}
 reanalysis_job = dg.define_asset_job(
     "reanalysis", selection=list(REANALYSIS_ASSETS), partitions_def=checkpoints, config=REANALYSIS_DEFAULTS,
     description="Re-run only the attention analysis of a stored round (optionally with another mdi_tolerance); "
