@@ -177,12 +177,11 @@ class Clock:
 def library_round(policy, optimizer, rows, config, round_index: int, global_step: int, clock: Clock
                   ) -> tuple[dict[str, float], int]:
     """One in-memory dapo-vlm round; returns per-phase seconds (and the new global step)."""
-    import polars as pl
     import torch
 
-    from dapo_ops import advantages, rewards, rollout, sampling, training
-    from dapo_ops.attention import METRIC_NAMES, rollout_attention_metrics, teacher_forced_pass
-    from dapo_ops.config import STAGES
+    from dapo_ops import advantages, rewards, sampling, training
+    from dapo_ops.attention import teacher_forced_pass
+    from dapo_ops.engines import make_engine
     from dapo_ops.update import policy_update
 
     phases: dict[str, float] = {}
@@ -191,19 +190,18 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     prompts = training.encode_rows(policy, rows)
     t = clock.now()
     phases["encode prompts"] = t - start
-    batch = rollout.generate_rollouts(
-        policy, prompts, num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+    batch = make_engine(config, policy).generate(
+        prompts, num_generations=config.num_generations, max_completion_length=config.max_completion_length,
         temperature=config.temperature, top_p=config.top_p,
         seed=training.derived_seed(config.seed, "rollouts", round_index),
     )
     t, last = clock.now(), t
     phases["generation"] = t - last
+    # The attention phase's pure core (training.compute_attention without the files).
     outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
-    per_rollout = rollout_attention_metrics(outputs, batch, tolerance=config.mdi_tolerance)
+    attention = training.attention_table(outputs, batch, tolerance=config.mdi_tolerance)
     t, last = clock.now(), t
     phases["teacher-forced pass + attention"] = t - last
-    attention = pl.DataFrame({f"attn/{stage}/{name}": [float(m[stage][name]) for m in per_rollout]
-                              for stage in STAGES for name in METRIC_NAMES})
     per_func = rewards.score_rollouts(config, sampling.rollout_columns(batch, rows), attention)
     total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)
     advantage = advantages.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from dapo_ops import rewards
+from dapo_ops.engines import engine_problem
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "group_log_distance"]
+VllmMode = Literal["server", "colocate"]
+VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
 # module can hand it to `loss`, `attention` and the Dagster config without importing torch).
@@ -46,6 +49,9 @@ class DapoConfig:
     max_completion_length: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
+    # Rollout engine, TRL's switch: False is in-process HF `generate` (see dapo_ops.engines).
+    use_vllm: bool = False
+    vllm_mode: VllmMode = "colocate"
 
     # Update: mu epochs over the round's batch, split into steps_per_generation optimizer steps each.
     num_iterations: int = 2
@@ -103,6 +109,11 @@ class DapoConfig:
             problems.append(f"mdi_reward_stage={self.mdi_reward_stage!r} is unknown; use one of {', '.join(STAGES)}")
         if self.mdi_shaping not in MDI_SHAPINGS:
             problems.append(f"mdi_shaping={self.mdi_shaping!r} is unknown; use one of {', '.join(MDI_SHAPINGS)}")
+        if self.vllm_mode not in VLLM_MODES:
+            problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
+        engine = engine_problem(self)
+        if engine:
+            problems.append(engine)
         if self.num_generations < 2:
             problems.append(
                 f"num_generations={self.num_generations} gives no group statistics; set it to 2 or more"

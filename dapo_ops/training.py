@@ -24,10 +24,12 @@ from dapo_ops import data, faults, inputs, models, rewards, rollout, sampling, s
 from dapo_ops.attention import (
     LOGGED_METRIC_NAMES,
     METRIC_NAMES,
+    TeacherForcedOutputs,
     rollout_attention_metrics,
     teacher_forced_pass,
 )
 from dapo_ops.config import EMBEDDED, STAGES, DapoConfig
+from dapo_ops.engines import RolloutEngine, make_engine
 from dapo_ops.reports import reward_label
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
 from dapo_ops.update import LOCAL, LocalCollective, make_optimizer, policy_update
@@ -255,15 +257,17 @@ def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFra
 
 
 def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
-                            log: RoundLog) -> pl.DataFrame:
+                            log: RoundLog, *, engine: RolloutEngine | None = None) -> pl.DataFrame:
+    """The round's G completions per prompt from `engine` (default: the one `config` selects, on `policy`)."""
     faults.point("before_rollouts")
+    engine = make_engine(config, policy) if engine is None else engine
     round_index = checkpoint_index(key)
     train = load_split(run_store, "train")
     rows = select_prompts(train, config, round_index)
 
     def generate(prompt_rows: pl.DataFrame, attempt: int) -> rollout.RolloutBatch:
-        return rollout.generate_rollouts(
-            policy, encode_rows(policy, prompt_rows), num_generations=config.num_generations,
+        return engine.generate(
+            encode_rows(policy, prompt_rows), num_generations=config.num_generations,
             max_completion_length=config.max_completion_length, temperature=config.temperature,
             top_p=config.top_p, seed=derived_seed(config.seed, "rollouts", round_index, *([attempt] if attempt else [])),
         )
@@ -326,37 +330,41 @@ def attention_columns() -> list[str]:
     return [f"attn/{s}/{n}" for s in STAGES for n in METRIC_NAMES]
 
 
-def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
-                      mdi_tolerance: float | None = None, write_old_logps: bool = True) -> pl.DataFrame:
-    """One teacher-forced pass: old per-token log-probs, entropy and per-stage modality attention."""
-    tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
-    batch = load_rollout_batch(run_store, key)
-    start = time.perf_counter()
-    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
-    seconds = time.perf_counter() - start
+def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, *, tolerance: float) -> pl.DataFrame:
+    """The round's attention table (one row per rollout: per-stage MDI/AEI, token counts, mean entropy)
+    from a teacher-forced pass over `batch`. Pure: no files, no log."""
     per_rollout = rollout_attention_metrics(outputs, batch, tolerance=tolerance)
     columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
     for metrics in per_rollout:
         for stage in STAGES:
             for name in METRIC_NAMES:
                 columns[f"attn/{stage}/{name}"].append(float(metrics[stage][name]))
-    mask = batch.completion_mask.float()
-    entropy = ((outputs.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-    vision = batch.vision_mask.sum(1).tolist()
-    text = batch.text_mask.sum(1).tolist()
-    completion_tokens = batch.completion_mask.sum(1).tolist()
-    table = pl.DataFrame({
+    mask = batch.completion_mask.float()  # (N, C)
+    entropy = ((outputs.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()  # (N,)
+    return pl.DataFrame({
         "rollout_index": list(range(len(per_rollout))),
         "prompt_index": batch.prompt_index.tolist(),
         **columns,
-        "vision_tokens": vision,
-        "text_tokens": text,
-        "completion_tokens": completion_tokens,
+        "vision_tokens": batch.vision_mask.sum(1).tolist(),
+        "text_tokens": batch.text_mask.sum(1).tolist(),
+        "completion_tokens": batch.completion_mask.sum(1).tolist(),
         "total_tokens": (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)).tolist(),
         "entropy": entropy,
     }).with_columns(pl.lit(tolerance).alias("mdi_tolerance"))
+
+
+def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
+                      mdi_tolerance: float | None = None, write_old_logps: bool = True) -> pl.DataFrame:
+    """The attention phase: one teacher-forced pass over the stored rollouts, then `attention_table`;
+    writes old per-token log-probs (unless re-analysing), attention.parquet and attention.json."""
+    tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
+    batch = load_rollout_batch(run_store, key)
+    start = time.perf_counter()
+    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
+    seconds = time.perf_counter() - start
+    table = attention_table(outputs, batch, tolerance=tolerance)
     mdi_all = table[f"attn/{config.mdi_reward_stage}/mdi"]
-    log(f"teacher-forced pass over {len(per_rollout)} rollouts in {seconds:.2f}s: "
+    log(f"teacher-forced pass over {table.height} rollouts in {seconds:.2f}s: "
         + ", ".join(f"{s} MDI {nanmean(table[f'attn/{s}/mdi']):.3f}" for s in STAGES)
         + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
     out = run_store.round_dir(key)
@@ -500,12 +508,15 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     return record
 
 
-def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy) -> dict[str, float]:
-    """Greedy accuracy and format of `policy` on a fixed subset of the eval split."""
+def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
+             engine: RolloutEngine | None = None) -> dict[str, float]:
+    """Greedy accuracy and format of `policy` on a fixed subset of the eval split (sampled by `engine`,
+    default: the one `config` selects, on `policy`)."""
+    engine = make_engine(config, policy) if engine is None else engine
     rows = load_split(run_store, "eval").head(config.eval_subset_size)
     prompts = encode_rows(policy, rows)
-    batch = rollout.generate_rollouts(policy, prompts, num_generations=1,
-                                      max_completion_length=config.max_completion_length, temperature=0.0)
+    batch = engine.generate(prompts, num_generations=1, max_completion_length=config.max_completion_length,
+                            temperature=0.0, top_p=1.0, seed=0)
     correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
                                     choices=[list(c) for c in rows["choices"].to_list()])
     fmt = rewards.think_format_reward(batch.completions)

@@ -5,7 +5,6 @@ code location stays fast."""
 
 
 import base64
-import json
 import re
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from dapo_ops import faults
+from dapo_ops import round as dapo_round
 from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
 from pipelines.config import TrainingConfig
 from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
@@ -69,14 +69,14 @@ def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None 
 
 
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
-def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
+def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
             run_store: RunStoreResource) -> dg.MaterializeResult:
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
     from dapo_ops import training
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     store = run_store.for_run(cfg.run_name)
-    write_json_atomic(store.config_path, cfg.to_dict())
+    dapo_round.record_config(cfg, store, _round_log(context, store, checkpoint_key(0)))
     summary = training.prepare_dataset(cfg, store)
     faults.point("after_dataset")
     reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
@@ -103,14 +103,14 @@ def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
 
 
 @dg.asset(group_name=GROUP, deps=[dataset], kinds={"pytorch"})
-def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def base_checkpoint(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                     mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
     real model directory. Registers the `ckpt-0000` partition. A complete ckpt-0000 (left by an interrupted
     setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
     from dapo_ops import training
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     store = run_store.for_run(cfg.run_name)
     key = checkpoint_key(0)
     log = _round_log(context, store, key)
@@ -144,12 +144,12 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, r
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[base_checkpoint], kinds={"pytorch", "parquet"})
-def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
              mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """G completions per prompt sampled from checkpoint k (KV cache, batched, left padding)."""
     from dapo_ops import training
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     store.require_checkpoint(key)
@@ -158,7 +158,8 @@ def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_stor
     sent = mlflow.tracker(store).sync()
     if sent:
         log(f"sent {sent} journaled round(s) to MLflow")
-    log(f"round {checkpoint_index(key)} of run {cfg.run_name}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
+    log(f"round {checkpoint_index(key)} of run {cfg.run_name}")
+    dapo_round.record_config(cfg, store, log)
     policy = policy_cache.get(store, key, cfg)
     table = training.generate_round_rollouts(cfg, store, key, policy, log)
     sample = table.head(3).select("question", "completion").to_dicts()
@@ -172,7 +173,7 @@ def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_stor
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[rollouts], kinds={"pytorch", "parquet"})
-def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def attention_metrics(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                       policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """One teacher-forced pass with checkpoint k: old log-probs, entropy and per-stage modality attention
     (MDI, AEI) through the O(T)-memory attention function. Re-materializing it alone re-analyses a stored
@@ -180,17 +181,17 @@ def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig,
     from dapo_ops import training
     from dapo_ops.config import STAGES
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
-    if config.reanalysis:
+    if training_config.reanalysis:
         log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
     policy = policy_cache.get(store, key, cfg)
-    table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not config.reanalysis)
+    table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not training_config.reanalysis)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "reanalysis": config.reanalysis,
+        "reanalysis": training_config.reanalysis,
         "mdi_tolerance": cfg.mdi_tolerance,
         **{f"mdi_{stage}": training.nanmean(table[f"attn/{stage}/mdi"]) for stage in STAGES},
     })
@@ -203,22 +204,20 @@ def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig,
               dg.AssetCheckSpec("zero_variance_groups", asset="rewards"),
               dg.AssetCheckSpec("attention_reward_no_variance", asset="rewards"),
           ])
-def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource):
+def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource):
     """The configured rewards (`reward_funcs`: accuracy, think-format and attention balance by default), their
     weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
     values it used."""
-    from dapo_ops import health, training
+    from dapo_ops import training
     from dapo_ops.reports import reward_label
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
     training.compute_rewards(cfg, store, key, log)
     metrics = training.batch_metrics(cfg, training.round_table(store, key))
-    findings = health.reward_findings(metrics, weights=cfg.weights)
-    _log_findings(log, findings)
-    write_json_atomic(store.round_dir(key) / "health_rewards.json", [f.to_dict() for f in findings])
+    findings = dapo_round.reward_health(cfg, store, key, log, metrics)
     yield dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         **{reward_label(name): metrics[f"rewards/{name}/mean"] for name in cfg.reward_names},
@@ -234,14 +233,14 @@ def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store
               dg.AssetCheckSpec("entropy_collapse", asset="policy_update"),
               dg.AssetCheckSpec("non_finite", asset="policy_update"),
           ])
-def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def policy_update(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                   policy_cache: dg.ResourceParam[PolicyCache]):
     """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
     registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
-    from dapo_ops import health, training
+    from dapo_ops import training
     from dapo_ops.update import NonFiniteUpdateError
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
@@ -261,9 +260,7 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
             policy_cache.put(store, record["state"]["checkpoint"], policy, optimizer)
     except NonFiniteUpdateError as error:
         policy_cache.invalidate()
-        log.error(str(error))
-        finding = health.non_finite({"grad_norm" if "gradient" in str(error) else "loss": float("nan")})
-        write_json_atomic(store.round_dir(key) / "health_update.json", [finding.to_dict()])
+        finding = dapo_round.non_finite_health(store, key, log, error)
         yield _check_result(finding)  # the failed health check is recorded with the failed round
         raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
     except BaseException:
@@ -271,11 +268,8 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
         raise
     next_key = record["state"]["checkpoint"]
     add_checkpoint_partitions(context.instance, [next_key])
-    start_entropy = _start_entropy(store)
     metrics = {**record["summary"], **record["eval"]}
-    findings = health.update_findings(metrics, start_entropy=start_entropy)
-    _log_findings(log, findings)
-    write_json_atomic(store.round_dir(key) / "health_update.json", [f.to_dict() for f in findings])
+    findings = dapo_round.update_health(store, key, log, metrics)
     yield dg.MaterializeResult(metadata={
         **child_metadata,
         "run_name": cfg.run_name,
@@ -333,21 +327,6 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     return record, metadata
 
 
-def _start_entropy(store) -> float | None:
-    import polars as pl
-
-    path = store.round_dir(checkpoint_key(0)) / "attention.parquet"
-    if not path.exists():
-        return None
-    return float(pl.read_parquet(path)["entropy"].mean())
-
-
-def _log_findings(log, findings) -> None:
-    for finding in findings:
-        if not finding.passed:
-            log.warning(f"health check {finding.name}: {finding.message}. Remedy: {finding.remedy}")
-
-
 def _check_result(finding) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name=finding.name,
@@ -358,81 +337,54 @@ def _check_result(finding) -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[attention_metrics], kinds={"markdown"})
-def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def attention_report(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                      mlflow: MlflowResource) -> dg.MaterializeResult:
     """attention_diagnostics.md (+ an attention-balance chart per stage). In a re-analysis it is logged to
     an MLflow run of its own, tagged with the training run and checkpoint."""
-    import polars as pl
-
-    from dapo_ops import charts, reports
     from dapo_ops.attention import LOGGED_METRIC_NAMES
     from dapo_ops.config import STAGES
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
-    table = pl.read_parquet(store.round_dir(key) / "attention.parquet")
-    tolerance = float(table["mdi_tolerance"][0])
-    out = store.reports_dir(key)
-    stage_means = reports.attention_stage_means(table)
-    chart = charts.attention_balance_png(stage_means, out / "attention_balance.png", tolerance=tolerance)
-    text = reports.render_attention_diagnostics(table, run_name=cfg.run_name, checkpoint=key,
-                                                mdi_tolerance=tolerance, chart_file=chart.name)
-    path = write_text_atomic(out / "attention_diagnostics.md", text)
-    if config.reanalysis:
+    report = dapo_round.write_attention_report(store, key)
+    if training_config.reanalysis:
         tracker = mlflow.tracker(store)
-        metrics = {f"attention/{s}/{n}": stage_means[s][n] for s in STAGES for n in LOGGED_METRIC_NAMES}
-        run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": tolerance,
+        metrics = {f"attention/{s}/{n}": report.stage_means[s][n]
+                   for s in STAGES for n in LOGGED_METRIC_NAMES}
+        run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": report.tolerance,
                                                                    "dagster_run_id": context.run.run_id})
-        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [path, chart]})
+        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, report.chart]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "report": dg.MetadataValue.md(_inline_images(text, out)),
-        "path": dg.MetadataValue.path(str(path)),
-        "mdi_all": stage_means["all"]["mdi"],
+        "report": dg.MetadataValue.md(_inline_images(report.text, store.reports_dir(key))),
+        "path": dg.MetadataValue.path(str(report.path)),
+        "mdi_all": report.stage_means["all"]["mdi"],
     })
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[policy_update, attention_report],
           kinds={"markdown", "mlflow"})
-def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def training_report(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
     """rollout_results.md and run_terminal.md, the 44 metrics (+ eval accuracy) in MLflow at the round's
     global step, learning curves, and the three reports attached to the MLflow run."""
 
-    from dapo_ops import charts, reports, training
+    from dapo_ops import reports
     from dapo_ops import store as store_io
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
     round_dir = store.round_dir(key)
     update = store_io.read_json(round_dir / "update.json")
-    table = training.round_table(store, key)
-    metrics = training.round_metrics(cfg, table, update)
-    start = time.time()
-    write_json_atomic(round_dir / "metrics.json", metrics)
-    out = store.reports_dir(key)
-    history = training.metrics_history(store)
-    curves = charts.learning_curves_png(history, out / "learning_curves.png")
-    rollout_md = reports.render_rollout_results(table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name,
-                                                checkpoint=key, reward_names=cfg.reward_names)
-    write_text_atomic(out / "rollout_results.md", rollout_md)
-    faults.point("mid_report_write")
-    findings = [*store_io.read_json(round_dir / "health_rewards.json"), *store_io.read_json(round_dir / "health_update.json")]
-    log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
-        f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
-        f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
-    terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
-                                           health=findings, reward_names=cfg.reward_names)
-    terminal_path = write_text_atomic(out / "run_terminal.md", terminal)
+    written = dapo_round.write_round_reports(cfg, store, key, log, update)
+    metrics, table, curves, out = written.metrics, written.table, written.curves, store.reports_dir(key)
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
-    artifacts = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", terminal_path,
-                                     curves, out / "attention_balance.png"]}
-    sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics, artifacts=artifacts,
-                             tags=_run_tags(context, cfg.run_name, key))
+    sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics,
+                             artifacts=written.artifacts(key), tags=_run_tags(context, cfg.run_name, key))
     if checkpoint_index(key) + 1 >= cfg.max_rounds:
         # The round that reaches max_rounds ends the MLflow run FINISHED (what ends rounds that `dagster dev`'s
         # sensor launches; `make run` also ends it, FAILED/KILLED too, in pipelines.cli). A later round reopens it.
@@ -441,16 +393,13 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
         log.warning(f"MLflow at {mlflow.uri(store.root)} is unreachable: round {key} is journaled and will be sent "
                     f"later (make sync-mlflow)")
         # The report says so too; the journal sends the file as it is at sending time.
-        terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
-                                               health=findings, reward_names=cfg.reward_names)
-        write_text_atomic(terminal_path, terminal)
+        dapo_round.rewrite_terminal(cfg, key, log, written)
+    terminal = written.terminal
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
             "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",
             "attention/all/mdi", "entropy", "completions/mean_length")))
-    # Marks the round finished for resumption (`make run` skips it from now on).
-    faults.point("before_round_done")
-    write_text_atomic(round_dir / "DONE", f"{time.time() - start:.3f}\n")
+    dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         "global_step": int(update["state"]["global_step"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -85,7 +86,7 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
         partition_key=partition_key,
         instance=instance,
         resources=defs.resources,
-        run_config=_quiet_run_config(run_config_for(selection, config)),
+        run_config=_quiet_run_config(run_config_for(config)),
         tags=tags or {},
         raise_on_error=False,
     )
@@ -245,7 +246,10 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
 
     home = prepare_instance(store.root)
     instance = open_instance(home)
-    tconfig = TrainingConfig.from_dapo(config.replace(max_rounds=rounds))
+    run_config = config.replace(max_rounds=rounds)
+    tconfig = TrainingConfig.from_dapo(run_config)
+    # The whole config once per `make run` (the rounds log only what a resumed run changes; MLflow has params).
+    echo(f"config of {config.run_name}: {json.dumps(run_config.to_dict(), sort_keys=True)}")
     tags = {"dapo/run_name": config.run_name, CLI_PID_TAG: str(os.getpid())}
     if live:
         training.set_console_echo(lambda line: echo(f"    {line}"))
@@ -377,7 +381,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse_override(item: str) -> tuple[str, object]:
     import dataclasses
-    import json
 
     name, _, raw = item.partition("=")
     fields = {f.name: f for f in dataclasses.fields(DapoConfig)}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+from dapo_ops.config import DapoConfig
 from pipelines.assets import checkpoints
-from pipelines.config import REANALYSIS_ASSETS, ROUND_ASSETS, SETUP_ASSETS
+from pipelines.config import REANALYSIS_ASSETS, RESOURCE_KEY, ROUND_ASSETS, SETUP_ASSETS
 
 setup_run_job = dg.define_asset_job(
     "setup_run", selection=list(SETUP_ASSETS),
@@ -15,8 +16,12 @@ training_round_job = dg.define_asset_job(
     "training_round", selection=list(ROUND_ASSETS), partitions_def=checkpoints,
     description="One GRPO/DAPO round on checkpoint k: rollouts → attention → rewards → update → reports.",
 )
+# What the launchpad scaffolds for a partition: launches as is (the default run), and shows the two knobs a
+# re-analysis changes; every other field keeps the default it has in the training_config resource.
+REANALYSIS_DEFAULTS = {"resources": {RESOURCE_KEY: {"config": {
+    "run_name": DapoConfig().run_name, "reanalysis": True, "mdi_tolerance": DapoConfig().mdi_tolerance}}}}
 reanalysis_job = dg.define_asset_job(
-    "reanalysis", selection=list(REANALYSIS_ASSETS), partitions_def=checkpoints,
-    description="Re-run only the attention analysis of a stored round (set reanalysis: true and, optionally, "
-                "another mdi_tolerance); rollouts, rewards and checkpoints are left untouched.",
+    "reanalysis", selection=list(REANALYSIS_ASSETS), partitions_def=checkpoints, config=REANALYSIS_DEFAULTS,
+    description="Re-run only the attention analysis of a stored round (optionally with another mdi_tolerance); "
+                "rollouts, rewards and checkpoints are left untouched.",
 )

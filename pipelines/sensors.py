@@ -4,7 +4,7 @@
 import dagster as dg
 
 from dapo_ops.store import checkpoint_index
-from pipelines.config import ROUND_ASSETS, TrainingConfig, run_config_for
+from pipelines.config import TrainingConfig, run_config_for
 from pipelines.jobs import training_round_job
 from pipelines.resources import RunStoreResource
 
@@ -23,7 +23,7 @@ def next_round_request(run_name: str, next_key: str, store_root: RunStoreResourc
     return dg.RunRequest(
         run_key=f"{run_name}:{next_key}",
         partition_key=next_key,
-        run_config=run_config_for(ROUND_ASSETS, config),
+        run_config=run_config_for(config),
         tags={"dapo/run_name": run_name},
     )
 

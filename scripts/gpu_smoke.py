@@ -4,9 +4,9 @@ benchmark at long context. Prints rounds/s, tokens/s and peak GPU memory; writes
     scripts/gpu_smoke.sh                         # what to run whenever a GPU is available
     python scripts/gpu_smoke.py --allow-cpu --shape tiny --prompts 4 --generations 4   # CPU dry run of the code
 
-Each round runs the library's phases in this process, exactly as `policy_update` and its upstream assets
-do (rollouts with KV cache → one teacher-forced pass with the lean attention metrics → rewards → the update
-→ eval + atomic checkpoint), without Dagster or MLflow, so the figures are the model work alone.
+Each round is `dapo_ops.round.run_round`, the round the Dagster assets run, in this process (rollouts with
+KV cache → one teacher-forced pass with the lean attention metrics → rewards + health → the update → eval +
+atomic checkpoint → reports), without Dagster or MLflow, so the figures are the round's work alone.
 
 Exit codes: 0 measured, or skipped because no GPU is present (the message starts with "SKIPPED");
 3 no GPU while --require-gpu (or REQUIRE_GPU=1) was asked for; 1 any failure.
@@ -83,6 +83,7 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
     import torch
 
     from dapo_ops import models, synthetic, training
+    from dapo_ops import round as dapo_round
     from dapo_ops.config import DapoConfig
     from dapo_ops.store import RunStore, checkpoint_key, read_json
 
@@ -119,16 +120,16 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = clock.now()
-        training.generate_round_rollouts(config, store, key, policy, log)
-        generated = clock.now()
-        training.compute_attention(config, store, key, policy, log)
-        scored = clock.now()
-        training.compute_rewards(config, store, key, log)
         if optimizer is None:
             optimizer = training.load_optimizer(store, key, policy, config)
-        updating = clock.now()
-        record = training.run_update(config, store, key, policy, optimizer, log)
+        # The round Dagster runs (dapo_ops.round), timed per phase with a clock that synchronises CUDA.
+        result = dapo_round.run_round(config, store, key, policy, optimizer, log, clock=clock.now)
         end = clock.now()
+        record = result.record
+        generated = start + result.seconds["rollouts"]
+        scored = generated + result.seconds["attention_metrics"]
+        updating = scored + result.seconds["rewards"]
+        end_update = updating + result.seconds["policy_update"]
         sampled = read_json(store.round_dir(key) / "rollouts.json")
         round_tokens = int(record["round_tokens"])
         row = {
@@ -136,12 +137,12 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
             "seconds": end - start,
             "generation_seconds": generated - start,
             "teacher_forced_seconds": scored - generated,
-            "update_seconds": end - updating,
+            "update_seconds": end_update - updating,
             "completion_tokens": int(sampled["completion_tokens"]),
             "round_tokens": round_tokens,
             "generation_tokens_per_second": int(sampled["completion_tokens"]) / max(generated - start, 1e-9),
             "tokens_per_second": round_tokens / max(end - start, 1e-9),
-            "update_tokens_per_second": round_tokens * config.num_iterations / max(end - updating, 1e-9),
+            "update_tokens_per_second": round_tokens * config.num_iterations / max(end_update - updating, 1e-9),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
             "loss": record["summary"].get("loss"),  # None: the round made no optimizer step
             "eval_accuracy": record["eval"]["eval/accuracy"],

@@ -75,3 +75,69 @@ def test_reward_weights_follow_the_configured_reward_funcs():
         DapoConfig(reward_funcs=["mc_idx_reward", "tests.custom_rewards:length_penalty"])
     with pytest.raises(ValueError, match="logs mc_idx_reward twice"):
         DapoConfig(reward_funcs=["mc_idx_reward", "mc_idx_reward"], reward_weights=[1.0, 1.0])
+
+
+def test_dagster_config_has_exactly_the_library_fields_and_reanalysis():
+    from pipelines.config import TrainingConfig
+
+    fields = set(TrainingConfig().get_resource_definition().config_schema.config_type.fields)
+    assert fields == {f.name for f in dataclasses.fields(DapoConfig)} | {"reanalysis"}
+
+
+def test_a_field_added_to_the_library_config_appears_in_the_dagster_config_with_its_choices():
+    from typing import Literal
+
+    from pipelines.config import dagster_config_class
+
+    @dataclasses.dataclass
+    class Extended(DapoConfig):
+        importance_sampling_level: Literal["token", "sequence"] = "token"
+
+    field = dagster_config_class(Extended)().get_resource_definition().config_schema.config_type.fields[
+        "importance_sampling_level"]
+    assert field.default_value == "token"
+    assert [value.config_value for value in field.config_type.enum_values] == ["token", "sequence"]
+
+
+def test_literal_fields_are_enums_with_the_library_choices_in_the_launchpad():
+    from dapo_ops.config import LOSS_TYPES, VLLM_MODES
+    from pipelines.config import TrainingConfig
+
+    fields = TrainingConfig().get_resource_definition().config_schema.config_type.fields
+    assert tuple(v.config_value for v in fields["loss_type"].config_type.enum_values) == LOSS_TYPES
+    assert tuple(v.config_value for v in fields["vllm_mode"].config_type.enum_values) == VLLM_MODES
+
+
+def test_dagster_rejects_an_unknown_literal_choice_before_the_run_starts():
+    import dagster as dg
+
+    from pipelines.config import RESOURCE_KEY
+    from pipelines.definitions import defs
+
+    job = defs.resolve_job_def("training_round")
+    good = {"resources": {RESOURCE_KEY: {"config": {"loss_type": "grpo"}}}}
+    assert dg.validate_run_config(job, good)["resources"][RESOURCE_KEY]["config"]["loss_type"] == "grpo"
+    with pytest.raises(dg.DagsterInvalidConfigError, match="loss_type not in enum type"):
+        dg.validate_run_config(job, {"resources": {RESOURCE_KEY: {"config": {"loss_type": "ppo"}}}})
+
+
+def test_the_reanalysis_job_launches_with_its_defaults():
+    """Choosing a partition in the launchpad scaffolds this config; launched unedited it re-analyses."""
+    import dagster as dg
+
+    from pipelines.config import RESOURCE_KEY
+    from pipelines.definitions import defs
+
+    job = defs.resolve_job_def("reanalysis")
+    scaffold = job.partitioned_config.get_run_config_for_partition_key("ckpt-0001")
+    resolved = dg.validate_run_config(job, scaffold)["resources"][RESOURCE_KEY]["config"]
+    assert resolved["reanalysis"] is True
+    assert resolved["run_name"] == DapoConfig().run_name
+    assert resolved["mdi_tolerance"] == DapoConfig().mdi_tolerance
+
+
+def test_use_vllm_fails_at_validation_naming_the_engine_registry():
+    with pytest.raises(ValueError, match=r"'vllm' rollout engine, which is not implemented .*dapo_ops\.engines\.ENGINES"):
+        DapoConfig(use_vllm=True)
+    with pytest.raises(ValueError, match="vllm_mode='remote' is unknown; use one of server, colocate"):
+        DapoConfig(vllm_mode="remote")

@@ -135,7 +135,8 @@ def test_sensor_requests_the_next_round_until_max_rounds(trained_run):
     request = next_round_request(trained_run.run_name, "ckpt-0001", store)
     assert isinstance(request, dg.RunRequest)
     assert request.partition_key == "ckpt-0001"
-    assert request.run_config["ops"]["rollouts"]["config"]["run_name"] == trained_run.run_name
+    # One run config for every asset of the round: the training_config resource (pipelines.config).
+    assert request.run_config["resources"]["training_config"]["config"]["run_name"] == trained_run.run_name
 
 
 def test_retrain_schedule_continues_the_latest_run_from_its_newest_checkpoint(trained_run, monkeypatch):
@@ -150,7 +151,7 @@ def test_retrain_schedule_continues_the_latest_run_from_its_newest_checkpoint(tr
         result = schedule(context)
     assert isinstance(result, dg.RunRequest)
     assert result.partition_key == "ckpt-0002"
-    assert result.run_config["ops"]["training_report"]["config"]["max_rounds"] == 5
+    assert result.run_config["resources"]["training_config"]["config"]["max_rounds"] == 5
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
 

@@ -1,0 +1,115 @@
+"""The round outside Dagster (`dapo_ops.round`): health files, the run's config record, the DONE marker,
+and `run_round` with a rollout engine of the caller's choosing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from dapo_ops import round as dapo_round
+from dapo_ops import training
+from dapo_ops.config import DapoConfig
+from dapo_ops.engines import HFEngine, RolloutEngine, make_engine
+from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.update import NonFiniteUpdateError
+
+KEY = checkpoint_key(0)
+HEALTHY_REWARDS = {"rewards/think_format_reward/mean": 0.95, "completions/clipped_ratio": 0.02,
+                   "frac_reward_zero_std": 0.3, "rewards/mdi_reward/std": 0.2, "rewards/mdi_reward/mean": 0.1}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path, "round-test")
+
+
+def test_reward_health_writes_every_finding_and_warns_only_for_the_failed(store: RunStore):
+    log = training.round_log(store, KEY)
+    collapsed = {**HEALTHY_REWARDS, "rewards/think_format_reward/mean": 0.0}
+    findings = dapo_round.reward_health(DapoConfig(), store, KEY, log, collapsed)
+    written = json.loads((store.round_dir(KEY) / dapo_round.HEALTH_REWARDS_FILE).read_text())
+    assert written == [f.to_dict() for f in findings]
+    assert [f["name"] for f in written if not f["passed"]] == ["format_collapse"]
+    warnings = [line for line in log.lines() if "WARNING health check" in line]
+    assert len(warnings) == 1 and "format_collapse" in warnings[0]
+
+
+def test_a_non_finite_update_is_written_as_a_failed_check(store: RunStore):
+    log = training.round_log(store, KEY)
+    finding = dapo_round.non_finite_health(store, KEY, log, NonFiniteUpdateError("non-finite gradient norm"))
+    assert not finding.passed and finding.severity == "ERROR"
+    assert json.loads((store.round_dir(KEY) / dapo_round.HEALTH_UPDATE_FILE).read_text()) == [finding.to_dict()]
+    assert "ERROR non-finite gradient norm" in log.lines()[-1]
+
+
+def test_start_entropy_is_the_mean_entropy_of_the_first_round(store: RunStore):
+    assert dapo_round.start_entropy(store) is None
+    store.round_dir(KEY).mkdir(parents=True)
+    pl.DataFrame({"entropy": [0.5, 1.0, 1.5]}).write_parquet(store.round_dir(KEY) / "attention.parquet")
+    assert dapo_round.start_entropy(store) == pytest.approx(1.0)
+
+
+def test_the_config_is_recorded_once_and_a_resumed_change_logs_one_line(store: RunStore):
+    log = training.round_log(store, KEY)
+    config = DapoConfig(run_name="round-test")
+    dapo_round.record_config(config, store, log)
+    assert json.loads(store.config_path.read_text()) == config.to_dict()
+    assert dapo_round.record_config(config, store, log) == []
+    assert log.lines() == []  # the full config is not logged per round
+    changed = config.replace(learning_rate=1e-3, max_rounds=10)
+    assert dapo_round.record_config(changed, store, log) == ["learning_rate 0.0005 -> 0.001", "max_rounds 8 -> 10"]
+    assert len(log.lines()) == 1
+    assert log.lines()[0].endswith("config changed since config.json: learning_rate 0.0005 -> 0.001; max_rounds 8 -> 10")
+    assert json.loads(store.config_path.read_text()) == changed.to_dict()
+
+
+def test_config_diff_names_added_and_removed_fields():
+    assert dapo_round.config_diff({"a": 1, "b": "x"}, {"a": 1, "c": [1]}) == ["b \"x\" -> (unset)", "c (unset) -> [1]"]
+
+
+def test_the_default_engine_is_the_hf_engine_on_the_policy():
+    policy = object()
+    engine = make_engine(DapoConfig(), policy)
+    assert isinstance(engine, HFEngine) and isinstance(engine, RolloutEngine) and engine.policy is policy
+
+
+class RecordingEngine:
+    """The HF engine, recording each call: what a second engine would receive from `training`."""
+
+    def __init__(self, policy) -> None:
+        self.inner = HFEngine(None, policy)
+        self.calls: list[dict] = []
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append({"prompts": len(prompts), **kwargs})
+        return self.inner.generate(prompts, **kwargs)
+
+
+@pytest.mark.slow
+def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_done(tmp_path: Path):
+    config = DapoConfig(run_name="round-test", prompts_per_round=4, num_generations=2, max_completion_length=8,
+                        steps_per_generation=2, num_iterations=1, num_train_examples=16, num_eval_examples=8,
+                        eval_subset_size=4, warmup_steps=0)
+    store = RunStore(tmp_path, config.run_name)
+    log = training.round_log(store, KEY)
+    training.prepare_dataset(config, store)
+    policy = training.build_base_checkpoint(config, store, log)["policy"]
+    optimizer = training.load_optimizer(store, KEY, policy, config)
+    engine = RecordingEngine(policy)
+    result = dapo_round.run_round(config, store, KEY, policy, optimizer, log, engine=engine)
+    assert engine.calls[0] == {"prompts": 4, "num_generations": 2, "max_completion_length": 8, "temperature": 1.0,
+                               "top_p": 1.0, "seed": training.derived_seed(config.seed, "rollouts", 0)}
+    assert list(result.seconds) == ["rollouts", "attention_metrics", "rewards", "policy_update", "attention_report",
+                                    "training_report"]
+    assert dapo_round.is_done(store, KEY) and store.is_complete_checkpoint(checkpoint_key(1))
+    round_dir, reports = store.round_dir(KEY), store.reports_dir(KEY)
+    for name in ("rollouts.parquet", "attention.parquet", "rewards.parquet", "update.json", "metrics.json",
+                 dapo_round.HEALTH_REWARDS_FILE, dapo_round.HEALTH_UPDATE_FILE):
+        assert (round_dir / name).exists(), name
+    for name in ("rollout_results.md", "attention_diagnostics.md", "run_terminal.md"):
+        assert (reports / name).stat().st_size > 0, name
+    assert json.loads((round_dir / "metrics.json").read_text()) == result.metrics
+    assert len(result.findings) == 6
