@@ -35,6 +35,15 @@ class TrainingConfig(dg.Config):
     epsilon_high: float = _DEFAULTS.epsilon_high
     beta: float = _DEFAULTS.beta
     scale_rewards: str = _DEFAULTS.scale_rewards
+    importance_sampling_level: str = _DEFAULTS.importance_sampling_level
+    delta: float | None = _DEFAULTS.delta
+    top_entropy_quantile: float = _DEFAULTS.top_entropy_quantile
+    sapo_temperature_pos: float = _DEFAULTS.sapo_temperature_pos
+    sapo_temperature_neg: float = _DEFAULTS.sapo_temperature_neg
+    mask_truncated_completions: bool = _DEFAULTS.mask_truncated_completions
+    entropy_coef: float = _DEFAULTS.entropy_coef
+    use_bias_correction_kl: bool = _DEFAULTS.use_bias_correction_kl
+    multi_objective_aggregation: str = _DEFAULTS.multi_objective_aggregation
     dynamic_sampling: bool = _DEFAULTS.dynamic_sampling
     dynamic_sampling_max_tries: int = _DEFAULTS.dynamic_sampling_max_tries
     overlong_buffer: int = _DEFAULTS.overlong_buffer
