@@ -402,6 +402,10 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
                                        config.overlong_penalty_factor).to(total.dtype)
     total = total + penalty
     advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)
+    if config.multi_objective_aggregation == "normalize_then_sum":  # the penalty as one more reward, as in TRL
+        columns = torch.tensor([per_func[n] for n in REWARD_NAMES], dtype=torch.float64).T  # [N, K]
+        advantages = adv.normalize_then_sum(torch.cat([columns, penalty[:, None]], 1),
+                                            [*config.reward_weights, 1.0], config.num_generations)
     if config.dynamic_sampling:
         keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)
     else:
@@ -583,6 +587,8 @@ def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any
     metrics["epoch"] = float(update["state"]["epoch"])
     if "kl" in summary:
         metrics["kl"] = float(summary["kl"])
+    if "cispo_clip_ratio" in summary:  # TRL logs it for loss_type="cispo" only, beside the 44
+        metrics["cispo_clip_ratio"] = float(summary["cispo_clip_ratio"])
     metrics.update({k: float(v) for k, v in update["eval"].items()})
     return metrics
 
