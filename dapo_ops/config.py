@@ -145,7 +145,7 @@ class DapoConfig:
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             problems.append(f"importance_sampling_level={self.importance_sampling_level!r} is unknown; "
                             f"use one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
-        if self.delta is not None and not self.delta > 1:
+        if self.delta is not None and (not isinstance(self.delta, int | float) or not self.delta > 1):
             problems.append(f"delta={self.delta} caps the importance ratio and must be greater than 1 "
                             f"(recommended: above 1 + epsilon_high = {1 + self.epsilon_high}), or None")
         if not 0 <= self.top_entropy_quantile <= 1:
