@@ -133,7 +133,6 @@ def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *,
 _LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE, _CISPO = range(9)
 
 
-
 def policy_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -153,9 +152,9 @@ def policy_update(
     when a loss or gradient is not finite (the caller must then discard the in-memory policy).
 
     `model` is what the forward runs through (a DDP/FSDP wrapper under `accelerate`). With several
-    processes every rank passes the whole round batch; the `dapo` loss is normalized by the completion
-    tokens of the whole step batch (TRL's `num_items_in_batch`, counted over all ranks) and multiplied by
-    the world size, because DDP averages gradients: the synchronized gradient is then exactly the
+    processes every rank passes the whole round batch; the `dapo` and `cispo` losses are normalized by
+    the completion tokens of the whole step batch (TRL's `num_items_in_batch`, counted over all ranks) and
+    multiplied by the world size, because DDP averages gradients: the synchronized gradient is then exactly the
     one-process gradient. The other loss types keep TRL's per-rank normalization (DDP's average of the
     ranks' losses). Logged step values are the same sums over ranks as one process would compute.
 
@@ -219,10 +218,9 @@ def policy_update(
                     )
                     if placeholder:
                         loss = loss * 0.0
-                    scaled = loss
                     # A non-finite loss is only flagged here: every rank must finish the same backward
                     # passes (they synchronize), and all ranks then refuse the step together.
-                    collective.backward(scaled)
+                    collective.backward(loss)
                 if placeholder:
                     continue
                 mask = mask.to(torch.float64)
@@ -231,7 +229,7 @@ def policy_update(
                 # (by its sequences when they are sequence shares).
                 weight = tokens / max(num_items, 1)
                 clip_weight = len(idx) / len(chunk) if per_sequence else weight
-                value = float(scaled.detach())
+                value = float(loss.detach())
                 sums[_LOSS] += value
                 sums[_NONFINITE] += 0.0 if math.isfinite(value) else 1.0
                 sums[_LOW] += clip_weight * float(stats["clip_ratio/low_mean"])
