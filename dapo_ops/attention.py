@@ -522,12 +522,13 @@ def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devi
 
 
 def completion_forward(
-    model: Any, rollouts_slice: RolloutLike, *, temperature: float = 1.0, with_attention: bool = False
+    model: Any, rollouts_slice: RolloutLike, *, temperature: float = 1.0, with_attention: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass]).
 
-    per_token_logps is differentiable (run it under `torch.no_grad()` for scoring), entropy is not;
-    both are [B, Tc] on the model's device. Logits are computed only for the last Tc+1 positions
+    per_token_logps is differentiable (run it under `torch.no_grad()` for scoring), entropy only with
+    `entropy_grad` (an entropy bonus); both are [B, Tc] on the model's device. Logits are computed only for the last Tc+1 positions
     (`logits_to_keep`) and divided by the sampling temperature, as in TRL (temperature <= 0, i.e. greedy
     sampling, scores the raw logits). With `with_attention`, also the [B, L] masses (no gradient, CPU)
     from the lean path.
@@ -552,7 +553,8 @@ def completion_forward(
     logits = outputs.logits[:, :-1, :]
     scale = temperature if temperature > 0 else 1.0  # per chunk inside, no scaled copy of all logits
     per_token_logps = selective_log_softmax(logits, completion_ids, temperature=scale)
-    with torch.no_grad():  # logged only (as TRL): no graph holding vocabulary-sized temporaries
+    # Usually logged only: no graph holding vocabulary-sized temporaries unless a bonus differentiates it.
+    with nullcontext() if entropy_grad else torch.no_grad():
         entropy = entropy_from_logits(logits, temperature=scale)
     if not with_attention:
         return per_token_logps, entropy

@@ -11,7 +11,9 @@ from typing import Any, Literal, get_args
 from dapo_ops import rewards
 from dapo_ops.engines import engine_problem
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+MultiObjectiveAggregation = Literal["sum_then_normalize", "normalize_then_sum"]
 ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "group_log_distance"]
@@ -21,6 +23,8 @@ VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
 # module can hand it to `loss`, `attention` and the Dagster config without importing torch).
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = get_args(ImportanceSamplingLevel)
+MULTI_OBJECTIVE_AGGREGATIONS: tuple[str, ...] = get_args(MultiObjectiveAggregation)
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
 STAGES: tuple[str, ...] = get_args(Stage)
 MDI_SHAPINGS: tuple[str, ...] = get_args(MdiShaping)
@@ -65,6 +69,16 @@ class DapoConfig:
     epsilon_high: float = 0.28
     beta: float = 0.0
     scale_rewards: ScaleRewards = "group"
+    # Objective variants (TRL's GRPOConfig names and semantics; the defaults leave the loss above unchanged).
+    importance_sampling_level: ImportanceSamplingLevel = "token"  # "sequence": GSPO's one ratio per sequence
+    delta: float | None = None  # two-sided clipping: caps the ratio of negative-advantage tokens (INTELLECT-2)
+    top_entropy_quantile: float = 1.0  # rho < 1: the loss on the top-rho highest-entropy tokens only
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    mask_truncated_completions: bool = False  # completions without EOS leave the loss (DAPO)
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean entropy of the loss tokens
+    use_bias_correction_kl: bool = False  # TRL's default is True: k3 times the importance weight
+    multi_objective_aggregation: MultiObjectiveAggregation = "sum_then_normalize"
 
     # DAPO extras.
     dynamic_sampling: bool = False
@@ -141,6 +155,22 @@ class DapoConfig:
             problems.append("epsilon and epsilon_high must be positive")
         if self.beta < 0:
             problems.append(f"beta={self.beta} must be >= 0")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            problems.append(f"importance_sampling_level={self.importance_sampling_level!r} is unknown; "
+                            f"use one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+        if self.delta is not None and (not isinstance(self.delta, int | float) or not self.delta > 1):
+            problems.append(f"delta={self.delta} caps the importance ratio and must be greater than 1 "
+                            f"(recommended: above 1 + epsilon_high = {1 + self.epsilon_high}), or None")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            problems.append(f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 keeps every token)")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            problems.append(f"sapo_temperature_pos={self.sapo_temperature_pos} and sapo_temperature_neg="
+                            f"{self.sapo_temperature_neg} must be positive")
+        if self.entropy_coef < 0:
+            problems.append(f"entropy_coef={self.entropy_coef} must be >= 0 (0 turns the entropy bonus off)")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            problems.append(f"multi_objective_aggregation={self.multi_objective_aggregation!r} is unknown; "
+                            f"use one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
         if self.num_processes < 1:
             problems.append(f"num_processes={self.num_processes} must be at least 1")
         if self.model_name_or_path != EMBEDDED and not Path(self.model_name_or_path).exists():

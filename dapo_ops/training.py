@@ -400,6 +400,10 @@ def reward_table(config: DapoConfig, table: pl.DataFrame, attention: pl.DataFram
                                        config.overlong_penalty_factor).to(total.dtype)
     total = total + penalty
     advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)  # [N]
+    if config.multi_objective_aggregation == "normalize_then_sum":  # the penalty as one more reward, as in TRL
+        columns = torch.tensor([per_func[n] for n in config.reward_names], dtype=torch.float64).T  # [N, K]
+        advantages = adv.normalize_then_sum(torch.cat([columns, penalty[:, None]], 1),
+                                            [*config.reward_weights, 1.0], config.num_generations)  # [N]
     if config.dynamic_sampling:
         keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)  # [N]
     else:
@@ -594,6 +598,8 @@ def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any
     metrics["epoch"] = float(update["state"]["epoch"])
     if "kl" in summary:
         metrics["kl"] = float(summary["kl"])
+    if "cispo_clip_ratio" in summary:  # TRL logs it for loss_type="cispo" only, beside the 44
+        metrics["cispo_clip_ratio"] = float(summary["cispo_clip_ratio"])
     metrics.update({k: float(v) for k, v in update["eval"].items()})
     return metrics
 

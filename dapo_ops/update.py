@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
 from dapo_ops.loss import policy_loss
@@ -57,6 +58,8 @@ class UpdateResult:
         }
         if "kl" in self.steps[0]:
             out["kl"] = mean("kl")
+        if "cispo_clip_ratio" in self.steps[0]:
+            out["cispo_clip_ratio"] = mean("cispo_clip_ratio")
         return out
 
 
@@ -128,7 +131,7 @@ def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *,
 
 
 # Per-step sums reduced across processes in one call.
-_LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE = range(8)
+_LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE, _CISPO = range(9)
 
 
 def policy_update(
@@ -150,11 +153,15 @@ def policy_update(
     when a loss or gradient is not finite (the caller must then discard the in-memory policy).
 
     `model` is what the forward runs through (a DDP/FSDP wrapper under `accelerate`). With several
-    processes every rank passes the whole round batch; the `dapo` loss is normalized by the completion
-    tokens of the whole step batch (TRL's `num_items_in_batch`, counted over all ranks) and multiplied by
-    the world size, because DDP averages gradients: the synchronized gradient is then exactly the
+    processes every rank passes the whole round batch; the `dapo` and `cispo` losses are normalized by
+    the completion tokens of the whole step batch (TRL's `num_items_in_batch`, counted over all ranks) and
+    multiplied by the world size, because DDP averages gradients: the synchronized gradient is then exactly the
     one-process gradient. The other loss types keep TRL's per-rank normalization (DDP's average of the
     ranks' losses). Logged step values are the same sums over ranks as one process would compute.
+
+    The objective options of `config` (importance sampling level, delta, entropy quantile, SAPO
+    temperatures, entropy bonus) go to `policy_loss`; with `mask_truncated_completions` the completions that
+    did not end with EOS leave the loss (and its token count), as TRL zeroes their completion mask.
     """
     model.train()
     world, rank = collective.world_size, collective.rank
@@ -166,25 +173,31 @@ def policy_update(
             "no optimizer step: loss and grad_norm are not logged this round")
         return result
     completion_mask = rollouts.completion_mask
-    loss_scale = float(world) if config.loss_type == "dapo" else 1.0
+    if config.mask_truncated_completions:
+        completion_mask = truncated_completions_mask(completion_mask, rollouts.is_eos)
+    # Clip shares are over sequences when the importance weight is one per sequence (TRL's metrics).
+    per_sequence = config.importance_sampling_level == "sequence"
+    needs_entropies = config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0
     for epoch in range(config.num_iterations):
         for chunk in step_chunks(kept, config, generator=generator):
             micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world, rank=rank)
             optimizer.zero_grad(set_to_none=True)
             # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
             num_items = int(completion_mask[chunk].sum().item())
-            sums = torch.zeros(8, dtype=torch.float64)
+            sums = torch.zeros(9, dtype=torch.float64)
             for position, idx in enumerate(micro_batches):
                 placeholder = len(idx) == 0  # keeps this rank's collectives in step; contributes nothing
                 rows = chunk[:1] if placeholder else idx
                 batch = rollouts.select(rows)
                 with collective.sync_context(model, sync=position == len(micro_batches) - 1):
-                    logps, entropy = completion_forward(model, batch, temperature=config.temperature)
+                    logps, entropy = completion_forward(model, batch, temperature=config.temperature,
+                                                        entropy_grad=config.entropy_coef != 0.0)
+                    mask = completion_mask[rows]
                     loss, stats = policy_loss(
                         logps,
                         old_per_token_logps[rows].to(logps.device),
                         advantages[rows].to(logps.device),
-                        batch.completion_mask.to(logps.device),
+                        mask.to(logps.device),
                         loss_type=config.loss_type,
                         epsilon=config.epsilon,
                         epsilon_high=config.epsilon_high,
@@ -193,28 +206,38 @@ def policy_update(
                         else ref_per_token_logps[rows].to(logps.device),
                         max_completion_length=config.max_completion_length,
                         num_items_in_batch=num_items,
-                    )
-                    if config.loss_type != "dapo":
+                        importance_sampling_level=config.importance_sampling_level,
+                        delta=config.delta,
+                        entropies=entropy if needs_entropies else None,
+                        top_entropy_quantile=config.top_entropy_quantile,
+                        sapo_temperature_pos=config.sapo_temperature_pos,
+                        sapo_temperature_neg=config.sapo_temperature_neg,
+                        entropy_coef=config.entropy_coef,
+                        use_bias_correction_kl=config.use_bias_correction_kl,
                         # TRL scales per-micro-batch normalized losses by the accumulation steps.
-                        loss = loss / len(micro_batches)
+                        gradient_accumulation_steps=len(micro_batches),
+                        num_processes=world,
+                    )
                     if placeholder:
                         loss = loss * 0.0
-                    scaled = loss * loss_scale
                     # A non-finite loss is only flagged here: every rank must finish the same backward
                     # passes (they synchronize), and all ranks then refuse the step together.
-                    collective.backward(scaled)
+                    collective.backward(loss)
                 if placeholder:
                     continue
-                mask = batch.completion_mask.to(torch.float64)
+                mask = mask.to(torch.float64)
                 tokens = float(mask.sum())
-                # Clip ratios are token shares: weight each micro-batch by its completion tokens, as TRL does.
+                # Clip ratios are token shares: weight each micro-batch by its completion tokens, as TRL does
+                # (by its sequences when they are sequence shares).
                 weight = tokens / max(num_items, 1)
-                value = float(scaled.detach())
+                clip_weight = len(idx) / len(chunk) if per_sequence else weight
+                value = float(loss.detach())
                 sums[_LOSS] += value
                 sums[_NONFINITE] += 0.0 if math.isfinite(value) else 1.0
-                sums[_LOW] += weight * float(stats["clip_ratio/low_mean"])
-                sums[_HIGH] += weight * float(stats["clip_ratio/high_mean"])
-                sums[_REGION] += weight * float(stats["clip_ratio/region_mean"])
+                sums[_LOW] += clip_weight * float(stats["clip_ratio/low_mean"])
+                sums[_HIGH] += clip_weight * float(stats["clip_ratio/high_mean"])
+                sums[_REGION] += clip_weight * float(stats["clip_ratio/region_mean"])
+                sums[_CISPO] += clip_weight * float(stats.get("cispo_clip_ratio", 0.0))
                 sums[_KL] += weight * float(stats.get("kl", 0.0))
                 sums[_ENTROPY] += float((entropy.detach().double().cpu() * mask).sum())
                 sums[_TOKENS] += tokens
@@ -249,6 +272,8 @@ def policy_update(
             }
             if config.beta > 0:
                 record["kl"] = float(sums[_KL])
+            if config.loss_type == "cispo":
+                record["cispo_clip_ratio"] = float(sums[_CISPO])
             result.steps.append(record)
             log(
                 f"step {result.global_step}: epoch {epoch} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.4f} "

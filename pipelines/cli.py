@@ -393,6 +393,8 @@ def _parse_override(item: str) -> tuple[str, object]:
         return name, type(default)(raw)
     if isinstance(default, list):
         return name, json.loads(raw)
+    if default is None:  # an optional number such as delta: "1.5" or "null"
+        return name, json.loads(raw)
     return name, raw
 
 

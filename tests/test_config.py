@@ -141,3 +141,29 @@ def test_use_vllm_fails_at_validation_naming_the_engine_registry():
         DapoConfig(use_vllm=True)
     with pytest.raises(ValueError, match="vllm_mode='remote' is unknown; use one of server, colocate"):
         DapoConfig(vllm_mode="remote")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"loss_type": "vespo"}, "use one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo"),
+        ({"importance_sampling_level": "batch"}, "importance_sampling_level='batch' is unknown"),
+        ({"delta": 0.9}, "delta=0.9 caps the importance ratio and must be greater than 1"),
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile=1.5 must be in [0, 1]"),
+        ({"sapo_temperature_neg": 0.0}, "must be positive"),
+        ({"entropy_coef": -0.1}, "entropy_coef=-0.1 must be >= 0"),
+        ({"multi_objective_aggregation": "sum"}, "multi_objective_aggregation='sum' is unknown"),
+    ],
+)
+def test_invalid_objective_options_name_the_field(changes, message):
+    with pytest.raises(ValueError, match="Invalid dapo-vlm configuration") as info:
+        DapoConfig(**changes)
+    assert message in str(info.value)
+
+
+def test_objective_options_default_to_trls_plain_loss():
+    config = DapoConfig()
+    assert (config.importance_sampling_level, config.delta, config.top_entropy_quantile) == ("token", None, 1.0)
+    assert (config.sapo_temperature_pos, config.sapo_temperature_neg) == (1.0, 1.05)
+    assert not config.mask_truncated_completions and config.entropy_coef == 0.0
+    assert config.multi_objective_aggregation == "sum_then_normalize"
