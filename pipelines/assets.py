@@ -216,7 +216,7 @@ def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store
     metrics = training.batch_metrics(cfg, training.round_table(store, key))
     findings = health.reward_findings(metrics, mdi_weight=cfg.weights["mdi_reward"])
     _log_findings(log, findings)
-    write_json_atomic(store.round_dir(key) / "health_rewards.json", [f.to_dict() for f in findings])
+    write_json_atomic(store.round(key).health_rewards, [f.to_dict() for f in findings])
     yield dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         "accuracy": metrics["rewards/mc_idx_reward/mean"],
@@ -258,34 +258,34 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
 
                 ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
             record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
-            policy_cache.put(store, record["state"]["checkpoint"], policy, optimizer)
+            policy_cache.put(store, record.next_checkpoint, policy, optimizer)
     except NonFiniteUpdateError as error:
         policy_cache.invalidate()
         log.error(str(error))
         finding = health.non_finite({"grad_norm" if "gradient" in str(error) else "loss": float("nan")})
-        write_json_atomic(store.round_dir(key) / "health_update.json", [finding.to_dict()])
+        write_json_atomic(store.round(key).health_update, [finding.to_dict()])
         yield _check_result(finding)  # the failed health check is recorded with the failed round
         raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
     except BaseException:
         policy_cache.invalidate()
         raise
-    next_key = record["state"]["checkpoint"]
+    next_key = record.next_checkpoint
     add_checkpoint_partitions(context.instance, [next_key])
     start_entropy = _start_entropy(store)
-    metrics = {**record["summary"], **record["eval"]}
+    metrics = {**record.summary, **record.eval}
     findings = health.update_findings(metrics, start_entropy=start_entropy)
     _log_findings(log, findings)
-    write_json_atomic(store.round_dir(key) / "health_update.json", [f.to_dict() for f in findings])
+    write_json_atomic(store.round(key).health_update, [f.to_dict() for f in findings])
     yield dg.MaterializeResult(metadata={
         **child_metadata,
         "run_name": cfg.run_name,
         "num_processes": cfg.num_processes,
         "next_checkpoint": next_key,
-        "global_step": record["state"]["global_step"],
-        "optimizer_steps": len(record["steps"]),
-        "loss": record["summary"]["loss"],
-        "entropy": record["summary"]["entropy"],
-        "eval_accuracy": record["eval"]["eval/accuracy"],
+        "global_step": record.global_step,
+        "optimizer_steps": len(record.steps),
+        "loss": record.loss,
+        "entropy": record.summary["entropy"],
+        "eval_accuracy": record.eval_accuracy,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
     })
     for finding in findings:
@@ -302,7 +302,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     import torch
 
     from dapo_ops import distributed
-    from dapo_ops.store import read_json
+    from dapo_ops.round_files import read_update_record
     from dapo_ops.update import NonFiniteUpdateError
 
     # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
@@ -324,8 +324,8 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
         if failure and failure.get("kind") == distributed.NON_FINITE:
             raise NonFiniteUpdateError(failure["message"]) from error
         raise
-    record = read_json(store.round_dir(key) / "update.json")
-    store.require_checkpoint(record["state"]["checkpoint"])
+    record = read_update_record(store, key)
+    store.require_checkpoint(record.next_checkpoint)
     metadata: dict = {}
     for result in invocation.get_results():
         if isinstance(result, dg.MaterializeResult):
@@ -336,7 +336,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
 def _start_entropy(store) -> float | None:
     import polars as pl
 
-    path = store.round_dir(checkpoint_key(0)) / "attention.parquet"
+    path = store.round(checkpoint_key(0)).attention_parquet
     if not path.exists():
         return None
     return float(pl.read_parquet(path)["entropy"].mean())
@@ -370,7 +370,7 @@ def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, 
     cfg = config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
-    table = pl.read_parquet(store.round_dir(key) / "attention.parquet")
+    table = pl.read_parquet(store.round(key).attention_parquet)
     tolerance = float(table["mdi_tolerance"][0])
     out = store.reports_dir(key)
     stage_means = reports.attention_stage_means(table)
@@ -401,17 +401,18 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
 
     from dapo_ops import charts, reports, training
     from dapo_ops import store as store_io
+    from dapo_ops.round_files import read_update_record
 
     cfg = config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
-    round_dir = store.round_dir(key)
-    update = store_io.read_json(round_dir / "update.json")
+    files = store.round(key)
+    update = read_update_record(store, key)
     table = training.round_table(store, key)
     metrics = training.round_metrics(cfg, table, update)
     start = time.time()
-    write_json_atomic(round_dir / "metrics.json", metrics)
+    write_json_atomic(files.metrics, metrics)
     out = store.reports_dir(key)
     history = training.metrics_history(store)
     curves = charts.learning_curves_png(history, out / "learning_curves.png")
@@ -419,7 +420,7 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
                                                 checkpoint=key)
     write_text_atomic(out / "rollout_results.md", rollout_md)
     faults.point("mid_report_write")
-    findings = [*store_io.read_json(round_dir / "health_rewards.json"), *store_io.read_json(round_dir / "health_update.json")]
+    findings = [*store_io.read_json(files.health_rewards), *store_io.read_json(files.health_update)]
     log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
         f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
         f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
@@ -430,7 +431,7 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
     artifacts = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", terminal_path,
                                      curves, out / "attention_balance.png"]}
-    sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics, artifacts=artifacts,
+    sent = tracker.log_round(key, step=update.global_step, metrics=metrics, artifacts=artifacts,
                              tags=_run_tags(context, cfg.run_name, key))
     if not sent:
         log.warning(f"MLflow at {mlflow.uri(store.root)} is unreachable: round {key} is journaled and will be sent "
@@ -445,10 +446,10 @@ def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, r
             "attention/all/mdi", "entropy", "completions/mean_length")))
     # Marks the round finished for resumption (`make run` skips it from now on).
     faults.point("before_round_done")
-    write_text_atomic(round_dir / "DONE", f"{time.time() - start:.3f}\n")
+    write_text_atomic(files.done, f"{time.time() - start:.3f}\n")
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "global_step": int(update["state"]["global_step"]),
+        "global_step": update.global_step,
         "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
         # The file holds every rollout; the UI shows the tables and the first samples.
         "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(

@@ -151,9 +151,9 @@ def test_two_processes_give_the_same_updated_weights(both_updates):
     assert moved > 1e-4  # the update did change the weights
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
-    optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)
+    optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=True)
     assert optimizer["state"] and len(optimizer["param_groups"][0]["params"]) == len(
-        torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)["param_groups"][0]["params"])
+        torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=True)["param_groups"][0]["params"])
 
 
 @pytest.mark.slow
