@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from dapo_ops import distributed, models, training
 from dapo_ops.config import DapoConfig
+from dapo_ops.round_files import UpdateRecord
 from dapo_ops.store import RunStore, checkpoint_key
 from dapo_ops.update import rank_micro_batches
 
@@ -72,7 +73,7 @@ def _copy(prepared: Path, name: str) -> RunStore:
     return RunStore(root, CONFIG.run_name)
 
 
-def _update_in_process(store: RunStore) -> dict:
+def _update_in_process(store: RunStore) -> UpdateRecord:
     config = CONFIG.replace(num_processes=1)
     policy = models.load_policy(training.resolve_model_dir(store, KEY))
     optimizer = training.load_optimizer(store, KEY, policy, config)
