@@ -16,8 +16,10 @@ CHECKPOINT ?=
 PORT ?=
 NUM_PROCESSES ?=
 PYTEST_ARGS ?=
+CONFIG ?=
+SET ?=
 
-RUN_ARGS := $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
+RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 

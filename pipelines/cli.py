@@ -326,14 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train ROUNDS rounds on the embedded default or DATASET/MODEL")
-    run.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
-    run.add_argument("--dataset", default=EMBEDDED)
-    run.add_argument("--model", default=EMBEDDED)
-    run.add_argument("--num-processes", type=int, default=1)
+    run.add_argument("--config", type=Path, default=None, metavar="FILE",
+                     help="a run config YAML of DapoConfig fields (configs/runs/*.yaml)")
+    run.add_argument("--rounds", type=int, default=None, help=f"max_rounds (default {DEFAULT_ROUNDS})")
+    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or None)
+    run.add_argument("--dataset", default=None, help=f"dataset (default {EMBEDDED})")
+    run.add_argument("--model", default=None, help=f"model_name_or_path (default {EMBEDDED})")
+    run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--quiet", action="store_true", help="only one line per round")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4")
+                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4 (after --config)")
+    launchpad = sub.add_parser("launchpad-config", help="print a run config file as Dagster launchpad YAML")
+    launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
     re = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
     re.add_argument("--checkpoint", required=True)
     re.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
@@ -348,16 +352,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-instance":
         print(prepare_instance())
         return 0
-    if args.command == "run":
-        overrides = dict(_parse_override(item) for item in args.set)
+    if args.command == "launchpad-config":
+        from dapo_ops.runconfig import RunConfigError, launchpad_yaml
+
         try:
-            config = DapoConfig(run_name=args.run_name, dataset=args.dataset, model_name_or_path=args.model,
-                                num_processes=args.num_processes, max_rounds=args.rounds, **overrides)
+            print(launchpad_yaml(args.config), end="")
+        except RunConfigError as error:
+            print(error, file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "run":
+        try:
+            config = run_config_from_args(args)
         except (ValueError, TypeError) as error:
             print(error, file=sys.stderr)
             return 2
         try:
-            run_training(config, args.rounds, live=not args.quiet)
+            run_training(config, config.max_rounds, live=not args.quiet)
         except KeyboardInterrupt as error:
             print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
                   file=sys.stderr)
@@ -378,23 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _parse_override(item: str) -> tuple[str, object]:
-    import dataclasses
+def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
+    """Defaults < --config FILE < the explicit flags (--run-name, --dataset, --model, --num-processes,
+    --rounds: what `make run RUN_NAME=... ROUNDS=...` passes) < --set overrides; raises `RunConfigError`
+    naming the key and the file."""
+    from dapo_ops.runconfig import load_run_config
 
-    name, _, raw = item.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(DapoConfig)}
-    if name not in fields:
-        raise SystemExit(f"--set {item}: unknown field {name!r}; fields: {', '.join(sorted(fields))}")
-    default = getattr(DapoConfig(), name)
-    if isinstance(default, bool):
-        return name, raw.lower() in ("1", "true", "yes")
-    if isinstance(default, int | float):
-        return name, type(default)(raw)
-    if isinstance(default, list):
-        return name, json.loads(raw)
-    if default is None:  # an optional number such as delta: "1.5" or "null"
-        return name, json.loads(raw)
-    return name, raw
+    flags = {"run_name": args.run_name, "dataset": args.dataset, "model_name_or_path": args.model,
+             "num_processes": args.num_processes, "max_rounds": args.rounds}
+    return load_run_config(args.config, args.set, flags={k: v for k, v in flags.items() if v is not None})
 
 
 def sync_mlflow(run_name: str | None) -> int:
