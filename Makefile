@@ -23,7 +23,7 @@ RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
-.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze sync-mlflow bench clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ mlflow-ui: install
 reanalyze: install
 	@test -n "$(CHECKPOINT)" || { echo "usage: make reanalyze CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MDI_TOLERANCE=...]"; exit 2; }
 	$(BIN)/python -m pipelines.cli reanalyze --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MDI_TOLERANCE),--mdi-tolerance $(MDI_TOLERANCE))
+
+# A checkpoint as a standalone model directory (MERGE=1: a LoRA adapter merged into the base weights).
+export: install
+	@test -n "$(CHECKPOINT)" || { echo "usage: make export CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MERGE=1] [OUT=dir]"; exit 2; }
+	$(BIN)/python -m pipelines.cli export --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MERGE),--merge) $(if $(OUT),--out $(OUT))
 
 sync-mlflow: install
 	$(BIN)/python -m pipelines.cli sync-mlflow $(if $(RUN_NAME),--run-name $(RUN_NAME))

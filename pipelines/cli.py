@@ -237,7 +237,7 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
 
 def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
-    from dapo_ops import faults, training
+    from dapo_ops import faults, retention, training
     from dapo_ops import store as store_io
     from dapo_ops.store import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
@@ -261,6 +261,7 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
         faults.point("before_setup")
         materialize(SETUP_ASSETS, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
+    retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
     for k in range(rounds):
         key = checkpoint_key(k)
         files = store.round(key)
@@ -273,6 +274,9 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
             selection = ("attention_report", "training_report")
         if files.dir.exists() and any(p != files.log for p in files.dir.iterdir()):
             training.round_log(store, key)(f"resuming {key} after an interruption: {', '.join(selection)}")
+        if selection == ROUND_ASSETS:
+            # Stop before the round, never halfway through writing its checkpoint.
+            retention.check_disk_space(store, key, run_config)
         round_start = time.perf_counter()
         echo(f"[round {k + 1}/{rounds}] {key}: {', '.join(selection)}")
         faults.point("before_round")
@@ -304,6 +308,7 @@ def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
 def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
     import dagster as dg
 
+    from dapo_ops import retention
     from dapo_ops.store import RunStore, read_json
     from pipelines.config import REANALYSIS_ASSETS, TrainingConfig
 
@@ -313,6 +318,8 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     if not store.config_path.exists():
         raise SystemExit(f"no run {run_name!r} under {root / 'runs'}; pass RUN_NAME=<an existing run>")
     values = read_json(store.config_path)
+    store.require_checkpoint(checkpoint)
+    retention.require_weights(store, checkpoint)  # a pruned checkpoint: say so before Dagster starts
     if mdi_tolerance is not None:
         values["mdi_tolerance"] = mdi_tolerance
     config = TrainingConfig(**values, reanalysis=True)
@@ -320,6 +327,23 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     materialize(REANALYSIS_ASSETS, config, partition_key=checkpoint, instance=instance,
                 tags={"dapo/run_name": run_name, "dapo/reanalysis": "true"})
     print(f"re-analysed {checkpoint} of {run_name}: {store.reports_dir(checkpoint) / 'attention_diagnostics.md'}")
+
+
+def export(run_name: str, checkpoint: str, *, merge: bool, out: Path | None, root: Path | None = None) -> int:
+    """`make export`: checkpoint -> a directory `AutoModelForImageTextToText.from_pretrained` loads."""
+    from dapo_ops import export as export_ops
+    from dapo_ops.retention import PrunedCheckpointError
+    from dapo_ops.store import RunStore
+
+    store = RunStore(root or data_root(), run_name)
+    target = out or export_ops.default_out(store, checkpoint, merge=merge)
+    try:
+        written = export_ops.export_checkpoint(store, checkpoint, target, merge=merge)
+    except (FileNotFoundError, PrunedCheckpointError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint} of {run_name}{' (LoRA merged)' if merge else ''}: {written}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="override any DapoConfig field, e.g. --set learning_rate=1e-4 (after --config)")
     launchpad = sub.add_parser("launchpad-config", help="print a run config file as Dagster launchpad YAML")
     launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
+    export = sub.add_parser("export", help="write a checkpoint as a standalone transformers model directory")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
+    export.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights")
+    export.add_argument("--out", type=Path, default=None, help="default: <run>/export/<checkpoint>[-merged]")
     re = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
     re.add_argument("--checkpoint", required=True)
     re.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
@@ -380,8 +409,16 @@ def main(argv: list[str] | None = None) -> int:
             return 3 if isinstance(error, RunLockedError) else 1
         return 0
     if args.command == "reanalyze":
-        reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        from dapo_ops.retention import PrunedCheckpointError
+
+        try:
+            reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        except PrunedCheckpointError as error:
+            print(error, file=sys.stderr)
+            return 2
         return 0
+    if args.command == "export":
+        return export(args.run_name, args.checkpoint, merge=args.merge, out=args.out)
     if args.command == "sync-mlflow":
         return sync_mlflow(args.run_name)
     if args.command == "mlflow-ui":
