@@ -65,6 +65,10 @@ export: install
 	@test -n "$(CHECKPOINT)" || { echo "usage: make export CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MERGE=1] [OUT=dir]"; exit 2; }
 	$(BIN)/python -m pipelines.cli export --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MERGE),--merge) $(if $(OUT),--out $(OUT))
 
+# Peak accelerator memory per process of a config (MODEL=dir with a config.json; GPU_MEMORY=GiB to check fit).
+plan: install
+	$(BIN)/python -m pipelines.cli plan $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
+
 sync-mlflow: install
 	$(BIN)/python -m pipelines.cli sync-mlflow $(if $(RUN_NAME),--run-name $(RUN_NAME))
 

@@ -360,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true", help="only one line per round")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="override any DapoConfig field, e.g. --set learning_rate=1e-4 (after --config)")
+    plan = sub.add_parser("plan", help="estimate peak accelerator memory per process before the first round")
+    plan.add_argument("--config", type=Path, default=None, metavar="FILE")
+    plan.add_argument("--model", default=None, help="a model directory (its config.json is enough)")
+    plan.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB")
     launchpad = sub.add_parser("launchpad-config", help="print a run config file as Dagster launchpad YAML")
     launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
     export = sub.add_parser("export", help="write a checkpoint as a standalone transformers model directory")
@@ -381,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-instance":
         print(prepare_instance())
         return 0
+    if args.command == "plan":
+        return memory_plan_command(args)
     if args.command == "launchpad-config":
         from dapo_ops.runconfig import RunConfigError, launchpad_yaml
 
@@ -424,6 +431,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mlflow-ui":
         return mlflow_ui(args.port)
     return 2
+
+
+def memory_plan_command(args: argparse.Namespace) -> int:
+    """`make plan`: the memory estimate of a run config (paths need only hold a config.json)."""
+    from dapo_ops import memory_plan
+    from dapo_ops.runconfig import RunConfigError, coerce, read_yaml
+
+    values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
+    model = args.model or values.get("model_name_or_path", EMBEDDED)
+    values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
+    try:
+        from dapo_ops.runconfig import load_run_config
+
+        config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
+        plan = memory_plan.estimate(model, config)
+    except (RunConfigError, FileNotFoundError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(memory_plan.render(plan, config, args.gpu_memory))
+    return 0 if args.gpu_memory is None or plan.peak <= args.gpu_memory * memory_plan.GIB else 1
 
 
 def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
