@@ -11,12 +11,12 @@ from typing import Any, Literal
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
-MdiShaping = Literal["clip", "group_log_distance"]
+MdiShaping = Literal["clip", "group_log_distance", "group_zscore"]
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
 STAGES: tuple[str, ...] = ("early", "middle", "late", "all")
-MDI_SHAPINGS: tuple[str, ...] = ("clip", "group_log_distance")
+MDI_SHAPINGS: tuple[str, ...] = ("clip", "group_log_distance", "group_zscore")
 REWARD_NAMES: tuple[str, ...] = ("mc_idx_reward", "think_format_reward", "mdi_reward")
 
 EMBEDDED = "embedded"
