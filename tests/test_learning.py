@@ -101,3 +101,29 @@ def test_group_log_distance_shaping_keeps_a_signal_on_the_same_rollouts():
     shaped = torch.tensor(values).view(-1, group)
     best = mdi.log().abs().argmin(dim=1)
     assert bool((shaped.gather(1, best[:, None]) > 0).all())
+
+
+def test_group_zscore_hand_values():
+    # d = |ln mdi| = (ln 2, 2 ln 2): mean 1.5 ln 2, population std 0.5 ln 2 -> z = (+1, -1).
+    values = rewards.mdi_reward(["x"] * 2, mdi=[2.0, 4.0], mdi_shaping="group_zscore", num_generations=2)
+    assert values == pytest.approx([1.0, -1.0])
+
+
+def test_group_zscore_does_not_amplify_near_equal_distances():
+    # A 0.01 % MDI difference is below the floor spread (0.05 ln R), so it stays a tiny reward, not +-1.
+    values = rewards.mdi_reward(["x"] * 2, mdi=[0.5, 0.50005], mdi_shaping="group_zscore", num_generations=2)
+    assert max(abs(v) for v in values) < 0.01
+
+
+def test_group_zscore_gives_attention_a_spread_comparable_to_accuracy_on_recorded_rollouts():
+    """group_log_distance divides by ln R / 2, far wider than a group's spread of |ln MDI|, so its within-group
+    std is ~0.1 beside 3 x accuracy's ~1; the z-score makes it several times larger."""
+    table = _saturated_groups(_recorded(), 8)
+    mdi = table["mdi"].to_list()
+
+    def within_group_std(shaping: str) -> float:
+        values = rewards.mdi_reward(mdi, mdi=mdi, mdi_shaping=shaping, num_generations=8)
+        return float(torch.tensor(values).view(-1, 8).std(dim=1).mean())
+
+    assert within_group_std("group_log_distance") < 0.15
+    assert within_group_std("group_zscore") > 3 * within_group_std("group_log_distance")
