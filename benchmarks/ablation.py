@@ -105,6 +105,9 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def summarize(rows: dict[str, dict[str, Any]], default_row: str, off_row: str = "off") -> dict[str, Any]:
     """Last-round ratio of mean |ln MDI| (stage all) and eval accuracy delta, default shaping vs off."""
+    if default_row not in rows or off_row not in rows:
+        return {"default_row": default_row, "mdi_log_ratio_vs_off": math.nan, "eval_accuracy_delta_vs_off": math.nan,
+                "goal": f"needs the rows {off_row!r} and {default_row!r}"}
     mdi_default = rows[default_row]["abs_log_mdi/all"][-1][0]
     mdi_off = rows[off_row]["abs_log_mdi/all"][-1][0]
     acc_default = rows[default_row]["eval_accuracy"][-1][0]

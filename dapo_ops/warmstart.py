@@ -1,12 +1,12 @@
 """Supervised warm start: teach a fresh policy the `<think>...</think> Answer: {letter}` format.
 
 A randomly initialised policy earns no reward at all; a short teacher-forced pass on the training rows
-gives RL something to improve. By default (`teach="format"`) the targets name a choice drawn uniformly
-at random, not the right one: the policy learns the format and to answer with the letter of the choice
-it names, but neither the task nor a letter prior, so ckpt-0000 sits at chance and the learning that
-follows is RL's. With the right answers (`teach="task"`) 45 steps already took the embedded color task to
-0.46 (chance 0.25), and on data whose correct letters are skewed (A and B are valid for every question of
-a 2-8 choice set) they teach that skew, which RL then amplifies into answering one letter.
+gives RL something to improve. By default (`teach="task"`) the targets are the right answers: 45 steps
+take the embedded color task to 0.46 (chance 0.25), and on data whose correct letters are skewed (A and B
+are valid for every question of a 2-8 choice set) they also teach that skew. With `teach="format"` the
+targets name a choice drawn uniformly at random: the policy learns the format and no letter prior, and
+ckpt-0000 sits at chance; but measured on the embedded model, RL from there did not leave chance within
+8 rounds (learning rate 5e-4) and collapsed the format at 2e-3, so it is not the default.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def supervised_warm_start(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     on_step: Callable[[int, float], None] | None = None,
-    teach: str = "format",
+    teach: str = "task",
 ) -> list[float]:
     """`steps` AdamW steps of teacher-forced cross-entropy on a target completion + `<|im_end|>`.
 
