@@ -16,7 +16,7 @@ ImportanceSamplingLevel = Literal["token", "sequence"]
 MultiObjectiveAggregation = Literal["sum_then_normalize", "normalize_then_sum"]
 ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
-MdiShaping = Literal["clip", "group_log_distance"]
+MdiShaping = Literal["clip", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 
