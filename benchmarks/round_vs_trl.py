@@ -260,11 +260,12 @@ class PipelineTimer:
 def pipeline_phases(store, key: str, wall: float, steps: dict[str, float]) -> dict[str, float]:
     """Where the pipeline round's time went, from the round's files and Dagster's step stats."""
     from dapo_ops import store as store_io
+    from dapo_ops.round_files import read_update_record
 
-    round_dir = store.round_dir(key)
-    generation = float(store_io.read_json(round_dir / "rollouts.json")["seconds"])
-    attention = float(store_io.read_json(round_dir / "attention.json")["seconds"])
-    seconds = store_io.read_json(round_dir / "update.json")["seconds"]
+    files = store.round(key)
+    generation = float(store_io.read_json(files.rollouts_json)["seconds"])
+    attention = float(store_io.read_json(files.attention_json)["seconds"])
+    seconds = read_update_record(store, key).seconds or {}
     update, evaluation, save = float(seconds["update"]), float(seconds["eval"]), float(seconds["save"])
     training_steps = sum(steps.get(name, 0.0) for name in ("rollouts", "attention_metrics", "policy_update"))
     phases = {
@@ -280,7 +281,7 @@ def pipeline_phases(store, key: str, wall: float, steps: dict[str, float]) -> di
         "Dagster overhead": wall - sum(steps.values()) if steps else float("nan"),
         "total": wall,
     }
-    phases["generated tokens"] = float(store_io.read_json(round_dir / "rollouts.json")["completion_tokens"])
+    phases["generated tokens"] = float(store_io.read_json(files.rollouts_json)["completion_tokens"])
     return phases
 
 

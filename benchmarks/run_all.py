@@ -14,13 +14,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks import attention, common, round_vs_trl
+from dapo_ops.store import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,20 +48,6 @@ SECONDARY: dict[str, str] = {
     "round_time_ratio_vs_trl_best": "fastest library round / fastest TRL round",
     "pipeline_round_time_ratio_vs_trl_best": "fastest pipeline round / fastest TRL round",
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -127,8 +113,8 @@ def write_results(results: dict[str, dict[str, Any]], machine: dict[str, Any], o
     document = {"summary": summary, "machine": machine, "quick": quick, "seconds": wall, "failed": list(failed),
                 **results}
     text = render(results, summary, machine, wall, failed, quick)
-    write_atomic(out_dir / "results.json", json.dumps(common.json_safe(document), indent=2, default=str) + "\n")
-    write_atomic(out_dir / "results.md", text)
+    write_text_atomic(out_dir / "results.json", json.dumps(common.json_safe(document), indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "results.md", text)
     print(f"wrote {out_dir / 'results.md'} and {out_dir / 'results.json'}", file=sys.stderr)
     return text
 

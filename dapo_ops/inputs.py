@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import polars as pl
 import torch
 from PIL import Image
 
@@ -248,16 +247,3 @@ def encode_prompts(
         texts=texts,
     )
 
-
-def encode_rows(
-    policy: Policy, rows: pl.DataFrame | Sequence[Mapping[str, Any]], **kwargs: Any
-) -> PromptBatch:
-    """`encode_prompts` for rows in the A-OKVQA layout (question, choices, image bytes or struct)."""
-    records = rows.to_dicts() if isinstance(rows, pl.DataFrame) else list(rows)
-    return encode_prompts(
-        policy,
-        [r["question"] for r in records],
-        [list(r["choices"]) for r in records],
-        [r["image"] for r in records],
-        **kwargs,
-    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,16 +130,6 @@ class RolloutBatch:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> RolloutBatch:
         return cls(**{f.name: state[f.name] for f in fields(cls)})
-
-    def save(self, path: str | Path) -> None:
-        torch.save(
-            {name: (v.cpu() if isinstance(v, torch.Tensor) else v) for name, v in self.state_dict().items()},
-            path,
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> RolloutBatch:
-        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

@@ -19,12 +19,8 @@ from dapo_ops import charts, faults, health, reports, store, training
 from dapo_ops.config import DapoConfig
 from dapo_ops.engines import RolloutEngine
 from dapo_ops.health import Finding
+from dapo_ops.round_files import UpdateRecord
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
-
-HEALTH_REWARDS_FILE = "health_rewards.json"
-HEALTH_UPDATE_FILE = "health_update.json"
-DONE_FILE = "DONE"
-
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -75,13 +71,13 @@ def reward_health(config: DapoConfig, run_store: RunStore, key: str, log: traini
     """The reward checks of a scored round (`metrics` from `training.batch_metrics`), logged and written."""
     findings = health.reward_findings(metrics, weights=config.weights)
     log_findings(log, findings)
-    _write_findings(run_store.round_dir(key) / HEALTH_REWARDS_FILE, findings)
+    _write_findings(run_store.round(key).health_rewards, findings)
     return findings
 
 
 def start_entropy(run_store: RunStore) -> float | None:
     """The sampling entropy of the run's first round: the baseline of the entropy-collapse check."""
-    path = run_store.round_dir(checkpoint_key(0)) / "attention.parquet"
+    path = run_store.round(checkpoint_key(0)).attention_parquet
     if not path.exists():
         return None
     return float(pl.read_parquet(path)["entropy"].mean())
@@ -92,7 +88,7 @@ def update_health(run_store: RunStore, key: str, log: training.RoundLog,
     """The update checks (`metrics`: the update summary and eval), logged and written."""
     findings = health.update_findings(metrics, start_entropy=start_entropy(run_store))
     log_findings(log, findings)
-    _write_findings(run_store.round_dir(key) / HEALTH_UPDATE_FILE, findings)
+    _write_findings(run_store.round(key).health_update, findings)
     return findings
 
 
@@ -100,13 +96,13 @@ def non_finite_health(run_store: RunStore, key: str, log: training.RoundLog, err
     """The failed `non_finite` check of an update that stopped on a NaN/Inf, logged and written."""
     log.error(str(error))
     finding = health.non_finite({"grad_norm" if "gradient" in str(error) else "loss": float("nan")})
-    _write_findings(run_store.round_dir(key) / HEALTH_UPDATE_FILE, [finding])
+    _write_findings(run_store.round(key).health_update, [finding])
     return finding
 
 
 def round_findings(run_store: RunStore, key: str) -> list[dict[str, Any]]:
-    round_dir = run_store.round_dir(key)
-    return [*store.read_json(round_dir / HEALTH_REWARDS_FILE), *store.read_json(round_dir / HEALTH_UPDATE_FILE)]
+    files = run_store.round(key)
+    return [*store.read_json(files.health_rewards), *store.read_json(files.health_update)]
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -123,7 +119,7 @@ class AttentionReport:
 
 def write_attention_report(run_store: RunStore, key: str) -> AttentionReport:
     """attention_diagnostics.md and its attention-balance chart, from the round's attention.parquet."""
-    table = pl.read_parquet(run_store.round_dir(key) / "attention.parquet")
+    table = pl.read_parquet(run_store.round(key).attention_parquet)
     tolerance = float(table["mdi_tolerance"][0])
     out = run_store.reports_dir(key)
     stage_means = reports.attention_stage_means(table)
@@ -152,13 +148,12 @@ class RoundReports:
 
 
 def write_round_reports(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
-                        update: dict[str, Any]) -> RoundReports:
+                        update: UpdateRecord) -> RoundReports:
     """metrics.json, learning curves, rollout_results.md and run_terminal.md of a trained round."""
-    round_dir = run_store.round_dir(key)
     table = training.round_table(run_store, key)
     metrics = training.round_metrics(config, table, update)
     started = time.time()
-    store.write_json_atomic(round_dir / "metrics.json", metrics)
+    store.write_json_atomic(run_store.round(key).metrics, metrics)
     out = run_store.reports_dir(key)
     curves = charts.learning_curves_png(training.metrics_history(run_store), out / "learning_curves.png")
     rollout_md = reports.render_rollout_results(table, mdi_reward_stage=config.mdi_reward_stage,
@@ -186,11 +181,11 @@ def rewrite_terminal(config: DapoConfig, key: str, log: training.RoundLog, resul
 def mark_done(run_store: RunStore, key: str, started: float) -> Path:
     """Marks the round finished for resumption (`make run` skips it from now on)."""
     faults.point("before_round_done")
-    return store.write_text_atomic(run_store.round_dir(key) / DONE_FILE, f"{time.time() - started:.3f}\n")
+    return store.write_text_atomic(run_store.round(key).done, f"{time.time() - started:.3f}\n")
 
 
 def is_done(run_store: RunStore, key: str) -> bool:
-    return (run_store.round_dir(key) / DONE_FILE).exists()
+    return run_store.round(key).done.exists()
 
 
 # -------------------------------------------------------------------------------------------- round
@@ -198,7 +193,7 @@ def is_done(run_store: RunStore, key: str) -> bool:
 
 @dataclass
 class RoundResult:
-    record: dict[str, Any]
+    record: UpdateRecord
     metrics: dict[str, float]
     findings: list[dict[str, Any]]
     seconds: dict[str, float]
@@ -235,7 +230,7 @@ def run_round(config: DapoConfig, run_store: RunStore, key: str, policy: Any, op
     except NonFiniteUpdateError as error:
         non_finite_health(run_store, key, log, error)
         raise
-    update_health(run_store, key, log, {**record["summary"], **record["eval"]})
+    update_health(run_store, key, log, {**record.summary, **record.eval})
     lap("policy_update")
     write_attention_report(run_store, key)
     lap("attention_report")

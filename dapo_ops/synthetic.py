@@ -21,6 +21,8 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
+from dapo_ops.store import write_bytes_atomic
+
 LETTERS = "ABCD"
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -198,7 +200,7 @@ def generate_rows(
 
 
 def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write with the Hugging Face features in the schema metadata (image = `Image()`), then rename."""
+    """Write with the Hugging Face features in the schema metadata (image = `Image()`), atomically."""
     import datasets  # lazy: only writing needs it
     import pyarrow.parquet as pq
 
@@ -216,14 +218,9 @@ def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     table = df.with_columns(
         image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path"))
     ).select(list(features)).to_arrow().cast(features.arrow_schema)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_dataset(

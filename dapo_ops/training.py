@@ -31,6 +31,14 @@ from dapo_ops.attention import (
 from dapo_ops.config import EMBEDDED, STAGES, DapoConfig
 from dapo_ops.engines import RolloutEngine, make_engine
 from dapo_ops.reports import reward_label
+from dapo_ops.round_files import (
+    UpdateRecord,
+    load_old_logps,
+    load_rollout_batch,
+    read_update_record,
+    save_old_logps,
+    save_rollout_batch,
+)
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
 from dapo_ops.update import LOCAL, LocalCollective, make_optimizer, policy_update
 
@@ -85,7 +93,7 @@ def set_console_echo(echo: Callable[[str], None] | None) -> None:
 
 
 def round_log(run_store: RunStore, key: str, echo: Callable[[str], None] | None = None) -> RoundLog:
-    return RoundLog(run_store.round_dir(key) / "terminal.log", echo=echo or _console_echo)
+    return RoundLog(run_store.round(key).log, echo=echo or _console_echo)
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -175,8 +183,8 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "supervised warm start skipped")
         state["warmup_losses"] = losses
         with store.atomic_directory(final) as tmp:
-            models.save_policy(policy, tmp)
-            store.write_json_atomic(tmp / STATE_FILE, state)
+            models.write_policy(policy, tmp)
+            (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
         return {"policy": policy, "state": state}
     source = Path(config.model_name_or_path).resolve()
     policy = models.load_policy(source)
@@ -184,27 +192,36 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
         f"ckpt-0000 refers to it without a copy")
     state["model_dir"] = str(source)
     with store.atomic_directory(final) as tmp:
-        store.write_json_atomic(tmp / STATE_FILE, state)
+        (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
     return {"policy": policy, "state": state}
 
 
 def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any]) -> Path:
+    """Weights, AdamW state (tensors and plain values: loadable with weights_only) and state.json, as one
+    atomic directory: written plainly inside it, fsynced once by `atomic_directory`."""
     final = run_store.checkpoint_dir(key)
     with store.atomic_directory(final) as tmp:
-        models.save_policy(policy, tmp)
+        models.write_policy(policy, tmp)
         if optimizer is not None:
-            store.write_torch_atomic(tmp / OPTIMIZER_FILE, optimizer.state_dict())
-        store.write_json_atomic(tmp / STATE_FILE, state)
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
     faults.point("after_checkpoint")
     return final
 
 
 def load_optimizer(run_store: RunStore, key: str, policy: models.Policy, config: DapoConfig) -> torch.optim.Optimizer:
-    optimizer = make_optimizer(policy.model, config)
+    """AdamW for `policy`, with checkpoint `key`'s state when it has one (a fresh one otherwise).
+
+    The state is read with `weights_only=True`: an optimizer.pt that holds anything but tensors and plain
+    values is refused (`store.UnsafeFileError` naming it) before the optimizer or any file is touched.
+    """
     path = run_store.checkpoint_dir(key) / OPTIMIZER_FILE
-    if path.exists():
-        optimizer.load_state_dict(torch.load(path, weights_only=False))
+    saved = store.read_torch(path, remedy="use a checkpoint written by this project, or delete the file to go on "
+                                          "from the weights with a fresh AdamW") if path.exists() else None
+    optimizer = make_optimizer(policy.model, config)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate
     return optimizer
@@ -291,36 +308,12 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
     log(f"generated {len(batch.completions)} rollouts ({len(batch) // config.num_generations} prompts x {config.num_generations}) "
         f"in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s; "
         f"mean length {table['completion_length'].mean():.1f}, EOS {table['is_eos'].mean():.2f}")
-    out = run_store.round_dir(key)
-    save_rollout_batch(out / "rollouts.pt", batch)
-    store.write_parquet_atomic(out / "rollouts.parquet", table)
-    store.write_json_atomic(out / "rollouts.json", {"seconds": seconds, "completion_tokens": tokens})
+    files = run_store.round(key)
+    save_rollout_batch(files.rollouts_pt, batch)
+    store.write_parquet_atomic(files.rollouts_parquet, table)
+    store.write_json_atomic(files.rollouts_json, {"seconds": seconds, "completion_tokens": tokens})
     faults.point("after_rollouts")
     return table
-
-
-def save_rollout_batch(path: Path, batch: rollout.RolloutBatch) -> None:
-    """Store each prompt's image patches once, not once per generation (G x smaller files)."""
-    state = batch.to("cpu").state_dict()
-    first = torch.unique(batch.prompt_index.cpu(), sorted=True)
-    rows = torch.stack([torch.nonzero(batch.prompt_index.cpu() == p)[0, 0] for p in first.tolist()])
-    state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state["image_grid_thw"], rows)
-    state["prompt_image_grid_thw"] = state["image_grid_thw"][rows]
-    state["prompt_rows"] = first
-    store.write_torch_atomic(path, state)
-
-
-def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
-    path = run_store.round_dir(key) / "rollouts.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize `rollouts` for {key} first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "prompt_rows" in state:
-        position = {p: i for i, p in enumerate(state.pop("prompt_rows").tolist())}
-        owners = torch.tensor([position[p] for p in state["prompt_index"].tolist()])
-        state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state.pop("prompt_image_grid_thw"),
-                                                           owners)
-    return rollout.RolloutBatch.from_state_dict(state)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -367,12 +360,11 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     log(f"teacher-forced pass over {table.height} rollouts in {seconds:.2f}s: "
         + ", ".join(f"{s} MDI {nanmean(table[f'attn/{s}/mdi']):.3f}" for s in STAGES)
         + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
-    out = run_store.round_dir(key)
+    files = run_store.round(key)
     if write_old_logps:
-        store.write_torch_atomic(out / "old_logps.pt", {"per_token_logps": outputs.per_token_logps,
-                                                       "entropy": outputs.entropy})
-    store.write_parquet_atomic(out / "attention.parquet", table)
-    store.write_json_atomic(out / "attention.json", {"seconds": seconds, "mdi_tolerance": tolerance})
+        save_old_logps(files.old_logps, outputs.per_token_logps, outputs.entropy)
+    store.write_parquet_atomic(files.attention_parquet, table)
+    store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance})
     faults.point("after_attention")
     return table
 
@@ -427,15 +419,15 @@ def reward_table(config: DapoConfig, table: pl.DataFrame, attention: pl.DataFram
 
 def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: RoundLog) -> pl.DataFrame:
     """The rewards phase: rollouts.parquet + attention.parquet -> `reward_table` -> rewards.parquet."""
-    out = run_store.round_dir(key)
-    result = reward_table(config, pl.read_parquet(out / "rollouts.parquet"), pl.read_parquet(out / "attention.parquet"))
+    files = run_store.round(key)
+    result = reward_table(config, pl.read_parquet(files.rollouts_parquet), pl.read_parquet(files.attention_parquet))
     total = torch.tensor(result["total_reward"].to_list(), dtype=torch.float64)  # [N]
     zero_std = adv.zero_std_groups(total, config.num_generations)  # [P]
     kept = int(result["kept"].sum())
     means = ", ".join(f"{reward_label(name)} {nanmean(result[name]):.3f}" for name in config.reward_names)
     log(f"rewards: {means}, total {nanmean(result['total_reward']):.3f}; "
         f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {kept}/{result.height} rollouts")
-    store.write_parquet_atomic(out / "rewards.parquet", result)
+    store.write_parquet_atomic(files.rewards, result)
     faults.point("after_rewards")
     return result
 
@@ -445,7 +437,7 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
 
 def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
                optimizer: torch.optim.Optimizer, log: RoundLog, *, ref_policy: models.Policy | None = None,
-               collective: LocalCollective = LOCAL, model: torch.nn.Module | None = None) -> dict[str, Any]:
+               collective: LocalCollective = LOCAL, model: torch.nn.Module | None = None) -> UpdateRecord:
     """μ epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically (never after a NaN).
 
     In process by default. Under `accelerate` (`dapo_ops.distributed`) every rank calls it with the same
@@ -453,10 +445,10 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     main process evaluates and writes ckpt-(k+1) and update.json, the others return the record without eval.
     """
     round_index = checkpoint_index(key)
-    out = run_store.round_dir(key)
+    files = run_store.round(key)
     batch = load_rollout_batch(run_store, key)
-    old = torch.load(out / "old_logps.pt", map_location="cpu", weights_only=True)
-    reward_table = pl.read_parquet(out / "rewards.parquet")
+    old = load_old_logps(run_store, key)
+    reward_table = pl.read_parquet(files.rewards)
     advantages = faults.poison("advantages", torch.tensor(reward_table["advantage"].to_list(), dtype=torch.float32))
     keep = torch.tensor(reward_table["kept"].to_list(), dtype=torch.bool)
     state = checkpoint_state(run_store, key)
@@ -484,15 +476,8 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
         "parent": key,
         "epoch": (round_index + 1) * config.prompts_per_round / max(train_size, 1),
     }
-    record: dict[str, Any] = {
-        "steps": result.steps,
-        "summary": summary,
-        "state": new_state,
-        "eval": {},
-        "round_tokens": round_tokens,
-        "num_processes": collective.world_size,
-        "num_rollouts_used": result.num_rollouts_used,
-    }
+    record = UpdateRecord(steps=result.steps, summary=summary, state=new_state, round_tokens=round_tokens,
+                          num_processes=collective.world_size, num_rollouts_used=result.num_rollouts_used)
     # Sharded weights (FSDP, ZeRO-3) are gathered by every rank; the main process gets the whole policy.
     trained = collective.full_policy(policy, policy.model if model is None else model)
     if not collective.is_main:
@@ -506,9 +491,9 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     save_seconds = time.perf_counter() - save_start
     log(f"update: {len(result.steps)} optimizer steps in {seconds:.2f}s (global step {result.global_step}); "
         f"eval accuracy of {next_key}: {evaluation['eval/accuracy']:.3f}; wrote {next_key} in {save_seconds:.2f}s")
-    record["eval"] = evaluation
-    record["seconds"] = {"update": seconds, "eval": eval_seconds, "save": save_seconds}
-    store.write_json_atomic(out / "update.json", record)
+    record.eval = evaluation
+    record.seconds = {"update": seconds, "eval": eval_seconds, "save": save_seconds}
+    record.write(files.update)
     return record
 
 
@@ -532,9 +517,9 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
 
 def round_table(run_store: RunStore, key: str) -> pl.DataFrame:
     """One row per rollout: the rollout, the attention values and the rewards the round trained on."""
-    out = run_store.round_dir(key)
-    table = pl.read_parquet(out / "rollouts.parquet")
-    reward_table = pl.read_parquet(out / "rewards.parquet")
+    files = run_store.round(key)
+    table = pl.read_parquet(files.rollouts_parquet)
+    reward_table = pl.read_parquet(files.rewards)
     return table.join(reward_table, on="rollout_index", how="left")
 
 
@@ -578,41 +563,42 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any]) -> dict[str, float]:
+def round_metrics(config: DapoConfig, table: pl.DataFrame, update: UpdateRecord) -> dict[str, float]:
     """The round metrics (`reports.round_metric_names(config.reward_names)`: the 44 of the default rewards) plus
     loss, grad_norm, learning_rate, epoch, eval/* and kl, for one round."""
     metrics = batch_metrics(config, table)
     sampling_entropy = metrics.pop("sampling_entropy")
-    metrics["num_tokens"] = float(update["state"]["num_tokens"])
-    summary = update["summary"]
+    metrics["num_tokens"] = float(update.num_tokens)
+    summary = update.summary
     for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean",
                  "clip_ratio/high_max", "clip_ratio/region_mean"):
         metrics[name] = float(summary[name])
     if math.isnan(metrics["entropy"]):
         # No optimizer step ran (every group was filtered): report the sampling policy's entropy instead.
         metrics["entropy"] = sampling_entropy
-    if update["steps"]:  # without an optimizer step nothing was measured: no loss/grad_norm, never a fake 0
+    if update.steps:  # without an optimizer step nothing was measured: no loss/grad_norm, never a fake 0
         metrics["loss"] = float(summary["loss"])
         metrics["grad_norm"] = float(summary["grad_norm"])
     metrics["learning_rate"] = float(summary.get("learning_rate", config.learning_rate))
-    metrics["epoch"] = float(update["state"]["epoch"])
+    metrics["epoch"] = update.epoch
     if "kl" in summary:
         metrics["kl"] = float(summary["kl"])
     if "cispo_clip_ratio" in summary:  # TRL logs it for loss_type="cispo" only, beside the 44
         metrics["cispo_clip_ratio"] = float(summary["cispo_clip_ratio"])
-    metrics.update({k: float(v) for k, v in update["eval"].items()})
+    metrics.update({k: float(v) for k, v in update.eval.items()})
     return metrics
 
 
 def metrics_history(run_store: RunStore) -> pl.DataFrame:
     """One row per finished round k: the metrics it logged (its `eval/accuracy` is that of ckpt-(k+1))."""
     rows: list[dict[str, Any]] = []
-    rounds_dir = run_store.run_dir / "rounds"
-    keys = sorted((p.name for p in rounds_dir.iterdir() if (p / "metrics.json").exists()),
+    rounds_dir = run_store.rounds_dir
+    keys = sorted((p.name for p in rounds_dir.iterdir()
+                   if store.CHECKPOINT_RE.match(p.name) and run_store.round(p.name).metrics.exists()),
                   key=checkpoint_index) if rounds_dir.exists() else []
     for key in keys:
-        metrics = store.read_json(rounds_dir / key / "metrics.json")
+        metrics = store.read_json(run_store.round(key).metrics)
         row: dict[str, Any] = {"round": checkpoint_index(key), **metrics}
-        row["step"] = int(store.read_json(rounds_dir / key / "update.json")["state"]["global_step"])
+        row["step"] = read_update_record(run_store, key).global_step
         rows.append(row)
     return pl.DataFrame(rows) if rows else pl.DataFrame({"round": [], "step": []})

@@ -281,8 +281,3 @@ def policy_update(
             )
     model.eval()
     return result
-
-
-def is_finite_number(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-

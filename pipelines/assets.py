@@ -294,7 +294,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
 
                 ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
             record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
-            policy_cache.put(store, record["state"]["checkpoint"], policy, optimizer)
+            policy_cache.put(store, record.next_checkpoint, policy, optimizer)
     except NonFiniteUpdateError as error:
         policy_cache.invalidate()
         finding = dapo_round.non_finite_health(store, key, log, error)
@@ -303,9 +303,9 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
     except BaseException:
         policy_cache.invalidate()
         raise
-    next_key = record["state"]["checkpoint"]
+    next_key = record.next_checkpoint
     add_checkpoint_partitions(context.instance, [next_key])
-    metrics = {**record["summary"], **record["eval"]}
+    metrics = {**record.summary, **record.eval}
     findings = dapo_round.update_health(store, key, log, metrics)
     eval_finding = eval_drop_finding(cfg, store, next_key)
     assert eval_finding is not None  # next_key is past ckpt-0000
@@ -316,11 +316,11 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
         **_mlflow_link(mlflow, store),
         "num_processes": cfg.num_processes,
         "next_checkpoint": next_key,
-        "global_step": record["state"]["global_step"],
-        "optimizer_steps": len(record["steps"]),
-        **({"loss": record["summary"]["loss"]} if "loss" in record["summary"] else {}),  # absent: no step
-        "entropy": record["summary"]["entropy"],
-        "eval_accuracy": record["eval"]["eval/accuracy"],
+        "global_step": record.global_step,
+        "optimizer_steps": len(record.steps),
+        **({"loss": record.loss} if record.steps else {}),  # absent: no optimizer step, nothing measured
+        "entropy": record.summary["entropy"],
+        "eval_accuracy": record.eval_accuracy,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
     })
     for finding in [*findings, eval_finding]:
@@ -337,7 +337,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     import torch
 
     from dapo_ops import distributed
-    from dapo_ops.store import read_json
+    from dapo_ops.round_files import read_update_record
     from dapo_ops.update import NonFiniteUpdateError
 
     # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
@@ -359,8 +359,8 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
         if failure and failure.get("kind") == distributed.NON_FINITE:
             raise NonFiniteUpdateError(failure["message"]) from error
         raise
-    record = read_json(store.round_dir(key) / "update.json")
-    store.require_checkpoint(record["state"]["checkpoint"])
+    record = read_update_record(store, key)
+    store.require_checkpoint(record.next_checkpoint)
     metadata: dict = {}
     for result in invocation.get_results():
         if isinstance(result, dg.MaterializeResult):
@@ -413,21 +413,20 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     global step, learning curves, and the three reports attached to the MLflow run."""
 
     from dapo_ops import reports
-    from dapo_ops import store as store_io
+    from dapo_ops.round_files import read_update_record
 
     cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
-    round_dir = store.round_dir(key)
-    update = store_io.read_json(round_dir / "update.json")
+    update = read_update_record(store, key)
     written = dapo_round.write_round_reports(cfg, store, key, log, update)
     metrics, table, curves, out = written.metrics, written.table, written.curves, store.reports_dir(key)
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
-    sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics,
+    sent = tracker.log_round(key, step=update.global_step, metrics=metrics,
                              artifacts=written.artifacts(key), tags=_run_tags(context, cfg.run_name, key),
-                             model=_checkpoint_model(cfg, store, update["state"]["checkpoint"]))
+                             model=_checkpoint_model(cfg, store, update.next_checkpoint))
     if checkpoint_index(key) + 1 >= cfg.max_rounds:
         # The round that reaches max_rounds ends the MLflow run FINISHED (what ends rounds that `dagster dev`'s
         # sensor launches; `make run` also ends it, FAILED/KILLED too, in pipelines.cli). A later round reopens it.
@@ -446,7 +445,7 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         **_mlflow_link(mlflow, store),
-        "global_step": int(update["state"]["global_step"]),
+        "global_step": update.global_step,
         "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
         # The file holds every rollout; the UI shows the tables and the first samples.
         "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(

@@ -27,7 +27,6 @@ telemetry:
   enabled: false
 """
 
-ROUND_DONE = "DONE"
 # Tags the Dagster runs `make run` starts with its pid, so a resumed run can tell its own from orphans.
 CLI_PID_TAG = "dapo/cli_pid"
 DEFAULT_ROUNDS = DapoConfig().max_rounds
@@ -325,23 +324,23 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
     run_config = config.replace(max_rounds=rounds)
     for k in range(rounds):
         key = checkpoint_key(k)
-        round_dir = store.round_dir(key)
-        if (round_dir / ROUND_DONE).exists():
+        files = store.round(key)
+        if files.done.exists():
             continue
         selection = None  # the whole training_round job
         # update.json is written right after ckpt-(k+1): with both, only the reports and MLflow are missing;
         # otherwise the round runs again from ckpt-k (rounds are deterministic: the same result).
-        if store.is_complete_checkpoint(checkpoint_key(k + 1)) and (round_dir / "update.json").exists():
+        if store.is_complete_checkpoint(checkpoint_key(k + 1)) and files.update.exists():
             selection = ("attention_report", "training_report")
             _require_eval_check(run_config, store, checkpoint_key(k + 1))
         assets = ", ".join(selection or ROUND_ASSETS)
-        if round_dir.exists() and any(p.name != "terminal.log" for p in round_dir.iterdir()):
+        if files.dir.exists() and any(p != files.log for p in files.dir.iterdir()):
             training.round_log(store, key)(f"resuming {key} after an interruption: {assets}")
         round_start = time.perf_counter()
         echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
         faults.point("before_round")
         materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
-        metrics = store_io.read_json(round_dir / "metrics.json")
+        metrics = store_io.read_json(files.metrics)
         echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
              f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
              f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "

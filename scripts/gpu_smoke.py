@@ -130,8 +130,8 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
         scored = generated + result.seconds["attention_metrics"]
         updating = scored + result.seconds["rewards"]
         end_update = updating + result.seconds["policy_update"]
-        sampled = read_json(store.round_dir(key) / "rollouts.json")
-        round_tokens = int(record["round_tokens"])
+        sampled = read_json(store.round(key).rollouts_json)
+        round_tokens = record.round_tokens
         row = {
             "round": k,
             "seconds": end - start,
@@ -144,8 +144,8 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
             "tokens_per_second": round_tokens / max(end - start, 1e-9),
             "update_tokens_per_second": round_tokens * config.num_iterations / max(end_update - updating, 1e-9),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
-            "loss": record["summary"].get("loss"),  # None: the round made no optimizer step
-            "eval_accuracy": record["eval"]["eval/accuracy"],
+            "loss": record.loss if record.steps else None,  # None: the round made no optimizer step
+            "eval_accuracy": record.eval_accuracy,
         }
         rounds.append(row)
         memory = f"{row['peak_memory_gib']:.2f} GiB" if row["peak_memory_gib"] is not None else "n/a (CPU)"

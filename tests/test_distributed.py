@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from dapo_ops import distributed, models, training
 from dapo_ops.config import DapoConfig
+from dapo_ops.round_files import UpdateRecord
 from dapo_ops.store import RunStore, checkpoint_key
 from dapo_ops.tracking import default_tracking_uri
 from dapo_ops.update import rank_micro_batches
@@ -73,7 +74,7 @@ def _copy(prepared: Path, name: str) -> RunStore:
     return RunStore(root, CONFIG.run_name)
 
 
-def _update_in_process(store: RunStore) -> dict:
+def _update_in_process(store: RunStore) -> UpdateRecord:
     config = CONFIG.replace(num_processes=1)
     policy = models.load_policy(training.resolve_model_dir(store, KEY))
     optimizer = training.load_optimizer(store, KEY, policy, config)
@@ -152,9 +153,9 @@ def test_two_processes_give_the_same_updated_weights(both_updates):
     assert moved > 1e-4  # the update did change the weights
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
-    optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)
+    optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=True)
     assert optimizer["state"] and len(optimizer["param_groups"][0]["params"]) == len(
-        torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)["param_groups"][0]["params"])
+        torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=True)["param_groups"][0]["params"])
 
 
 @pytest.mark.slow

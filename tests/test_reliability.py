@@ -194,7 +194,7 @@ def load_weights(checkpoint: Path) -> dict:
 def load_optimizer_state(checkpoint: Path) -> dict:
     import torch
 
-    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
 def same_tensors(a, b) -> bool:

@@ -13,6 +13,8 @@ from PIL import Image
 from dapo_ops.inputs import PromptBatch, encode_prompts
 from dapo_ops.models import Policy, build_embedded_policy
 from dapo_ops.rollout import RolloutBatch, generate_rollouts, sample_tokens
+from dapo_ops.round_files import load_rollout_batch, save_rollout_batch
+from dapo_ops.store import RunStore
 
 COLORS = ["red", "green", "blue", "yellow"]
 CORPUS = ["What color is the shape?", "Which shape is it?", " ".join(COLORS), "The shape is red."]
@@ -199,8 +201,9 @@ def test_select_keeps_rows_and_their_own_pixel_values(policy: Policy, rollouts: 
 
 
 def test_rollout_batch_round_trips_through_a_file(rollouts: RolloutBatch, tmp_path: Path) -> None:
-    rollouts.save(tmp_path / "rollouts.pt")
-    loaded = RolloutBatch.load(tmp_path / "rollouts.pt")
+    store = RunStore(tmp_path, "run")
+    save_rollout_batch(store.round("ckpt-0000").rollouts_pt, rollouts)
+    loaded = load_rollout_batch(store, "ckpt-0000")
     assert loaded.completions == rollouts.completions and loaded.num_generations == G
     assert torch.equal(loaded.input_ids, rollouts.input_ids)
     assert torch.equal(loaded.pixel_values, rollouts.pixel_values)

@@ -30,7 +30,7 @@ def test_reward_health_writes_every_finding_and_warns_only_for_the_failed(store:
     log = training.round_log(store, KEY)
     collapsed = {**HEALTHY_REWARDS, "rewards/think_format_reward/mean": 0.0}
     findings = dapo_round.reward_health(DapoConfig(), store, KEY, log, collapsed)
-    written = json.loads((store.round_dir(KEY) / dapo_round.HEALTH_REWARDS_FILE).read_text())
+    written = json.loads(store.round(KEY).health_rewards.read_text())
     assert written == [f.to_dict() for f in findings]
     assert [f["name"] for f in written if not f["passed"]] == ["format_collapse"]
     warnings = [line for line in log.lines() if "WARNING health check" in line]
@@ -41,7 +41,7 @@ def test_a_non_finite_update_is_written_as_a_failed_check(store: RunStore):
     log = training.round_log(store, KEY)
     finding = dapo_round.non_finite_health(store, KEY, log, NonFiniteUpdateError("non-finite gradient norm"))
     assert not finding.passed and finding.severity == "ERROR"
-    assert json.loads((store.round_dir(KEY) / dapo_round.HEALTH_UPDATE_FILE).read_text()) == [finding.to_dict()]
+    assert json.loads(store.round(KEY).health_update.read_text()) == [finding.to_dict()]
     assert "ERROR non-finite gradient norm" in log.lines()[-1]
 
 
@@ -107,7 +107,7 @@ def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_do
     assert dapo_round.is_done(store, KEY) and store.is_complete_checkpoint(checkpoint_key(1))
     round_dir, reports = store.round_dir(KEY), store.reports_dir(KEY)
     for name in ("rollouts.parquet", "attention.parquet", "rewards.parquet", "update.json", "metrics.json",
-                 dapo_round.HEALTH_REWARDS_FILE, dapo_round.HEALTH_UPDATE_FILE):
+                 "health_rewards.json", "health_update.json"):
         assert (round_dir / name).exists(), name
     for name in ("rollout_results.md", "attention_diagnostics.md", "run_terminal.md"):
         assert (reports / name).stat().st_size > 0, name

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops.inputs import encode_rows
 from dapo_ops.models import Policy, build_embedded_policy
 from dapo_ops.rollout import generate_rollouts
+from dapo_ops.training import encode_rows
 from dapo_ops.warmstart import (
     completion_cross_entropy,
     corpus_from_rows,
@@ -75,7 +75,7 @@ def test_corpus_covers_questions_choices_rationales_and_targets(rows: pl.DataFra
 def test_teacher_forcing_scores_only_the_completion_ending_in_eos(policy: Policy, rows: pl.DataFrame) -> None:
     records = rows.head(2).to_dicts()
     batch = teacher_forcing_batch(
-        policy, encode_rows(policy, records), [target_completion(r) for r in records]
+        policy, encode_rows(policy, rows.head(2)), [target_completion(r) for r in records]
     )
     for ids, length in zip(batch.completion_ids, batch.completion_lengths.tolist(), strict=True):
         assert int(ids[length - 1]) == policy.eos_token_id
