@@ -107,6 +107,9 @@ class DapoConfig:
     device: str = "auto"
     torch_dtype: str = "float32"
 
+    # Monitoring: the blocking check on policy_update.
+    max_eval_drop: float = 0.2  # a checkpoint whose eval accuracy fell by more than this stops the run
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -171,6 +174,8 @@ class DapoConfig:
         if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
             problems.append(f"multi_objective_aggregation={self.multi_objective_aggregation!r} is unknown; "
                             f"use one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
+        if not 0 <= self.max_eval_drop <= 1:
+            problems.append(f"max_eval_drop={self.max_eval_drop} must be in [0, 1] (1 never stops the run)")
         if self.num_processes < 1:
             problems.append(f"num_processes={self.num_processes} must be at least 1")
         if self.model_name_or_path != EMBEDDED and not Path(self.model_name_or_path).exists():
