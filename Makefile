@@ -23,7 +23,7 @@ RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
-.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation clean
 
 install: $(STAMP)
 
@@ -74,6 +74,11 @@ sync-mlflow: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# Attention reward off / each MDI shaping x 3 seeds on the embedded default (~30 min on 2 cores):
+# writes benchmarks/ablation.{md,json,png}.
+ablation: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablation $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf var .pytest_cache

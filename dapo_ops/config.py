@@ -16,7 +16,7 @@ ImportanceSamplingLevel = Literal["token", "sequence"]
 MultiObjectiveAggregation = Literal["sum_then_normalize", "normalize_then_sum"]
 ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
-MdiShaping = Literal["clip", "group_log_distance"]
+MdiShaping = Literal["clip", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 
@@ -122,6 +122,9 @@ class DapoConfig:
     save_total_limit: int | None = None  # keep the weights of the newest N trained checkpoints (None: all)
     save_only_model: bool = False  # never store optimizer state (resume restarts AdamW)
 
+    # Monitoring: the blocking check on policy_update.
+    max_eval_drop: float = 0.2  # a checkpoint whose eval accuracy fell by more than this stops the run
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -186,6 +189,8 @@ class DapoConfig:
         if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
             problems.append(f"multi_objective_aggregation={self.multi_objective_aggregation!r} is unknown; "
                             f"use one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
+        if not 0 <= self.max_eval_drop <= 1:
+            problems.append(f"max_eval_drop={self.max_eval_drop} must be in [0, 1] (1 never stops the run)")
         if self.num_processes < 1:
             problems.append(f"num_processes={self.num_processes} must be at least 1")
         problems += self._scale_problems()

@@ -131,3 +131,20 @@ def reward_findings(metrics: dict[str, float], *, weights: Mapping[str, float],
 def update_findings(metrics: dict[str, float], *, start_entropy: float | None = None,
                     thresholds: HealthThresholds = HealthThresholds()) -> list[Finding]:
     return [entropy_collapse(metrics, start_entropy=start_entropy, thresholds=thresholds), non_finite(metrics)]
+
+
+def eval_accuracy_drop(previous: float | None, current: float, *, max_drop: float, previous_key: str,
+                       current_key: str) -> Finding:
+    """ERROR (blocks the next round) when `current_key`'s greedy eval accuracy is more than `max_drop` below
+    `previous_key`'s; passes when there is no previous evaluation to compare with."""
+    drop = float("nan") if previous is None else previous - current
+    passed = previous is None or (_finite(current) and drop <= max_drop + 1e-12)
+    message = (f"no evaluation of {previous_key} to compare {current_key} with" if previous is None else
+               f"eval accuracy {'fell' if drop > 0 else 'rose'} from {previous:.3f} ({previous_key}) to "
+               f"{current:.3f} ({current_key}), a drop of {max(drop, 0.0):.3f} (max_eval_drop {max_drop})")
+    return Finding(
+        "eval_accuracy_drop", passed, "ERROR", message,
+        "the update made the policy worse: lower learning_rate or num_iterations and continue from "
+        f"{previous_key}, or raise max_eval_drop to accept {current_key}",
+        0.0 if previous is None else float(drop),
+    )

@@ -4,7 +4,9 @@ Every round is appended to `journal.jsonl` (fsynced) before anything is sent, so
 MLflow is unreachable; whoever sends it records that in `sent.jsonl`. Files under `<run_dir>/mlflow/`:
 
 - `journal.jsonl` — one line per logged round (append-only): `{v, entry_id, key, step, timestamp_ms,
-  metrics: {step: {name: value}}, artifacts: [{path, artifact_path}], tags, journaled_at}`.
+  metrics: {step: {name: value}}, artifacts: [{path, artifact_path}], tags, journaled_at}`, and optionally
+  `models: [{name, path, step, max_completion_length}]` (checkpoints to register as MLflow logged models) and
+  `inputs: [{name, path, context}]` (parquet files to log as MLflow dataset inputs).
 - `sent.jsonl` — one line per entry confirmed in MLflow: `{entry_id, key, run_id, sent_at}`.
 - `run.json` — the MLflow run id per tracking URI (a cache; the sink re-checks it in MLflow).
 - `params.json` — the latest params and tags given to `start`, so a later sync can create the run.
@@ -226,6 +228,8 @@ class Journal:
         metrics: Mapping[int, Mapping[str, float | str]],
         artifacts: list[tuple[Path, str | None]],
         tags: Mapping[str, str],
+        models: list[Mapping[str, Any]] | None = None,
+        inputs: list[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Append one round (metrics already encoded, by step) and return its entry."""
         journal = read_jsonl(self.journal_path)
@@ -248,6 +252,10 @@ class Journal:
             "tags": {k: truncate(v, MAX_TAG_VALUE) for k, v in tags.items()},
             "journaled_at": utc_now(),
         }
+        if models:
+            entry["models"] = [{**m, "path": str(Path(m["path"]).resolve())} for m in models]
+        if inputs:
+            entry["inputs"] = [{**i, "path": str(Path(i["path"]).resolve())} for i in inputs]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         append_jsonl(self.journal_path, entry)
         return entry
@@ -269,6 +277,9 @@ class Journal:
 
     def cached_run_id(self, uri_key: str) -> str | None:
         return read_json_or_empty(self.run_path).get("runs", {}).get(uri_key, {}).get("run_id")
+
+    def cached_experiment_id(self, uri_key: str) -> str | None:
+        return read_json_or_empty(self.run_path).get("runs", {}).get(uri_key, {}).get("experiment_id")
 
     def cache_run_id(self, uri_key: str, run_id: str, experiment_id: str) -> None:
         cache = read_json_or_empty(self.run_path)

@@ -28,6 +28,9 @@ TRAINING_RUN_NAME_TAG = "dapo.training_run_name"
 TRAINING_RUN_ID_TAG = "dapo.training_run_id"
 REANALYSIS_OF_TAG = "dapo.reanalysis_of"
 PARAM_CHANGED_PREFIX = "param_changed."
+CHECKPOINT_DIR_TAG = "dapo.checkpoint_dir"
+MODEL_TYPE = "dapo-vlm-checkpoint"
+EVAL_PREFIX = "eval/"
 
 # MLflow's limits (mlflow.utils.validation): entities per log_batch call.
 _MAX_METRICS_PER_BATCH = 1000
@@ -268,8 +271,14 @@ class MlflowSink:
 
         client = self.client()
         timestamp = int(entry["timestamp_ms"])
+        # The round's checkpoint first: its eval metrics are logged linked to it (the UI's model list sorts by them).
+        model_ids = [self.ensure_model(run_id, model) for model in entry.get("models", [])]
+        for dataset in entry.get("inputs", []):
+            self.log_dataset(run_id, dataset)
+        model_id = model_ids[0] if model_ids else None
         batch = [
-            Metric(name, float(value), timestamp, int(step))
+            Metric(name, float(value), timestamp, int(step),
+                   model_id=model_id if name.startswith(EVAL_PREFIX) and int(step) == entry["step"] else None)
             for step, values in entry["metrics"].items()
             for name, value in sorted(values.items())
         ]
@@ -284,6 +293,51 @@ class MlflowSink:
             client.log_batch(run_id, tags=chunk)
         for item in entry["artifacts"]:
             self.log_artifact(run_id, Path(item["path"]), item["artifact_path"])
+
+    def ensure_model(self, run_id: str, model: Mapping[str, Any]) -> str:
+        """The READY logged model of checkpoint `model["name"]` in `run_id`, created once (idempotent: a
+        model a crash left PENDING is completed, a READY one is reused). Its artifacts are the MLmodel and a
+        pyfunc wrapper loading the checkpoint directory in place (`dapo_ops.mlflow_model`)."""
+        import tempfile
+
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        from dapo_ops.mlflow_model import save_checkpoint_model
+
+        client = self.client()
+        name = str(model["name"])
+        found = client.search_logged_models(
+            experiment_ids=[self.experiment()],
+            filter_string=f"name = '{name}' AND source_run_id = '{run_id}'", max_results=10)
+        ready = [m for m in found if m.status == LoggedModelStatus.READY]
+        if ready:
+            return ready[0].model_id
+        logged = found[0] if found else client.create_logged_model(
+            self.experiment(), name=name, source_run_id=run_id, model_type=MODEL_TYPE,
+            tags={CHECKPOINT_TAG: name, CHECKPOINT_DIR_TAG: str(model["path"]), RUN_NAME_TAG: self.run_name})
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            save_checkpoint_model(folder, Path(model["path"]), int(model.get("max_completion_length", 24)))
+            client.log_model_artifacts(logged.model_id, str(folder))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, int(model["step"]))])
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return logged.model_id
+
+    def log_dataset(self, run_id: str, dataset: Mapping[str, Any]) -> None:
+        """A parquet split as the run's MLflow dataset input (name, digest, source path, schema, row count);
+        MLflow keeps one input per (dataset, run), so a re-send adds nothing."""
+        import mlflow.data
+        import polars as pl
+        from mlflow.entities import DatasetInput, InputTag
+
+        path = Path(dataset["path"])
+        if not path.is_file():
+            warnings.warn(f"dataset {path} no longer exists; not logged to MLflow", stacklevel=4)
+            return
+        table = pl.read_parquet(path)
+        entity = mlflow.data.from_polars(table, source=str(path), name=str(dataset["name"]))._to_mlflow_entity()
+        context = InputTag("mlflow.data.context", str(dataset.get("context", dataset["name"])))
+        self.client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[context])])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():

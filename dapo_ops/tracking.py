@@ -10,9 +10,10 @@ FAILED or KILLED) goes through the journal too, so an end recorded during an out
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +50,10 @@ __all__ = [
     "MlflowUnavailableWarning", "Tracker", "default_tracking_uri", "flatten_params", "normalize_artifacts",
     "redact_uri", "resolve_tracking_uri",
 ]
+
+
+# Where `make mlflow-ui` serves the UI of a local (SQLite) store.
+DEFAULT_UI_URL = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
 
 
 class MlflowUnavailableWarning(UserWarning):
@@ -175,6 +180,8 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
         *,
         per_step: Mapping[int, Mapping[str, float]] | None = None,
+        model: Mapping[str, Any] | None = None,
+        inputs: list[Mapping[str, Any]] | None = None,
     ) -> bool:
         """Journal one round, then send everything pending (older rounds first). True if it is in MLflow.
 
@@ -188,6 +195,9 @@ class Tracker:
             missing by then is skipped with a warning).
         tags: run tags to set with this round (e.g. `dagster.run_id`), overwriting older values.
         per_step: metrics at other steps within the round (e.g. loss per optimizer step).
+        model: the checkpoint this round produced, `{name, path, max_completion_length}`: sent as an MLflow
+            logged model of the run at `step`, with the round's `eval/*` metrics (see `MlflowSink.ensure_model`).
+        inputs: `[{name, path, context}]` parquet files logged as the run's MLflow dataset inputs.
         """
         check_round_key(key)
         encoded = {int(step): encode_metrics(metrics)}
@@ -200,7 +210,8 @@ class Tracker:
             check_name(name, "tag")
         files = normalize_artifacts(artifacts)
         with self.journal.locked():
-            entry = self.journal.append_round(key, step, encoded, files, round_tags)
+            models = [{**model, "step": int(step)}] if model else None
+            entry = self.journal.append_round(key, step, encoded, files, round_tags, models=models, inputs=inputs)
             sent = self._sync_locked()
         return entry["entry_id"] in sent
 
@@ -248,6 +259,42 @@ class Tracker:
         """
         run_id = self.run_id
         return [] if run_id is None else self._sink.metric_history(run_id, name)
+
+    @contextlib.contextmanager
+    def system_metrics(self, sampling_interval_s: float = 10.0) -> Iterator[bool]:
+        """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, GPU when present) logged to
+        the run while the block runs; yields whether they are. Best effort and not journaled: a sample
+        that MLflow misses is a missed sample, not a lost result (none while MLflow is unreachable)."""
+        run_id = self.run_id
+        monitor = None
+        if run_id is not None:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._sink.client()  # not while backing off after a failure
+                monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, resume_logging=True,
+                                               tracking_uri=self.tracking_uri)
+                monitor.start()
+            except Exception as exc:  # noqa: BLE001 - no system metrics, the training goes on
+                self._warn_unavailable(exc, "system metrics are not logged")
+                monitor = None
+        try:
+            yield monitor is not None
+        finally:
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
+
+    def run_url(self, ui_url: str | None = None) -> str | None:
+        """The run's page in the MLflow UI (`ui_url`, default the tracking server itself, else
+        `make mlflow-ui`'s address); None before the run is known."""
+        run_id = self.run_id
+        experiment_id = self.journal.cached_experiment_id(self._uri_key)
+        if run_id is None or experiment_id is None:
+            return None
+        remote = urlsplit(self.tracking_uri).scheme in ("http", "https")
+        base = (ui_url or (redact_uri(self.tracking_uri) if remote else DEFAULT_UI_URL)).rstrip("/")
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
     # ----------------------------------------------------------------- re-analysis runs
 

@@ -1,7 +1,12 @@
-"""Supervised warm start: teach a fresh policy the `<think>{rationale}</think> Answer: {letter}` format.
+"""Supervised warm start: teach a fresh policy the `<think>...</think> Answer: {letter}` format.
 
 A randomly initialised policy earns no reward at all; a short teacher-forced pass on the training rows
-gives RL something to improve (DESIGN.md: "optionally warm-started by a short supervised pass").
+gives RL something to improve. By default (`teach="task"`) the targets are the right answers: 45 steps
+take the embedded color task to 0.46 (chance 0.25), and on data whose correct letters are skewed (A and B
+are valid for every question of a 2-8 choice set) they also teach that skew. With `teach="format"` the
+targets name a choice drawn uniformly at random: the policy learns the format and no letter prior, and
+ckpt-0000 sits at chance; but measured on the embedded model, RL from there did not leave chance within
+8 rounds (learning rate 5e-4) and collapsed the format at 2e-3, so it is not the default.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ def target_completion(row: Mapping[str, Any]) -> str:
     rationales = [r for r in (row.get("rationales") or []) if r and r.strip()]
     rationale = rationales[0].strip() if rationales else f"The answer is {choices[index]}."
     return f"{THINK_START}{rationale}{THINK_END} Answer: {LETTERS[index]}"
+
+
+def format_target(row: Mapping[str, Any], index: int) -> str:
+    """`<think>The answer is {choice}.</think> Answer: {letter}` for choice `index`, right or not."""
+    choices = list(row["choices"])
+    if not 0 <= index < len(choices):
+        raise ValueError(f"choice index {index} is out of range for {len(choices)} choices")
+    return f"{THINK_START}The answer is {choices[index]}.{THINK_END} Answer: {LETTERS[index]}"
 
 
 def corpus_from_rows(rows: pl.DataFrame | Sequence[Mapping[str, Any]]) -> list[str]:
@@ -113,12 +126,17 @@ def supervised_warm_start(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     on_step: Callable[[int, float], None] | None = None,
+    teach: str = "task",
 ) -> list[float]:
-    """`steps` AdamW steps of teacher-forced cross-entropy on `target_completion(row) + <|im_end|>`.
+    """`steps` AdamW steps of teacher-forced cross-entropy on a target completion + `<|im_end|>`.
 
-    Batches are drawn from per-epoch seeded permutations of `rows` (A-OKVQA layout; only completion
-    tokens are scored). Returns the loss of every step; the model is left in eval mode.
+    `teach="format"`: `format_target(row, j)` with j uniform over the row's choices (seeded); `"task"`:
+    `target_completion(row)`, the right answer. Batches are drawn from per-epoch seeded permutations of
+    `rows` (A-OKVQA layout; only completion tokens are scored). Returns the loss of every step; the model
+    is left in eval mode.
     """
+    if teach not in ("format", "task"):
+        raise ValueError(f"teach={teach!r} is unknown; use 'format' or 'task'")
     if steps <= 0 or rows.height == 0:
         return []
     model = policy.model
@@ -148,7 +166,12 @@ def supervised_warm_start(
                 [list(r["choices"]) for r in batch_rows],
                 [_image(r["image"]) for r in batch_rows],
             )
-            batch = teacher_forcing_batch(policy, prompts, [target_completion(r) for r in batch_rows])
+            if teach == "task":
+                targets = [target_completion(r) for r in batch_rows]
+            else:
+                picks = [int(torch.randint(len(r["choices"]), (), generator=generator)) for r in batch_rows]
+                targets = [format_target(r, j) for r, j in zip(batch_rows, picks, strict=True)]
+            batch = teacher_forcing_batch(policy, prompts, targets)
             loss = completion_cross_entropy(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

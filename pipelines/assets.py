@@ -5,8 +5,10 @@ code location stays fast."""
 
 
 import base64
+import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +16,7 @@ import dagster as dg
 from dapo_ops import faults
 from dapo_ops import round as dapo_round
 from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
+from pipelines.checks import EVAL_DROP_CHECK, eval_drop_finding
 from pipelines.config import TrainingConfig
 from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
 
@@ -61,8 +64,24 @@ def add_checkpoint_partitions(instance: dg.DagsterInstance, keys: list[str]) -> 
             time.sleep(0.2 * (attempt + 1))
 
 
+def _checkpoint_model(cfg, store, key: str) -> dict:
+    """What the tracker registers as checkpoint `key`'s MLflow logged model (see dapo_ops.mlflow_model)."""
+    return {"name": key, "path": str(store.checkpoint_dir(key)), "max_completion_length": cfg.max_completion_length}
+
+
+DAGSTER_UI_URL = os.environ.get("DAGSTER_UI_URL", "http://127.0.0.1:3000")
+
+
+def _mlflow_link(mlflow: MlflowResource, store) -> dict:
+    """`mlflow_run`: the URL of the run's MLflow page, once the run exists (metadata of every materialization)."""
+    url = mlflow.tracker(store).run_url(mlflow.ui_url or None)
+    return {"mlflow_run": dg.MetadataValue.url(url)} if url else {}
+
+
 def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None = None) -> dict[str, str]:
-    tags = {"dagster.run_id": context.run.run_id, "dapo.run_name": run_name}
+    # The MLflow run links back to the Dagster run that last wrote it: its id and its page in the Dagster UI.
+    tags = {"dagster.run_id": context.run.run_id, "dagster.run_url": f"{DAGSTER_UI_URL.rstrip('/')}/runs/"
+            f"{context.run.run_id}", "dapo.run_name": run_name}
     if key:
         tags["dapo.checkpoint"] = key
     return tags
@@ -70,7 +89,7 @@ def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None 
 
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
 def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
-            run_store: RunStoreResource) -> dg.MaterializeResult:
+            run_store: RunStoreResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
     from dapo_ops import training
 
@@ -88,8 +107,13 @@ def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
         counts = ", ".join(f"{n}x {reason}" for reason, n in sorted(summary.quarantine_reasons.items()))
         line += f" ({counts}; rows and reasons in {quarantine_path})"
     _round_log(context, store, checkpoint_key(0))(line)
+    # The MLflow run exists from the first asset on, so every materialization can link it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an outage: base_checkpoint and the rounds report and journal it
+        mlflow.tracker(store).start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name))
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "source": summary.source,
         "num_train": summary.num_train,
         "num_eval": summary.num_eval,
@@ -134,11 +158,15 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
     add_checkpoint_partitions(context.instance, [key])
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
-    tracker.log_round(f"{key}-eval", step=0, metrics=evaluation)
+    # ckpt-0000 becomes the run's first logged model; the splits become its dataset inputs (source + digest).
+    tracker.log_round(f"{key}-eval", step=0, metrics=evaluation, model=_checkpoint_model(cfg, store, key),
+                      inputs=[{"name": f"{cfg.run_name}-{split}", "path": str(store.data_dir / f"{split}.parquet"),
+                               "context": split} for split in ("train", "eval")])
     # Journaled (sent or pending): `make run` may skip the setup from now on.
     write_text_atomic(store.setup_marker, f"{key}\n")
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "checkpoint": key,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(key))),
         "eval_accuracy": evaluation["eval/accuracy"],
@@ -171,6 +199,7 @@ def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig,
     sample = table.head(3).select("question", "completion").to_dicts()
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "num_rollouts": table.height,
         "mean_completion_length": float(table["completion_length"].mean()),
         "eos_ratio": float(table["is_eos"].mean()),
@@ -180,7 +209,7 @@ def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig,
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[rollouts], kinds={"pytorch", "parquet"})
 def attention_metrics(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
-                      policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
+                      mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """One teacher-forced pass with checkpoint k: old log-probs, entropy and per-stage modality attention
     (MDI, AEI) through the O(T)-memory attention function. Re-materializing it alone re-analyses a stored
     round without touching rollouts, rewards or checkpoints."""
@@ -197,6 +226,7 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not training_config.reanalysis)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "reanalysis": training_config.reanalysis,
         "mdi_tolerance": cfg.mdi_tolerance,
         **{f"mdi_{stage}": training.nanmean(table[f"attn/{stage}/mdi"]) for stage in STAGES},
@@ -210,7 +240,8 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
               dg.AssetCheckSpec("zero_variance_groups", asset="rewards"),
               dg.AssetCheckSpec("attention_reward_no_variance", asset="rewards"),
           ])
-def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource):
+def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
+            mlflow: MlflowResource):
     """The configured rewards (`reward_funcs`: accuracy, think-format and attention balance by default), their
     weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
     values it used."""
@@ -226,6 +257,7 @@ def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, 
     findings = dapo_round.reward_health(cfg, store, key, log, metrics)
     yield dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         **{reward_label(name): metrics[f"rewards/{name}/mean"] for name in cfg.reward_names},
         "total_reward": metrics["rewards/total_reward"],
         "frac_reward_zero_std": metrics["frac_reward_zero_std"],
@@ -238,9 +270,14 @@ def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, 
           check_specs=[
               dg.AssetCheckSpec("entropy_collapse", asset="policy_update"),
               dg.AssetCheckSpec("non_finite", asset="policy_update"),
+              # Blocking: a failed eval check skips the round's reports (the round stays undone), and the
+              # next-round sensor and `make run` refuse to continue from the checkpoint (pipelines.checks).
+              dg.AssetCheckSpec(EVAL_DROP_CHECK, asset="policy_update", blocking=True,
+                                description="eval accuracy did not fall by more than max_eval_drop from the "
+                                            "previous checkpoint"),
           ])
 def policy_update(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
-                  policy_cache: dg.ResourceParam[PolicyCache]):
+                  mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]):
     """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
     registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
     from dapo_ops import training
@@ -277,9 +314,13 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
     _observe_pruned(context, store)
     metrics = {**record.summary, **record.eval}
     findings = dapo_round.update_health(store, key, log, metrics)
+    eval_finding = eval_drop_finding(cfg, store, next_key)
+    assert eval_finding is not None  # next_key is past ckpt-0000
+    dapo_round.log_findings(log, [eval_finding])
     yield dg.MaterializeResult(metadata={
         **child_metadata,
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "num_processes": cfg.num_processes,
         "next_checkpoint": next_key,
         "global_step": record.global_step,
@@ -289,7 +330,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
         "eval_accuracy": record.eval_accuracy,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
     })
-    for finding in findings:
+    for finding in [*findings, eval_finding]:
         yield _check_result(finding)
 
 
@@ -381,6 +422,7 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
         tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, report.chart]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "report": dg.MetadataValue.md(_inline_images(report.text, store.reports_dir(key))),
         "path": dg.MetadataValue.path(str(report.path)),
         "mdi_all": report.stage_means["all"]["mdi"],
@@ -407,7 +449,8 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
     sent = tracker.log_round(key, step=update.global_step, metrics=metrics,
-                             artifacts=written.artifacts(key), tags=_run_tags(context, cfg.run_name, key))
+                             artifacts=written.artifacts(key), tags=_run_tags(context, cfg.run_name, key),
+                             model=_checkpoint_model(cfg, store, update.next_checkpoint))
     if checkpoint_index(key) + 1 >= cfg.max_rounds:
         # The round that reaches max_rounds ends the MLflow run FINISHED (what ends rounds that `dagster dev`'s
         # sensor launches; `make run` also ends it, FAILED/KILLED too, in pipelines.cli). A later round reopens it.
@@ -425,6 +468,7 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "global_step": update.global_step,
         "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
         # The file holds every rollout; the UI shows the tables and the first samples.

@@ -66,26 +66,36 @@ def _quiet_run_config(run_config):
 
     config = run_config.to_config_dict() if isinstance(run_config, dg.RunConfig) else dict(run_config)
     if not config.get("loggers"):
-        # Dagster's console logger prints every DEBUG event; progress lines are ours, the rest is in the UI.
-        config["loggers"] = {"console": {"config": {"log_level": "WARNING"}}}
+        # Dagster's console logger would print every event, and a failed step's stack trace above the
+        # one-line message this CLI prints. Progress lines are ours; the events (a failure's trace too)
+        # stay in the run's event log and step logs, which the Dagster UI shows.
+        config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
     return config
 
 
-def materialize(selection, config, *, partition_key: str | None = None, instance=None, tags=None):
-    """Materialize `selection` in process with the code location's resources; raise on failure."""
+SETUP_JOB = "setup_run"
+ROUND_JOB = "training_round"
+REANALYSIS_JOB = "reanalysis"
+
+
+def materialize(job_name: str, config, *, selection=None, partition_key: str | None = None, instance=None,
+                tags=None):
+    """Execute the code location's job `job_name` in process (only the assets in `selection` when given: a
+    subset of that job's assets, as the UI's "materialize selected" does); raise on failure.
+
+    The run is recorded under the job's name with the job's tags, as one launched from the UI is."""
     import dagster as dg
 
-    from pipelines.assets import ALL_ASSETS
     from pipelines.config import run_config_for
     from pipelines.definitions import defs
 
-    result = dg.materialize(
-        ALL_ASSETS,
-        selection=list(selection),
-        partition_key=partition_key,
-        instance=instance,
-        resources=defs.resources,
+    job = defs.resolve_job_def(job_name)
+    keys = None if selection is None else [dg.AssetKey(name) for name in selection]
+    result = job.execute_in_process(
         run_config=_quiet_run_config(run_config_for(config)),
+        instance=instance,
+        partition_key=partition_key,
+        asset_selection=keys,
         tags=tags or {},
         raise_on_error=False,
     )
@@ -93,6 +103,11 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
         if any(_was_interrupted(event) for event in result.all_events):
             # Dagster turns a SIGINT during a step into a step failure; it is still a kill, not a failed round.
             raise RunInterrupted(signal.SIGINT)
+        blocked = _failed_blocking_checks(result.all_events)
+        if blocked:
+            from pipelines.checks import EvalDropError
+
+            raise EvalDropError("\n".join(blocked))
         messages = []
         for event in result.all_events:
             if event.is_failure and event.event_specific_data is not None:
@@ -101,6 +116,25 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
                     messages.append(f"{event.step_key}: {_root_cause(error)}")
         raise RuntimeError("Dagster run failed:\n" + "\n".join(messages or ["(see the Dagster UI)"]))
     return result
+
+
+def _failed_blocking_checks(events) -> list[str]:
+    """'<asset>: blocking check <name> failed: <finding>; <remedy>' per failed blocking ERROR check."""
+    import dagster as dg
+
+    lines = []
+    for event in events:
+        if event.event_type != dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            continue
+        evaluation = event.event_specific_data
+        if evaluation.passed or not evaluation.blocking or evaluation.severity != dg.AssetCheckSeverity.ERROR:
+            continue
+        metadata = evaluation.metadata
+        finding = metadata["finding"].value if "finding" in metadata else "(see the Dagster UI)"
+        remedy = f"; {metadata['remedy'].value}" if "remedy" in metadata else ""
+        lines.append(f"{evaluation.asset_key.to_user_string()}: blocking check {evaluation.check_name} failed: "
+                     f"{finding}{remedy}")
+    return lines
 
 
 def _was_interrupted(event) -> bool:
@@ -238,10 +272,9 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
 def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
     from dapo_ops import faults, retention, training
-    from dapo_ops import store as store_io
     from dapo_ops.store import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
-    from pipelines.config import ROUND_ASSETS, SETUP_ASSETS, TrainingConfig
+    from pipelines.config import TrainingConfig
 
     home = prepare_instance(store.root)
     instance = open_instance(home)
@@ -259,35 +292,74 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
     if not (store.is_complete_checkpoint(checkpoint_key(0)) and store.setup_marker.exists()):
         echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
         faults.point("before_setup")
-        materialize(SETUP_ASSETS, tconfig, instance=instance, tags=tags)
+        materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
     retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
+    with _system_metrics(store):
+        _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, started=started)
+    return home
+
+
+@contextlib.contextmanager
+def _system_metrics(store) -> Iterator[None]:
+    """MLflow system metrics (CPU, memory, GPU when present) on the training run while rounds run."""
+    import warnings
+
+    from dapo_ops.tracking import Tracker
+
+    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
+                      data_root=store.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an outage is reported by the rounds themselves
+        with tracker.system_metrics():
+            yield
+
+
+def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, started: float) -> None:
+    """The rounds of `run_training` that are not DONE yet, in order."""
+    from dapo_ops import faults, retention, training
+    from dapo_ops import store as store_io
+    from dapo_ops.store import checkpoint_key
+    from pipelines.config import ROUND_ASSETS
+
+    run_config = config.replace(max_rounds=rounds)
     for k in range(rounds):
         key = checkpoint_key(k)
         files = store.round(key)
         if files.done.exists():
             continue
-        selection = ROUND_ASSETS
+        selection = None  # the whole training_round job
         # update.json is written right after ckpt-(k+1): with both, only the reports and MLflow are missing;
         # otherwise the round runs again from ckpt-k (rounds are deterministic: the same result).
         if store.is_complete_checkpoint(checkpoint_key(k + 1)) and files.update.exists():
             selection = ("attention_report", "training_report")
+            _require_eval_check(run_config, store, checkpoint_key(k + 1))
+        assets = ", ".join(selection or ROUND_ASSETS)
         if files.dir.exists() and any(p != files.log for p in files.dir.iterdir()):
-            training.round_log(store, key)(f"resuming {key} after an interruption: {', '.join(selection)}")
-        if selection == ROUND_ASSETS:
+            training.round_log(store, key)(f"resuming {key} after an interruption: {assets}")
+        if selection is None:
             # Stop before the round, never halfway through writing its checkpoint.
             retention.check_disk_space(store, key, run_config)
         round_start = time.perf_counter()
-        echo(f"[round {k + 1}/{rounds}] {key}: {', '.join(selection)}")
+        echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
         faults.point("before_round")
-        materialize(selection, tconfig, partition_key=key, instance=instance, tags=tags)
+        materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
         metrics = store_io.read_json(files.metrics)
         echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
              f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
              f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
              f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
              f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
-    return home
+
+
+def _require_eval_check(config: DapoConfig, store, key: str) -> None:
+    """Refuse to finish a round whose checkpoint failed the blocking eval check (asked again with today's
+    `max_eval_drop`, so `--set max_eval_drop=...` accepts it)."""
+    from pipelines.checks import EvalDropError, blocked_message, eval_drop_finding
+
+    finding = eval_drop_finding(config, store, key)
+    if finding is not None and not finding.passed:
+        raise EvalDropError(f"policy_update: {blocked_message(finding)}")
 
 
 def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
@@ -310,7 +382,7 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
 
     from dapo_ops import retention
     from dapo_ops.store import RunStore, read_json
-    from pipelines.config import REANALYSIS_ASSETS, TrainingConfig
+    from pipelines.config import TrainingConfig
 
     root = root or data_root()
     prepare_instance(root)
@@ -324,7 +396,7 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
         values["mdi_tolerance"] = mdi_tolerance
     config = TrainingConfig(**values, reanalysis=True)
     instance = dg.DagsterInstance.get()
-    materialize(REANALYSIS_ASSETS, config, partition_key=checkpoint, instance=instance,
+    materialize(REANALYSIS_JOB, config, partition_key=checkpoint, instance=instance,
                 tags={"dapo/run_name": run_name, "dapo/reanalysis": "true"})
     print(f"re-analysed {checkpoint} of {run_name}: {store.reports_dir(checkpoint) / 'attention_diagnostics.md'}")
 
@@ -411,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + getattr(error, "signum", signal.SIGINT)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
             from dapo_ops.store import RunLockedError
+            from pipelines.checks import EvalDropError
 
+            if isinstance(error, EvalDropError):
+                print(f"\nmake run stopped: {error}", file=sys.stderr)
+                return 4
             print(f"\nmake run failed: {error}", file=sys.stderr)
             return 3 if isinstance(error, RunLockedError) else 1
         return 0

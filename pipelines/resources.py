@@ -73,6 +73,8 @@ class MlflowResource(dg.ConfigurableResource):
 
     tracking_uri: str = ""
     experiment_name: str = "dapo-vlm"
+    # The MLflow UI that materializations link to; default: the tracking server, or `make mlflow-ui`'s address.
+    ui_url: str = ""
 
     def uri(self, root: Path) -> str:
         from dapo_ops.tracking import resolve_tracking_uri

@@ -222,7 +222,8 @@ def training_runs(tracking_uri: str, run_name: str) -> list:
 
 
 def metric_histories(tracking_uri: str, run_name: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of the run's single MLflow training run, every value MLflow holds."""
+    """{metric: [(step, value), ...]} of the run's single MLflow training run, every value MLflow holds
+    (MLflow's `system/*` samples of CPU and memory differ between any two runs: not training results)."""
     from mlflow import MlflowClient
 
     runs = training_runs(tracking_uri, run_name)
@@ -230,7 +231,7 @@ def metric_histories(tracking_uri: str, run_name: str) -> dict[str, list[tuple[i
     client = MlflowClient(tracking_uri)
     run = runs[0]
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
-            for name in run.data.metrics}
+            for name in run.data.metrics if not name.startswith("system/")}
 
 
 def stuck_dagster_runs(root: Path, run_name: str) -> list[str]:

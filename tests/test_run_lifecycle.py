@@ -188,16 +188,19 @@ def test_a_round_without_an_optimizer_step_logs_no_loss_or_grad_norm(make_runs) 
     """Round 0 of the finished run, read back with an update record that made no optimizer step."""
     from dapo_ops import store as store_io
     from dapo_ops import training
+    from dapo_ops.round_files import UpdateRecord
     from dapo_ops.store import RunStore
     from dapo_ops.update import UpdateResult
 
     run_store = RunStore(make_runs["root"], "life")
     record = store_io.read_json(run_store.round_dir("ckpt-0000") / "update.json")
-    measured = training.round_metrics(DapoConfig(**TINY), training.round_table(run_store, "ckpt-0000"), record)
+    measured = training.round_metrics(DapoConfig(**TINY), training.round_table(run_store, "ckpt-0000"),
+                                      UpdateRecord.from_dict(record))
     assert {"loss", "grad_norm"} <= measured.keys()  # the default path steps: both are logged
 
     no_step = {**record, "steps": [], "summary": UpdateResult(global_step=4).summary()}
-    metrics = training.round_metrics(DapoConfig(**TINY), training.round_table(run_store, "ckpt-0000"), no_step)
+    metrics = training.round_metrics(DapoConfig(**TINY), training.round_table(run_store, "ckpt-0000"),
+                                     UpdateRecord.from_dict(no_step))
     assert "loss" not in metrics and "grad_norm" not in metrics
     assert set(measured) - set(metrics) == {"loss", "grad_norm"}
     assert all(v == v for v in metrics.values()), "no NaN stands in for the missing step"

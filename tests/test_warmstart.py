@@ -116,3 +116,17 @@ def test_no_steps_means_no_training(policy: Policy, rows: pl.DataFrame) -> None:
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     assert supervised_warm_start(policy, rows, steps=0, learning_rate=1e-3, batch_size=4, seed=0) == []
     assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
+def test_format_target_names_the_given_choice_and_its_letter() -> None:
+    from dapo_ops.warmstart import format_target
+
+    row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 2}
+    assert format_target(row, 0) == "<think>The answer is cat.</think> Answer: A"
+    with pytest.raises(ValueError, match="out of range"):
+        format_target(row, 3)
+
+
+def test_unknown_teach_mode_is_rejected(policy: Policy, rows: pl.DataFrame) -> None:
+    with pytest.raises(ValueError, match="teach='answers'"):
+        supervised_warm_start(policy, rows, steps=1, learning_rate=1e-3, batch_size=2, seed=0, teach="answers")
