@@ -59,6 +59,9 @@ class DapoConfig:
     epsilon_high: float = 0.28
     beta: float = 0.0
     scale_rewards: ScaleRewards = "group"
+    # Compute each prompt once for all its rollouts in the teacher-forced pass and the update (a shared KV
+    # cache); False runs one full forward per rollout (the same numbers up to float rounding).
+    shared_prefix: bool = True
 
     # DAPO extras.
     dynamic_sampling: bool = False

@@ -332,7 +332,7 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
     batch = load_rollout_batch(run_store, key)
     start = time.perf_counter()
-    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
+    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature, shared_prefix=config.shared_prefix)
     seconds = time.perf_counter() - start
     per_rollout = rollout_attention_metrics(outputs, batch, tolerance=tolerance)
     columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
@@ -451,7 +451,7 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     ref_logps = None
     if config.beta > 0 and ref_policy is not None:
         ref_logps = teacher_forced_pass(ref_policy, batch, temperature=config.temperature,
-                                        with_attention=False).per_token_logps
+                                        with_attention=False, shared_prefix=config.shared_prefix).per_token_logps
     start = time.perf_counter()
     result = policy_update(
         policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,

@@ -35,6 +35,7 @@ class TrainingConfig(dg.Config):
     epsilon_high: float = _DEFAULTS.epsilon_high
     beta: float = _DEFAULTS.beta
     scale_rewards: str = _DEFAULTS.scale_rewards
+    shared_prefix: bool = _DEFAULTS.shared_prefix
     dynamic_sampling: bool = _DEFAULTS.dynamic_sampling
     dynamic_sampling_max_tries: int = _DEFAULTS.dynamic_sampling_max_tries
     overlong_buffer: int = _DEFAULTS.overlong_buffer
