@@ -72,8 +72,8 @@ def _copy(prepared: Path, name: str) -> RunStore:
     return RunStore(root, CONFIG.run_name)
 
 
-def _update_in_process(store: RunStore) -> dict:
-    config = CONFIG.replace(num_processes=1)
+def _update_in_process(store: RunStore, *, shared_prefix: bool = True) -> dict:
+    config = CONFIG.replace(num_processes=1, shared_prefix=shared_prefix)
     policy = models.load_policy(training.resolve_model_dir(store, KEY))
     optimizer = training.load_optimizer(store, KEY, policy, config)
     return training.run_update(config, store, KEY, policy, optimizer, training.round_log(store, KEY))
@@ -154,6 +154,18 @@ def test_two_processes_give_the_same_updated_weights(both_updates):
     optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)
     assert optimizer["state"] and len(optimizer["param_groups"][0]["params"]) == len(
         torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=False)["param_groups"][0]["params"])
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_prompts_match_one_process_without_sharing(prepared: Path, both_updates):
+    """The 2-process update runs the shared-prefix forward (the default); one process without sharing agrees."""
+    _, multi = both_updates
+    assert CONFIG.shared_prefix
+    unshared = _copy(prepared, "unshared")
+    _update_in_process(unshared, shared_prefix=False)
+    one, two = _weights(unshared, NEXT), _weights(multi, NEXT)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
 
 
 @pytest.mark.slow
