@@ -26,8 +26,9 @@ from dapo_ops.update import rank_micro_batches
 KEY = checkpoint_key(0)
 NEXT = checkpoint_key(1)
 
-# 16 rollouts; 7 kept → optimizer steps of 4 and 3 rollouts, 2 micro-batches each: with 2 ranks the 3-rollout
-# step leaves rank 1 an empty piece (its zero-weight placeholder forward), and DDP's no_sync is exercised.
+# 16 rollouts; 7 kept in 4 groups → (steps take whole groups) optimizer steps of 5 and 2 rollouts; the 5-rollout
+# step has 2 micro-batches per rank, so DDP's no_sync is exercised, and its group [8, 11] runs the shared-prefix
+# forward on rank 0. (The zero-weight placeholder piece of a rank is covered by the split test below.)
 CONFIG = DapoConfig(
     run_name="dist-eq", prompts_per_round=4, num_generations=4, max_completion_length=8,
     steps_per_generation=2, num_iterations=2, gradient_accumulation_steps=2, learning_rate=1e-3,
