@@ -80,7 +80,9 @@ class DapoConfig:
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean entropy of the loss tokens
     use_bias_correction_kl: bool = False  # TRL's default is True: k3 times the importance weight
     multi_objective_aggregation: MultiObjectiveAggregation = "sum_then_normalize"
-
+    # Compute each prompt once for all its rollouts in the teacher-forced pass and the update (a shared KV
+    # cache); False runs one full forward per rollout (the same numbers up to float rounding).
+    shared_prefix: bool = True
     # DAPO extras.
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = 3
