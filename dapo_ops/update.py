@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dapo_ops import progress
 from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
@@ -178,6 +179,7 @@ def policy_update(
     # Clip shares are over sequences when the importance weight is one per sequence (TRL's metrics).
     per_sequence = config.importance_sampling_level == "sequence"
     needs_entropies = config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0
+    progress.begin("optimizer", config.num_iterations * min(config.steps_per_generation, len(kept)), unit="step")
     for epoch in range(config.num_iterations):
         for chunk in step_chunks(kept, config, generator=generator):
             micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world, rank=rank)
@@ -260,6 +262,7 @@ def policy_update(
                 )
             optimizer.step()
             result.global_step += 1
+            progress.advance("optimizer")
             record = {
                 "loss": step_loss,
                 "grad_norm": float(grad_norm),
