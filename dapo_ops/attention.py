@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dapo_ops import progress
 from dapo_ops.config import STAGES
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
@@ -614,6 +615,7 @@ def teacher_forced_pass(
     total = int(rollouts.completion_ids.shape[0])
     step = total if not batch_size or batch_size >= total else int(batch_size)
     parts: list[tuple[torch.Tensor, ...]] = []
+    progress.begin("teacher-forced", -(-total // max(step, 1)), unit="batch")
     with torch.no_grad():
         for start in range(0, total, max(step, 1)):
             stop = min(start + step, total)
@@ -622,6 +624,7 @@ def teacher_forced_pass(
                 model, batch, temperature=temperature, with_attention=with_attention, shared_prefix=shared_prefix
             )
             parts.append(tuple(t.detach().float().cpu() for t in result))
+            progress.advance("teacher-forced")
     if not parts:  # no rollouts
         width = int(rollouts.completion_ids.shape[1])
         empty = torch.zeros(0, width)

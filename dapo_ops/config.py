@@ -124,8 +124,9 @@ class DapoConfig:
     save_total_limit: int | None = None  # keep the weights of the newest N trained checkpoints (None: all)
     save_only_model: bool = False  # never store optimizer state (resume restarts AdamW)
 
-    # Monitoring: the blocking check on policy_update.
+    # Monitoring: the blocking check on policy_update, and the rollout sample the reports and MLflow show.
     max_eval_drop: float = 0.2  # a checkpoint whose eval accuracy fell by more than this stops the run
+    report_samples: int = 4  # prompts shown with all G completions (best, then worst mean reward); -1: every rollout
 
     def __post_init__(self) -> None:
         self.validate()
@@ -193,6 +194,9 @@ class DapoConfig:
                             f"use one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
         if not 0 <= self.max_eval_drop <= 1:
             problems.append(f"max_eval_drop={self.max_eval_drop} must be in [0, 1] (1 never stops the run)")
+        if self.report_samples < -1:
+            problems.append(f"report_samples={self.report_samples} must be -1 (every rollout), 0 (none) or a number "
+                            "of prompts")
         if self.num_processes < 1:
             problems.append(f"num_processes={self.num_processes} must be at least 1")
         problems += self._scale_problems()

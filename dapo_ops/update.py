@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dapo_ops import precision
+from dapo_ops import precision, progress
 from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
@@ -215,6 +215,7 @@ def policy_update(
     # Whole groups per step and micro-batch, so that each prompt's forward is shared by its rollouts.
     group_ids = getattr(rollouts, "prompt_index", None)
     group_ids = None if group_ids is None else group_ids.cpu()
+    progress.begin("optimizer", config.num_iterations * min(config.steps_per_generation, len(kept)), unit="step")
     for epoch in range(config.num_iterations):
         for chunk in step_chunks(kept, config, generator=generator, group_ids=group_ids):
             micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world,
@@ -301,6 +302,7 @@ def policy_update(
                 )
             optimizer.step()
             result.global_step += 1
+            progress.advance("optimizer")
             record = {
                 "loss": step_loss,
                 "grad_norm": float(grad_norm),
