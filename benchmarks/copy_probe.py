@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--dataset", default=EMBEDDED)
     parser.add_argument("--tasks", default="color")
     parser.add_argument("--teach", default="format", choices=("format", "task"))
+    parser.add_argument("--answer", default="letter", choices=("letter", "choice"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -90,7 +91,7 @@ def main() -> None:
     while done < args.steps:
         losses = warmstart.supervised_warm_start(policy, train, steps=args.every, learning_rate=args.lr,
                                                  batch_size=args.batch_size, seed=args.seed + done,
-                                                 teach=args.teach)
+                                                 teach=args.teach, answer=args.answer)
         done += args.every
         result = measure(policy, evals, args.max_len)
         print(json.dumps({"steps": done, "loss": round(losses[-1], 3), "seconds": round(time.perf_counter() - start),

@@ -177,3 +177,19 @@ def test_ablation_rows_are_off_then_one_per_shaping():
     rows = ablation.default_rows()
     assert [r.name for r in rows] == ["off", *MDI_SHAPINGS]
     assert rows[0].overrides["reward_weights"][-1] == 0.0 and rows[0].overrides["reward_weights"][0] > 0
+
+
+def test_a_warm_start_target_answering_with_the_choice_text_is_scored_as_that_choice():
+    from dapo_ops import warmstart
+
+    row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 1, "rationales": ["It barks."]}
+    assert warmstart.target_completion(row, "choice") == "<think>It barks.</think> Answer: dog"
+    wrong = warmstart.format_target(row, 2, "choice")
+    assert rewards.mc_idx_reward([warmstart.target_completion(row, "choice"), wrong], correct_choice_idx=[1, 1],
+                                 choices=[row["choices"]] * 2) == [1.0, 0.0]
+
+
+def test_the_warm_start_mode_is_a_validated_config_field():
+    assert DapoConfig(warmup_target="format", warmup_answer="choice").warmup_answer == "choice"
+    with pytest.raises(ValueError, match="warmup_answer='word' is unknown"):
+        DapoConfig(warmup_answer="word")
