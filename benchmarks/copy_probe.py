@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="color")
     parser.add_argument("--teach", default="format", choices=("format", "task"))
     parser.add_argument("--answer", default="letter", choices=("letter", "choice"))
+    parser.add_argument("--pixels", type=int, default=models.EMBEDDED_IMAGE_PIXELS, help="image area (56*56: 4 tokens)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -85,6 +86,7 @@ def main() -> None:
         corpus += [r for rs in train["rationales"].to_list() for r in rs]
     torch.manual_seed(args.seed)
     policy = models.build_embedded_policy(corpus, seed=args.seed, **json.loads(args.model))
+    policy.image_processor = models.build_image_processor(args.pixels)
     print(f"{sum(p.numel() for p in policy.model.parameters()):,} parameters", flush=True)
     start = time.perf_counter()
     done = 0
