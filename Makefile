@@ -16,12 +16,14 @@ CHECKPOINT ?=
 PORT ?=
 NUM_PROCESSES ?=
 PYTEST_ARGS ?=
+CONFIG ?=
+SET ?=
 
-RUN_ARGS := $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
+RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
-.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze sync-mlflow bench ablation clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation clean
 
 install: $(STAMP)
 
@@ -57,6 +59,15 @@ mlflow-ui: install
 reanalyze: install
 	@test -n "$(CHECKPOINT)" || { echo "usage: make reanalyze CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MDI_TOLERANCE=...]"; exit 2; }
 	$(BIN)/python -m pipelines.cli reanalyze --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MDI_TOLERANCE),--mdi-tolerance $(MDI_TOLERANCE))
+
+# A checkpoint as a standalone model directory (MERGE=1: a LoRA adapter merged into the base weights).
+export: install
+	@test -n "$(CHECKPOINT)" || { echo "usage: make export CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MERGE=1] [OUT=dir]"; exit 2; }
+	$(BIN)/python -m pipelines.cli export --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MERGE),--merge) $(if $(OUT),--out $(OUT))
+
+# Peak accelerator memory per process of a config (MODEL=dir with a config.json; GPU_MEMORY=GiB to check fit).
+plan: install
+	$(BIN)/python -m pipelines.cli plan $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
 
 sync-mlflow: install
 	$(BIN)/python -m pipelines.cli sync-mlflow $(if $(RUN_NAME),--run-name $(RUN_NAME))

@@ -34,6 +34,7 @@ STAGES: tuple[str, ...] = get_args(Stage)
 MDI_SHAPINGS: tuple[str, ...] = get_args(MdiShaping)
 
 EMBEDDED = "embedded"
+TORCH_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 def data_root() -> Path:
@@ -113,7 +114,21 @@ class DapoConfig:
     # Scale-out.
     num_processes: int = 1
     device: str = "auto"
-    torch_dtype: str = "float32"
+    torch_dtype: str = "float32"  # the dtype the weights are loaded in (TRL's ModelConfig.dtype)
+    bf16: bool = False  # TRL/HF: bf16 autocast of the forwards; the optimizer keeps torch_dtype master weights
+    gradient_checkpointing: bool = False  # recompute activations in the backward (use_reentrant=False)
+
+    # LoRA via peft, TRL's ModelConfig names (dapo_ops.lora); a LoRA checkpoint holds the adapter only.
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None: every linear layer of the language model
+    freeze_vision_tower: bool = False  # EasyR1's freeze_vision_tower: the vision encoder is not trained
+
+    # Checkpoint retention (HF Trainer's names, per checkpoint partition; dapo_ops.retention).
+    save_total_limit: int | None = None  # keep the weights of the newest N trained checkpoints (None: all)
+    save_only_model: bool = False  # never store optimizer state (resume restarts AdamW)
 
     # Monitoring: the blocking check on policy_update.
     max_eval_drop: float = 0.2  # a checkpoint whose eval accuracy fell by more than this stops the run
@@ -190,6 +205,7 @@ class DapoConfig:
             problems.append(f"max_eval_drop={self.max_eval_drop} must be in [0, 1] (1 never stops the run)")
         if self.num_processes < 1:
             problems.append(f"num_processes={self.num_processes} must be at least 1")
+        problems += self._scale_problems()
         if self.model_name_or_path != EMBEDDED and not Path(self.model_name_or_path).exists():
             problems.append(
                 f"model_name_or_path={self.model_name_or_path!r} does not exist; give a local model directory "
@@ -204,6 +220,26 @@ class DapoConfig:
             problems.append(f"run_name={self.run_name!r} must be a plain name (no slashes or spaces)")
         if problems:
             raise ValueError("Invalid dapo-vlm configuration:\n  - " + "\n  - ".join(problems))
+
+    def _scale_problems(self) -> list[str]:
+        """dtype, LoRA and retention settings."""
+        problems: list[str] = []
+        if self.torch_dtype not in TORCH_DTYPES:
+            problems.append(f"torch_dtype={self.torch_dtype!r} is unknown; use one of {', '.join(TORCH_DTYPES)}")
+        if self.use_peft:
+            if self.lora_r < 1:
+                problems.append(f"lora_r={self.lora_r} must be at least 1")
+            if self.lora_alpha <= 0:
+                problems.append(f"lora_alpha={self.lora_alpha} must be positive")
+            if not 0 <= self.lora_dropout < 1:
+                problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+            if self.lora_target_modules is not None and not self.lora_target_modules:
+                problems.append("lora_target_modules is empty; name modules (e.g. [q_proj, v_proj]) or leave it "
+                                "null for every linear layer of the language model")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            problems.append(f"save_total_limit={self.save_total_limit} must be at least 1 (resuming needs the "
+                            f"newest checkpoint) or null to keep every checkpoint's weights")
+        return problems
 
     def _reward_problems(self) -> list[str]:
         """Every `reward_funcs` entry resolves to a callable, names are unique, one weight per entry."""

@@ -210,10 +210,11 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     if threads > 0:
         torch.set_num_threads(threads)
     accelerator = accelerator or make_accelerator(config)
-    model_dir = training.resolve_model_dir(run_store, key)
+    from dapo_ops.checkpoint_policy import load_checkpoint_policy
 
     def load() -> models.Policy:
-        return models.load_policy(model_dir, device=accelerator.device, torch_dtype=config.torch_dtype)
+        # Base + adapter for a LoRA checkpoint (a sharded model's gathered state then fits it key for key).
+        return load_checkpoint_policy(run_store, key, config, device=accelerator.device)
 
     policy = load()
     optimizer = training.load_optimizer(run_store, key, policy, config)
@@ -225,7 +226,7 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
         if collective.sharded:
             log.warning("sharded optimizer state is not saved with the checkpoint; the next round restarts AdamW")
     ref_policy = None
-    if config.beta > 0:
+    if config.beta > 0 and not config.use_peft:  # LoRA: the reference is the adapter-disabled policy
         ref_policy = models.load_policy(training.resolve_model_dir(run_store, checkpoint_key(0)),
                                         device=accelerator.device, torch_dtype=config.torch_dtype)
     record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy,

@@ -314,12 +314,14 @@ def _quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def write_policy(policy: Policy, directory: Path) -> None:
+def write_policy(policy: Policy, directory: Path, *, weights: bool = True) -> None:
     """Write model, tokenizer, image processor and chat template into an existing `directory`, plainly
-    (inside `store.atomic_directory`, which fsyncs and renames the whole checkpoint once)."""
+    (inside `store.atomic_directory`, which fsyncs and renames the whole checkpoint once). `weights=False`
+    leaves the model out (a LoRA checkpoint writes its adapter instead)."""
     directory = Path(directory)
-    with _quiet_progress():
-        policy.model.save_pretrained(directory)
+    if weights:
+        with _quiet_progress():
+            policy.model.save_pretrained(directory)
     policy.tokenizer.save_pretrained(directory)
     policy.image_processor.save_pretrained(directory)
     if policy.tokenizer.chat_template:

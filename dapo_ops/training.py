@@ -7,6 +7,7 @@ assets in ``pipelines`` stay thin wrappers around these functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -200,9 +201,17 @@ def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimi
                     state: dict[str, Any]) -> Path:
     """Weights, AdamW state (tensors and plain values: loadable with weights_only) and state.json, as one
     atomic directory: written plainly inside it, fsynced once by `atomic_directory`."""
+    from dapo_ops import lora
+
     final = run_store.checkpoint_dir(key)
+    if lora.has_adapter(policy.model) and state.get("parent"):
+        # save_pretrained writes the adapter only; the base weights are those the parent loaded.
+        state = {**state, "model_dir": str(resolve_model_dir(run_store, state["parent"])), "adapter": True}
     with store.atomic_directory(final) as tmp:
-        models.write_policy(policy, tmp)
+        adapter = lora.has_adapter(policy.model)
+        models.write_policy(policy, tmp, weights=not adapter)
+        if adapter:
+            lora.write_adapter(policy.model, tmp)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
@@ -353,7 +362,10 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
     batch = load_rollout_batch(run_store, key)
     start = time.perf_counter()
-    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
+    from dapo_ops import precision
+
+    with precision.autocast(config, policy.model):  # the same precision as the update's forward
+        outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
     seconds = time.perf_counter() - start
     table = attention_table(outputs, batch, tolerance=tolerance)
     mdi_all = table[f"attn/{config.mdi_reward_stage}/mdi"]
@@ -452,16 +464,22 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     advantages = faults.poison("advantages", torch.tensor(reward_table["advantage"].to_list(), dtype=torch.float32))
     keep = torch.tensor(reward_table["kept"].to_list(), dtype=torch.bool)
     state = checkpoint_state(run_store, key)
+    from dapo_ops import lora, precision, retention
+
     ref_logps = None
-    if config.beta > 0 and ref_policy is not None:
-        ref_logps = teacher_forced_pass(ref_policy, batch, temperature=config.temperature,
-                                        with_attention=False).per_token_logps
+    if config.beta > 0 and (ref_policy is not None or lora.has_adapter(policy.model)):
+        # LoRA: the reference is the base model itself, the adapter bypassed (no second copy in memory).
+        disabled = lora.adapter_disabled(policy.model) if ref_policy is None else contextlib.nullcontext()
+        with disabled, precision.autocast(config, policy.model):
+            ref_logps = teacher_forced_pass(ref_policy or policy, batch, temperature=config.temperature,
+                                            with_attention=False).per_token_logps
     start = time.perf_counter()
-    result = policy_update(
-        policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
-        config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
-        ref_per_token_logps=ref_logps, log=log, collective=collective,
-    )
+    with precision.gradient_checkpointing(policy.model, enabled=config.gradient_checkpointing):
+        result = policy_update(
+            policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
+            config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
+            ref_per_token_logps=ref_logps, log=log, collective=collective,
+        )
     seconds = time.perf_counter() - start
     summary = result.summary()
     round_tokens = int(batch.prompt_mask.sum() + batch.completion_mask.sum())
@@ -486,7 +504,8 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     evaluation = evaluate(config, run_store, trained)
     eval_seconds = time.perf_counter() - start_eval
     save_start = time.perf_counter()
-    save_checkpoint(run_store, next_key, trained, collective.optimizer_to_save(optimizer),
+    save_checkpoint(run_store, next_key, trained,
+                    None if config.save_only_model else collective.optimizer_to_save(optimizer),
                     {**new_state, "eval": evaluation})
     save_seconds = time.perf_counter() - save_start
     log(f"update: {len(result.steps)} optimizer steps in {seconds:.2f}s (global step {result.global_step}); "
@@ -494,6 +513,12 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     record.eval = evaluation
     record.seconds = {"update": seconds, "eval": eval_seconds, "save": save_seconds}
     record.write(files.update)
+    # Only now may older checkpoints lose optimizer state or weights: a crash before update.json re-runs
+    # this round from checkpoint k, which must still be whole.
+    kept = retention.apply(run_store, config, next_key)
+    if kept["pruned"]:
+        log(f"save_total_limit={config.save_total_limit}: deleted the weights of {', '.join(kept['pruned'])} "
+            f"(state.json, rollouts and reports stay; they can no longer be re-analysed)")
     return record
 
 

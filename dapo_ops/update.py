@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dapo_ops import precision
 from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
@@ -190,8 +191,10 @@ def policy_update(
                 rows = chunk[:1] if placeholder else idx
                 batch = rollouts.select(rows)
                 with collective.sync_context(model, sync=position == len(micro_batches) - 1):
-                    logps, entropy = completion_forward(model, batch, temperature=config.temperature,
-                                                        entropy_grad=config.entropy_coef != 0.0)
+                    with precision.autocast(config, model):  # bf16: autocast forward, fp32 master weights
+                        logps, entropy = completion_forward(model, batch, temperature=config.temperature,
+                                                            entropy_grad=config.entropy_coef != 0.0)
+                    logps = logps.float()  # [B, Tc] the loss in fp32 whatever the forward's precision
                     mask = completion_mask[rows]
                     loss, stats = policy_loss(
                         logps,

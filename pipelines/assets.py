@@ -147,6 +147,9 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
         built = training.build_base_checkpoint(cfg, store, log)
         policy, state = built["policy"], built["state"]
         faults.point("after_base_checkpoint")
+    from dapo_ops.checkpoint_policy import configure
+
+    policy = configure(policy, cfg)  # the adapter (use_peft), frozen vision tower, fp32 master weights
     evaluation = training.evaluate(cfg, store, policy)
     state = {**state, "eval": evaluation}
     write_json_atomic(store.checkpoint_dir(key) / training.STATE_FILE, state)
@@ -188,6 +191,9 @@ def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig,
         log(f"sent {sent} journaled round(s) to MLflow")
     log(f"round {checkpoint_index(key)} of run {cfg.run_name}")
     dapo_round.record_config(cfg, store, log)
+    from dapo_ops import retention
+
+    retention.check_disk_space(store, key, cfg)  # stop before the round, never halfway through its checkpoint
     policy = policy_cache.get(store, key, cfg)
     table = training.generate_round_rollouts(cfg, store, key, policy, log)
     sample = table.head(3).select("question", "completion").to_dicts()
@@ -289,7 +295,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
             policy = policy_cache.get(store, key, cfg)
             optimizer = policy_cache.optimizer(store, key, cfg)
             ref_policy = None
-            if cfg.beta > 0:
+            if cfg.beta > 0 and not cfg.use_peft:  # LoRA: the reference is the adapter-disabled policy
                 from dapo_ops import models
 
                 ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
@@ -305,6 +311,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
         raise
     next_key = record.next_checkpoint
     add_checkpoint_partitions(context.instance, [next_key])
+    _observe_pruned(context, store)
     metrics = {**record.summary, **record.eval}
     findings = dapo_round.update_health(store, key, log, metrics)
     eval_finding = eval_drop_finding(cfg, store, next_key)
@@ -325,6 +332,23 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
     })
     for finding in [*findings, eval_finding]:
         yield _check_result(finding)
+
+
+def _observe_pruned(context: dg.AssetExecutionContext, store) -> None:
+    """Partitions whose weights `save_total_limit` deleted show as not re-analysable on attention_metrics (an
+    observation per partition, once); their rollouts, rewards and reports stay materialized."""
+    from dapo_ops import retention
+
+    for key in retention.pruned_checkpoints(store):
+        marker = store.checkpoint_dir(key) / retention.PRUNED_MARKER
+        observed = store.checkpoint_dir(key) / retention.OBSERVED_MARKER
+        if observed.exists():
+            continue
+        context.log_event(dg.AssetObservation(
+            asset_key="attention_metrics", partition=key,
+            metadata={"reanalysable": False, "pruned": marker.read_text(encoding="utf-8").strip(),
+                      "checkpoint": dg.MetadataValue.path(str(store.checkpoint_dir(key)))}))
+        write_text_atomic(observed, "")
 
 
 def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, policy_cache: PolicyCache):

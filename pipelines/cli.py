@@ -271,7 +271,7 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
 
 def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
-    from dapo_ops import faults, training
+    from dapo_ops import faults, retention, training
     from dapo_ops.store import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
     from pipelines.config import TrainingConfig
@@ -294,6 +294,7 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
         faults.point("before_setup")
         materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
+    retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
     with _system_metrics(store):
         _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, started=started)
     return home
@@ -316,7 +317,7 @@ def _system_metrics(store) -> Iterator[None]:
 
 def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, started: float) -> None:
     """The rounds of `run_training` that are not DONE yet, in order."""
-    from dapo_ops import faults, training
+    from dapo_ops import faults, retention, training
     from dapo_ops import store as store_io
     from dapo_ops.store import checkpoint_key
     from pipelines.config import ROUND_ASSETS
@@ -336,6 +337,9 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
         assets = ", ".join(selection or ROUND_ASSETS)
         if files.dir.exists() and any(p != files.log for p in files.dir.iterdir()):
             training.round_log(store, key)(f"resuming {key} after an interruption: {assets}")
+        if selection is None:
+            # Stop before the round, never halfway through writing its checkpoint.
+            retention.check_disk_space(store, key, run_config)
         round_start = time.perf_counter()
         echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
         faults.point("before_round")
@@ -376,6 +380,7 @@ def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
 def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
     import dagster as dg
 
+    from dapo_ops import retention
     from dapo_ops.store import RunStore, read_json
     from pipelines.config import TrainingConfig
 
@@ -385,6 +390,8 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     if not store.config_path.exists():
         raise SystemExit(f"no run {run_name!r} under {root / 'runs'}; pass RUN_NAME=<an existing run>")
     values = read_json(store.config_path)
+    store.require_checkpoint(checkpoint)
+    retention.require_weights(store, checkpoint)  # a pruned checkpoint: say so before Dagster starts
     if mdi_tolerance is not None:
         values["mdi_tolerance"] = mdi_tolerance
     config = TrainingConfig(**values, reanalysis=True)
@@ -394,18 +401,49 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     print(f"re-analysed {checkpoint} of {run_name}: {store.reports_dir(checkpoint) / 'attention_diagnostics.md'}")
 
 
+def export(run_name: str, checkpoint: str, *, merge: bool, out: Path | None, root: Path | None = None) -> int:
+    """`make export`: checkpoint -> a directory `AutoModelForImageTextToText.from_pretrained` loads."""
+    from dapo_ops import export as export_ops
+    from dapo_ops.retention import PrunedCheckpointError
+    from dapo_ops.store import RunStore
+
+    store = RunStore(root or data_root(), run_name)
+    target = out or export_ops.default_out(store, checkpoint, merge=merge)
+    try:
+        written = export_ops.export_checkpoint(store, checkpoint, target, merge=merge)
+    except (FileNotFoundError, PrunedCheckpointError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint} of {run_name}{' (LoRA merged)' if merge else ''}: {written}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train ROUNDS rounds on the embedded default or DATASET/MODEL")
-    run.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
-    run.add_argument("--dataset", default=EMBEDDED)
-    run.add_argument("--model", default=EMBEDDED)
-    run.add_argument("--num-processes", type=int, default=1)
+    run.add_argument("--config", type=Path, default=None, metavar="FILE",
+                     help="a run config YAML of DapoConfig fields (configs/runs/*.yaml)")
+    run.add_argument("--rounds", type=int, default=None, help=f"max_rounds (default {DEFAULT_ROUNDS})")
+    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or None)
+    run.add_argument("--dataset", default=None, help=f"dataset (default {EMBEDDED})")
+    run.add_argument("--model", default=None, help=f"model_name_or_path (default {EMBEDDED})")
+    run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--quiet", action="store_true", help="only one line per round")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4")
+                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4 (after --config)")
+    plan = sub.add_parser("plan", help="estimate peak accelerator memory per process before the first round")
+    plan.add_argument("--config", type=Path, default=None, metavar="FILE")
+    plan.add_argument("--model", default=None, help="a model directory (its config.json is enough)")
+    plan.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB")
+    launchpad = sub.add_parser("launchpad-config", help="print a run config file as Dagster launchpad YAML")
+    launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
+    export = sub.add_parser("export", help="write a checkpoint as a standalone transformers model directory")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
+    export.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights")
+    export.add_argument("--out", type=Path, default=None, help="default: <run>/export/<checkpoint>[-merged]")
     re = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
     re.add_argument("--checkpoint", required=True)
     re.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
@@ -420,16 +458,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-instance":
         print(prepare_instance())
         return 0
-    if args.command == "run":
-        overrides = dict(_parse_override(item) for item in args.set)
+    if args.command == "plan":
+        return memory_plan_command(args)
+    if args.command == "launchpad-config":
+        from dapo_ops.runconfig import RunConfigError, launchpad_yaml
+
         try:
-            config = DapoConfig(run_name=args.run_name, dataset=args.dataset, model_name_or_path=args.model,
-                                num_processes=args.num_processes, max_rounds=args.rounds, **overrides)
+            print(launchpad_yaml(args.config), end="")
+        except RunConfigError as error:
+            print(error, file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "run":
+        try:
+            config = run_config_from_args(args)
         except (ValueError, TypeError) as error:
             print(error, file=sys.stderr)
             return 2
         try:
-            run_training(config, args.rounds, live=not args.quiet)
+            run_training(config, config.max_rounds, live=not args.quiet)
         except KeyboardInterrupt as error:
             print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
                   file=sys.stderr)
@@ -445,8 +492,16 @@ def main(argv: list[str] | None = None) -> int:
             return 3 if isinstance(error, RunLockedError) else 1
         return 0
     if args.command == "reanalyze":
-        reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        from dapo_ops.retention import PrunedCheckpointError
+
+        try:
+            reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        except PrunedCheckpointError as error:
+            print(error, file=sys.stderr)
+            return 2
         return 0
+    if args.command == "export":
+        return export(args.run_name, args.checkpoint, merge=args.merge, out=args.out)
     if args.command == "sync-mlflow":
         return sync_mlflow(args.run_name)
     if args.command == "mlflow-ui":
@@ -454,23 +509,35 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _parse_override(item: str) -> tuple[str, object]:
-    import dataclasses
+def memory_plan_command(args: argparse.Namespace) -> int:
+    """`make plan`: the memory estimate of a run config (paths need only hold a config.json)."""
+    from dapo_ops import memory_plan
+    from dapo_ops.runconfig import RunConfigError, coerce, read_yaml
 
-    name, _, raw = item.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(DapoConfig)}
-    if name not in fields:
-        raise SystemExit(f"--set {item}: unknown field {name!r}; fields: {', '.join(sorted(fields))}")
-    default = getattr(DapoConfig(), name)
-    if isinstance(default, bool):
-        return name, raw.lower() in ("1", "true", "yes")
-    if isinstance(default, int | float):
-        return name, type(default)(raw)
-    if isinstance(default, list):
-        return name, json.loads(raw)
-    if default is None:  # an optional number such as delta: "1.5" or "null"
-        return name, json.loads(raw)
-    return name, raw
+    values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
+    model = args.model or values.get("model_name_or_path", EMBEDDED)
+    values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
+    try:
+        from dapo_ops.runconfig import load_run_config
+
+        config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
+        plan = memory_plan.estimate(model, config)
+    except (RunConfigError, FileNotFoundError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(memory_plan.render(plan, config, args.gpu_memory))
+    return 0 if args.gpu_memory is None or plan.peak <= args.gpu_memory * memory_plan.GIB else 1
+
+
+def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
+    """Defaults < --config FILE < the explicit flags (--run-name, --dataset, --model, --num-processes,
+    --rounds: what `make run RUN_NAME=... ROUNDS=...` passes) < --set overrides; raises `RunConfigError`
+    naming the key and the file."""
+    from dapo_ops.runconfig import load_run_config
+
+    flags = {"run_name": args.run_name, "dataset": args.dataset, "model_name_or_path": args.model,
+             "num_processes": args.num_processes, "max_rounds": args.rounds}
+    return load_run_config(args.config, args.set, flags={k: v for k, v in flags.items() if v is not None})
 
 
 def sync_mlflow(run_name: str | None) -> int:

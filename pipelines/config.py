@@ -16,8 +16,8 @@ import dagster as dg
 import pydantic
 
 from dapo_ops.config import DapoConfig
+from dapo_ops.runconfig import RESOURCE_KEY
 
-RESOURCE_KEY = "training_config"
 # Not a DapoConfig field: whether attention_metrics/attention_report re-analyse a stored round.
 DAGSTER_ONLY_FIELDS: dict[str, tuple[type, Any]] = {"reanalysis": (bool, False)}
 

@@ -37,14 +37,14 @@ class PolicyCache:
         return (str(store.root), store.run_name, checkpoint)
 
     def get(self, store: RunStore, checkpoint: str, config: DapoConfig):
-        from dapo_ops import models, training
+        from dapo_ops.checkpoint_policy import load_checkpoint_policy
 
         with self._lock:
             key = self._key(store, checkpoint)
             if self._entry is not None and self._entry[0] == key:
                 return self._entry[1]
-            policy = models.load_policy(training.resolve_model_dir(store, checkpoint),
-                                        device=config.device, torch_dtype=config.torch_dtype)
+            # The base model + adapter of a LoRA checkpoint; a pruned checkpoint is refused, saying so.
+            policy = load_checkpoint_policy(store, checkpoint, config)
             self._entry = (key, policy, None)
             return policy
 
