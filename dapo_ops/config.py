@@ -18,6 +18,10 @@ ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
+WarmupTarget = Literal["task", "format"]
+WarmupAnswer = Literal["letter", "choice"]
+WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
+WARMUP_ANSWERS: tuple[str, ...] = get_args(WarmupAnswer)
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
@@ -104,6 +108,10 @@ class DapoConfig:
     eval_subset_size: int = 128
     warmup_steps: int = 45
     warmup_learning_rate: float = 3e-3
+    # What the warm start teaches: "task" = the right answers, "format" = a uniformly drawn choice (the format
+    # and no task, no letter prior); and how its targets answer: "letter" (`Answer: B`) or "choice" (`Answer: green`).
+    warmup_target: WarmupTarget = "task"
+    warmup_answer: WarmupAnswer = "letter"
 
     # Scale-out.
     num_processes: int = 1
@@ -144,6 +152,10 @@ class DapoConfig:
             problems.append(f"mdi_reward_stage={self.mdi_reward_stage!r} is unknown; use one of {', '.join(STAGES)}")
         if self.mdi_shaping not in MDI_SHAPINGS:
             problems.append(f"mdi_shaping={self.mdi_shaping!r} is unknown; use one of {', '.join(MDI_SHAPINGS)}")
+        if self.warmup_target not in WARMUP_TARGETS:
+            problems.append(f"warmup_target={self.warmup_target!r} is unknown; use one of {', '.join(WARMUP_TARGETS)}")
+        if self.warmup_answer not in WARMUP_ANSWERS:
+            problems.append(f"warmup_answer={self.warmup_answer!r} is unknown; use one of {', '.join(WARMUP_ANSWERS)}")
         if self.vllm_mode not in VLLM_MODES:
             problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
         engine = engine_problem(self)

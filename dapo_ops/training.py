@@ -178,7 +178,7 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
         start = time.perf_counter()
         losses = warmstart.supervised_warm_start(
             policy, train, steps=config.warmup_steps, learning_rate=config.warmup_learning_rate,
-            batch_size=16, seed=config.seed,
+            batch_size=16, seed=config.seed, teach=config.warmup_target, answer=config.warmup_answer,
         )
         log(f"supervised warm start: {len(losses)} steps in {time.perf_counter() - start:.1f}s, "
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "supervised warm start skipped")

@@ -60,6 +60,20 @@ def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
     assert metrics["rewards/think_format_reward/mean"] >= 0.8
 
 
+@pytest.mark.parametrize("extra", [[], ["Which colour is the figure drawn here?", "magenta turquoise octagon"] * 400])
+def test_every_choice_letter_is_one_token_shared_by_the_prompt_and_the_answer(extra):
+    """Answering is copying: the letter of ` B. green` must be the very token `Answer: B` ends with."""
+    from dapo_ops import inputs, models, synthetic
+
+    tokenizer = models.build_tokenizer([*synthetic.corpus(), *extra])
+    letters = models.CHOICE_LETTERS
+    prompt = tokenizer(inputs.format_choices([f"c{i}" for i in range(len(letters))]))["input_ids"]
+    for letter in letters:
+        (answer_letter,) = tokenizer(f" {letter}")["input_ids"]
+        assert tokenizer(f"</think> Answer: {letter}")["input_ids"][-1] == answer_letter
+        assert prompt.count(answer_letter) == 1, (letter, tokenizer.convert_ids_to_tokens(prompt))
+
+
 def _recorded() -> pl.DataFrame:
     return pl.read_parquet(RECORDED)
 
@@ -163,3 +177,19 @@ def test_ablation_rows_are_off_then_one_per_shaping():
     rows = ablation.default_rows()
     assert [r.name for r in rows] == ["off", *MDI_SHAPINGS]
     assert rows[0].overrides["reward_weights"][-1] == 0.0 and rows[0].overrides["reward_weights"][0] > 0
+
+
+def test_a_warm_start_target_answering_with_the_choice_text_is_scored_as_that_choice():
+    from dapo_ops import warmstart
+
+    row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 1, "rationales": ["It barks."]}
+    assert warmstart.target_completion(row, "choice") == "<think>It barks.</think> Answer: dog"
+    wrong = warmstart.format_target(row, 2, "choice")
+    assert rewards.mc_idx_reward([warmstart.target_completion(row, "choice"), wrong], correct_choice_idx=[1, 1],
+                                 choices=[row["choices"]] * 2) == [1.0, 0.0]
+
+
+def test_the_warm_start_mode_is_a_validated_config_field():
+    assert DapoConfig(warmup_target="format", warmup_answer="choice").warmup_answer == "choice"
+    with pytest.raises(ValueError, match="warmup_answer='word' is unknown"):
+        DapoConfig(warmup_answer="word")
