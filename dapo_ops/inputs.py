@@ -25,15 +25,10 @@ ImageLike = Image.Image | bytes | bytearray | Mapping[str, Any]
 
 
 def format_choices(choices: Sequence[str]) -> str:
-    """` A. red\\n B. green\\n...`: one lettered choice per line, each letter after a space.
-
-    The space matters: byte-level BPE tokenizers (Qwen's, the embedded one) split a letter after a newline
-    as `A` but after a space as `ĠA`, which is how the answer writes it (`Answer: A`). With the space the
-    prompt's letter and the answer's letter are the same token, so answering is copying a token.
-    """
+    """`A. red\\nB. green\\n...`: one lettered choice per line."""
     if len(choices) > len(LETTERS):
         raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
-    return "\n".join(f" {LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+    return "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
 
 
 def build_messages(question: str, choices: Sequence[str], system_prompt: str = SYSTEM_PROMPT) -> list[dict]:

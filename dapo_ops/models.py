@@ -103,19 +103,8 @@ _TEMPLATE_CORPUS: tuple[str, ...] = (
     "Answer: C",
     "Answer: D",
     "Answer: E",
+    "A. B. C. D. E.",
 )
-
-# The choice letters as the prompt (` A. red` lines) and the answer (`Answer: A`) both write them: after a
-# space. Repeated in proportion to the corpus so that BPE always merges each into ONE token (`ĠA`..`ĠH`),
-# whatever the data's own words; an added token instead would also split ` Answer` into ` A` + `nswer`.
-CHOICE_LETTERS = "ABCDEFGH"
-_LETTER_LINE = "".join(f"\n {letter}. Answer: {letter}" for letter in CHOICE_LETTERS)
-
-
-def _letter_corpus(corpus_size: int) -> list[str]:
-    """`_LETTER_LINE` often enough that `ĠA`..`ĠH` outrank the data's frequent pairs (measured: 1 copy per
-    8 corpus texts keeps every letter one token on the embedded and the unseen corpora)."""
-    return [_LETTER_LINE] * (50 + corpus_size // 8)
 
 
 @dataclass
@@ -199,8 +188,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = EMBEDDED_VOCAB_SIZE
     )
     from dapo_ops.inputs import SYSTEM_PROMPT  # inputs imports this module
 
-    corpus = list(corpus)
-    texts = [*_TEMPLATE_CORPUS, SYSTEM_PROMPT, *corpus, *_letter_corpus(len(corpus))]
+    texts = [*_TEMPLATE_CORPUS, SYSTEM_PROMPT, *corpus]
     backend.train_from_iterator(texts, trainer=trainer)
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
     tokenizer = PreTrainedTokenizerFast(

@@ -304,13 +304,6 @@ def write_dataset(
     return paths
 
 
-def _block(choices: Sequence[str]) -> str:
-    """The lettered choice block exactly as prompts write it (lazy: `inputs` imports torch)."""
-    from dapo_ops.inputs import format_choices
-
-    return format_choices(list(choices))
-
-
 def corpus(tasks: Sequence[str] = TASKS) -> list[str]:
     """Every text the synthetic data and the warm-start targets use, for training the tokenizer.
 
@@ -326,14 +319,14 @@ def corpus(tasks: Sequence[str] = TASKS) -> list[str]:
             texts.update(dict.fromkeys(_mix_corpus(name)))
             continue
         spec = TASK_SPECS[name]
-        block = _block(spec.choices)
+        block = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(spec.choices))
         texts[spec.question] = None
         texts[block] = None
         texts[f"{spec.question}\n{block}"] = None
         for j, choice in enumerate(spec.choices):
             rationale = spec.rationale(choice)
             texts[choice] = None
-            texts[f" {LETTERS[j]}. {choice}"] = None
+            texts[f"{LETTERS[j]}. {choice}"] = None
             texts[rationale] = None
             texts[f"<think>{rationale}</think> Answer: {LETTERS[j]}"] = None
     return list(texts)
@@ -344,13 +337,13 @@ def _mix_corpus(task: str) -> list[str]:
     names = list(COLORS)
     if task == "yes_no":
         questions = [f"Is the shape {n}{c}?" for c in names for n in ("", "not ")]
-        blocks, answers = [_block(["yes", "no"])], ["yes", "no"]
+        blocks, answers = ["A. yes\nB. no"], ["yes", "no"]
     elif task == "color_of_shape":
         questions = [f"What color is the {s}?" for s in SHAPES]
-        blocks, answers = [_block(names)], names
+        blocks, answers = ["\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(names))], names
     else:
         questions = [TASK_SPECS["color"].question]
-        blocks = [_block(names[:k]) for k in range(2, len(names) + 1)]
+        blocks = ["\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(names[:k])) for k in range(2, len(names) + 1)]
         answers = names
     texts = [*questions, *blocks, *(f"{q}\n{b}" for q in questions for b in blocks)]
     texts += [f"The shape is {c}." for c in names] + [f"The {s} is {c}." for s in SHAPES for c in names]

@@ -60,7 +60,7 @@ class _ProcessorWithoutVideo(Qwen2_5_VLProcessor):
 
 
 def test_format_choices_letters_one_choice_per_line() -> None:
-    assert format_choices(["red", "green", "blue"]) == " A. red\n B. green\n C. blue"
+    assert format_choices(["red", "green", "blue"]) == "A. red\nB. green\nC. blue"
 
 
 def test_messages_hold_a_system_prompt_asking_for_think_then_answer_and_an_image_turn() -> None:
@@ -68,7 +68,7 @@ def test_messages_hold_a_system_prompt_asking_for_think_then_answer_and_an_image
     assert system["role"] == "system"
     assert "<think>" in system["content"] and "Answer: X" in system["content"]
     assert user["content"][0] == {"type": "image"}
-    assert user["content"][1] == {"type": "text", "text": "What color?\n A. red\n B. blue"}
+    assert user["content"][1] == {"type": "text", "text": "What color?\nA. red\nB. blue"}
 
 
 def test_a_56_pixel_image_is_a_4x4_patch_grid_and_4_image_tokens(policy: Policy) -> None:

@@ -60,20 +60,6 @@ def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
     assert metrics["rewards/think_format_reward/mean"] >= 0.8
 
 
-@pytest.mark.parametrize("extra", [[], ["Which colour is the figure drawn here?", "magenta turquoise octagon"] * 400])
-def test_every_choice_letter_is_one_token_shared_by_the_prompt_and_the_answer(extra):
-    """Answering is copying: the letter of ` B. green` must be the very token `Answer: B` ends with."""
-    from dapo_ops import inputs, models, synthetic
-
-    tokenizer = models.build_tokenizer([*synthetic.corpus(), *extra])
-    letters = models.CHOICE_LETTERS
-    prompt = tokenizer(inputs.format_choices([f"c{i}" for i in range(len(letters))]))["input_ids"]
-    for letter in letters:
-        (answer_letter,) = tokenizer(f" {letter}")["input_ids"]
-        assert tokenizer(f"</think> Answer: {letter}")["input_ids"][-1] == answer_letter
-        assert prompt.count(answer_letter) == 1, (letter, tokenizer.convert_ids_to_tokens(prompt))
-
-
 def _recorded() -> pl.DataFrame:
     return pl.read_parquet(RECORDED)
 

@@ -88,7 +88,7 @@ def test_chat_template_renders_the_qwen2_5_vl_layout(policy: Policy) -> None:
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-        "What color is the shape?\n A. red\n B. blue"
+        "What color is the shape?\nA. red\nB. blue"
         "<|im_end|>\n<|im_start|>assistant\n"
     )
 

@@ -67,7 +67,7 @@ def test_target_accepts_label_idx_and_falls_back_to_the_choice_without_rationale
 def test_corpus_covers_questions_choices_rationales_and_targets(rows: pl.DataFrame) -> None:
     corpus = corpus_from_rows(rows.head(1))
     assert "What color is the shape?" in corpus
-    assert " A. red\n B. green\n C. blue\n D. yellow" in corpus
+    assert "A. red\nB. green\nC. blue\nD. yellow" in corpus
     assert "The shape is red." in corpus
     assert "<think>The shape is red.</think> Answer: A" in corpus
 
