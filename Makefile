@@ -16,12 +16,14 @@ CHECKPOINT ?=
 PORT ?=
 NUM_PROCESSES ?=
 PYTEST_ARGS ?=
+CONFIG ?=
+SET ?=
 
-RUN_ARGS := $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
+RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
-.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze sync-mlflow bench clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation clean
 
 install: $(STAMP)
 
@@ -58,11 +60,25 @@ reanalyze: install
 	@test -n "$(CHECKPOINT)" || { echo "usage: make reanalyze CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MDI_TOLERANCE=...]"; exit 2; }
 	$(BIN)/python -m pipelines.cli reanalyze --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MDI_TOLERANCE),--mdi-tolerance $(MDI_TOLERANCE))
 
+# A checkpoint as a standalone model directory (MERGE=1: a LoRA adapter merged into the base weights).
+export: install
+	@test -n "$(CHECKPOINT)" || { echo "usage: make export CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MERGE=1] [OUT=dir]"; exit 2; }
+	$(BIN)/python -m pipelines.cli export --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MERGE),--merge) $(if $(OUT),--out $(OUT))
+
+# Peak accelerator memory per process of a config (MODEL=dir with a config.json; GPU_MEMORY=GiB to check fit).
+plan: install
+	$(BIN)/python -m pipelines.cli plan $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
+
 sync-mlflow: install
 	$(BIN)/python -m pipelines.cli sync-mlflow $(if $(RUN_NAME),--run-name $(RUN_NAME))
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# Attention reward off / each MDI shaping x 3 seeds on the embedded default (~30 min on 2 cores):
+# writes benchmarks/ablation.{md,json,png}.
+ablation: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablation $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf var .pytest_cache

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from dapo_ops.tracking import default_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,9 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     """One in-memory dapo-vlm round; returns per-phase seconds (and the new global step)."""
     import torch
 
-    from dapo_ops import advantages, rewards, rollout, training
-    from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
+    from dapo_ops import advantages, rewards, sampling, training
+    from dapo_ops.attention import teacher_forced_pass
+    from dapo_ops.engines import make_engine
     from dapo_ops.update import policy_update
 
     phases: dict[str, float] = {}
@@ -188,30 +190,19 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     prompts = training.encode_rows(policy, rows)
     t = clock.now()
     phases["encode prompts"] = t - start
-    batch = rollout.generate_rollouts(
-        policy, prompts, num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+    batch = make_engine(config, policy).generate(
+        prompts, num_generations=config.num_generations, max_completion_length=config.max_completion_length,
         temperature=config.temperature, top_p=config.top_p,
         seed=training.derived_seed(config.seed, "rollouts", round_index),
     )
     t, last = clock.now(), t
     phases["generation"] = t - last
+    # The attention phase's pure core (training.compute_attention without the files).
     outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
-    per_rollout = rollout_attention_metrics(outputs, batch, tolerance=config.mdi_tolerance)
+    attention = training.attention_table(outputs, batch, tolerance=config.mdi_tolerance)
     t, last = clock.now(), t
     phases["teacher-forced pass + attention"] = t - last
-    index = batch.prompt_index.tolist()
-    columns = {
-        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in index],
-        "choices": [list(rows["choices"][p]) for p in index],
-    }
-    per_func = {
-        "mc_idx_reward": rewards.mc_idx_reward(batch.completions, **columns),
-        "think_format_reward": rewards.think_format_reward(batch.completions, **columns),
-        "mdi_reward": rewards.mdi_reward(
-            batch.completions, mdi=[m[config.mdi_reward_stage]["mdi"] for m in per_rollout],
-            mdi_tolerance=config.mdi_tolerance, mdi_shaping=config.mdi_shaping,
-            num_generations=config.num_generations, **columns),
-    }
+    per_func = rewards.score_rollouts(config, sampling.rollout_columns(batch, rows), attention)
     total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)
     advantage = advantages.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)
     keep = torch.ones(len(total), dtype=torch.bool)
@@ -239,9 +230,9 @@ class PipelineTimer:
 
         original = cli.materialize
 
-        def timed(selection, config, **kwargs):
+        def timed(job_name, config, **kwargs):
             start = self.clock.now()
-            result = original(selection, config, **kwargs)
+            result = original(job_name, config, **kwargs)
             seconds = self.clock.now() - start
             instance = kwargs.get("instance")
             if instance is None:  # run_training passes its instance; else the one DAGSTER_HOME names
@@ -269,11 +260,12 @@ class PipelineTimer:
 def pipeline_phases(store, key: str, wall: float, steps: dict[str, float]) -> dict[str, float]:
     """Where the pipeline round's time went, from the round's files and Dagster's step stats."""
     from dapo_ops import store as store_io
+    from dapo_ops.round_files import read_update_record
 
-    round_dir = store.round_dir(key)
-    generation = float(store_io.read_json(round_dir / "rollouts.json")["seconds"])
-    attention = float(store_io.read_json(round_dir / "attention.json")["seconds"])
-    seconds = store_io.read_json(round_dir / "update.json")["seconds"]
+    files = store.round(key)
+    generation = float(store_io.read_json(files.rollouts_json)["seconds"])
+    attention = float(store_io.read_json(files.attention_json)["seconds"])
+    seconds = read_update_record(store, key).seconds or {}
     update, evaluation, save = float(seconds["update"]), float(seconds["eval"]), float(seconds["save"])
     training_steps = sum(steps.get(name, 0.0) for name in ("rollouts", "attention_metrics", "policy_update"))
     phases = {
@@ -289,7 +281,7 @@ def pipeline_phases(store, key: str, wall: float, steps: dict[str, float]) -> di
         "Dagster overhead": wall - sum(steps.values()) if steps else float("nan"),
         "total": wall,
     }
-    phases["generated tokens"] = float(store_io.read_json(round_dir / "rollouts.json")["completion_tokens"])
+    phases["generated tokens"] = float(store_io.read_json(files.rollouts_json)["completion_tokens"])
     return phases
 
 
@@ -408,7 +400,7 @@ def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
     workdir = tempfile.TemporaryDirectory(prefix="dapo-bench-round-")
     root = Path(workdir.name)
     environment = {"DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "TOKENIZERS_PARALLELISM": "false",
+                   "MLFLOW_TRACKING_URI": default_tracking_uri(root), "TOKENIZERS_PARALLELISM": "false",
                    "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
     previous_env = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)

@@ -1,4 +1,4 @@
-"""Group-relative advantages and DAPO's batch shaping (METRICS.md, "Advantages (GRPO)").
+"""Group-relative advantages and DAPO's batch shaping (docs/metrics.md, "Advantages").
 
 Rows are GROUP-MAJOR: rollout i belongs to prompt i // G, G = `num_generations`. Statistics ignore NaN
 rewards (unscorable rollouts, see `rewards.total_rewards`), as TRL's `nanmean`/`nanstd` do; with no NaN they
@@ -16,7 +16,9 @@ __all__ = [
     "group_advantages",
     "group_reward_std",
     "nanstd",
+    "normalize_then_sum",
     "overlong_penalty",
+    "truncated_completions_mask",
     "zero_std_groups",
 ]
 
@@ -100,6 +102,44 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str =
         )
         advantages = advantages / (std + STD_EPS)
     return torch.nan_to_num(advantages.reshape(-1), nan=0.0).to(_out_dtype(rewards))
+
+
+def normalize_then_sum(rewards_per_func: Tensor, weights: Tensor | list[float], num_generations: int) -> Tensor:
+    """Advantages [N] of TRL's `multi_objective_aggregation="normalize_then_sum"` (GDPO).
+
+    Each reward column of `rewards_per_func` [N, K] is normalized within its group,
+    `(r − mean_g) / (std_g + 1e-4)`, the columns are summed with `weights` [K] (NaN columns skipped), and the
+    sum is normalized over the whole batch, `(s − mean) / (std + 1e-4)`. So a reward on a large scale (an
+    accuracy in {0, 3}) no longer drowns a small one (a format reward in {0, 1}). `scale_rewards` plays no
+    part, as in TRL. Rows whose rewards are all NaN (unscorable) get advantage 0.
+    """
+    if rewards_per_func.dim() != 2:
+        raise ValueError(f"rewards_per_func must be [N, K], got shape {tuple(rewards_per_func.shape)}")
+    num_rows, num_funcs = rewards_per_func.shape
+    weights = torch.as_tensor(weights, dtype=torch.float64, device=rewards_per_func.device)
+    if weights.shape != (num_funcs,):
+        raise ValueError(f"{weights.numel()} reward weights for {num_funcs} reward columns")
+    if num_generations < 1 or num_rows % num_generations:
+        raise ValueError(f"{num_rows} rewards do not split into groups of num_generations={num_generations}")
+    grouped = rewards_per_func.to(torch.float64).view(-1, num_generations, num_funcs)  # [P, G, K]
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)  # [P, 1, K]
+    std = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
+    normalized = ((grouped - mean) / (std + STD_EPS)).view(-1, num_funcs)  # [N, K]
+    summed = (normalized * weights).nansum(dim=1)  # [N]
+    summed[torch.isnan(rewards_per_func).all(dim=1)] = float("nan")
+    batch_std = nanstd(summed) if num_rows > 1 else torch.zeros((), dtype=summed.dtype)
+    advantages = (summed - torch.nanmean(summed)) / (batch_std + STD_EPS)
+    return torch.nan_to_num(advantages, nan=0.0).to(_out_dtype(rewards_per_func))
+
+
+def truncated_completions_mask(completion_mask: Tensor, is_eos: Tensor) -> Tensor:
+    """`completion_mask` [N, T] with the rows of truncated completions (no EOS, `is_eos` [N] False) zeroed:
+    TRL's `mask_truncated_completions`, which DAPO recommends, so a clipped answer is neither rewarded nor
+    penalized for its unfinished tail."""
+    if is_eos.shape != completion_mask.shape[:1]:
+        raise ValueError(f"is_eos {tuple(is_eos.shape)} must have one flag per row of completion_mask "
+                         f"{tuple(completion_mask.shape)}")
+    return completion_mask * is_eos.to(completion_mask.device).bool().unsqueeze(1).to(completion_mask.dtype)
 
 
 def overlong_penalty(

@@ -2,15 +2,14 @@
 
 matplotlib is imported inside the functions (it is slow to import and most callers never draw), and only
 its object-oriented API with the Agg canvas is used: no pyplot, so no global figure state and no GUI backend.
-Files are written atomically (temp file beside the target, then `os.replace`), so a reader never sees a
-half-written PNG.
+Files are written through `store.write_bytes_atomic`, so a reader never sees a half-written PNG.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from dapo_ops.config import STAGES
+from dapo_ops.store import write_bytes_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,19 +34,9 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return write_bytes_atomic(Path(path), buffer.getvalue())
 
 
 def _series(history: pl.DataFrame, x: str, column: str) -> tuple[list[float], list[float]]:

@@ -450,8 +450,3 @@ def load_mc_splits(
     if kept.height < 2:
         raise ValueError(f"{path}: only {kept.height} usable row; a train/eval split needs at least 2")
     return _hash_split(kept, quarantined, eval_fraction)
-
-
-def quarantine_summary(quarantined: pl.DataFrame, examples: int = 5) -> dict[str, Any]:
-    """A small JSON-able summary (count and the first reasons) for logs and asset metadata."""
-    return {"count": quarantined.height, "examples": quarantined["reason"].head(examples).to_list()}

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from dapo_ops import store as store_io
 from dapo_ops.config import DapoConfig
 from dapo_ops.store import RunStore
 from dapo_ops.update import LocalCollective
+
+if TYPE_CHECKING:
+    from dapo_ops.round_files import UpdateRecord
 
 logger = logging.getLogger("dapo_vlm")
 
@@ -44,7 +47,6 @@ ACCELERATE_CONFIGS = {
 CONFIG_ENV = "DAPO_ACCELERATE_CONFIG"
 CHILD_MODULE = "pipelines.pipes_update"
 UPDATE_CONFIG_FILE = "update_config.json"
-FAILURE_FILE = "update_failure.json"
 NON_FINITE = "non_finite"
 
 
@@ -89,9 +91,9 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
     """
     n = config.num_processes
     yaml = accelerate_config_path(config, accelerate_config)
-    round_dir = run_store.round_dir(key)
-    config_path = store_io.write_json_atomic(round_dir / UPDATE_CONFIG_FILE, config.to_dict())
-    (round_dir / FAILURE_FILE).unlink(missing_ok=True)
+    files = run_store.round(key)
+    config_path = store_io.write_json_atomic(files.update_config, config.to_dict())
+    files.update_failure.unlink(missing_ok=True)
     command = [
         python or sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(yaml),
@@ -118,11 +120,11 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
 
 def write_failure(run_store: RunStore, key: str, kind: str, message: str) -> Path:
     """The child's account of a refused update (read by the parent, whose Pipes call only sees an exit code)."""
-    return store_io.write_json_atomic(run_store.round_dir(key) / FAILURE_FILE, {"kind": kind, "message": message})
+    return store_io.write_json_atomic(run_store.round(key).update_failure, {"kind": kind, "message": message})
 
 
 def read_failure(run_store: RunStore, key: str) -> dict[str, str] | None:
-    path = run_store.round_dir(key) / FAILURE_FILE
+    path = run_store.round(key).update_failure
     return store_io.read_json(path) if path.exists() else None
 
 
@@ -198,7 +200,7 @@ def make_accelerator(config: DapoConfig) -> Any:
 
 
 def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, log: Any, *,
-                           accelerator: Any = None) -> dict[str, Any]:
+                           accelerator: Any = None) -> UpdateRecord:
     """One rank of the update (run under `accelerate launch`). Returns the round's update record
     (rank 0: with eval, after writing ckpt-(k+1) and update.json; other ranks: without)."""
     from dapo_ops import models, training
@@ -208,10 +210,11 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     if threads > 0:
         torch.set_num_threads(threads)
     accelerator = accelerator or make_accelerator(config)
-    model_dir = training.resolve_model_dir(run_store, key)
+    from dapo_ops.checkpoint_policy import load_checkpoint_policy
 
     def load() -> models.Policy:
-        return models.load_policy(model_dir, device=accelerator.device, torch_dtype=config.torch_dtype)
+        # Base + adapter for a LoRA checkpoint (a sharded model's gathered state then fits it key for key).
+        return load_checkpoint_policy(run_store, key, config, device=accelerator.device)
 
     policy = load()
     optimizer = training.load_optimizer(run_store, key, policy, config)
@@ -223,7 +226,7 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
         if collective.sharded:
             log.warning("sharded optimizer state is not saved with the checkpoint; the next round restarts AdamW")
     ref_policy = None
-    if config.beta > 0:
+    if config.beta > 0 and not config.use_peft:  # LoRA: the reference is the adapter-disabled policy
         ref_policy = models.load_policy(training.resolve_model_dir(run_store, checkpoint_key(0)),
                                         device=accelerator.device, torch_dtype=config.torch_dtype)
     record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy,

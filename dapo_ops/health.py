@@ -4,6 +4,7 @@ a saturated attention reward, non-finite numbers. Pure functions on a round's me
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 
@@ -51,9 +52,12 @@ def entropy_collapse(metrics: dict[str, float], *, start_entropy: float | None =
     )
 
 
-def format_collapse(metrics: dict[str, float], thresholds: HealthThresholds = HealthThresholds()) -> Finding:
+def format_collapse(metrics: dict[str, float], thresholds: HealthThresholds = HealthThresholds(), *,
+                    format_weight: float = 1.0) -> Finding:
+    """Flags a think-format reward below its floor; passes when the format is not rewarded (weight 0 or
+    think_format_reward not among the configured rewards)."""
     value = metrics.get("rewards/think_format_reward/mean", float("nan"))
-    passed = _finite(value) and value >= thresholds.min_format_reward
+    passed = format_weight == 0 or (_finite(value) and value >= thresholds.min_format_reward)
     return Finding(
         "format_collapse", passed, "WARN",
         f"think format reward {value:.3f} (floor {thresholds.min_format_reward})",
@@ -112,16 +116,35 @@ def non_finite(metrics: dict[str, float]) -> Finding:
     )
 
 
-def reward_findings(metrics: dict[str, float], *, mdi_weight: float,
+def reward_findings(metrics: dict[str, float], *, weights: Mapping[str, float],
                     thresholds: HealthThresholds = HealthThresholds()) -> list[Finding]:
+    """The rewards phase's checks. `weights` are the configured rewards' weights (`DapoConfig.weights`): a
+    reward that is not configured counts as weight 0, so its check passes."""
     return [
-        format_collapse(metrics, thresholds),
+        format_collapse(metrics, thresholds, format_weight=weights.get("think_format_reward", 0.0)),
         clipped_completions(metrics, thresholds),
         zero_variance_groups(metrics, thresholds),
-        attention_reward_saturated(metrics, mdi_weight=mdi_weight, thresholds=thresholds),
+        attention_reward_saturated(metrics, mdi_weight=weights.get("mdi_reward", 0.0), thresholds=thresholds),
     ]
 
 
 def update_findings(metrics: dict[str, float], *, start_entropy: float | None = None,
                     thresholds: HealthThresholds = HealthThresholds()) -> list[Finding]:
     return [entropy_collapse(metrics, start_entropy=start_entropy, thresholds=thresholds), non_finite(metrics)]
+
+
+def eval_accuracy_drop(previous: float | None, current: float, *, max_drop: float, previous_key: str,
+                       current_key: str) -> Finding:
+    """ERROR (blocks the next round) when `current_key`'s greedy eval accuracy is more than `max_drop` below
+    `previous_key`'s; passes when there is no previous evaluation to compare with."""
+    drop = float("nan") if previous is None else previous - current
+    passed = previous is None or (_finite(current) and drop <= max_drop + 1e-12)
+    message = (f"no evaluation of {previous_key} to compare {current_key} with" if previous is None else
+               f"eval accuracy {'fell' if drop > 0 else 'rose'} from {previous:.3f} ({previous_key}) to "
+               f"{current:.3f} ({current_key}), a drop of {max(drop, 0.0):.3f} (max_eval_drop {max_drop})")
+    return Finding(
+        "eval_accuracy_drop", passed, "ERROR", message,
+        "the update made the policy worse: lower learning_rate or num_iterations and continue from "
+        f"{previous_key}, or raise max_eval_drop to accept {current_key}",
+        0.0 if previous is None else float(drop),
+    )

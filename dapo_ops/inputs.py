@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,7 +23,7 @@ from dapo_ops.tokens import IMAGE_PAD, LETTERS, SYSTEM_PROMPT, template_token_id
 if TYPE_CHECKING:
     from dapo_ops.models import Policy
 
-__all__ = ["LETTERS", "SYSTEM_PROMPT", "PromptBatch", "VisionInputs", "encode_prompts", "encode_rows"]
+__all__ = ["LETTERS", "SYSTEM_PROMPT", "PromptBatch", "VisionInputs", "encode_prompts"]
 
 ImageLike = Image.Image | bytes | bytearray | Mapping[str, Any]
 # Per-token processor outputs that are not the ids or the mask; completion positions are text (type 0).
@@ -442,16 +441,3 @@ def encode_prompts(
         texts=texts,
     )
 
-
-def encode_rows(
-    policy: Policy, rows: pl.DataFrame | Sequence[Mapping[str, Any]], **kwargs: Any
-) -> PromptBatch:
-    """`encode_prompts` for rows in the A-OKVQA layout (question, choices, image bytes or struct)."""
-    records = rows.to_dicts() if isinstance(rows, pl.DataFrame) else list(rows)
-    return encode_prompts(
-        policy,
-        [r["question"] for r in records],
-        [list(r["choices"]) for r in records],
-        [r["image"] for r in records],
-        **kwargs,
-    )

@@ -12,8 +12,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.utils import logging as hf_logging
 
+from dapo_ops.store import atomic_directory
 from dapo_ops.tokens import (
     IM_END,
     IM_START,
@@ -396,55 +395,30 @@ def _quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def write_policy(policy: Policy, directory: Path, *, weights: bool = True) -> None:
+    """Write model and processor (tokenizer, image processor, chat template) into an existing `directory`, plainly
+    (inside `store.atomic_directory`, which fsyncs and renames the whole checkpoint once). `weights=False`
+    leaves the model out (a LoRA checkpoint writes its adapter instead)."""
+    directory = Path(directory)
+    if weights:
+        with _quiet_progress():
+            policy.model.save_pretrained(directory)
+    policy.processor.save_pretrained(directory)
+    # preprocessor_config.json as well, where released checkpoints keep it (and older readers look).
+    policy.image_processor.save_pretrained(directory)
+    if policy.tokenizer.chat_template:
+        # Where Qwen2.5-VL checkpoints keep it, for processors that read the processor-level file.
+        (directory / "chat_template.json").write_text(
+            json.dumps({"chat_template": policy.tokenizer.chat_template}, indent=2) + "\n"
+        )
 
 
 def save_policy(policy: Policy, path: str | os.PathLike[str]) -> Path:
-    """Write model and processor (tokenizer, image processor, chat template) to `path`, atomically.
-
-    Files go to a temporary sibling directory that is fsynced and renamed into place, so a reader sees
-    either the old checkpoint or the complete new one, never a half-written directory.
-    """
+    """Write model and processor (tokenizer, image processor, chat template) to `path`, atomically: a reader
+    sees either the old directory or the complete new one, never a half-written one."""
     target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        with _quiet_progress():
-            policy.model.save_pretrained(tmp)
-        policy.processor.save_pretrained(tmp)
-        # preprocessor_config.json as well, where released checkpoints keep it (and older readers look).
-        policy.image_processor.save_pretrained(tmp)
-        if policy.tokenizer.chat_template:
-            # Where Qwen2.5-VL checkpoints keep it, for processors that read the processor-level file.
-            (tmp / "chat_template.json").write_text(
-                json.dumps({"chat_template": policy.tokenizer.chat_template}, indent=2) + "\n"
-            )
-        _fsync_tree(tmp)
-        if target.exists():
-            # Directories cannot be replaced in one rename: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(target, marker=None) as tmp:
+        write_policy(policy, tmp)
     policy.path = target
     return target
 
@@ -509,6 +483,30 @@ def _model_class_check(source: Path) -> Any:
     return config
 
 
+# The files through which a model directory can ask transformers to import its own Python code.
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                       "video_preprocessor_config.json")
+
+
+def refuse_remote_code(source: Path) -> None:
+    """Model directories load with `trust_remote_code` off: one whose config maps a class to code shipped
+    with it (`auto_map`) is refused here, before anything is loaded or written."""
+    for name in REMOTE_CODE_CONFIGS:
+        path = source / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ValueError(
+                f"{path} asks for remote code (auto_map: {', '.join(sorted(map(str, config['auto_map'])))}); this project "
+                f"loads models with trust_remote_code off and refuses directories that need their own Python code. "
+                f"Use a model whose classes ship with transformers (AutoModelForImageTextToText loads them)."
+            )
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """`"auto"` is CUDA when available, else the CPU."""
     if device == "auto":
@@ -533,6 +531,7 @@ def load_policy(
     source = Path(path).resolve()
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model directory (no config.json)")
+    refuse_remote_code(source)
     _model_class_check(source)
     processor = _load_processor(source)
     tokenizer = processor.tokenizer

@@ -17,23 +17,47 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from dapo_ops.attention import LOGGED_METRIC_NAMES
+from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
 from dapo_ops.config import STAGES
+from dapo_ops.rewards import DEFAULT_REWARD_FUNCS
 
-ATTENTION_NAMES: tuple[str, ...] = (
-    "mdi",
-    "aei_text",
-    "aei_vision",
-    "text_ratio",
-    "vision_ratio",
-    "mdi_balance",
-    "mdi_penalty",
-)
+# How the built-in rewards are labelled in the reports (JSON key, overall-table row); any other reward is
+# shown under its own name.
+REWARD_LABELS: dict[str, tuple[str, str]] = {
+    "mc_idx_reward": ("accuracy", "Accuracy Mean"),
+    "think_format_reward": ("format", "Format Mean"),
+    "mdi_reward": ("mdi_reward", "MDI Reward Mean"),
+}
 
-ROUND_TABLE_COLUMNS: tuple[str, ...] = (
+
+def reward_label(name: str) -> str:
+    """The short label of reward `name` in report JSON and asset metadata (`accuracy` for mc_idx_reward)."""
+    return REWARD_LABELS.get(name, (name, ""))[0]
+
+
+def _reward_row_title(name: str) -> str:
+    return REWARD_LABELS.get(name, ("", f"{name} Mean"))[1]
+
+
+def round_table_columns(reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS) -> tuple[str, ...]:
+    """The round table's columns when the round is scored by `reward_names`."""
+    return (
+        *_ROUND_TABLE_HEAD,
+        *(f"attn/{stage}/{name}" for stage in STAGES for name in ATTENTION_NAMES),
+        *reward_names,
+        "total_reward",
+        "advantage",
+        "kept",
+    )
+
+
+_ROUND_TABLE_HEAD: tuple[str, ...] = (
     "rollout_index",
     "prompt_index",
     "generation_index",
@@ -49,47 +73,43 @@ ROUND_TABLE_COLUMNS: tuple[str, ...] = (
     "text_tokens",
     "completion_tokens",
     "total_tokens",
-    *(f"attn/{stage}/{name}" for stage in STAGES for name in ATTENTION_NAMES),
-    "mc_idx_reward",
-    "think_format_reward",
-    "mdi_reward",
-    "total_reward",
-    "advantage",
-    "kept",
 )
+ROUND_TABLE_COLUMNS: tuple[str, ...] = round_table_columns()
 
 _STAGE_TITLES = {stage: stage.capitalize() for stage in STAGES}
 
-METRIC_NAMES_44: tuple[str, ...] = (
-    "num_tokens",
-    "completions/mean_length",
-    "completions/min_length",
-    "completions/max_length",
-    "completions/clipped_ratio",
-    "completions/mean_terminated_length",
-    "completions/min_terminated_length",
-    "completions/max_terminated_length",
-    *(
-        f"attention/{stage}/{name}"
-        for stage in STAGES
-        for name in ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
-    ),
-    *(
-        f"rewards/{func}/{stat}"
-        for func in ("mc_idx_reward", "think_format_reward", "mdi_reward")
-        for stat in ("mean", "std")
-    ),
-    "reward",
-    "reward_std",
-    "frac_reward_zero_std",
-    "entropy",
-    "clip_ratio/low_mean",
-    "clip_ratio/low_min",
-    "clip_ratio/high_mean",
-    "clip_ratio/high_max",
-    "clip_ratio/region_mean",
-    "rewards/total_reward",
-)
+
+def round_metric_names(reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS) -> tuple[str, ...]:
+    """The metrics every round logs when scored by `reward_names`, in the metrics table's order.
+
+    The default rewards give the 44 names; each further reward adds `rewards/<name>/mean` and `/std`.
+    """
+    return (
+        "num_tokens",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+        "completions/clipped_ratio",
+        "completions/mean_terminated_length",
+        "completions/min_terminated_length",
+        "completions/max_terminated_length",
+        *(f"attention/{stage}/{name}" for stage in STAGES for name in LOGGED_METRIC_NAMES),
+        *(f"rewards/{func}/{stat}" for func in reward_names for stat in ("mean", "std")),
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "entropy",
+        "clip_ratio/low_mean",
+        "clip_ratio/low_min",
+        "clip_ratio/high_mean",
+        "clip_ratio/high_max",
+        "clip_ratio/region_mean",
+        "rewards/total_reward",
+    )
+
+
+# The round metrics of the default configuration (44 names).
+ROUND_METRIC_NAMES: tuple[str, ...] = round_metric_names()
 
 # Section heading -> name patterns; a pattern ending in "/" matches a prefix, any other matches exactly.
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {
@@ -251,6 +271,51 @@ def _batch_note(table: pl.DataFrame) -> str:
 
 # ------------------------------------------------------------------------------------ rollout results
 
+# `report_samples` value that shows every rollout; 0 shows none, N > 0 shows N prompts with all G completions.
+ALL_ROLLOUTS = -1
+
+
+def check_report_samples(report_samples: int) -> None:
+    if report_samples < ALL_ROLLOUTS:
+        raise ValueError(f"report_samples={report_samples} must be -1 (every rollout), 0 (none) or a number of prompts")
+
+
+def sample_prompts(table: pl.DataFrame, report_samples: int) -> list[int]:
+    """The `prompt_index`es of the sample: the ⌈N/2⌉ prompts with the best mean `total_reward`, then the ⌊N/2⌋
+    with the worst, for N = `report_samples` (every prompt, best first, when N is -1 or at least their number).
+    Ties go to the lower prompt index; a prompt without a defined reward counts as the worst."""
+    check_report_samples(report_samples)
+    _require(table, ["prompt_index", "total_reward"], "sample_prompts")
+    means = (table.group_by("prompt_index")
+             .agg(pl.col("total_reward").cast(pl.Float64).fill_nan(None).mean().alias("mean"))
+             .sort(["mean", "prompt_index"], descending=[True, False], nulls_last=True))
+    ranked = [int(p) for p in means.get_column("prompt_index").to_list()]
+    if report_samples == ALL_ROLLOUTS or report_samples >= len(ranked):
+        return ranked
+    best, worst = (report_samples + 1) // 2, report_samples // 2
+    return ranked[:best] + ranked[len(ranked) - worst:]
+
+
+def sample_rollouts(table: pl.DataFrame, report_samples: int) -> pl.DataFrame:
+    """The rollouts the reports show: every one by `rollout_index` for -1 (`ALL_ROLLOUTS`), none for 0, else
+    all G completions of each prompt of `sample_prompts`, best prompt first, by `rollout_index` within one."""
+    check_report_samples(report_samples)
+    if report_samples == ALL_ROLLOUTS:
+        return table.sort("rollout_index")
+    rank = {p: i for i, p in enumerate(sample_prompts(table, report_samples))}
+    chosen = table.filter(pl.col("prompt_index").is_in(list(rank)))
+    order = pl.col("prompt_index").replace_strict(rank, return_dtype=pl.Int64)
+    return chosen.with_columns(order.alias("_rank")).sort(["_rank", "rollout_index"]).drop("_rank")
+
+
+def _sample_note(table: pl.DataFrame, report_samples: int) -> str:
+    if report_samples == ALL_ROLLOUTS:
+        return ""
+    prompts = len(sample_prompts(table, report_samples)) if report_samples else 0
+    return (f" The sample (`report_samples={report_samples}`) is {prompts} prompt(s), best mean total reward first "
+            "and then the worst, with all their completions.")
+
+
 _ROLLOUT_REQUIRED = (
     "rollout_index",
     "prompt_index",
@@ -262,9 +327,6 @@ _ROLLOUT_REQUIRED = (
     "text_tokens",
     "completion_tokens",
     "total_tokens",
-    "mc_idx_reward",
-    "think_format_reward",
-    "mdi_reward",
     "total_reward",
     *(_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES),
 )
@@ -280,16 +342,25 @@ _ROLLOUT_OPTIONAL = (
 )
 
 
-def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str) -> dict[str, Any]:
+def _with_mdi(reward_names: Sequence[str]) -> list[str | None]:
+    """The reward names with None where the MDI itself is shown: just before `mdi_reward` (its input), or
+    after the rewards when `mdi_reward` is not configured."""
+    names: list[str | None] = list(reward_names)
+    names.insert(names.index("mdi_reward") if "mdi_reward" in names else len(names), None)
+    return names
+
+
+def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str, reward_names: Sequence[str]) -> dict[str, Any]:
     record: dict[str, Any] = {"rollout_index": row["rollout_index"]}
     record.update({k: row[k] for k in _ROLLOUT_OPTIONAL if k in row})
-    record["rewards"] = {
-        "accuracy": row["mc_idx_reward"],
-        "format": row["think_format_reward"],
-        "mdi": row[_attn_col(mdi_reward_stage, "mdi")],
-        "mdi_reward": row["mdi_reward"],
-        "total": row["total_reward"],
-    }
+    scores: dict[str, Any] = {}
+    for name in _with_mdi(reward_names):
+        if name is None:
+            scores["mdi"] = row[_attn_col(mdi_reward_stage, "mdi")]
+        else:
+            scores[reward_label(name)] = row[name]
+    scores["total"] = row["total_reward"]
+    record["rewards"] = scores
     record["attention_metrics"] = {
         stage: {name: row[_attn_col(stage, name)] for name in ATTENTION_NAMES} for stage in STAGES
     }
@@ -313,35 +384,37 @@ def render_rollout_results(
     run_name: str,
     checkpoint: str,
     max_samples: int | None = None,
+    reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
+    report_samples: int = ALL_ROLLOUTS,
+    all_rollouts_link: str | None = None,
 ) -> str:
-    """`rollout_results.md`: overall table, MDI-per-stage table and one JSON block per rollout.
+    """`rollout_results.md`: overall table, MDI-per-stage table and one JSON block per sampled rollout.
 
-    `MDI Mean` and each rollout's `rewards.mdi` are the MDI of `mdi_reward_stage`. `Success Rate` is the
-    share of rollouts with both `mc_idx_reward == 1` and `think_format_reward == 1`. Samples are listed by
-    `rollout_index`, the first `max_samples` of them when given.
+    The overall table and each rollout's `rewards` have one entry per reward of `reward_names` (the
+    configured `reward_funcs`), the MDI of `mdi_reward_stage` (`MDI Mean`, `rewards.mdi`) and the total.
+    `Success Rate`, shown when both are configured, is the share of rollouts with both `mc_idx_reward == 1`
+    and `think_format_reward == 1`. Both tables cover every rollout; the JSON blocks show the sample of
+    `report_samples` (see `sample_rollouts`; by default every rollout, by `rollout_index`), the first
+    `max_samples` of it when given. `all_rollouts_link`: where the file holding every rollout is (linked).
     """
     _check_stage(mdi_reward_stage)
-    _require(table, _ROLLOUT_REQUIRED, "render_rollout_results")
+    _require(table, [*_ROLLOUT_REQUIRED, *reward_names], "render_rollout_results")
     table = table.sort("rollout_index")
 
-    accuracy = _column(table, "mc_idx_reward")
-    fmt = _column(table, "think_format_reward")
-    successes = [
-        a is not None and f is not None and float(a) == 1.0 and float(f) == 1.0
-        for a, f in zip(accuracy, fmt, strict=True)
+    rows = [
+        ["MDI Mean", _fmt_pm(_column(table, _attn_col(mdi_reward_stage, "mdi")))]
+        if name is None
+        else [_reward_row_title(name), _fmt_pm(_column(table, name))]
+        for name in _with_mdi(reward_names)
     ]
-    success_rate = sum(successes) / len(successes) if successes else math.nan
-    overall = _table(
-        ["Metric", "Value"],
-        [
-            ["Accuracy Mean", _fmt_pm(accuracy)],
-            ["Format Mean", _fmt_pm(fmt)],
-            ["MDI Mean", _fmt_pm(_column(table, _attn_col(mdi_reward_stage, "mdi")))],
-            ["MDI Reward Mean", _fmt_pm(_column(table, "mdi_reward"))],
-            ["Total Reward Mean", _fmt_pm(_column(table, "total_reward"))],
-            ["Success Rate", _fmt(success_rate)],
-        ],
-    )
+    rows.append(["Total Reward Mean", _fmt_pm(_column(table, "total_reward"))])
+    if "mc_idx_reward" in reward_names and "think_format_reward" in reward_names:
+        successes = [
+            a is not None and f is not None and float(a) == 1.0 and float(f) == 1.0
+            for a, f in zip(_column(table, "mc_idx_reward"), _column(table, "think_format_reward"), strict=True)
+        ]
+        rows.append(["Success Rate", _fmt(sum(successes) / len(successes) if successes else math.nan)])
+    overall = _table(["Metric", "Value"], rows)
 
     stage_rows = []
     for stage in STAGES:
@@ -357,13 +430,14 @@ def render_rollout_results(
         )
     mdi_table = _table(["Stage", "MDI Mean", "MDI Std", "AEI Text", "AEI Vision"], stage_rows)
 
-    shown = table if max_samples is None else table.head(max(0, max_samples))
+    sample = sample_rollouts(table, report_samples)
+    shown = sample if max_samples is None else sample.head(max(0, max_samples))
     samples = []
     for row in shown.iter_rows(named=True):
         title = f"### Rollout {row['rollout_index']} · prompt {row['prompt_index']}"
         if "generation_index" in row:
             title += f" · generation {row['generation_index']}"
-        samples.append(f"{title}\n\n{_json_block(_rollout_record(row, mdi_reward_stage))}")
+        samples.append(f"{title}\n\n{_json_block(_rollout_record(row, mdi_reward_stage, reward_names))}")
 
     parts = [
         _header("Rollout results", run_name, checkpoint),
@@ -372,10 +446,76 @@ def render_rollout_results(
         overall,
         "## MDI by stage",
         mdi_table,
-        f"## Samples\n\nShowing {shown.height} of {table.height} rollouts.",
+        f"## Samples\n\nShowing {shown.height} of {table.height} rollouts.{_sample_note(table, report_samples)}"
+        + (f" Every rollout: [{Path(all_rollouts_link).name}]({all_rollouts_link})." if all_rollouts_link else ""),
         *samples,
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def _choices_text(choices: Sequence[str] | None) -> str:
+    return "  ".join(f"{_letter(i)}. {c}" for i, c in enumerate(choices or []))
+
+
+def rollout_sample_columns(
+    sample: pl.DataFrame, image_cells: Mapping[int, Any], *, reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS
+) -> dict[str, list[Any]]:
+    """The sample as named columns (what the MLflow table and the Dagster table show), one row per rollout:
+    `image` (the `image_cells` entry of its `prompt_index`), indices, question, choices, answer, completion,
+    each reward under its report label, `total`, `advantage` and `mdi/<stage>` per stage (NaN -> None)."""
+    _require(sample, ["rollout_index", "prompt_index", "question", "choices", "correct_choice_idx", "completion",
+                      *reward_names, "total_reward", "advantage", *(_attn_col(s, "mdi") for s in STAGES)],
+             "rollout_sample_columns")
+    rows = list(sample.iter_rows(named=True))
+    columns: dict[str, list[Any]] = {
+        "image": [image_cells[int(r["prompt_index"])] for r in rows],
+        "rollout_index": [r["rollout_index"] for r in rows],
+        "prompt_index": [r["prompt_index"] for r in rows],
+        "question": [r["question"] for r in rows],
+        "choices": [_choices_text(r["choices"]) for r in rows],
+        "answer": [format_answer(r["choices"], r["correct_choice_idx"]) for r in rows],
+        "completion": [r["completion"] for r in rows],
+    }
+    for name in reward_names:
+        columns[reward_label(name)] = [_json_value(r[name]) for r in rows]
+    columns["total"] = [_json_value(r["total_reward"]) for r in rows]
+    columns["advantage"] = [_json_value(r["advantage"]) for r in rows]
+    for stage in STAGES:
+        columns[f"mdi/{stage}"] = [_json_value(r[_attn_col(stage, "mdi")]) for r in rows]
+    return columns
+
+
+def mlflow_table_json(columns: Mapping[str, Sequence[Any]]) -> str:
+    """The table file `MlflowClient.log_table` writes (pandas' `orient="split"`: `{"columns", "data"}`), so the
+    MLflow UI shows it as a logged table; cells holding `{"type": "image", "filepath", "compressed_filepath"}`
+    (paths in the run's artifacts) are shown as images."""
+    names = list(columns)
+    lengths = {len(columns[n]) for n in names}
+    if len(lengths) > 1:
+        raise ValueError(f"mlflow_table_json: the columns have different lengths {sorted(lengths)}")
+    data = [[columns[n][i] for n in names] for i in range(lengths.pop() if lengths else 0)]
+    return json.dumps({"columns": names, "data": _json_value(data)}, ensure_ascii=False, allow_nan=False)
+
+
+def render_rollout_sample(columns: Mapping[str, Sequence[Any]]) -> str:
+    """The sample as one markdown table (the Dagster materialization's view of the MLflow table): the `image`
+    cells are markdown (e.g. `![prompt 3](rollout_images/prompt-0003.png)`), numbers have 3 decimals."""
+    names = list(columns)
+    if not names or not columns[names[0]]:
+        return "(no rollouts in the sample)"
+
+    def show(value: Any) -> str:
+        if value is None:
+            return "nan"
+        if isinstance(value, float):
+            return _fmt(value)
+        return str(value)
+
+    images = columns.get("image", [])
+    # One image per prompt: its G completions follow each other in the sample.
+    rows = [["" if n == "image" and i > 0 and images[i] == images[i - 1] else show(columns[n][i]) for n in names]
+            for i in range(len(columns[names[0]]))]
+    return _table(names, rows)
 
 
 # ------------------------------------------------------------------------------- attention diagnostics
@@ -457,20 +597,26 @@ def metric_group(name: str) -> str:
     return OTHER_METRICS_HEADING
 
 
-# Display order: METRICS.md table order, except that the round's total reward follows the per-function rewards.
-_DISPLAY = [n for n in METRIC_NAMES_44 if n != "rewards/total_reward"]
-_DISPLAY.insert(_DISPLAY.index("rewards/mdi_reward/std") + 1, "rewards/total_reward")
-_ORDER = {name: i for i, name in enumerate(_DISPLAY)}
+def _display_order(reward_names: Sequence[str]) -> dict[str, int]:
+    """Position of each round metric: the metrics table's order, except that the round's total reward
+    follows the per-function rewards."""
+    names = [n for n in round_metric_names(reward_names) if n != "rewards/total_reward"]
+    last = max(i for i, n in enumerate(names) if n.startswith("rewards/"))
+    names.insert(last + 1, "rewards/total_reward")
+    return {name: i for i, name in enumerate(names)}
 
 
-def format_metrics_block(metrics: Mapping[str, float], mode: str = "train") -> str:
+def format_metrics_block(
+    metrics: Mapping[str, float], mode: str = "train", reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS
+) -> str:
     """The terminal block `📊 Logging N metrics for <mode> mode`, one `   name: value` line per metric.
 
-    N counts the metrics of `METRIC_NAMES_44` present in `metrics`. Within a section the 44 come in
-    METRICS.md table order (`rewards/total_reward` right after the per-function rewards), then the other
-    metrics in the order given. Empty sections are left out.
+    N counts the round metrics (`round_metric_names(reward_names)`, 44 for the default rewards) present in
+    `metrics`. Within a section those come in the metrics table's order (`rewards/total_reward` right after
+    the per-function rewards), then the other metrics in the order given. Empty sections are left out.
     """
-    count = sum(1 for name in metrics if name in _ORDER)
+    order = _display_order(reward_names)
+    count = sum(1 for name in metrics if name in order)
     sections: dict[str, list[str]] = {heading: [] for heading in (*METRIC_GROUPS, OTHER_METRICS_HEADING)}
     for name in metrics:
         sections[metric_group(name)].append(name)
@@ -479,8 +625,8 @@ def format_metrics_block(metrics: Mapping[str, float], mode: str = "train") -> s
         if not names:
             continue
         lines.append(heading)
-        # Stable sort: the 44 first in table order, the rest keep the caller's order.
-        for name in sorted(names, key=lambda n: _ORDER.get(n, len(_ORDER))):
+        # Stable sort: the round metrics first in table order, the rest keep the caller's order.
+        for name in sorted(names, key=lambda n: order.get(n, len(order))):
             lines.append(f"   {name}: {float(metrics[name]):.4f}")
     return "\n".join(lines)
 
@@ -510,6 +656,7 @@ def render_run_terminal(
     checkpoint: str,
     health: Sequence[Mapping[str, Any]] | None = None,
     mode: str = "train",
+    reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
 ) -> str:
     """`run_terminal.md`: the round's log lines, health findings (when given) and the metrics block.
 
@@ -528,5 +675,5 @@ def render_run_terminal(
             f"{len(health) - failed} of {len(health)} checks passed.",
             _health_table(health),
         ]
-    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode), "text")]
+    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode, reward_names=reward_names), "text")]
     return "\n\n".join(parts) + "\n"

@@ -1,6 +1,6 @@
-"""Reward functions with TRL's reward-function signature (see METRICS.md, "Rewards").
+"""Reward functions with TRL's reward-function signature, their registry, and the one scorer of a round.
 
-Every function is `f(completions, **columns) -> list[float | None]`: TRL passes `prompts`,
+Every function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`: TRL passes `prompts`,
 `completions`, `completion_ids` and each dataset column as keyword lists with one entry per rollout.
 `completions` are plain strings or conversational message lists (`[{"role": "assistant", "content": ...}]`).
 `None` means "not applicable to this rollout" (TRL's convention): `total_rewards` counts it as 0 and batch
@@ -9,13 +9,20 @@ means should leave it out.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for annotations: the config imports this module, and polars is not needed here
+    import polars as pl
+
+    from dapo_ops.config import DapoConfig
 
 __all__ = [
+    "DEFAULT_REWARD_FUNCS",
     "REWARD_FUNCTIONS",
     "THINK_FORMAT_PATTERN",
     "completion_text",
@@ -23,6 +30,12 @@ __all__ = [
     "mc_idx_reward",
     "mdi_balance",
     "mdi_reward",
+    "needs_attention",
+    "register_reward",
+    "resolve_reward",
+    "reward_name",
+    "score_completions",
+    "score_rollouts",
     "think_format_reward",
     "total_rewards",
 ]
@@ -283,6 +296,16 @@ def mdi_balance(mdi: float, tolerance: float = 2.0) -> float:
     return min(1.0, max(0.0, 1.0 - abs(math.log(value)) / math.log(tolerance)))
 
 
+ZSCORE_FLOOR = 0.05  # the smallest spread `group_zscore` divides by, as a fraction of ln(mdi_tolerance)
+
+
+def _std(values: Sequence[float], mean: float) -> float:
+    """Population std of `values` around `mean` (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
 def mdi_reward(
     completions: Sequence[Any],
     mdi: Sequence[float | None] | None = None,
@@ -305,6 +328,13 @@ def mdi_reward(
       in [−1, 1]; equal distances give 0, never an amplified noise signal. Its batch mean stays near 0 by
       construction: watch `attention/*/mdi` for progress.
 
+    - `group_zscore`: `clip((mean_g d − d_i) / max(std_g d, 0.05·ln R), −1, 1)`: the same ranking as
+      `group_log_distance`, divided by the group's own spread of d instead of ln R / 2. Siblings share one
+      image and differ little in attention (std of d ≈ 0.06 on the embedded run, so `group_log_distance`
+      has a within-group std of ≈ 0.18 beside 3·accuracy's ≈ 1.1, a few per cent of the advantage); the
+      z-score gives the attention term a spread comparable to the accuracy term's. The floor keeps groups
+      whose distances are (nearly) equal from turning float noise into a ±1 signal.
+
     An undefined MDI (None, NaN, no image tokens) gives None: the rollout contributes 0 to the total reward
     (`total_rewards`) and is left out of batch means and of its group's mean_g. A group with a single defined
     MDI gets 0 under `group_log_distance`.
@@ -319,12 +349,12 @@ def mdi_reward(
     shaping = _scalar(mdi_shaping)
     if shaping == "clip":
         return [None if v is None else 2.0 * mdi_balance(v, tolerance) - 1.0 for v in values]
-    if shaping != "group_log_distance":
-        raise ValueError(f"mdi_shaping={shaping!r} is unknown; use 'clip' or 'group_log_distance'")
+    if shaping not in ("group_log_distance", "group_zscore"):
+        raise ValueError(f"mdi_shaping={shaping!r} is unknown; use 'clip', 'group_log_distance' or 'group_zscore'")
     group = int(_scalar(num_generations) or 0)
     if group < 1 or n % group:
         raise ValueError(
-            f"mdi_shaping='group_log_distance' needs num_generations dividing the {n} completions; got {num_generations}"
+            f"mdi_shaping={shaping!r} needs num_generations dividing the {n} completions; got {num_generations}"
         )
     scale = math.log(tolerance)
     rewards: list[float | None] = []
@@ -332,9 +362,10 @@ def mdi_reward(
         distances = [None if v is None else abs(math.log(v)) for v in values[first : first + group]]
         defined = [d for d in distances if d is not None]
         mean = sum(defined) / len(defined) if defined else 0.0
-        rewards.extend(
-            None if d is None else min(1.0, max(-1.0, 2.0 * (mean - d) / scale)) for d in distances
-        )
+        spread = scale / 2.0
+        if shaping == "group_zscore":
+            spread = max(_std(defined, mean), ZSCORE_FLOOR * scale)
+        rewards.extend(None if d is None else min(1.0, max(-1.0, (mean - d) / spread)) for d in distances)
     return rewards
 
 
@@ -344,11 +375,132 @@ def mdi_reward(
 
 RewardFunction = Callable[..., list[float | None]]
 
-REWARD_FUNCTIONS: dict[str, RewardFunction] = {
-    "mc_idx_reward": mc_idx_reward,
-    "think_format_reward": think_format_reward,
-    "mdi_reward": mdi_reward,
-}
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
+# The rewards of the default configuration, in the order of its `reward_weights` and of the logged metrics.
+DEFAULT_REWARD_FUNCS: tuple[str, ...] = ("mc_idx_reward", "think_format_reward", "mdi_reward")
+
+
+def register_reward(
+    func: RewardFunction | None = None, *, name: str | None = None, needs_attention: bool = False
+) -> Any:
+    """Add a reward to `REWARD_FUNCTIONS` under `name` (default: its `__name__`); usable as a decorator.
+
+    `needs_attention=True` marks a reward that reads the teacher-forced pass's columns (`mdi`, `attn/...`):
+    dynamic-sampling refill, which scores before that pass, leaves it out.
+    """
+
+    def add(f: RewardFunction) -> RewardFunction:
+        f.needs_attention = needs_attention  # type: ignore[attr-defined]
+        REWARD_FUNCTIONS[name or f.__name__] = f
+        return f
+
+    return add(func) if func is not None else add
+
+
+register_reward(mc_idx_reward)
+register_reward(think_format_reward)
+register_reward(mdi_reward, needs_attention=True)
+
+
+def reward_name(entry: str) -> str:
+    """The name a `reward_funcs` entry is logged under: the registry name, or the attribute of an import path
+    (`my_pkg.rewards:length_penalty` -> `length_penalty`, as TRL names a reward by its `__name__`)."""
+    return entry.rpartition(":")[2].rpartition(".")[2] if ":" in entry else entry
+
+
+def resolve_reward(entry: str) -> RewardFunction:
+    """The function a `reward_funcs` entry names: a registered name, or `module.path:attribute` to import.
+
+    Raises ValueError naming the entry when it is neither, cannot be imported, or is not callable.
+    """
+    if entry in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[entry]
+    module_name, sep, attribute = entry.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(
+            f"reward {entry!r} is not a built-in reward ({', '.join(REWARD_FUNCTIONS)}) nor an import path "
+            f"'module.path:function'"
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"reward {entry!r}: cannot import module {module_name!r} ({error})") from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"reward {entry!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"reward {entry!r} is a {type(target).__name__}, not a callable reward function")
+    return target
+
+
+def needs_attention(func: RewardFunction) -> bool:
+    """True when `func` reads the teacher-forced pass's columns (see `register_reward`)."""
+    return bool(getattr(func, "needs_attention", False))
+
+
+def _as_float(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def score_completions(
+    funcs: Mapping[str, RewardFunction],
+    *,
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    **columns: Any,
+) -> dict[str, list[float]]:
+    """Each reward of `funcs` over one batch, TRL's way (`f(prompts=, completions=, completion_ids=, **columns)`),
+    as `{name: values}` with None ("not applicable") stored as NaN. A reward returning the wrong number of
+    values fails, naming it."""
+    n = len(completions)
+    scored: dict[str, list[float]] = {}
+    for name, func in funcs.items():
+        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if values is None or len(values) != n:
+            got = "None" if values is None else f"{len(values)} values"
+            raise ValueError(f"reward {name!r} returned {got} for {n} completions")
+        scored[name] = [_as_float(v) for v in values]
+    return scored
+
+
+def score_rollouts(
+    config: DapoConfig, table: pl.DataFrame, attention: pl.DataFrame | None = None
+) -> dict[str, list[float]]:
+    """The configured rewards (`config.reward_funcs`) of one round's rollouts: `{name: values}`, NaN = None.
+
+    `table` has one row per rollout with at least `completion` (the rollouts table: `question`, `choices`,
+    `correct_choice_idx`, `completion_ids`, `completion_length`, `is_eos`, ...). Every column is passed to
+    the rewards as a keyword list, as TRL passes dataset columns; `question` is also passed as `prompts`.
+    With `attention` (the round's attention table, same rows) its columns are passed too, plus `mdi`, the
+    MDI of `config.mdi_reward_stage`; without it the rewards that need attention are left out (dynamic-
+    sampling refill scores before the teacher-forced pass). The config values rewards read (`mdi_tolerance`,
+    `mdi_shaping`, `num_generations`, `max_completion_length`) are passed as scalars.
+    """
+    funcs = {reward_name(entry): resolve_reward(entry) for entry in config.reward_funcs}
+    if attention is None:
+        funcs = {name: f for name, f in funcs.items() if not needs_attention(f)}
+    columns: dict[str, Any] = {c: table.get_column(c).to_list() for c in table.columns if c != "image"}
+    completions = columns.pop("completion")
+    n = len(completions)
+    if attention is not None:
+        if attention.height != n:
+            raise ValueError(f"the attention table has {attention.height} rows for {n} rollouts")
+        columns.update({c: attention.get_column(c).to_list() for c in attention.columns if c not in columns})
+        columns["mdi"] = attention.get_column(f"attn/{config.mdi_reward_stage}/mdi").to_list()
+    if "choices" in columns:
+        columns["choices"] = [list(c) for c in columns["choices"]]
+    prompts = columns.get("question", [None] * n)
+    completion_ids = columns.pop("completion_ids", [[] for _ in range(n)])
+    columns.update(
+        mdi_tolerance=config.mdi_tolerance,
+        mdi_shaping=config.mdi_shaping,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+    )
+    return score_completions(funcs, prompts=prompts, completions=completions, completion_ids=completion_ids,
+                             **columns)
 
 
 def total_rewards(per_func: dict[str, Sequence[float | None]], weights: dict[str, float]) -> list[float]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from dapo_ops import progress
 from dapo_ops.inputs import PromptBatch, VisionInputs, prompt_position_ids, vl_model_inputs
 from dapo_ops.models import Policy
 
@@ -148,13 +148,6 @@ class RolloutBatch:
         values["vision"] = VisionInputs.from_state_dict(state["vision"])
         return cls(**values)
 
-    def save(self, path: str | Path) -> None:
-        torch.save(_to_cpu(self.state_dict()), path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> RolloutBatch:
-        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
 
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
@@ -274,6 +267,7 @@ def _sample_chunk(
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens.append(token)
         lengths += (~finished).long()
+        progress.advance("generation", (~finished).sum())
         finished |= token == eos
         if bool(finished.all()) or step == max_completion_length - 1:
             break
@@ -289,6 +283,50 @@ def _sample_chunk(
         cache = _output_cache(outputs)
         logits = outputs.logits[:, -1]
     return torch.stack(tokens, dim=1), lengths, finished
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE symbols (Qwen's too): the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def _incomplete_tail(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether the bytes of `ids` end inside a UTF-8 character (byte-level BPE or `<0xNN>` byte tokens;
+    False for a tokenizer whose tokens are not bytes)."""
+    import codecs
+
+    data = bytearray()
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token in tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]):
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            data.append(int(token[3:5], 16))
+        elif all(c in _BYTE_OF for c in token):
+            data.extend(_BYTE_OF[c] for c in token)
+        else:
+            return False
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(bytes(data), final=False)
+    return bool(decoder.getstate()[0])
+
+
+def decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
+    """`ids` decoded (special tokens skipped) without a trailing partial character: a byte-level BPE token
+    cut at max_completion_length can end in the middle of a UTF-8 character, which decodes to "\ufffd".
+    The trailing tokens of that character (at most 3: a character has at most 4 bytes) are dropped."""
+    cut = 0
+    while cut < min(3, len(ids)) and _incomplete_tail(tokenizer, ids[: len(ids) - cut]):
+        cut += 1
+    return tokenizer.decode(ids[: len(ids) - cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def generate_rollouts(
@@ -321,6 +359,7 @@ def generate_rollouts(
     suppressed = torch.tensor(policy.suppressed_token_ids, dtype=torch.long, device=device)
     num_prompts = len(prompts)
     per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_generations)
+    progress.begin("generation", num_prompts * num_generations * max_completion_length, unit="tok")  # at most
 
     token_chunks: list[torch.Tensor] = []
     length_chunks: list[torch.Tensor] = []
@@ -355,11 +394,8 @@ def generate_rollouts(
         row += len(tokens)
     completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
-    completions = policy.tokenizer.batch_decode(
-        [ids[:n].tolist() for ids, n in zip(completion_ids, lengths.tolist(), strict=True)],
-        skip_special_tokens=True,
-        clean_up_tokenization_spaces=False,
-    )
+    completions = [decode_whole_characters(policy.tokenizer, ids[:n].tolist())
+                   for ids, n in zip(completion_ids, lengths.tolist(), strict=True)]
 
     prompt_index = torch.arange(num_prompts).repeat_interleave(num_generations)
     return RolloutBatch(

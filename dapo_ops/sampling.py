@@ -9,6 +9,7 @@ import polars as pl
 import torch
 
 from dapo_ops import advantages, rewards
+from dapo_ops.config import DapoConfig
 from dapo_ops.inputs import VisionInputs
 from dapo_ops.rollout import RolloutBatch
 
@@ -51,18 +52,28 @@ def concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBa
     )
 
 
-def informative_groups(batch: RolloutBatch, rows: pl.DataFrame, weights: dict[str, float]) -> torch.Tensor:
-    """BoolTensor[P]: groups whose accuracy+format rewards are not all equal (the attention reward is only
-    known after the teacher-forced pass; the final keep-mask in `rewards` uses the full total)."""
-    index = batch.prompt_index.tolist()
-    kwargs = {
-        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in index],
-        "choices": [list(rows["choices"][p]) for p in index],
-    }
-    accuracy = rewards.mc_idx_reward(batch.completions, **kwargs)
-    fmt = rewards.think_format_reward(batch.completions)
-    total = torch.tensor([weights["mc_idx_reward"] * (a or 0.0) + weights["think_format_reward"] * f
-                          for a, f in zip(accuracy, fmt, strict=True)], dtype=torch.float64)
+def rollout_columns(batch: RolloutBatch, rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per rollout: its prompt's dataset columns (images left out) and its completion, as the rewards
+    see them before the teacher-forced pass."""
+    lengths = batch.completion_lengths.tolist()
+    table = rows.drop("image", strict=False)[batch.prompt_index.tolist()]
+    return table.with_columns(
+        pl.Series("completion", batch.completions, dtype=pl.String),
+        pl.Series("completion_ids", [batch.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)],
+                  dtype=pl.List(pl.Int64)),
+        pl.Series("completion_length", lengths),
+        pl.Series("is_eos", batch.is_eos.tolist()),
+    )
+
+
+def informative_groups(batch: RolloutBatch, rows: pl.DataFrame, config: DapoConfig) -> torch.Tensor:
+    """BoolTensor[P]: groups whose weighted rewards are not all equal. Scored by `rewards.score_rollouts`
+    without attention: rewards that need the teacher-forced pass (`mdi_reward`) are only known after it; the
+    final keep-mask in `training.reward_table` uses the full total."""
+    per_func = rewards.score_rollouts(config, rollout_columns(batch, rows))
+    if not per_func:  # every configured reward needs attention: nothing to tell groups apart by yet
+        return torch.ones(len(batch) // batch.num_generations, dtype=torch.bool)
+    total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)  # [N]
     return ~advantages.zero_std_groups(total, batch.num_generations)
 
 
@@ -72,7 +83,7 @@ def sample_with_refill(
     draw_rows: Callable[[int], pl.DataFrame],
     *,
     num_prompts: int,
-    weights: dict[str, float],
+    config: DapoConfig,
     max_tries: int,
     pad_token_id: int,
     log: Callable[[str], None] = lambda _: None,
@@ -90,7 +101,7 @@ def sample_with_refill(
         batch = generate(rows, attempt)
         if first_batch is None:
             first_batch = batch
-        informative = informative_groups(batch, rows, weights)
+        informative = informative_groups(batch, rows, config)
         groups = torch.nonzero(informative).flatten()[: num_prompts - collected]
         log(f"dynamic sampling try {attempt + 1}: {int(informative.sum())}/{len(informative)} groups informative; "
             f"{collected + len(groups)}/{num_prompts} collected")

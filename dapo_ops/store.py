@@ -1,7 +1,11 @@
 """The run store: where a training run's files live, atomic writes, checkpoint discovery and the run lock.
 
-Layout under the data root (see DESIGN.md "Storage"):
-``runs/<run_name>/{data, checkpoints/ckpt-NNNN, rounds/ckpt-NNNN, reports/ckpt-NNNN}``.
+Layout under the data root:
+``runs/<run_name>/{data, checkpoints/ckpt-NNNN, rounds/ckpt-NNNN, reports/ckpt-NNNN}``; the files of one
+round are named once, in `RoundFiles`.
+
+Reading back never runs code: JSON, parquet, safetensors, and tensors through `read_torch`
+(`torch.load(weights_only=True)`), which refuses a pickle that would construct arbitrary objects.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from dapo_ops import faults
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{4,})$")
 COMPLETE_MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
-# Leftovers of interrupted writes: ours (`.tmp-*`), `models.save_policy`'s (`.<name>.tmp-*`, `.<name>.old-*`)
-# and the MLflow journal's (`.<name>.<pid>.tmp`). Nothing else in a run folder starts with a dot but `.lock`.
+# Leftovers of interrupted writes: ours (`.tmp-*`), those of older versions' `models.save_policy`
+# (`.<name>.tmp-*`, `.<name>.old-*`) and the MLflow journal's (`.<name>.<pid>.tmp`). Nothing else in a run
+# folder starts with a dot but `.lock`.
 TEMPORARY_RE = re.compile(r"^(\.tmp-.*|\..+\.(tmp|old)-.*|\..+\.tmp)$")
 
 
@@ -85,8 +90,13 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """The project's JSON layout: sorted keys, two-space indent, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json_atomic(path: Path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return write_text_atomic(path, json_text(obj))
 
 
 def _json_default(value: Any) -> Any:
@@ -119,6 +129,32 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+class UnsafeFileError(ValueError):
+    """A file that could only be read by running code from it (a pickle of arbitrary objects)."""
+
+
+def read_torch(path: Path, *, remedy: str = "load only files this project wrote") -> Any:
+    """A `torch.save` file of tensors, numbers, strings, lists, tuples and dicts, loaded on the CPU.
+
+    `weights_only=True` unpickles only those types: a file that asks for anything else (a class whose
+    `__reduce__` would run code) is refused with an `UnsafeFileError` naming it, and nothing in it runs.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        where = "/".join(path.parts[-2:])
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        raise UnsafeFileError(
+            f"{where} contains pickled code objects ({found.group(1) if found else 'not tensors or plain values'}), "
+            f"which would run when loaded; refusing to load it ({path}): {remedy}"
+        ) from None
+
+
 def fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -128,16 +164,17 @@ def fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success fsync it, add the completion marker and
-    rename it into place (replacing an older incomplete or complete copy)."""
+def atomic_directory(final: Path, *, marker: str | None = COMPLETE_MARKER) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success fsync it (once: the writers inside need not),
+    add the completion `marker` (None: none) and rename it into place, replacing an older copy."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if marker is not None:
+            (tmp / marker).write_text("ok\n")
         fsync_tree(tmp)
         # Complete but still under its temporary name: a crash here must leave nothing readable.
         faults.point("mid_checkpoint_write")
@@ -157,6 +194,85 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 class RunLockedError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class RoundFiles:
+    """The file contract of one round under ``rounds/ckpt-NNNN/``, in the order the phases write them."""
+
+    dir: Path
+
+    @property
+    def rollouts_pt(self) -> Path:
+        """The `RolloutBatch` tensors (`round_files.save_rollout_batch`)."""
+        return self.dir / "rollouts.pt"
+
+    @property
+    def rollouts_parquet(self) -> Path:
+        """One row per rollout: prompt, completion, its ids and length."""
+        return self.dir / "rollouts.parquet"
+
+    @property
+    def rollouts_json(self) -> Path:
+        """Generation time and completion tokens."""
+        return self.dir / "rollouts.json"
+
+    @property
+    def old_logps(self) -> Path:
+        """Per-token log-probs and entropy of the sampling policy (teacher-forced)."""
+        return self.dir / "old_logps.pt"
+
+    @property
+    def attention_parquet(self) -> Path:
+        return self.dir / "attention.parquet"
+
+    @property
+    def attention_json(self) -> Path:
+        """Attention pass time and the MDI tolerance it used."""
+        return self.dir / "attention.json"
+
+    @property
+    def rewards(self) -> Path:
+        """Per-function rewards, total, advantage, keep-mask and the attention values trained on."""
+        return self.dir / "rewards.parquet"
+
+    @property
+    def update(self) -> Path:
+        """The update record (`round_files.UpdateRecord`), written right after ckpt-(k+1)."""
+        return self.dir / "update.json"
+
+    @property
+    def update_config(self) -> Path:
+        """The config a multi-process update's children read."""
+        return self.dir / "update_config.json"
+
+    @property
+    def update_failure(self) -> Path:
+        """A multi-process update's account of a refused (non-finite) update."""
+        return self.dir / "update_failure.json"
+
+    @property
+    def metrics(self) -> Path:
+        """The round's logged metrics."""
+        return self.dir / "metrics.json"
+
+    @property
+    def health_rewards(self) -> Path:
+        return self.dir / "health_rewards.json"
+
+    @property
+    def health_update(self) -> Path:
+        return self.dir / "health_update.json"
+
+    @property
+    def done(self) -> Path:
+        """Written last: the round is finished (resumption skips it)."""
+        return self.dir / "DONE"
+
+    @property
+    def log(self) -> Path:
+        """The round's terminal log (rendered into run_terminal.md)."""
+        return self.dir / "terminal.log"
 
 
 @dataclass(frozen=True)
@@ -182,9 +298,17 @@ class RunStore:
         checkpoint_index(key)
         return self.checkpoints_dir / key
 
+    @property
+    def rounds_dir(self) -> Path:
+        return self.run_dir / "rounds"
+
     def round_dir(self, key: str) -> Path:
         checkpoint_index(key)
-        return self.run_dir / "rounds" / key
+        return self.rounds_dir / key
+
+    def round(self, key: str) -> RoundFiles:
+        """The files round `key` (trained from checkpoint `key`) reads and writes."""
+        return RoundFiles(self.round_dir(key))
 
     def reports_dir(self, key: str) -> Path:
         checkpoint_index(key)

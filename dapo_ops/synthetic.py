@@ -21,6 +21,8 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
+from dapo_ops.store import write_bytes_atomic
+
 LETTERS = "ABCD"
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -64,6 +66,16 @@ TASK_SPECS: dict[str, Task] = {
 }
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 
+# Tasks whose question or choice list varies per row (not in the default `TASKS` of `generate_rows`), each
+# with its number of answer classes (answers are balanced over them):
+# - yes_no: "Is the shape red?" / "Is the shape not red?", choices (yes, no): the same picture answers the
+#   two questions oppositely, so the answer depends on the question as much as on the image.
+# - color_of_shape: two shapes of different kinds and colors; "What color is the circle?" names one of them.
+# - color_count: the color question with 2, 3 or 4 choices, a prefix of the color order, so a color keeps
+#   its letter (binding shuffled letters needs induction-style copying the tiny model does not learn).
+MIX_TASKS: dict[str, int] = {"yes_no": 2, "color_of_shape": len(COLORS), "color_count": len(COLORS)}
+ALL_TASKS: tuple[str, ...] = (*TASKS, *MIX_TASKS)
+
 # Shape radius as a fraction of the image side: large single shapes cover several 14 px patches; the
 # small ones of the position/count tasks fit inside one quadrant with a margin.
 _LARGE_RADIUS = (0.25, 0.36)
@@ -75,9 +87,9 @@ def _task_weights(tasks: Sequence[str], task_weights: Sequence[float] | None) ->
         raise TypeError(f"tasks must be a sequence of task names, e.g. ({tasks!r},), not a string")
     if not tasks:
         raise ValueError(f"tasks is empty; choose from {', '.join(TASKS)}")
-    unknown = [t for t in tasks if t not in TASK_SPECS]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks={tuple(tasks)!r} must be distinct names from {', '.join(TASKS)}")
+        raise ValueError(f"tasks={tuple(tasks)!r} must be distinct names from {', '.join(ALL_TASKS)}")
     weights = np.ones(len(tasks)) if task_weights is None else np.asarray(task_weights, dtype=float)
     if weights.shape != (len(tasks),) or not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
         raise ValueError(f"task_weights={task_weights!r} needs one non-negative weight per task {tuple(tasks)!r}")
@@ -136,6 +148,41 @@ def _scene(task: str, answer: int, size: int, rng: np.random.Generator) -> Image
     return img
 
 
+def _mix_row(task: str, answer: int, size: int, rng: np.random.Generator) -> tuple[str, list[str], int, Image.Image, str]:
+    """(question, choices, correct index, image, rationale) of a `MIX_TASKS` row with answer class `answer`."""
+    names = list(COLORS)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    if task == "yes_no":
+        negated = bool(rng.integers(2))
+        asked = int(rng.integers(len(names)))
+        holds = answer == (1 if negated else 0)  # answer 0 = yes: "not c" is true iff the color is not c
+        color = asked if holds else int(rng.choice([c for c in range(len(names)) if c != asked]))
+        r = rng.uniform(*_LARGE_RADIUS) * size
+        _draw_shape(draw, SHAPES[rng.integers(len(SHAPES))], _center_in(rng, 0, size, r), _center_in(rng, 0, size, r),
+                    r, COLORS[names[color]])
+        question = f"Is the shape {'not ' if negated else ''}{names[asked]}?"
+        return question, ["yes", "no"], answer, img, f"The shape is {names[color]}."
+    if task == "color_of_shape":
+        kinds = rng.permutation(len(SHAPES))[:2]
+        other = int(rng.choice([c for c in range(len(names)) if c != answer]))
+        left_first = bool(rng.integers(2))
+        for k, (kind, color) in enumerate(zip(kinds, (answer, other), strict=True)):
+            r = rng.uniform(*_SMALL_RADIUS) * size * 1.1
+            x0 = 0.0 if (k == 0) == left_first else size / 2
+            _draw_shape(draw, SHAPES[kind], _center_in(rng, x0, x0 + size / 2, r), _center_in(rng, 0, size, r), r,
+                        COLORS[names[color]])
+        asked = SHAPES[kinds[0]]
+        return f"What color is the {asked}?", names, answer, img, f"The {asked} is {names[answer]}."
+    if task == "color_count":
+        count = int(rng.integers(max(2, answer + 1), len(names) + 1))
+        r = rng.uniform(*_LARGE_RADIUS) * size
+        _draw_shape(draw, SHAPES[rng.integers(len(SHAPES))], _center_in(rng, 0, size, r), _center_in(rng, 0, size, r),
+                    r, COLORS[names[answer]])
+        return TASK_SPECS["color"].question, names[:count], answer, img, f"The shape is {names[answer]}."
+    raise ValueError(f"unknown task {task!r}")
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)  # no metadata: same pixels, same bytes
@@ -168,15 +215,25 @@ def generate_rows(
     answer_of_row = np.zeros(n, dtype=int)
     for t in range(len(tasks)):
         rows = np.flatnonzero(task_of_row == t)
-        answers = np.resize(np.arange(len(TASK_SPECS[tasks[t]].choices)), len(rows))
+        classes = MIX_TASKS[tasks[t]] if tasks[t] in MIX_TASKS else len(TASK_SPECS[tasks[t]].choices)
+        answers = np.resize(np.arange(classes), len(rows))
         answer_of_row[rows] = rng.permutation(answers)
 
     records: dict[str, list] = {k: [] for k in ("question_id", "question", "choices", "correct_choice_idx",
                                                "image", "rationales", "task")}
     for i in range(n):
-        spec = TASK_SPECS[tasks[task_of_row[i]]]
-        answer = int(answer_of_row[i])
+        task, answer = tasks[task_of_row[i]], int(answer_of_row[i])
         records["question_id"].append(f"{id_prefix}-s{seed}-{i:06d}")
+        if task in MIX_TASKS:
+            question, choices, index, img, rationale = _mix_row(task, answer, image_size, rng)
+            records["question"].append(question)
+            records["choices"].append(choices)
+            records["correct_choice_idx"].append(index)
+            records["image"].append(_png(img))
+            records["rationales"].append([rationale])
+            records["task"].append(task)
+            continue
+        spec = TASK_SPECS[task]
         records["question"].append(spec.question)
         records["choices"].append(list(spec.choices))
         records["correct_choice_idx"].append(answer)
@@ -198,7 +255,7 @@ def generate_rows(
 
 
 def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write with the Hugging Face features in the schema metadata (image = `Image()`), then rename."""
+    """Write with the Hugging Face features in the schema metadata (image = `Image()`), atomically."""
     import datasets  # lazy: only writing needs it
     import pyarrow.parquet as pq
 
@@ -216,14 +273,9 @@ def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     table = df.with_columns(
         image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path"))
     ).select(list(features)).to_arrow().cast(features.arrow_schema)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_dataset(
@@ -263,6 +315,9 @@ def corpus(tasks: Sequence[str] = TASKS) -> list[str]:
     for letter in LETTERS:
         texts[f"Answer: {letter}"] = None
     for name in tasks:
+        if name in MIX_TASKS:
+            texts.update(dict.fromkeys(_mix_corpus(name)))
+            continue
         spec = TASK_SPECS[name]
         block = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(spec.choices))
         texts[spec.question] = None
@@ -275,3 +330,22 @@ def corpus(tasks: Sequence[str] = TASKS) -> list[str]:
             texts[rationale] = None
             texts[f"<think>{rationale}</think> Answer: {LETTERS[j]}"] = None
     return list(texts)
+
+
+def _mix_corpus(task: str) -> list[str]:
+    """The questions, choice blocks and rationales a `MIX_TASKS` task can produce, plus format targets."""
+    names = list(COLORS)
+    if task == "yes_no":
+        questions = [f"Is the shape {n}{c}?" for c in names for n in ("", "not ")]
+        blocks, answers = ["A. yes\nB. no"], ["yes", "no"]
+    elif task == "color_of_shape":
+        questions = [f"What color is the {s}?" for s in SHAPES]
+        blocks, answers = ["\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(names))], names
+    else:
+        questions = [TASK_SPECS["color"].question]
+        blocks = ["\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(names[:k])) for k in range(2, len(names) + 1)]
+        answers = names
+    texts = [*questions, *blocks, *(f"{q}\n{b}" for q in questions for b in blocks)]
+    texts += [f"The shape is {c}." for c in names] + [f"The {s} is {c}." for s in SHAPES for c in names]
+    texts += [f"<think>The answer is {a}.</think> Answer: {LETTERS[j]}" for j, a in enumerate(answers)]
+    return texts

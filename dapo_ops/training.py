@@ -7,6 +7,7 @@ assets in ``pipelines`` stay thin wrappers around these functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -21,15 +22,29 @@ import torch
 
 from dapo_ops import advantages as adv
 from dapo_ops import data, faults, inputs, models, rewards, rollout, sampling, store, synthetic, warmstart
-from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
-from dapo_ops.config import EMBEDDED, REWARD_NAMES, STAGES, DapoConfig
+from dapo_ops.attention import (
+    LOGGED_METRIC_NAMES,
+    METRIC_NAMES,
+    TeacherForcedOutputs,
+    rollout_attention_metrics,
+    teacher_forced_pass,
+)
+from dapo_ops.config import EMBEDDED, STAGES, DapoConfig
+from dapo_ops.engines import RolloutEngine, make_engine
+from dapo_ops.reports import reward_label
+from dapo_ops.round_files import (
+    UpdateRecord,
+    load_old_logps,
+    load_rollout_batch,
+    read_update_record,
+    save_old_logps,
+    save_rollout_batch,
+)
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
 from dapo_ops.update import LOCAL, LocalCollective, make_optimizer, policy_update
 
 logger = logging.getLogger("dapo_vlm")
 
-ATTENTION_NAMES = ("mdi", "aei_text", "aei_vision", "mdi_balance", "mdi_penalty", "text_ratio", "vision_ratio")
-LOGGED_ATTENTION_NAMES = ("mdi", "mdi_balance", "mdi_penalty", "aei_text", "aei_vision")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -79,7 +94,7 @@ def set_console_echo(echo: Callable[[str], None] | None) -> None:
 
 
 def round_log(run_store: RunStore, key: str, echo: Callable[[str], None] | None = None) -> RoundLog:
-    return RoundLog(run_store.round_dir(key) / "terminal.log", echo=echo or _console_echo)
+    return RoundLog(run_store.round(key).log, echo=echo or _console_echo)
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -163,14 +178,14 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
         start = time.perf_counter()
         losses = warmstart.supervised_warm_start(
             policy, train, steps=config.warmup_steps, learning_rate=config.warmup_learning_rate,
-            batch_size=16, seed=config.seed,
+            batch_size=16, seed=config.seed, teach=config.warmup_target, answer=config.warmup_answer,
         )
         log(f"supervised warm start: {len(losses)} steps in {time.perf_counter() - start:.1f}s, "
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "supervised warm start skipped")
         state["warmup_losses"] = losses
         with store.atomic_directory(final) as tmp:
-            models.save_policy(policy, tmp)
-            store.write_json_atomic(tmp / STATE_FILE, state)
+            models.write_policy(policy, tmp)
+            (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
         return {"policy": policy, "state": state}
     source = Path(config.model_name_or_path).resolve()
     policy = models.load_policy(source)
@@ -178,27 +193,44 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
         f"ckpt-0000 refers to it without a copy")
     state["model_dir"] = str(source)
     with store.atomic_directory(final) as tmp:
-        store.write_json_atomic(tmp / STATE_FILE, state)
+        (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
     return {"policy": policy, "state": state}
 
 
 def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any]) -> Path:
+    """Weights, AdamW state (tensors and plain values: loadable with weights_only) and state.json, as one
+    atomic directory: written plainly inside it, fsynced once by `atomic_directory`."""
+    from dapo_ops import lora
+
     final = run_store.checkpoint_dir(key)
+    if lora.has_adapter(policy.model) and state.get("parent"):
+        # save_pretrained writes the adapter only; the base weights are those the parent loaded.
+        state = {**state, "model_dir": str(resolve_model_dir(run_store, state["parent"])), "adapter": True}
     with store.atomic_directory(final) as tmp:
-        models.save_policy(policy, tmp)
+        adapter = lora.has_adapter(policy.model)
+        models.write_policy(policy, tmp, weights=not adapter)
+        if adapter:
+            lora.write_adapter(policy.model, tmp)
         if optimizer is not None:
-            store.write_torch_atomic(tmp / OPTIMIZER_FILE, optimizer.state_dict())
-        store.write_json_atomic(tmp / STATE_FILE, state)
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
     faults.point("after_checkpoint")
     return final
 
 
 def load_optimizer(run_store: RunStore, key: str, policy: models.Policy, config: DapoConfig) -> torch.optim.Optimizer:
-    optimizer = make_optimizer(policy.model, config)
+    """AdamW for `policy`, with checkpoint `key`'s state when it has one (a fresh one otherwise).
+
+    The state is read with `weights_only=True`: an optimizer.pt that holds anything but tensors and plain
+    values is refused (`store.UnsafeFileError` naming it) before the optimizer or any file is touched.
+    """
     path = run_store.checkpoint_dir(key) / OPTIMIZER_FILE
-    if path.exists():
-        optimizer.load_state_dict(torch.load(path, weights_only=False))
+    saved = store.read_torch(path, remedy="use a checkpoint written by this project, or delete the file to go on "
+                                          "from the weights with a fresh AdamW") if path.exists() else None
+    optimizer = make_optimizer(policy.model, config)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate
     return optimizer
@@ -251,15 +283,17 @@ def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFra
 
 
 def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
-                            log: RoundLog) -> pl.DataFrame:
+                            log: RoundLog, *, engine: RolloutEngine | None = None) -> pl.DataFrame:
+    """The round's G completions per prompt from `engine` (default: the one `config` selects, on `policy`)."""
     faults.point("before_rollouts")
+    engine = make_engine(config, policy) if engine is None else engine
     round_index = checkpoint_index(key)
     train = load_split(run_store, "train")
     rows = select_prompts(train, config, round_index)
 
     def generate(prompt_rows: pl.DataFrame, attempt: int) -> rollout.RolloutBatch:
-        return rollout.generate_rollouts(
-            policy, encode_rows(policy, prompt_rows), num_generations=config.num_generations,
+        return engine.generate(
+            encode_rows(policy, prompt_rows), num_generations=config.num_generations,
             max_completion_length=config.max_completion_length, temperature=config.temperature,
             top_p=config.top_p, seed=derived_seed(config.seed, "rollouts", round_index, *([attempt] if attempt else [])),
         )
@@ -272,7 +306,7 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
             return train[order[: config.prompts_per_round].tolist()]
 
         batch, rows = sampling.sample_with_refill(
-            generate, rows, draw, num_prompts=config.prompts_per_round, weights=config.weights,
+            generate, rows, draw, num_prompts=config.prompts_per_round, config=config,
             max_tries=config.dynamic_sampling_max_tries, pad_token_id=policy.pad_token_id, log=log,
         )
     else:
@@ -283,72 +317,67 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
     log(f"generated {len(batch.completions)} rollouts ({len(batch) // config.num_generations} prompts x {config.num_generations}) "
         f"in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s; "
         f"mean length {table['completion_length'].mean():.1f}, EOS {table['is_eos'].mean():.2f}")
-    out = run_store.round_dir(key)
-    save_rollout_batch(out / "rollouts.pt", batch)
-    store.write_parquet_atomic(out / "rollouts.parquet", table)
-    store.write_json_atomic(out / "rollouts.json", {"seconds": seconds, "completion_tokens": tokens})
+    files = run_store.round(key)
+    save_rollout_batch(files.rollouts_pt, batch)
+    store.write_parquet_atomic(files.rollouts_parquet, table)
+    store.write_json_atomic(files.rollouts_json, {"seconds": seconds, "completion_tokens": tokens})
     faults.point("after_rollouts")
     return table
-
-
-def save_rollout_batch(path: Path, batch: rollout.RolloutBatch) -> None:
-    """Store each prompt's image inputs once, not once per generation (G x smaller files)."""
-    store.write_torch_atomic(path, rollout.per_prompt_state(batch))
-
-
-def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
-    path = run_store.round_dir(key) / "rollouts.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize `rollouts` for {key} first")
-    return rollout.from_per_prompt_state(torch.load(path, map_location="cpu", weights_only=True))
 
 
 # ------------------------------------------------------------------------------------------- attention
 
 
 def attention_columns() -> list[str]:
-    return [f"attn/{s}/{n}" for s in STAGES for n in ATTENTION_NAMES]
+    return [f"attn/{s}/{n}" for s in STAGES for n in METRIC_NAMES]
 
 
-def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
-                      mdi_tolerance: float | None = None, write_old_logps: bool = True) -> pl.DataFrame:
-    """One teacher-forced pass: old per-token log-probs, entropy and per-stage modality attention."""
-    tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
-    batch = load_rollout_batch(run_store, key)
-    start = time.perf_counter()
-    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
-    seconds = time.perf_counter() - start
+def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, *, tolerance: float) -> pl.DataFrame:
+    """The round's attention table (one row per rollout: per-stage MDI/AEI, token counts, mean entropy)
+    from a teacher-forced pass over `batch`. Pure: no files, no log."""
     per_rollout = rollout_attention_metrics(outputs, batch, tolerance=tolerance)
     columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
     for metrics in per_rollout:
         for stage in STAGES:
-            for name in ATTENTION_NAMES:
+            for name in METRIC_NAMES:
                 columns[f"attn/{stage}/{name}"].append(float(metrics[stage][name]))
-    mask = batch.completion_mask.float()
-    entropy = ((outputs.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-    vision = batch.vision_mask.sum(1).tolist()
-    text = batch.text_mask.sum(1).tolist()
-    completion_tokens = batch.completion_mask.sum(1).tolist()
-    table = pl.DataFrame({
+    mask = batch.completion_mask.float()  # (N, C)
+    entropy = ((outputs.entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()  # (N,)
+    return pl.DataFrame({
         "rollout_index": list(range(len(per_rollout))),
         "prompt_index": batch.prompt_index.tolist(),
         **columns,
-        "vision_tokens": vision,
-        "text_tokens": text,
-        "completion_tokens": completion_tokens,
+        "vision_tokens": batch.vision_mask.sum(1).tolist(),
+        "text_tokens": batch.text_mask.sum(1).tolist(),
+        "completion_tokens": batch.completion_mask.sum(1).tolist(),
         "total_tokens": (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)).tolist(),
         "entropy": entropy,
     }).with_columns(pl.lit(tolerance).alias("mdi_tolerance"))
+
+
+def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
+                      mdi_tolerance: float | None = None, write_old_logps: bool = True) -> pl.DataFrame:
+    """The attention phase: one teacher-forced pass over the stored rollouts, then `attention_table`;
+    writes old per-token log-probs (unless re-analysing), attention.parquet and attention.json."""
+    tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
+    batch = load_rollout_batch(run_store, key)
+    start = time.perf_counter()
+    from dapo_ops import precision
+
+    with precision.autocast(config, policy.model):  # the same precision as the update's forward
+        outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
+                                      shared_prefix=config.shared_prefix)
+    seconds = time.perf_counter() - start
+    table = attention_table(outputs, batch, tolerance=tolerance)
     mdi_all = table[f"attn/{config.mdi_reward_stage}/mdi"]
-    log(f"teacher-forced pass over {len(per_rollout)} rollouts in {seconds:.2f}s: "
+    log(f"teacher-forced pass over {table.height} rollouts in {seconds:.2f}s: "
         + ", ".join(f"{s} MDI {nanmean(table[f'attn/{s}/mdi']):.3f}" for s in STAGES)
         + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
-    out = run_store.round_dir(key)
+    files = run_store.round(key)
     if write_old_logps:
-        store.write_torch_atomic(out / "old_logps.pt", {"per_token_logps": outputs.per_token_logps,
-                                                       "entropy": outputs.entropy})
-    store.write_parquet_atomic(out / "attention.parquet", table)
-    store.write_json_atomic(out / "attention.json", {"seconds": seconds, "mdi_tolerance": tolerance})
+        save_old_logps(files.old_logps, outputs.per_token_logps, outputs.entropy)
+    store.write_parquet_atomic(files.attention_parquet, table)
+    store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance})
     faults.point("after_attention")
     return table
 
@@ -361,46 +390,36 @@ def nanmean(series: pl.Series) -> float:
 # --------------------------------------------------------------------------------------------- rewards
 
 
-def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: RoundLog) -> pl.DataFrame:
-    out = run_store.round_dir(key)
-    table = pl.read_parquet(out / "rollouts.parquet")
-    attention = pl.read_parquet(out / "attention.parquet")
-    completions = table["completion"].to_list()
-    kwargs = {
-        "prompts": table["question"].to_list(),
-        "completion_ids": table["completion_ids"].to_list(),
-        "correct_choice_idx": table["correct_choice_idx"].to_list(),
-        "choices": [list(c) for c in table["choices"].to_list()],
-    }
-    mdi = attention[f"attn/{config.mdi_reward_stage}/mdi"].to_list()
-    per_func = {
-        "mc_idx_reward": rewards.mc_idx_reward(completions, **kwargs),
-        "think_format_reward": rewards.think_format_reward(completions, **kwargs),
-        "mdi_reward": rewards.mdi_reward(
-            completions, mdi=mdi, mdi_tolerance=config.mdi_tolerance, mdi_shaping=config.mdi_shaping,
-            num_generations=config.num_generations, **kwargs,
-        ),
-    }
-    per_func = {name: [float("nan") if v is None else float(v) for v in values] for name, values in per_func.items()}
-    total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)
-    lengths = torch.tensor(table["completion_length"].to_list())
-    penalty = torch.zeros_like(total)
+def reward_table(config: DapoConfig, table: pl.DataFrame, attention: pl.DataFrame) -> pl.DataFrame:
+    """The round's rewards (pure): one column per configured reward, the overlong penalty, the weighted
+    total, group advantages, the keep-mask, the predicted choice, and the attention values scored on.
+
+    `table` is the rollouts table, `attention` the attention table of the same rollouts.
+    """
+    per_func = rewards.score_rollouts(config, table, attention)
+    total = torch.tensor(rewards.total_rewards(per_func, config.weights), dtype=torch.float64)  # [N]
+    lengths = torch.tensor(table["completion_length"].to_list())  # [N]
+    penalty = torch.zeros_like(total)  # [N]
     if config.overlong_buffer > 0:
         penalty = adv.overlong_penalty(lengths, config.max_completion_length, config.overlong_buffer,
                                        config.overlong_penalty_factor).to(total.dtype)
     total = total + penalty
-    advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)
+    advantages = adv.group_advantages(total, config.num_generations, scale_rewards=config.scale_rewards)  # [N]
+    if config.multi_objective_aggregation == "normalize_then_sum":  # the penalty as one more reward, as in TRL
+        columns = torch.tensor([per_func[n] for n in config.reward_names], dtype=torch.float64).T  # [N, K]
+        advantages = adv.normalize_then_sum(torch.cat([columns, penalty[:, None]], 1),
+                                            [*config.reward_weights, 1.0], config.num_generations)  # [N]
     if config.dynamic_sampling:
-        keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)
+        keep = adv.dynamic_sampling_keep_mask(total, config.num_generations)  # [N]
     else:
-        keep = torch.ones_like(total, dtype=torch.bool)
+        keep = torch.ones_like(total, dtype=torch.bool)  # [N]
     predicted = [
         rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
-        for c, ch in zip(completions, kwargs["choices"], strict=True)
+        for c, ch in zip(table["completion"].to_list(), table["choices"].to_list(), strict=True)
     ]
     result = pl.DataFrame({
         "rollout_index": table["rollout_index"],
-        **{name: per_func[name] for name in REWARD_NAMES},
+        **{name: per_func[name] for name in config.reward_names},
         "overlong_penalty": penalty.tolist(),
         "total_reward": total.tolist(),
         "advantage": advantages.tolist(),
@@ -408,12 +427,20 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
         "predicted_choice_idx": predicted,
     }, schema_overrides={"predicted_choice_idx": pl.Int64})
     # The attention values this round trained on; re-analysis later never rewrites them.
-    result = result.hstack(attention.select([c for c in attention.columns if c not in ("rollout_index", "prompt_index")]))
-    zero_std = adv.zero_std_groups(total, config.num_generations)
-    log(f"rewards: accuracy {nanmean(result['mc_idx_reward']):.3f}, format {nanmean(result['think_format_reward']):.3f}, "
-        f"mdi_reward {nanmean(result['mdi_reward']):.3f}, total {nanmean(result['total_reward']):.3f}; "
-        f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {int(keep.sum())}/{len(keep)} rollouts")
-    store.write_parquet_atomic(out / "rewards.parquet", result)
+    return result.hstack(attention.select([c for c in attention.columns if c not in ("rollout_index", "prompt_index")]))
+
+
+def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: RoundLog) -> pl.DataFrame:
+    """The rewards phase: rollouts.parquet + attention.parquet -> `reward_table` -> rewards.parquet."""
+    files = run_store.round(key)
+    result = reward_table(config, pl.read_parquet(files.rollouts_parquet), pl.read_parquet(files.attention_parquet))
+    total = torch.tensor(result["total_reward"].to_list(), dtype=torch.float64)  # [N]
+    zero_std = adv.zero_std_groups(total, config.num_generations)  # [P]
+    kept = int(result["kept"].sum())
+    means = ", ".join(f"{reward_label(name)} {nanmean(result[name]):.3f}" for name in config.reward_names)
+    log(f"rewards: {means}, total {nanmean(result['total_reward']):.3f}; "
+        f"zero-std groups {int(zero_std.sum())}/{len(zero_std)}; kept {kept}/{result.height} rollouts")
+    store.write_parquet_atomic(files.rewards, result)
     faults.point("after_rewards")
     return result
 
@@ -423,7 +450,7 @@ def compute_rewards(config: DapoConfig, run_store: RunStore, key: str, log: Roun
 
 def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
                optimizer: torch.optim.Optimizer, log: RoundLog, *, ref_policy: models.Policy | None = None,
-               collective: LocalCollective = LOCAL, model: torch.nn.Module | None = None) -> dict[str, Any]:
+               collective: LocalCollective = LOCAL, model: torch.nn.Module | None = None) -> UpdateRecord:
     """μ epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically (never after a NaN).
 
     In process by default. Under `accelerate` (`dapo_ops.distributed`) every rank calls it with the same
@@ -431,23 +458,29 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     main process evaluates and writes ckpt-(k+1) and update.json, the others return the record without eval.
     """
     round_index = checkpoint_index(key)
-    out = run_store.round_dir(key)
+    files = run_store.round(key)
     batch = load_rollout_batch(run_store, key)
-    old = torch.load(out / "old_logps.pt", map_location="cpu", weights_only=True)
-    reward_table = pl.read_parquet(out / "rewards.parquet")
+    old = load_old_logps(run_store, key)
+    reward_table = pl.read_parquet(files.rewards)
     advantages = faults.poison("advantages", torch.tensor(reward_table["advantage"].to_list(), dtype=torch.float32))
     keep = torch.tensor(reward_table["kept"].to_list(), dtype=torch.bool)
     state = checkpoint_state(run_store, key)
+    from dapo_ops import lora, precision, retention
+
     ref_logps = None
-    if config.beta > 0 and ref_policy is not None:
-        ref_logps = teacher_forced_pass(ref_policy, batch, temperature=config.temperature,
-                                        with_attention=False).per_token_logps
+    if config.beta > 0 and (ref_policy is not None or lora.has_adapter(policy.model)):
+        # LoRA: the reference is the base model itself, the adapter bypassed (no second copy in memory).
+        disabled = lora.adapter_disabled(policy.model) if ref_policy is None else contextlib.nullcontext()
+        with disabled, precision.autocast(config, policy.model):
+            ref_logps = teacher_forced_pass(ref_policy or policy, batch, temperature=config.temperature,
+                                            with_attention=False, shared_prefix=config.shared_prefix).per_token_logps
     start = time.perf_counter()
-    result = policy_update(
-        policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
-        config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
-        ref_per_token_logps=ref_logps, log=log, collective=collective,
-    )
+    with precision.gradient_checkpointing(policy.model, enabled=config.gradient_checkpointing):
+        result = policy_update(
+            policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
+            config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
+            ref_per_token_logps=ref_logps, log=log, collective=collective,
+        )
     seconds = time.perf_counter() - start
     summary = result.summary()
     round_tokens = int(batch.prompt_mask.sum() + batch.completion_mask.sum())
@@ -462,15 +495,8 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
         "parent": key,
         "epoch": (round_index + 1) * config.prompts_per_round / max(train_size, 1),
     }
-    record: dict[str, Any] = {
-        "steps": result.steps,
-        "summary": summary,
-        "state": new_state,
-        "eval": {},
-        "round_tokens": round_tokens,
-        "num_processes": collective.world_size,
-        "num_rollouts_used": result.num_rollouts_used,
-    }
+    record = UpdateRecord(steps=result.steps, summary=summary, state=new_state, round_tokens=round_tokens,
+                          num_processes=collective.world_size, num_rollouts_used=result.num_rollouts_used)
     # Sharded weights (FSDP, ZeRO-3) are gathered by every rank; the main process gets the whole policy.
     trained = collective.full_policy(policy, policy.model if model is None else model)
     if not collective.is_main:
@@ -479,23 +505,33 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
     evaluation = evaluate(config, run_store, trained)
     eval_seconds = time.perf_counter() - start_eval
     save_start = time.perf_counter()
-    save_checkpoint(run_store, next_key, trained, collective.optimizer_to_save(optimizer),
+    save_checkpoint(run_store, next_key, trained,
+                    None if config.save_only_model else collective.optimizer_to_save(optimizer),
                     {**new_state, "eval": evaluation})
     save_seconds = time.perf_counter() - save_start
     log(f"update: {len(result.steps)} optimizer steps in {seconds:.2f}s (global step {result.global_step}); "
         f"eval accuracy of {next_key}: {evaluation['eval/accuracy']:.3f}; wrote {next_key} in {save_seconds:.2f}s")
-    record["eval"] = evaluation
-    record["seconds"] = {"update": seconds, "eval": eval_seconds, "save": save_seconds}
-    store.write_json_atomic(out / "update.json", record)
+    record.eval = evaluation
+    record.seconds = {"update": seconds, "eval": eval_seconds, "save": save_seconds}
+    record.write(files.update)
+    # Only now may older checkpoints lose optimizer state or weights: a crash before update.json re-runs
+    # this round from checkpoint k, which must still be whole.
+    kept = retention.apply(run_store, config, next_key)
+    if kept["pruned"]:
+        log(f"save_total_limit={config.save_total_limit}: deleted the weights of {', '.join(kept['pruned'])} "
+            f"(state.json, rollouts and reports stay; they can no longer be re-analysed)")
     return record
 
 
-def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy) -> dict[str, float]:
-    """Greedy accuracy and format of `policy` on a fixed subset of the eval split."""
+def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
+             engine: RolloutEngine | None = None) -> dict[str, float]:
+    """Greedy accuracy and format of `policy` on a fixed subset of the eval split (sampled by `engine`,
+    default: the one `config` selects, on `policy`)."""
+    engine = make_engine(config, policy) if engine is None else engine
     rows = load_split(run_store, "eval").head(config.eval_subset_size)
     prompts = encode_rows(policy, rows)
-    batch = rollout.generate_rollouts(policy, prompts, num_generations=1,
-                                      max_completion_length=config.max_completion_length, temperature=0.0)
+    batch = engine.generate(prompts, num_generations=1, max_completion_length=config.max_completion_length,
+                            temperature=0.0, top_p=1.0, seed=0)
     correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
                                     choices=[list(c) for c in rows["choices"].to_list()])
     fmt = rewards.think_format_reward(batch.completions)
@@ -507,9 +543,9 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy) -> 
 
 def round_table(run_store: RunStore, key: str) -> pl.DataFrame:
     """One row per rollout: the rollout, the attention values and the rewards the round trained on."""
-    out = run_store.round_dir(key)
-    table = pl.read_parquet(out / "rollouts.parquet")
-    reward_table = pl.read_parquet(out / "rewards.parquet")
+    files = run_store.round(key)
+    table = pl.read_parquet(files.rollouts_parquet)
+    reward_table = pl.read_parquet(files.rewards)
     return table.join(reward_table, on="rollout_index", how="left")
 
 
@@ -536,9 +572,9 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
     metrics["completions/min_terminated_length"] = min(terminated) if terminated else 0.0
     metrics["completions/max_terminated_length"] = max(terminated) if terminated else 0.0
     for stage in STAGES:
-        for name in LOGGED_ATTENTION_NAMES:
+        for name in LOGGED_METRIC_NAMES:
             metrics[f"attention/{stage}/{name}"] = nanmean(table[f"attn/{stage}/{name}"])
-    for name in REWARD_NAMES:
+    for name in config.reward_names:
         values = [float(v) for v in table[name].to_list()]
         metrics[f"rewards/{name}/mean"] = nanmean(table[name])
         metrics[f"rewards/{name}/std"] = _std(values)
@@ -553,37 +589,42 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def round_metrics(config: DapoConfig, table: pl.DataFrame, update: dict[str, Any]) -> dict[str, float]:
-    """The 44 metrics of METRICS.md (plus loss, grad_norm, learning_rate, epoch, eval/*, kl) for one round."""
+def round_metrics(config: DapoConfig, table: pl.DataFrame, update: UpdateRecord) -> dict[str, float]:
+    """The round metrics (`reports.round_metric_names(config.reward_names)`: the 44 of the default rewards) plus
+    loss, grad_norm, learning_rate, epoch, eval/* and kl, for one round."""
     metrics = batch_metrics(config, table)
     sampling_entropy = metrics.pop("sampling_entropy")
-    metrics["num_tokens"] = float(update["state"]["num_tokens"])
-    summary = update["summary"]
+    metrics["num_tokens"] = float(update.num_tokens)
+    summary = update.summary
     for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean",
                  "clip_ratio/high_max", "clip_ratio/region_mean"):
         metrics[name] = float(summary[name])
     if math.isnan(metrics["entropy"]):
         # No optimizer step ran (every group was filtered): report the sampling policy's entropy instead.
         metrics["entropy"] = sampling_entropy
-    metrics["loss"] = float(summary["loss"])
-    metrics["grad_norm"] = float(summary["grad_norm"])
+    if update.steps:  # without an optimizer step nothing was measured: no loss/grad_norm, never a fake 0
+        metrics["loss"] = float(summary["loss"])
+        metrics["grad_norm"] = float(summary["grad_norm"])
     metrics["learning_rate"] = float(summary.get("learning_rate", config.learning_rate))
-    metrics["epoch"] = float(update["state"]["epoch"])
+    metrics["epoch"] = update.epoch
     if "kl" in summary:
         metrics["kl"] = float(summary["kl"])
-    metrics.update({k: float(v) for k, v in update["eval"].items()})
+    if "cispo_clip_ratio" in summary:  # TRL logs it for loss_type="cispo" only, beside the 44
+        metrics["cispo_clip_ratio"] = float(summary["cispo_clip_ratio"])
+    metrics.update({k: float(v) for k, v in update.eval.items()})
     return metrics
 
 
 def metrics_history(run_store: RunStore) -> pl.DataFrame:
     """One row per finished round k: the metrics it logged (its `eval/accuracy` is that of ckpt-(k+1))."""
     rows: list[dict[str, Any]] = []
-    rounds_dir = run_store.run_dir / "rounds"
-    keys = sorted((p.name for p in rounds_dir.iterdir() if (p / "metrics.json").exists()),
+    rounds_dir = run_store.rounds_dir
+    keys = sorted((p.name for p in rounds_dir.iterdir()
+                   if store.CHECKPOINT_RE.match(p.name) and run_store.round(p.name).metrics.exists()),
                   key=checkpoint_index) if rounds_dir.exists() else []
     for key in keys:
-        metrics = store.read_json(rounds_dir / key / "metrics.json")
+        metrics = store.read_json(run_store.round(key).metrics)
         row: dict[str, Any] = {"round": checkpoint_index(key), **metrics}
-        row["step"] = int(store.read_json(rounds_dir / key / "update.json")["state"]["global_step"])
+        row["step"] = read_update_record(run_store, key).global_step
         rows.append(row)
     return pl.DataFrame(rows) if rows else pl.DataFrame({"round": [], "step": []})

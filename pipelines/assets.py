@@ -5,15 +5,18 @@ code location stays fast."""
 
 
 import base64
-import json
+import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from dapo_ops import faults
+from dapo_ops import round as dapo_round
 from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
+from pipelines.checks import EVAL_DROP_CHECK, eval_drop_finding
 from pipelines.config import TrainingConfig
 from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
 
@@ -61,22 +64,38 @@ def add_checkpoint_partitions(instance: dg.DagsterInstance, keys: list[str]) -> 
             time.sleep(0.2 * (attempt + 1))
 
 
+def _checkpoint_model(cfg, store, key: str) -> dict:
+    """What the tracker registers as checkpoint `key`'s MLflow logged model (see dapo_ops.mlflow_model)."""
+    return {"name": key, "path": str(store.checkpoint_dir(key)), "max_completion_length": cfg.max_completion_length}
+
+
+DAGSTER_UI_URL = os.environ.get("DAGSTER_UI_URL", "http://127.0.0.1:3000")
+
+
+def _mlflow_link(mlflow: MlflowResource, store) -> dict:
+    """`mlflow_run`: the URL of the run's MLflow page, once the run exists (metadata of every materialization)."""
+    url = mlflow.tracker(store).run_url(mlflow.ui_url or None)
+    return {"mlflow_run": dg.MetadataValue.url(url)} if url else {}
+
+
 def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None = None) -> dict[str, str]:
-    tags = {"dagster.run_id": context.run.run_id, "dapo.run_name": run_name}
+    # The MLflow run links back to the Dagster run that last wrote it: its id and its page in the Dagster UI.
+    tags = {"dagster.run_id": context.run.run_id, "dagster.run_url": f"{DAGSTER_UI_URL.rstrip('/')}/runs/"
+            f"{context.run.run_id}", "dapo.run_name": run_name}
     if key:
         tags["dapo.checkpoint"] = key
     return tags
 
 
 @dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
-def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
-            run_store: RunStoreResource) -> dg.MaterializeResult:
+def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
+            run_store: RunStoreResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
     from dapo_ops import training
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     store = run_store.for_run(cfg.run_name)
-    write_json_atomic(store.config_path, cfg.to_dict())
+    dapo_round.record_config(cfg, store, _round_log(context, store, checkpoint_key(0)))
     summary = training.prepare_dataset(cfg, store)
     faults.point("after_dataset")
     reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
@@ -88,8 +107,13 @@ def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
         counts = ", ".join(f"{n}x {reason}" for reason, n in sorted(summary.quarantine_reasons.items()))
         line += f" ({counts}; rows and reasons in {quarantine_path})"
     _round_log(context, store, checkpoint_key(0))(line)
+    # The MLflow run exists from the first asset on, so every materialization can link it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an outage: base_checkpoint and the rounds report and journal it
+        mlflow.tracker(store).start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name))
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "source": summary.source,
         "num_train": summary.num_train,
         "num_eval": summary.num_eval,
@@ -103,14 +127,14 @@ def dataset(context: dg.AssetExecutionContext, config: TrainingConfig,
 
 
 @dg.asset(group_name=GROUP, deps=[dataset], kinds={"pytorch"})
-def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def base_checkpoint(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                     mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
     real model directory. Registers the `ckpt-0000` partition. A complete ckpt-0000 (left by an interrupted
     setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
     from dapo_ops import training
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     store = run_store.for_run(cfg.run_name)
     key = checkpoint_key(0)
     log = _round_log(context, store, key)
@@ -123,6 +147,9 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, r
         built = training.build_base_checkpoint(cfg, store, log)
         policy, state = built["policy"], built["state"]
         faults.point("after_base_checkpoint")
+    from dapo_ops.checkpoint_policy import configure
+
+    policy = configure(policy, cfg)  # the adapter (use_peft), frozen vision tower, fp32 master weights
     evaluation = training.evaluate(cfg, store, policy)
     state = {**state, "eval": evaluation}
     write_json_atomic(store.checkpoint_dir(key) / training.STATE_FILE, state)
@@ -131,11 +158,15 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, r
     add_checkpoint_partitions(context.instance, [key])
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
-    tracker.log_round(f"{key}-eval", step=0, metrics=evaluation)
+    # ckpt-0000 becomes the run's first logged model; the splits become its dataset inputs (source + digest).
+    tracker.log_round(f"{key}-eval", step=0, metrics=evaluation, model=_checkpoint_model(cfg, store, key),
+                      inputs=[{"name": f"{cfg.run_name}-{split}", "path": str(store.data_dir / f"{split}.parquet"),
+                               "context": split} for split in ("train", "eval")])
     # Journaled (sent or pending): `make run` may skip the setup from now on.
     write_text_atomic(store.setup_marker, f"{key}\n")
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "checkpoint": key,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(key))),
         "eval_accuracy": evaluation["eval/accuracy"],
@@ -144,12 +175,12 @@ def base_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, r
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[base_checkpoint], kinds={"pytorch", "parquet"})
-def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
              mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """G completions per prompt sampled from checkpoint k (KV cache, batched, left padding)."""
     from dapo_ops import training
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     store.require_checkpoint(key)
@@ -158,12 +189,17 @@ def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_stor
     sent = mlflow.tracker(store).sync()
     if sent:
         log(f"sent {sent} journaled round(s) to MLflow")
-    log(f"round {checkpoint_index(key)} of run {cfg.run_name}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
+    log(f"round {checkpoint_index(key)} of run {cfg.run_name}")
+    dapo_round.record_config(cfg, store, log)
+    from dapo_ops import retention
+
+    retention.check_disk_space(store, key, cfg)  # stop before the round, never halfway through its checkpoint
     policy = policy_cache.get(store, key, cfg)
     table = training.generate_round_rollouts(cfg, store, key, policy, log)
     sample = table.head(3).select("question", "completion").to_dicts()
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "num_rollouts": table.height,
         "mean_completion_length": float(table["completion_length"].mean()),
         "eos_ratio": float(table["is_eos"].mean()),
@@ -172,25 +208,26 @@ def rollouts(context: dg.AssetExecutionContext, config: TrainingConfig, run_stor
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[rollouts], kinds={"pytorch", "parquet"})
-def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
-                      policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
+def attention_metrics(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
+                      mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """One teacher-forced pass with checkpoint k: old log-probs, entropy and per-stage modality attention
     (MDI, AEI) through the O(T)-memory attention function. Re-materializing it alone re-analyses a stored
     round without touching rollouts, rewards or checkpoints."""
     from dapo_ops import training
     from dapo_ops.config import STAGES
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
-    if config.reanalysis:
+    if training_config.reanalysis:
         log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
     policy = policy_cache.get(store, key, cfg)
-    table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not config.reanalysis)
+    table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not training_config.reanalysis)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "reanalysis": config.reanalysis,
+        **_mlflow_link(mlflow, store),
+        "reanalysis": training_config.reanalysis,
         "mdi_tolerance": cfg.mdi_tolerance,
         **{f"mdi_{stage}": training.nanmean(table[f"attn/{stage}/mdi"]) for stage in STAGES},
     })
@@ -203,25 +240,25 @@ def attention_metrics(context: dg.AssetExecutionContext, config: TrainingConfig,
               dg.AssetCheckSpec("zero_variance_groups", asset="rewards"),
               dg.AssetCheckSpec("attention_reward_no_variance", asset="rewards"),
           ])
-def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource):
-    """Accuracy, think-format and attention-balance rewards, their weighted total, group advantages and
-    the keep-mask of groups that enter the update; stores the attention values it used."""
-    from dapo_ops import health, training
+def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
+            mlflow: MlflowResource):
+    """The configured rewards (`reward_funcs`: accuracy, think-format and attention balance by default), their
+    weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
+    values it used."""
+    from dapo_ops import training
+    from dapo_ops.reports import reward_label
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
     training.compute_rewards(cfg, store, key, log)
     metrics = training.batch_metrics(cfg, training.round_table(store, key))
-    findings = health.reward_findings(metrics, mdi_weight=cfg.weights["mdi_reward"])
-    _log_findings(log, findings)
-    write_json_atomic(store.round_dir(key) / "health_rewards.json", [f.to_dict() for f in findings])
+    findings = dapo_round.reward_health(cfg, store, key, log, metrics)
     yield dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "accuracy": metrics["rewards/mc_idx_reward/mean"],
-        "format": metrics["rewards/think_format_reward/mean"],
-        "mdi_reward": metrics["rewards/mdi_reward/mean"],
+        **_mlflow_link(mlflow, store),
+        **{reward_label(name): metrics[f"rewards/{name}/mean"] for name in cfg.reward_names},
         "total_reward": metrics["rewards/total_reward"],
         "frac_reward_zero_std": metrics["frac_reward_zero_std"],
     })
@@ -233,15 +270,20 @@ def rewards(context: dg.AssetExecutionContext, config: TrainingConfig, run_store
           check_specs=[
               dg.AssetCheckSpec("entropy_collapse", asset="policy_update"),
               dg.AssetCheckSpec("non_finite", asset="policy_update"),
+              # Blocking: a failed eval check skips the round's reports (the round stays undone), and the
+              # next-round sensor and `make run` refuse to continue from the checkpoint (pipelines.checks).
+              dg.AssetCheckSpec(EVAL_DROP_CHECK, asset="policy_update", blocking=True,
+                                description="eval accuracy did not fall by more than max_eval_drop from the "
+                                            "previous checkpoint"),
           ])
-def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
-                  policy_cache: dg.ResourceParam[PolicyCache]):
+def policy_update(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
+                  mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]):
     """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
     registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
-    from dapo_ops import health, training
+    from dapo_ops import training
     from dapo_ops.update import NonFiniteUpdateError
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
@@ -253,43 +295,60 @@ def policy_update(context: dg.AssetExecutionContext, config: TrainingConfig, run
             policy = policy_cache.get(store, key, cfg)
             optimizer = policy_cache.optimizer(store, key, cfg)
             ref_policy = None
-            if cfg.beta > 0:
+            if cfg.beta > 0 and not cfg.use_peft:  # LoRA: the reference is the adapter-disabled policy
                 from dapo_ops import models
 
                 ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
             record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
-            policy_cache.put(store, record["state"]["checkpoint"], policy, optimizer)
+            policy_cache.put(store, record.next_checkpoint, policy, optimizer)
     except NonFiniteUpdateError as error:
         policy_cache.invalidate()
-        log.error(str(error))
-        finding = health.non_finite({"grad_norm" if "gradient" in str(error) else "loss": float("nan")})
-        write_json_atomic(store.round_dir(key) / "health_update.json", [finding.to_dict()])
+        finding = dapo_round.non_finite_health(store, key, log, error)
         yield _check_result(finding)  # the failed health check is recorded with the failed round
         raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
     except BaseException:
         policy_cache.invalidate()
         raise
-    next_key = record["state"]["checkpoint"]
+    next_key = record.next_checkpoint
     add_checkpoint_partitions(context.instance, [next_key])
-    start_entropy = _start_entropy(store)
-    metrics = {**record["summary"], **record["eval"]}
-    findings = health.update_findings(metrics, start_entropy=start_entropy)
-    _log_findings(log, findings)
-    write_json_atomic(store.round_dir(key) / "health_update.json", [f.to_dict() for f in findings])
+    _observe_pruned(context, store)
+    metrics = {**record.summary, **record.eval}
+    findings = dapo_round.update_health(store, key, log, metrics)
+    eval_finding = eval_drop_finding(cfg, store, next_key)
+    assert eval_finding is not None  # next_key is past ckpt-0000
+    dapo_round.log_findings(log, [eval_finding])
     yield dg.MaterializeResult(metadata={
         **child_metadata,
         "run_name": cfg.run_name,
+        **_mlflow_link(mlflow, store),
         "num_processes": cfg.num_processes,
         "next_checkpoint": next_key,
-        "global_step": record["state"]["global_step"],
-        "optimizer_steps": len(record["steps"]),
-        "loss": record["summary"]["loss"],
-        "entropy": record["summary"]["entropy"],
-        "eval_accuracy": record["eval"]["eval/accuracy"],
+        "global_step": record.global_step,
+        "optimizer_steps": len(record.steps),
+        **({"loss": record.loss} if record.steps else {}),  # absent: no optimizer step, nothing measured
+        "entropy": record.summary["entropy"],
+        "eval_accuracy": record.eval_accuracy,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
     })
-    for finding in findings:
+    for finding in [*findings, eval_finding]:
         yield _check_result(finding)
+
+
+def _observe_pruned(context: dg.AssetExecutionContext, store) -> None:
+    """Partitions whose weights `save_total_limit` deleted show as not re-analysable on attention_metrics (an
+    observation per partition, once); their rollouts, rewards and reports stay materialized."""
+    from dapo_ops import retention
+
+    for key in retention.pruned_checkpoints(store):
+        marker = store.checkpoint_dir(key) / retention.PRUNED_MARKER
+        observed = store.checkpoint_dir(key) / retention.OBSERVED_MARKER
+        if observed.exists():
+            continue
+        context.log_event(dg.AssetObservation(
+            asset_key="attention_metrics", partition=key,
+            metadata={"reanalysable": False, "pruned": marker.read_text(encoding="utf-8").strip(),
+                      "checkpoint": dg.MetadataValue.path(str(store.checkpoint_dir(key)))}))
+        write_text_atomic(observed, "")
 
 
 def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, policy_cache: PolicyCache):
@@ -302,7 +361,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     import torch
 
     from dapo_ops import distributed
-    from dapo_ops.store import read_json
+    from dapo_ops.round_files import read_update_record
     from dapo_ops.update import NonFiniteUpdateError
 
     # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
@@ -324,28 +383,13 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
         if failure and failure.get("kind") == distributed.NON_FINITE:
             raise NonFiniteUpdateError(failure["message"]) from error
         raise
-    record = read_json(store.round_dir(key) / "update.json")
-    store.require_checkpoint(record["state"]["checkpoint"])
+    record = read_update_record(store, key)
+    store.require_checkpoint(record.next_checkpoint)
     metadata: dict = {}
     for result in invocation.get_results():
         if isinstance(result, dg.MaterializeResult):
             metadata.update(result.metadata or {})
     return record, metadata
-
-
-def _start_entropy(store) -> float | None:
-    import polars as pl
-
-    path = store.round_dir(checkpoint_key(0)) / "attention.parquet"
-    if not path.exists():
-        return None
-    return float(pl.read_parquet(path)["entropy"].mean())
-
-
-def _log_findings(log, findings) -> None:
-    for finding in findings:
-        if not finding.passed:
-            log.warning(f"health check {finding.name}: {finding.message}. Remedy: {finding.remedy}")
 
 
 def _check_result(finding) -> dg.AssetCheckResult:
@@ -358,101 +402,82 @@ def _check_result(finding) -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[attention_metrics], kinds={"markdown"})
-def attention_report(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def attention_report(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                      mlflow: MlflowResource) -> dg.MaterializeResult:
     """attention_diagnostics.md (+ an attention-balance chart per stage). In a re-analysis it is logged to
     an MLflow run of its own, tagged with the training run and checkpoint."""
-    import polars as pl
-
-    from dapo_ops import charts, reports, training
+    from dapo_ops.attention import LOGGED_METRIC_NAMES
     from dapo_ops.config import STAGES
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
-    table = pl.read_parquet(store.round_dir(key) / "attention.parquet")
-    tolerance = float(table["mdi_tolerance"][0])
-    out = store.reports_dir(key)
-    stage_means = reports.attention_stage_means(table)
-    chart = charts.attention_balance_png(stage_means, out / "attention_balance.png", tolerance=tolerance)
-    text = reports.render_attention_diagnostics(table, run_name=cfg.run_name, checkpoint=key,
-                                                mdi_tolerance=tolerance, chart_file=chart.name)
-    path = write_text_atomic(out / "attention_diagnostics.md", text)
-    if config.reanalysis:
+    report = dapo_round.write_attention_report(store, key)
+    if training_config.reanalysis:
         tracker = mlflow.tracker(store)
-        metrics = {f"attention/{s}/{n}": stage_means[s][n] for s in STAGES for n in training.LOGGED_ATTENTION_NAMES}
-        run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": tolerance,
+        metrics = {f"attention/{s}/{n}": report.stage_means[s][n]
+                   for s in STAGES for n in LOGGED_METRIC_NAMES}
+        run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": report.tolerance,
                                                                    "dagster_run_id": context.run.run_id})
-        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [path, chart]})
+        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, report.chart]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "report": dg.MetadataValue.md(_inline_images(text, out)),
-        "path": dg.MetadataValue.path(str(path)),
-        "mdi_all": stage_means["all"]["mdi"],
+        **_mlflow_link(mlflow, store),
+        "report": dg.MetadataValue.md(_inline_images(report.text, store.reports_dir(key))),
+        "path": dg.MetadataValue.path(str(report.path)),
+        "mdi_all": report.stage_means["all"]["mdi"],
     })
 
 
 @dg.asset(group_name=GROUP, partitions_def=checkpoints, deps=[policy_update, attention_report],
           kinds={"markdown", "mlflow"})
-def training_report(context: dg.AssetExecutionContext, config: TrainingConfig, run_store: RunStoreResource,
+def training_report(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
     """rollout_results.md and run_terminal.md, the 44 metrics (+ eval accuracy) in MLflow at the round's
     global step, learning curves, and the three reports attached to the MLflow run."""
 
-    from dapo_ops import charts, reports, training
-    from dapo_ops import store as store_io
+    from dapo_ops import reports
+    from dapo_ops.round_files import read_update_record
 
-    cfg = config.to_dapo()
+    cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
-    round_dir = store.round_dir(key)
-    update = store_io.read_json(round_dir / "update.json")
-    table = training.round_table(store, key)
-    metrics = training.round_metrics(cfg, table, update)
-    start = time.time()
-    write_json_atomic(round_dir / "metrics.json", metrics)
-    out = store.reports_dir(key)
-    history = training.metrics_history(store)
-    curves = charts.learning_curves_png(history, out / "learning_curves.png")
-    rollout_md = reports.render_rollout_results(table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name,
-                                                checkpoint=key)
-    write_text_atomic(out / "rollout_results.md", rollout_md)
-    faults.point("mid_report_write")
-    findings = [*store_io.read_json(round_dir / "health_rewards.json"), *store_io.read_json(round_dir / "health_update.json")]
-    log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
-        f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
-        f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
-    terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
-                                           health=findings)
-    terminal_path = write_text_atomic(out / "run_terminal.md", terminal)
+    update = read_update_record(store, key)
+    written = dapo_round.write_round_reports(cfg, store, key, log, update)
+    metrics, table, curves, out = written.metrics, written.table, written.curves, store.reports_dir(key)
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
-    artifacts = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", terminal_path,
-                                     curves, out / "attention_balance.png"]}
-    sent = tracker.log_round(key, step=int(update["state"]["global_step"]), metrics=metrics, artifacts=artifacts,
-                             tags=_run_tags(context, cfg.run_name, key))
+    sent = tracker.log_round(key, step=update.global_step, metrics=metrics,
+                             artifacts=written.artifacts(key), tags=_run_tags(context, cfg.run_name, key),
+                             model=_checkpoint_model(cfg, store, update.next_checkpoint), tables=written.tables(key))
+    if checkpoint_index(key) + 1 >= cfg.max_rounds:
+        # The round that reaches max_rounds ends the MLflow run FINISHED (what ends rounds that `dagster dev`'s
+        # sensor launches; `make run` also ends it, FAILED/KILLED too, in pipelines.cli). A later round reopens it.
+        tracker.end("FINISHED")
     if not sent:
         log.warning(f"MLflow at {mlflow.uri(store.root)} is unreachable: round {key} is journaled and will be sent "
                     f"later (make sync-mlflow)")
         # The report says so too; the journal sends the file as it is at sending time.
-        terminal = reports.render_run_terminal(log.lines(), metrics, run_name=cfg.run_name, checkpoint=key,
-                                               health=findings)
-        write_text_atomic(terminal_path, terminal)
+        dapo_round.rewrite_terminal(cfg, key, log, written)
+    terminal = written.terminal
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
             "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",
             "attention/all/mdi", "entropy", "completions/mean_length")))
-    # Marks the round finished for resumption (`make run` skips it from now on).
-    faults.point("before_round_done")
-    write_text_atomic(round_dir / "DONE", f"{time.time() - start:.3f}\n")
+    dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
-        "global_step": int(update["state"]["global_step"]),
+        **_mlflow_link(mlflow, store),
+        "global_step": update.global_step,
         "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
-        # The file holds every rollout; the UI shows the tables and the first samples.
+        # The `report_samples` sample, as the MLflow table of the round shows it (all_rollouts.parquet has all).
+        "rollout_sample": dg.MetadataValue.md(_inline_images(written.sample.markdown, out)),
+        "all_rollouts": dg.MetadataValue.path(str(written.sample.all_rollouts)),
+        # The UI shows the tables and the first samples.
         "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(
-            table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8)),
+            table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8,
+            reward_names=cfg.reward_names, report_samples=cfg.report_samples)),
         "run_terminal": dg.MetadataValue.md(terminal),
         "mlflow_logged": sent,
         "reports": dg.MetadataValue.path(str(out)),

@@ -8,12 +8,18 @@ complete checkpoint and finishes a round whose reports were interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dapo_ops.config import EMBEDDED, DapoConfig, data_root
+from dapo_ops.tracking import resolve_tracking_uri
 
 DAGSTER_YAML = """\
 # Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
@@ -21,7 +27,6 @@ telemetry:
   enabled: false
 """
 
-ROUND_DONE = "DONE"
 # Tags the Dagster runs `make run` starts with its pid, so a resumed run can tell its own from orphans.
 CLI_PID_TAG = "dapo/cli_pid"
 DEFAULT_ROUNDS = DapoConfig().max_rounds
@@ -61,30 +66,48 @@ def _quiet_run_config(run_config):
 
     config = run_config.to_config_dict() if isinstance(run_config, dg.RunConfig) else dict(run_config)
     if not config.get("loggers"):
-        # Dagster's console logger prints every DEBUG event; progress lines are ours, the rest is in the UI.
-        config["loggers"] = {"console": {"config": {"log_level": "WARNING"}}}
+        # Dagster's console logger would print every event, and a failed step's stack trace above the
+        # one-line message this CLI prints. Progress lines are ours; the events (a failure's trace too)
+        # stay in the run's event log and step logs, which the Dagster UI shows.
+        config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
     return config
 
 
-def materialize(selection, config, *, partition_key: str | None = None, instance=None, tags=None):
-    """Materialize `selection` in process with the code location's resources; raise on failure."""
+SETUP_JOB = "setup_run"
+ROUND_JOB = "training_round"
+REANALYSIS_JOB = "reanalysis"
+
+
+def materialize(job_name: str, config, *, selection=None, partition_key: str | None = None, instance=None,
+                tags=None):
+    """Execute the code location's job `job_name` in process (only the assets in `selection` when given: a
+    subset of that job's assets, as the UI's "materialize selected" does); raise on failure.
+
+    The run is recorded under the job's name with the job's tags, as one launched from the UI is."""
     import dagster as dg
 
-    from pipelines.assets import ALL_ASSETS
     from pipelines.config import run_config_for
     from pipelines.definitions import defs
 
-    result = dg.materialize(
-        ALL_ASSETS,
-        selection=list(selection),
-        partition_key=partition_key,
+    job = defs.resolve_job_def(job_name)
+    keys = None if selection is None else [dg.AssetKey(name) for name in selection]
+    result = job.execute_in_process(
+        run_config=_quiet_run_config(run_config_for(config)),
         instance=instance,
-        resources=defs.resources,
-        run_config=_quiet_run_config(run_config_for(selection, config)),
+        partition_key=partition_key,
+        asset_selection=keys,
         tags=tags or {},
         raise_on_error=False,
     )
     if not result.success:
+        if any(_was_interrupted(event) for event in result.all_events):
+            # Dagster turns a SIGINT during a step into a step failure; it is still a kill, not a failed round.
+            raise RunInterrupted(signal.SIGINT)
+        blocked = _failed_blocking_checks(result.all_events)
+        if blocked:
+            from pipelines.checks import EvalDropError
+
+            raise EvalDropError("\n".join(blocked))
         messages = []
         for event in result.all_events:
             if event.is_failure and event.event_specific_data is not None:
@@ -95,6 +118,34 @@ def materialize(selection, config, *, partition_key: str | None = None, instance
     return result
 
 
+def _failed_blocking_checks(events) -> list[str]:
+    """'<asset>: blocking check <name> failed: <finding>; <remedy>' per failed blocking ERROR check."""
+    import dagster as dg
+
+    lines = []
+    for event in events:
+        if event.event_type != dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            continue
+        evaluation = event.event_specific_data
+        if evaluation.passed or not evaluation.blocking or evaluation.severity != dg.AssetCheckSeverity.ERROR:
+            continue
+        metadata = evaluation.metadata
+        finding = metadata["finding"].value if "finding" in metadata else "(see the Dagster UI)"
+        remedy = f"; {metadata['remedy'].value}" if "remedy" in metadata else ""
+        lines.append(f"{evaluation.asset_key.to_user_string()}: blocking check {evaluation.check_name} failed: "
+                     f"{finding}{remedy}")
+    return lines
+
+
+def _was_interrupted(event) -> bool:
+    error = getattr(event.event_specific_data, "error", None) if event.is_failure else None
+    while error is not None:
+        if error.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt", "RunInterrupted"):
+            return True
+        error = error.cause
+    return False
+
+
 def _root_cause(error) -> str:
     """The innermost error of a Dagster step failure (the user's exception, not Dagster's wrapper)."""
     while error.cause is not None:
@@ -103,13 +154,16 @@ def _root_cause(error) -> str:
 
 
 def _progress(message: str) -> None:
-    print(message, flush=True)
+    from dapo_ops import progress
+
+    progress.echo(message)  # above the progress bars while they show
 
 
 def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress,
                  live: bool = False) -> dict:
     """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist.
-    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too.
+    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too, and the
+    progress of each long phase: bars on a terminal, plain lines otherwise (`dapo_ops.progress`).
 
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
     rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
@@ -122,8 +176,9 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
         faults.point("run_start")
-        home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _default_tracking_uri(root)
+        with _tracked_run(store, echo), _console_progress(live and echo is _progress):
+            home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
+    tracking_uri = resolve_tracking_uri(root)
     summary = {
         "run_name": config.run_name,
         "checkpoints": str(store.checkpoints_dir),
@@ -140,23 +195,111 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     return summary
 
 
-def _default_tracking_uri(root: Path) -> str:
-    from dapo_ops.tracking import default_tracking_uri
+@contextlib.contextmanager
+def _console_progress(show: bool) -> Iterator[None]:
+    """Progress of generation, teacher-forced passes and optimizer steps on stdout while rounds run."""
+    from dapo_ops import progress
 
-    return default_tracking_uri(root)
+    if not show:
+        yield
+        return
+    progress.set_progress(progress.console_renderer(sys.stdout))
+    try:
+        yield
+    finally:
+        progress.set_progress(None)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached `make run`: its MLflow run ends KILLED (kill -9 cannot be caught: the
+    run then stays RUNNING until the next `make run` of the same RUN_NAME continues it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _catch_termination() -> Iterator[list[int]]:
+    """SIGTERM/SIGINT raise `RunInterrupted` in the main thread; yields the signals received so far
+    (Dagster may turn the exception into a step failure: the list still says it was a kill)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        received.append(signum)
+        raise RunInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _tracked_run(store, echo) -> Iterator[None]:
+    """The MLflow run's lifecycle around one `make run`: RUNNING (the same run id when resumed) while it
+    trains, then FINISHED when every round is done, FAILED when a round fails, KILLED on SIGTERM/SIGINT.
+    The status goes through the journal, so one that MLflow misses now is sent by the next sync.
+    (Rounds that `dagster dev`'s sensor launches leave the run RUNNING between rounds; the round that
+    reaches `max_rounds` ends it FINISHED in `training_report`.)"""
+    import warnings
+
+    from dapo_ops.tracking import Tracker
+
+    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
+                      data_root=store.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an outage here is reported by the rounds themselves
+        tracker.set_status("RUNNING")
+    status = "FAILED"
+    with _catch_termination() as received:
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "KILLED" if received else "FAILED"
+            raise
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                shown = tracker.end(status)
+            _report_unsent(tracker, status, shown, echo)
+
+
+def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
+    """Say so when rounds or the run's end wait in the journal (MLflow unreachable)."""
+    from dapo_ops.tracking import redact_uri
+
+    left = tracker.pending()
+    if left:
+        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: {len(left)} round(s) wait in "
+             f"{tracker.journal_path}; the next round or `make sync-mlflow` sends them, each metric once.")
+    elif not shown and tracker.last_error is not None:
+        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: the run's end ({status}) "
+             f"waits in {tracker.state_dir}; `make sync-mlflow` sends it.")
 
 
 def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
-    from dapo_ops import faults, training
-    from dapo_ops import store as store_io
+    from dapo_ops import faults, retention, training
     from dapo_ops.store import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
-    from pipelines.config import ROUND_ASSETS, SETUP_ASSETS, TrainingConfig
+    from pipelines.config import TrainingConfig
 
     home = prepare_instance(store.root)
     instance = open_instance(home)
-    tconfig = TrainingConfig.from_dapo(config.replace(max_rounds=rounds))
+    run_config = config.replace(max_rounds=rounds)
+    tconfig = TrainingConfig.from_dapo(run_config)
+    # The whole config once per `make run` (the rounds log only what a resumed run changes; MLflow has params).
+    echo(f"config of {config.run_name}: {json.dumps(run_config.to_dict(), sort_keys=True)}")
     tags = {"dapo/run_name": config.run_name, CLI_PID_TAG: str(os.getpid())}
     if live:
         training.set_console_echo(lambda line: echo(f"    {line}"))
@@ -167,32 +310,75 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
     if not (store.is_complete_checkpoint(checkpoint_key(0)) and store.setup_marker.exists()):
         echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
         faults.point("before_setup")
-        materialize(SETUP_ASSETS, tconfig, instance=instance, tags=tags)
+        materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
+    retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
+    with _system_metrics(store):
+        _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, started=started)
+    return home
+
+
+@contextlib.contextmanager
+def _system_metrics(store) -> Iterator[None]:
+    """MLflow system metrics (CPU, memory, GPU when present) on the training run while rounds run."""
+    import warnings
+
+    from dapo_ops.tracking import Tracker
+
+    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
+                      data_root=store.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an outage is reported by the rounds themselves
+        with tracker.system_metrics():
+            yield
+
+
+def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, started: float) -> None:
+    """The rounds of `run_training` that are not DONE yet, in order."""
+    from dapo_ops import faults, progress, retention, training
+    from dapo_ops import store as store_io
+    from dapo_ops.store import checkpoint_key
+    from pipelines.config import ROUND_ASSETS
+
+    run_config = config.replace(max_rounds=rounds)
     for k in range(rounds):
         key = checkpoint_key(k)
-        round_dir = store.round_dir(key)
-        if (round_dir / ROUND_DONE).exists():
+        files = store.round(key)
+        if files.done.exists():
             continue
-        selection = ROUND_ASSETS
+        selection = None  # the whole training_round job
         # update.json is written right after ckpt-(k+1): with both, only the reports and MLflow are missing;
         # otherwise the round runs again from ckpt-k (rounds are deterministic: the same result).
-        if store.is_complete_checkpoint(checkpoint_key(k + 1)) and (round_dir / "update.json").exists():
+        if store.is_complete_checkpoint(checkpoint_key(k + 1)) and files.update.exists():
             selection = ("attention_report", "training_report")
-        if round_dir.exists() and any(p.name != "terminal.log" for p in round_dir.iterdir()):
-            training.round_log(store, key)(f"resuming {key} after an interruption: {', '.join(selection)}")
+            _require_eval_check(run_config, store, checkpoint_key(k + 1))
+        assets = ", ".join(selection or ROUND_ASSETS)
+        if files.dir.exists() and any(p != files.log for p in files.dir.iterdir()):
+            training.round_log(store, key)(f"resuming {key} after an interruption: {assets}")
+        if selection is None:
+            # Stop before the round, never halfway through writing its checkpoint.
+            retention.check_disk_space(store, key, run_config)
         round_start = time.perf_counter()
-        echo(f"[round {k + 1}/{rounds}] {key}: {', '.join(selection)}")
+        echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
         faults.point("before_round")
-        materialize(selection, tconfig, partition_key=key, instance=instance, tags=tags)
-        metrics = store_io.read_json(round_dir / "metrics.json")
+        materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
+        metrics = store_io.read_json(files.metrics)
+        progress.finish_all()
         echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
              f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
              f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
              f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
              f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
-    _send_pending(store, echo)
-    return home
+
+
+def _require_eval_check(config: DapoConfig, store, key: str) -> None:
+    """Refuse to finish a round whose checkpoint failed the blocking eval check (asked again with today's
+    `max_eval_drop`, so `--set max_eval_drop=...` accepts it)."""
+    from pipelines.checks import EvalDropError, blocked_message, eval_drop_finding
+
+    finding = eval_drop_finding(config, store, key)
+    if finding is not None and not finding.passed:
+        raise EvalDropError(f"policy_update: {blocked_message(finding)}")
 
 
 def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
@@ -210,30 +396,12 @@ def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
             echo(f"marked Dagster run {run.run_id[:8]} of an interrupted `make run` as failed")
 
 
-def _send_pending(store, echo) -> None:
-    """A last attempt for rounds journaled while MLflow was unreachable; say so if some stay pending."""
-    import warnings
-
-    from dapo_ops.tracking import Tracker, redact_uri, resolve_tracking_uri
-
-    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
-                      data_root=store.root)
-    if not tracker.journal_path.exists() or not tracker.pending():
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tracker.sync()
-    left = tracker.pending()
-    if left:
-        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: {len(left)} round(s) wait in "
-             f"{tracker.journal_path}; the next round or `make sync-mlflow` sends them, each metric once.")
-
-
 def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
     import dagster as dg
 
+    from dapo_ops import retention
     from dapo_ops.store import RunStore, read_json
-    from pipelines.config import REANALYSIS_ASSETS, TrainingConfig
+    from pipelines.config import TrainingConfig
 
     root = root or data_root()
     prepare_instance(root)
@@ -241,27 +409,60 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     if not store.config_path.exists():
         raise SystemExit(f"no run {run_name!r} under {root / 'runs'}; pass RUN_NAME=<an existing run>")
     values = read_json(store.config_path)
+    store.require_checkpoint(checkpoint)
+    retention.require_weights(store, checkpoint)  # a pruned checkpoint: say so before Dagster starts
     if mdi_tolerance is not None:
         values["mdi_tolerance"] = mdi_tolerance
     config = TrainingConfig(**values, reanalysis=True)
     instance = dg.DagsterInstance.get()
-    materialize(REANALYSIS_ASSETS, config, partition_key=checkpoint, instance=instance,
+    materialize(REANALYSIS_JOB, config, partition_key=checkpoint, instance=instance,
                 tags={"dapo/run_name": run_name, "dapo/reanalysis": "true"})
     print(f"re-analysed {checkpoint} of {run_name}: {store.reports_dir(checkpoint) / 'attention_diagnostics.md'}")
+
+
+def export(run_name: str, checkpoint: str, *, merge: bool, out: Path | None, root: Path | None = None) -> int:
+    """`make export`: checkpoint -> a directory `AutoModelForImageTextToText.from_pretrained` loads."""
+    from dapo_ops import export as export_ops
+    from dapo_ops.retention import PrunedCheckpointError
+    from dapo_ops.store import RunStore
+
+    store = RunStore(root or data_root(), run_name)
+    target = out or export_ops.default_out(store, checkpoint, merge=merge)
+    try:
+        written = export_ops.export_checkpoint(store, checkpoint, target, merge=merge)
+    except (FileNotFoundError, PrunedCheckpointError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint} of {run_name}{' (LoRA merged)' if merge else ''}: {written}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train ROUNDS rounds on the embedded default or DATASET/MODEL")
-    run.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
-    run.add_argument("--dataset", default=EMBEDDED)
-    run.add_argument("--model", default=EMBEDDED)
-    run.add_argument("--num-processes", type=int, default=1)
+    run.add_argument("--config", type=Path, default=None, metavar="FILE",
+                     help="a run config YAML of DapoConfig fields (configs/runs/*.yaml)")
+    run.add_argument("--rounds", type=int, default=None, help=f"max_rounds (default {DEFAULT_ROUNDS})")
+    run.add_argument("--run-name", default=os.environ.get("RUN_NAME") or None)
+    run.add_argument("--dataset", default=None, help=f"dataset (default {EMBEDDED})")
+    run.add_argument("--model", default=None, help=f"model_name_or_path (default {EMBEDDED})")
+    run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--quiet", action="store_true", help="only one line per round")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4")
+                     help="override any DapoConfig field, e.g. --set learning_rate=1e-4 (after --config)")
+    plan = sub.add_parser("plan", help="estimate peak accelerator memory per process before the first round")
+    plan.add_argument("--config", type=Path, default=None, metavar="FILE")
+    plan.add_argument("--model", default=None, help="a model directory (its config.json is enough)")
+    plan.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB")
+    launchpad = sub.add_parser("launchpad-config", help="print a run config file as Dagster launchpad YAML")
+    launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
+    export = sub.add_parser("export", help="write a checkpoint as a standalone transformers model directory")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
+    export.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights")
+    export.add_argument("--out", type=Path, default=None, help="default: <run>/export/<checkpoint>[-merged]")
     re = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
     re.add_argument("--checkpoint", required=True)
     re.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
@@ -276,25 +477,50 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-instance":
         print(prepare_instance())
         return 0
-    if args.command == "run":
-        overrides = dict(_parse_override(item) for item in args.set)
+    if args.command == "plan":
+        return memory_plan_command(args)
+    if args.command == "launchpad-config":
+        from dapo_ops.runconfig import RunConfigError, launchpad_yaml
+
         try:
-            config = DapoConfig(run_name=args.run_name, dataset=args.dataset, model_name_or_path=args.model,
-                                num_processes=args.num_processes, max_rounds=args.rounds, **overrides)
+            print(launchpad_yaml(args.config), end="")
+        except RunConfigError as error:
+            print(error, file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "run":
+        try:
+            config = run_config_from_args(args)
         except (ValueError, TypeError) as error:
             print(error, file=sys.stderr)
             return 2
         try:
-            run_training(config, args.rounds, live=not args.quiet)
+            run_training(config, config.max_rounds, live=not args.quiet)
+        except KeyboardInterrupt as error:
+            print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
+                  file=sys.stderr)
+            return 128 + getattr(error, "signum", signal.SIGINT)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
             from dapo_ops.store import RunLockedError
+            from pipelines.checks import EvalDropError
 
+            if isinstance(error, EvalDropError):
+                print(f"\nmake run stopped: {error}", file=sys.stderr)
+                return 4
             print(f"\nmake run failed: {error}", file=sys.stderr)
             return 3 if isinstance(error, RunLockedError) else 1
         return 0
     if args.command == "reanalyze":
-        reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        from dapo_ops.retention import PrunedCheckpointError
+
+        try:
+            reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+        except PrunedCheckpointError as error:
+            print(error, file=sys.stderr)
+            return 2
         return 0
+    if args.command == "export":
+        return export(args.run_name, args.checkpoint, merge=args.merge, out=args.out)
     if args.command == "sync-mlflow":
         return sync_mlflow(args.run_name)
     if args.command == "mlflow-ui":
@@ -302,45 +528,66 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _parse_override(item: str) -> tuple[str, object]:
-    import dataclasses
-    import json
+def memory_plan_command(args: argparse.Namespace) -> int:
+    """`make plan`: the memory estimate of a run config (paths need only hold a config.json)."""
+    from dapo_ops import memory_plan
+    from dapo_ops.runconfig import RunConfigError, coerce, read_yaml
 
-    name, _, raw = item.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(DapoConfig)}
-    if name not in fields:
-        raise SystemExit(f"--set {item}: unknown field {name!r}; fields: {', '.join(sorted(fields))}")
-    default = getattr(DapoConfig(), name)
-    if isinstance(default, bool):
-        return name, raw.lower() in ("1", "true", "yes")
-    if isinstance(default, int | float):
-        return name, type(default)(raw)
-    if isinstance(default, list):
-        return name, json.loads(raw)
-    return name, raw
+    values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
+    model = args.model or values.get("model_name_or_path", EMBEDDED)
+    values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
+    try:
+        from dapo_ops.runconfig import load_run_config
+
+        config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
+        plan = memory_plan.estimate(model, config)
+    except (RunConfigError, FileNotFoundError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(memory_plan.render(plan, config, args.gpu_memory))
+    return 0 if args.gpu_memory is None or plan.peak <= args.gpu_memory * memory_plan.GIB else 1
+
+
+def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
+    """Defaults < --config FILE < the explicit flags (--run-name, --dataset, --model, --num-processes,
+    --rounds: what `make run RUN_NAME=... ROUNDS=...` passes) < --set overrides; raises `RunConfigError`
+    naming the key and the file."""
+    from dapo_ops.runconfig import load_run_config
+
+    flags = {"run_name": args.run_name, "dataset": args.dataset, "model_name_or_path": args.model,
+             "num_processes": args.num_processes, "max_rounds": args.rounds}
+    return load_run_config(args.config, args.set, flags={k: v for k, v in flags.items() if v is not None})
 
 
 def sync_mlflow(run_name: str | None) -> int:
-    from dapo_ops.tracking import Tracker, default_tracking_uri
+    """Send every run's journaled rounds and run status; 1 when something could not be sent (MLflow
+    unreachable: it stays journaled), 2 when `run_name` has no run directory, else 0."""
+    from dapo_ops.tracking import Tracker, redact_uri
 
     root = data_root()
+    if run_name and not (root / "runs" / run_name).is_dir():
+        print(f"no run {run_name!r} under {root / 'runs'}", file=sys.stderr)
+        return 2
     runs = [root / "runs" / run_name] if run_name else sorted((root / "runs").glob("*"))
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-    total = 0
+    uri = resolve_tracking_uri(root)
+    unsent: list[str] = []
     for run_dir in runs:
         if run_dir.is_dir():
-            sent = Tracker(run_dir, run_dir.name, tracking_uri=uri, data_root=root).sync()
-            print(f"{run_dir.name}: sent {sent} journaled round(s) to {uri}")
-            total += sent
-    return 0
+            tracker = Tracker(run_dir, run_dir.name, tracking_uri=uri, data_root=root)
+            sent = tracker.sync()
+            print(f"{run_dir.name}: sent {sent} journaled round(s) to {redact_uri(uri)}")
+            left = tracker.pending()
+            if left or tracker.last_error is not None:
+                unsent.append(run_dir.name)
+                print(f"{run_dir.name}: NOT sent: {len(left)} round(s) stay in {tracker.journal_path}"
+                      f"{'' if left else ' (and the run status)'}: {tracker.last_error}", file=sys.stderr)
+    return 1 if unsent else 0
 
 
 def mlflow_ui(port: int) -> int:
-    from dapo_ops.tracking import default_tracking_uri
-
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    uri = resolve_tracking_uri(root)
     artifacts = root / "mlartifacts"
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--default-artifact-root", str(artifacts), "--host", "127.0.0.1", "--port", str(port)])

@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             return NON_FINITE_EXIT
         if pipes is not None:
             pipes.report_asset_materialization(metadata={
-                "num_processes": int(record["num_processes"]),
-                "update_seconds": float(record["seconds"]["update"]),
-                "next_checkpoint": record["state"]["checkpoint"],
-                "loss": float(record["summary"]["loss"]),
-                "eval_accuracy": float(record["eval"]["eval/accuracy"]),
+                "num_processes": record.num_processes,
+                "update_seconds": float((record.seconds or {})["update"]),
+                "next_checkpoint": record.next_checkpoint,
+                **({"loss": record.loss} if record.steps else {}),  # absent: no optimizer step, nothing measured
+                "eval_accuracy": record.eval_accuracy,
             })
     return 0
 

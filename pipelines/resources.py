@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,14 @@ class PolicyCache:
         return (str(store.root), store.run_name, checkpoint)
 
     def get(self, store: RunStore, checkpoint: str, config: DapoConfig):
-        from dapo_ops import models, training
+        from dapo_ops.checkpoint_policy import load_checkpoint_policy
 
         with self._lock:
             key = self._key(store, checkpoint)
             if self._entry is not None and self._entry[0] == key:
                 return self._entry[1]
-            policy = models.load_policy(training.resolve_model_dir(store, checkpoint),
-                                        device=config.device, torch_dtype=config.torch_dtype)
+            # The base model + adapter of a LoRA checkpoint; a pruned checkpoint is refused, saying so.
+            policy = load_checkpoint_policy(store, checkpoint, config)
             self._entry = (key, policy, None)
             return policy
 
@@ -74,11 +73,13 @@ class MlflowResource(dg.ConfigurableResource):
 
     tracking_uri: str = ""
     experiment_name: str = "dapo-vlm"
+    # The MLflow UI that materializations link to; default: the tracking server, or `make mlflow-ui`'s address.
+    ui_url: str = ""
 
     def uri(self, root: Path) -> str:
-        from dapo_ops.tracking import default_tracking_uri
+        from dapo_ops.tracking import resolve_tracking_uri
 
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+        return resolve_tracking_uri(root, self.tracking_uri or None)
 
     def tracker(self, store: RunStore):
         from dapo_ops.tracking import Tracker

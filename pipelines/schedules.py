@@ -5,7 +5,7 @@ import os
 
 import dagster as dg
 
-from pipelines.config import ROUND_ASSETS, TrainingConfig, run_config_for
+from pipelines.config import TrainingConfig, run_config_for
 from pipelines.jobs import training_round_job
 from pipelines.resources import RunStoreResource
 
@@ -33,7 +33,7 @@ def retrain_request(run_store: RunStoreResource, *, run_name: str | None, rounds
     return dg.RunRequest(
         run_key=f"retrain:{name}:{latest}:{tick}",
         partition_key=latest,
-        run_config=run_config_for(ROUND_ASSETS, config),
+        run_config=run_config_for(config),
         tags={"dapo/run_name": name, "dapo/trigger": "retrain"},
     )
 

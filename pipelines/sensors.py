@@ -1,10 +1,19 @@
-"""Continue training: when `policy_update[k]` registers ckpt-(k+1), launch round k+1 until `max_rounds`."""
+"""Continue training: when `policy_update[k]` registers ckpt-(k+1), launch round k+1 until `max_rounds`.
+
+Why a sensor and not declarative automation (`AutomationCondition`): round k+1 is partition ckpt-(k+1) of
+the same assets, and its input is `policy_update[ckpt-k]`, i.e. the asset's own previous partition. Dagster
+models such self-dependencies only through time-window partition mappings; for dynamic partitions there is
+no mapping from ckpt-(k+1) to ckpt-k, so no automation condition can see that round k+1 became ready. The
+stop conditions (`max_rounds`, the blocking eval check) are run state, not partition state, too. An
+`asset_sensor` on `policy_update` is Dagster's built-in way to react to one asset's materializations.
+"""
 
 
 import dagster as dg
 
 from dapo_ops.store import checkpoint_index
-from pipelines.config import ROUND_ASSETS, TrainingConfig, run_config_for
+from pipelines.checks import blocked_message, eval_drop_finding
+from pipelines.config import TrainingConfig, run_config_for
 from pipelines.jobs import training_round_job
 from pipelines.resources import RunStoreResource
 
@@ -20,10 +29,13 @@ def next_round_request(run_name: str, next_key: str, store_root: RunStoreResourc
         return dg.SkipReason(f"run {run_name!r} reached max_rounds={config.max_rounds} at {next_key}")
     if not store.is_complete_checkpoint(next_key):
         return dg.SkipReason(f"{next_key} of run {run_name!r} is not complete")
+    finding = eval_drop_finding(config.to_dapo(), store, next_key)
+    if finding is not None and not finding.passed:
+        return dg.SkipReason(f"run {run_name!r} stops at {next_key}: {blocked_message(finding)}")
     return dg.RunRequest(
         run_key=f"{run_name}:{next_key}",
         partition_key=next_key,
-        run_config=run_config_for(ROUND_ASSETS, config),
+        run_config=run_config_for(config),
         tags={"dapo/run_name": run_name},
     )
 

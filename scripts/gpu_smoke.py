@@ -4,9 +4,9 @@ benchmark at long context. Prints rounds/s, tokens/s and peak GPU memory; writes
     scripts/gpu_smoke.sh                         # what to run whenever a GPU is available
     python scripts/gpu_smoke.py --allow-cpu --shape tiny --prompts 4 --generations 4   # CPU dry run of the code
 
-Each round runs the library's phases in this process, exactly as `policy_update` and its upstream assets
-do (rollouts with KV cache → one teacher-forced pass with the lean attention metrics → rewards → the update
-→ eval + atomic checkpoint), without Dagster or MLflow, so the figures are the model work alone.
+Each round is `dapo_ops.round.run_round`, the round the Dagster assets run, in this process (rollouts with
+KV cache → one teacher-forced pass with the lean attention metrics → rewards + health → the update → eval +
+atomic checkpoint → reports), without Dagster or MLflow, so the figures are the round's work alone.
 
 Exit codes: 0 measured, or skipped because no GPU is present (the message starts with "SKIPPED");
 3 no GPU while --require-gpu (or REQUIRE_GPU=1) was asked for; 1 any failure.
@@ -83,6 +83,7 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
     import torch
 
     from dapo_ops import models, synthetic, training
+    from dapo_ops import round as dapo_round
     from dapo_ops.config import DapoConfig
     from dapo_ops.store import RunStore, checkpoint_key, read_json
 
@@ -119,32 +120,32 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = clock.now()
-        training.generate_round_rollouts(config, store, key, policy, log)
-        generated = clock.now()
-        training.compute_attention(config, store, key, policy, log)
-        scored = clock.now()
-        training.compute_rewards(config, store, key, log)
         if optimizer is None:
             optimizer = training.load_optimizer(store, key, policy, config)
-        updating = clock.now()
-        record = training.run_update(config, store, key, policy, optimizer, log)
+        # The round Dagster runs (dapo_ops.round), timed per phase with a clock that synchronises CUDA.
+        result = dapo_round.run_round(config, store, key, policy, optimizer, log, clock=clock.now)
         end = clock.now()
-        sampled = read_json(store.round_dir(key) / "rollouts.json")
-        round_tokens = int(record["round_tokens"])
+        record = result.record
+        generated = start + result.seconds["rollouts"]
+        scored = generated + result.seconds["attention_metrics"]
+        updating = scored + result.seconds["rewards"]
+        end_update = updating + result.seconds["policy_update"]
+        sampled = read_json(store.round(key).rollouts_json)
+        round_tokens = record.round_tokens
         row = {
             "round": k,
             "seconds": end - start,
             "generation_seconds": generated - start,
             "teacher_forced_seconds": scored - generated,
-            "update_seconds": end - updating,
+            "update_seconds": end_update - updating,
             "completion_tokens": int(sampled["completion_tokens"]),
             "round_tokens": round_tokens,
             "generation_tokens_per_second": int(sampled["completion_tokens"]) / max(generated - start, 1e-9),
             "tokens_per_second": round_tokens / max(end - start, 1e-9),
-            "update_tokens_per_second": round_tokens * config.num_iterations / max(end - updating, 1e-9),
+            "update_tokens_per_second": round_tokens * config.num_iterations / max(end_update - updating, 1e-9),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None,
-            "loss": record["summary"]["loss"],
-            "eval_accuracy": record["eval"]["eval/accuracy"],
+            "loss": record.loss if record.steps else None,  # None: the round made no optimizer step
+            "eval_accuracy": record.eval_accuracy,
         }
         rounds.append(row)
         memory = f"{row['peak_memory_gib']:.2f} GiB" if row["peak_memory_gib"] is not None else "n/a (CPU)"
@@ -209,11 +210,11 @@ def inline_attention_timing(args: argparse.Namespace, device: str, lengths: list
         tc = 256
         ids = torch.randint(len(models.SPECIAL_TOKENS), len(policy.tokenizer), (1, tc))
         batch = RolloutBatch(
-            prompt_ids=prompt.input_ids, prompt_mask=prompt.attention_mask, pixel_values=prompt.pixel_values,
-            image_grid_thw=prompt.image_grid_thw, completion_ids=ids, completion_mask=torch.ones(1, tc, dtype=torch.long),
+            prompt_ids=prompt.input_ids, prompt_mask=prompt.attention_mask, vision=prompt.vision,
+            completion_ids=ids, completion_mask=torch.ones(1, tc, dtype=torch.long),
             completion_lengths=torch.tensor([tc]), is_eos=torch.tensor([False]), completions=[""],
             prompt_index=torch.tensor([0]), num_generations=1, prompt_vision_mask=prompt.vision_mask,
-            prompt_text_mask=prompt.text_mask,
+            prompt_text_mask=prompt.text_mask, prompt_token_inputs=dict(prompt.token_inputs),
         ).to(device)
         times: dict[str, list[float]] = {"plain": [], "lean": []}
         peaks: dict[str, float] = {}

@@ -62,10 +62,11 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun
     """Two rounds of the embedded default, small, through `pipelines.cli.run_training` (real Dagster
     instance on SQLite, real MLflow SQLite store)."""
     from dapo_ops.config import DapoConfig
+    from dapo_ops.tracking import default_tracking_uri
     from pipelines.cli import run_training
 
     root = tmp_path_factory.mktemp("data_root")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = default_tracking_uri(root)
     previous = _set_env({"DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
                          "MLFLOW_TRACKING_URI": uri})
     try:

@@ -13,7 +13,9 @@ from dapo_ops.advantages import (
     dynamic_sampling_keep_mask,
     group_advantages,
     group_reward_std,
+    normalize_then_sum,
     overlong_penalty,
+    truncated_completions_mask,
     zero_std_groups,
 )
 
@@ -105,3 +107,59 @@ def test_overlong_penalty_matches_trl() -> None:
 
 def test_overlong_penalty_without_buffer_only_punishes_beyond_the_limit() -> None:
     assert overlong_penalty(torch.tensor([5, 16, 17]), 16, 0).tolist() == [0.0, 0.0, -1.0]
+
+
+# --- normalize_then_sum (GDPO) and mask_truncated_completions --------------------------------------------------
+
+
+def test_normalize_then_sum_hand_computed() -> None:
+    # columns (accuracy, format); group 1 trades accuracy 3 for format 1, group 2 differs only in format
+    rewards = torch.tensor([[3.0, 0.0], [0.0, 1.0], [3.0, 1.0], [3.0, 0.0]], dtype=torch.float64)
+    acc = 1.5 / (math.sqrt(4.5) + 1e-4)  # group 1 accuracy: mean 1.5, unbiased std sqrt(4.5)
+    fmt = 0.5 / (math.sqrt(0.5) + 1e-4)  # format in either group: mean 0.5, unbiased std sqrt(0.5)
+    summed = [acc - fmt, -acc + fmt, fmt, -fmt]  # group 2's constant accuracy normalizes to 0
+    batch_std = math.sqrt(sum(v * v for v in summed) / 3)  # the sums have batch mean 0
+    expected = torch.tensor([v / (batch_std + 1e-4) for v in summed], dtype=torch.float64)
+    torch.testing.assert_close(normalize_then_sum(rewards, [1.0, 1.0], 2), expected)
+
+
+def test_normalize_then_sum_does_not_let_a_reward_on_a_larger_scale_dominate() -> None:
+    # the accuracy column on {0, 3} or on {0, 1} gives the same advantages (up to the 1e-4 epsilon)
+    accuracy = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    fmt = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    small = normalize_then_sum(torch.stack([accuracy, fmt], 1), [1.0, 1.0], 3)
+    large = normalize_then_sum(torch.stack([3 * accuracy, fmt], 1), [1.0, 1.0], 3)
+    torch.testing.assert_close(large, small, atol=1e-3, rtol=0)
+    # whereas summing first lets the accuracy decide alone in group 1 (3 + 0 vs 0 + 1)
+    summed_first = group_advantages(3 * accuracy + fmt, 3)
+    assert summed_first[0] > 0 > summed_first[1] and abs(large[0]) < abs(summed_first[0])
+
+
+def test_normalize_then_sum_weights_the_normalized_columns() -> None:
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    # both columns normalize to ±1/(√0.5·√2 + …) ≈ ±0.7071; weights 3 and 1 leave sums +2·0.7071 and −2·0.7071
+    advantages = normalize_then_sum(rewards, [3.0, 1.0], 2)
+    assert advantages[0].item() == pytest.approx(-advantages[1].item())
+    assert advantages[0].item() == pytest.approx(1 / math.sqrt(2), rel=1e-3)  # batch-normalized: std of ±x is x√2
+
+
+def test_normalize_then_sum_gives_unscorable_rows_zero_and_leaves_them_out() -> None:
+    nan = float("nan")
+    rewards = torch.tensor([[1.0], [0.0], [nan], [1.0]], dtype=torch.float64)
+    advantages = normalize_then_sum(rewards, [1.0], 2)
+    assert advantages[2].item() == 0.0
+    # group 2 holds one defined reward: its std is undefined, so its scorable row sums to 0
+    assert advantages[0].item() == pytest.approx(-advantages[1].item())
+
+
+def test_normalize_then_sum_refuses_mismatched_weights() -> None:
+    with pytest.raises(ValueError, match="2 reward weights for 3 reward columns"):
+        normalize_then_sum(torch.zeros(4, 3), [1.0, 1.0], 2)
+
+
+def test_truncated_completions_leave_the_loss_mask() -> None:
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    is_eos = torch.tensor([True, False, True])
+    assert torch.equal(truncated_completions_mask(mask, is_eos), torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]]))
+    with pytest.raises(ValueError, match="one flag per row"):
+        truncated_completions_mask(mask, is_eos[:2])

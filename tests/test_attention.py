@@ -615,3 +615,28 @@ def test_the_real_rollout_batch_gives_the_same_pass(model) -> None:
     expected, actual = teacher_forced_pass(model, r), teacher_forced_pass(model, real, batch_size=2)
     for name in ("per_token_logps", "entropy", "vision_mass", "text_mass"):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_forced_outputs_become_the_attention_table_one_row_per_rollout(model) -> None:
+    """`training.attention_table`, the attention phase's pure core: per-stage metrics of each rollout,
+    its token counts and its mean completion entropy, with the tolerance they were computed at."""
+    from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
+    from dapo_ops.training import attention_table
+
+    rollouts = make_rollouts(PADDED)
+    rollouts.prompt_index = torch.tensor([0, 0, 1, 1])  # group-major, G = 2
+    outputs = teacher_forced_pass(model, rollouts)
+    table = attention_table(outputs, rollouts, tolerance=3.0)
+    expected = rollout_attention_metrics(outputs, rollouts, tolerance=3.0)
+    assert table.height == len(PADDED) and table["prompt_index"].to_list() == [0, 0, 1, 1]
+    for stage in STAGES:
+        for name in ATTENTION_NAMES:
+            assert table[f"attn/{stage}/{name}"].to_list() == pytest.approx(
+                [float(m[stage][name]) for m in expected], nan_ok=True), (stage, name)
+    mask = rollouts.completion_mask.float()
+    entropy = (outputs.entropy * mask).sum(1) / mask.sum(1)
+    assert table["entropy"].to_list() == pytest.approx(entropy.tolist())
+    assert table["completion_tokens"].to_list() == [c for _, _, c in PADDED]
+    assert table["vision_tokens"].to_list() == rollouts.vision_mask.sum(1).tolist()
+    assert table["total_tokens"].to_list() == (rollouts.prompt_mask.sum(1) + rollouts.completion_mask.sum(1)).tolist()
+    assert set(table["mdi_tolerance"].to_list()) == {3.0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dapo_ops import shared_prefix
 from dapo_ops.attention import _model_inputs, masses_from_attention_weights, teacher_forced_pass
 from dapo_ops.inputs import PromptBatch, encode_prompts
 from dapo_ops.models import Policy, load_policy, save_policy
@@ -92,6 +94,38 @@ def test_greedy_rollouts_are_the_teacher_forced_argmax(family: tuple[str, Policy
     scores[..., policy.suppressed_token_ids] = -math.inf
     mask = rollouts.completion_mask.bool()
     assert torch.equal(scores.argmax(-1)[mask], rollouts.completion_ids[mask])
+
+
+# Whether the family's prompt cache can serve all G completions of a prompt: Gemma 3's sliding-window layers
+# keep only a window of keys, so it takes the unshared forward.
+SHARES_PROMPTS = {name: name != "gemma3" for name in FAMILIES}
+
+
+def test_the_shared_prefix_forward_equals_the_unshared_one(
+    family: tuple[str, Policy], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each prompt computed once for its rollouts (left-padded prompts of different lengths), or the logged
+    fallback where the family cannot share."""
+    name, policy = family
+    monkeypatch.setattr(shared_prefix, "_UNSUPPORTED", {})  # decided once per process: decide it here
+    rollouts = generate_rollouts(policy, _prompts(policy), num_generations=3, max_completion_length=6, seed=0)
+    assert bool((rollouts.prompt_mask == 0).any())
+    forwards: list[int] = []
+    hook = policy.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        with caplog.at_level(logging.WARNING, logger="dapo_ops.shared_prefix"):
+            shared = teacher_forced_pass(policy, rollouts, shared_prefix=True)
+    finally:
+        hook.remove()
+    unshared = teacher_forced_pass(policy, rollouts, shared_prefix=False)
+    if SHARES_PROMPTS[name]:
+        assert len(forwards) == 2 and "cannot share prompts" not in caplog.text  # the prompts, then the completions
+    else:
+        assert len(forwards) == 1 and "cannot share prompts" in caplog.text and "sliding-window" in caplog.text
+    torch.testing.assert_close(shared.per_token_logps, unshared.per_token_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.entropy, unshared.entropy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.vision_mass, unshared.vision_mass, atol=1e-6, rtol=0)
+    torch.testing.assert_close(shared.text_mass, unshared.text_mass, atol=1e-6, rtol=0)
 
 
 class _Wrapper(torch.nn.Module):
@@ -192,7 +226,7 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
     from conftest import SMALL_RUN
 
     from dapo_ops.config import DapoConfig
-    from dapo_ops.reports import METRIC_NAMES_44
+    from dapo_ops.reports import ROUND_METRIC_NAMES
     from dapo_ops.tiny_families import save_tiny_family
     from pipelines.cli import reanalyze, run_training
 
@@ -207,7 +241,7 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
     client, training = _mlflow_training_run(uri, config.run_name)
     assert len(training) == 1
     run_id = training[0].info.run_id
-    for metric in METRIC_NAMES_44:
+    for metric in ROUND_METRIC_NAMES:
         history = client.get_metric_history(run_id, metric)
         assert len(history) == 2 and all(math.isfinite(m.value) for m in history), metric
     for stage in ("early", "middle", "late", "all"):

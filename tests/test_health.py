@@ -16,10 +16,11 @@ HEALTHY = {
     "grad_norm": 0.5,
     "reward": 2.0,
 }
+WEIGHTS = {"mc_idx_reward": 3.0, "think_format_reward": 1.0, "mdi_reward": 1.0}
 
 
 def test_a_healthy_round_passes_every_check():
-    findings = health.reward_findings(HEALTHY, mdi_weight=1.0) + health.update_findings(HEALTHY, start_entropy=1.0)
+    findings = health.reward_findings(HEALTHY, weights=WEIGHTS) + health.update_findings(HEALTHY, start_entropy=1.0)
     assert all(f.passed for f in findings), [f.message for f in findings if not f.passed]
 
 
@@ -54,3 +55,11 @@ def test_saturated_attention_reward_is_flagged_only_when_it_is_weighted():
 def test_non_finite_loss_is_an_error():
     finding = health.non_finite({**HEALTHY, "loss": math.nan})
     assert not finding.passed and finding.severity == "ERROR" and "loss=nan" in finding.message
+
+
+def test_checks_of_rewards_that_are_not_configured_pass():
+    collapsed = {**HEALTHY, "rewards/think_format_reward/mean": 0.0, "rewards/mdi_reward/std": 0.0}
+    findings = {f.name: f for f in health.reward_findings(collapsed, weights=WEIGHTS)}
+    assert not findings["format_collapse"].passed and not findings["attention_reward_no_variance"].passed
+    findings = {f.name: f for f in health.reward_findings(collapsed, weights={"mc_idx_reward": 1.0})}
+    assert findings["format_collapse"].passed and findings["attention_reward_no_variance"].passed

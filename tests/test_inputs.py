@@ -13,7 +13,6 @@ from dapo_ops.inputs import (
     PromptBatch,
     build_messages,
     encode_prompts,
-    encode_rows,
     format_choices,
     key_masks,
     select_pixel_values,
@@ -163,11 +162,7 @@ def test_images_may_be_png_bytes_or_hf_structs(policy: Policy) -> None:
     Image.new("RGB", (56, 56), (0, 0, 255)).save(buffer, format="PNG")
     png = buffer.getvalue()
     assert to_pil(png).getpixel((0, 0)) == (0, 0, 255)
-    rows = [
-        {"question": "What color?", "choices": COLORS, "image": png},
-        {"question": "What color?", "choices": COLORS, "image": {"bytes": png, "path": None}},
-    ]
-    encoded = encode_rows(policy, rows)
+    encoded = encode_prompts(policy, ["What color?"] * 2, [COLORS] * 2, [png, {"bytes": png, "path": None}])
     assert torch.equal(encoded.pixel_values[:16], encoded.pixel_values[16:])
 
 

@@ -101,3 +101,81 @@ def test_group_log_distance_shaping_keeps_a_signal_on_the_same_rollouts():
     shaped = torch.tensor(values).view(-1, group)
     best = mdi.log().abs().argmin(dim=1)
     assert bool((shaped.gather(1, best[:, None]) > 0).all())
+
+
+def test_group_zscore_hand_values():
+    # d = |ln mdi| = (ln 2, 2 ln 2): mean 1.5 ln 2, population std 0.5 ln 2 -> z = (+1, -1).
+    values = rewards.mdi_reward(["x"] * 2, mdi=[2.0, 4.0], mdi_shaping="group_zscore", num_generations=2)
+    assert values == pytest.approx([1.0, -1.0])
+
+
+def test_group_zscore_does_not_amplify_near_equal_distances():
+    # A 0.01 % MDI difference is below the floor spread (0.05 ln R), so it stays a tiny reward, not +-1.
+    values = rewards.mdi_reward(["x"] * 2, mdi=[0.5, 0.50005], mdi_shaping="group_zscore", num_generations=2)
+    assert max(abs(v) for v in values) < 0.01
+
+
+def test_group_zscore_gives_attention_a_spread_comparable_to_accuracy_on_recorded_rollouts():
+    """group_log_distance divides by ln R / 2, far wider than a group's spread of |ln MDI|, so its within-group
+    std is ~0.1 beside 3 x accuracy's ~1; the z-score makes it several times larger."""
+    table = _saturated_groups(_recorded(), 8)
+    mdi = table["mdi"].to_list()
+
+    def within_group_std(shaping: str) -> float:
+        values = rewards.mdi_reward(mdi, mdi=mdi, mdi_shaping=shaping, num_generations=8)
+        return float(torch.tensor(values).view(-1, 8).std(dim=1).mean())
+
+    assert within_group_std("group_log_distance") < 0.15
+    assert within_group_std("group_zscore") > 3 * within_group_std("group_log_distance")
+
+
+def _curves(seed: int, eval_accuracy: list[float], all_mdi: list[float]) -> dict:
+    stages = [{"early": 0.1, "middle": 0.2, "late": 0.3, "all": m} for m in all_mdi]
+    return {"seed": seed, "eval_accuracy": eval_accuracy, "train_accuracy": eval_accuracy[:-1], "abs_log_mdi": stages}
+
+
+def test_ablation_summary_is_the_last_round_ratio_and_delta_of_seed_means(tmp_path):
+    import json
+
+    from benchmarks import ablation
+
+    off = {"off": [_curves(0, [0.2, 0.8], [0.9, 1.0]), _curves(1, [0.4, 0.9], [0.7, 0.6])]}
+    shaped = {"group_zscore": [_curves(0, [0.2, 0.9], [0.9, 0.5]), _curves(1, [0.4, 0.9], [0.7, 0.6])]}
+    paths = []
+    for i, runs in enumerate((off, shaped)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(ablation.assemble(runs, 1, "group_zscore", 1.0)))
+    result = ablation.merge(paths, "group_zscore")
+    assert result["summary"]["mdi_log_ratio_vs_off"] == pytest.approx(0.55 / 0.8)
+    assert result["summary"]["eval_accuracy_delta_vs_off"] == pytest.approx(0.9 - 0.85)
+    assert result["rows"]["off"]["abs_log_mdi/all"][1] == pytest.approx((0.8, torch.tensor([1.0, 0.6]).std().item()))
+    ablation.write_outputs(result, tmp_path / "out")
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| group_zscore | 0,1 | 1 | 0.900 ± 0.000 |" in table
+    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["summary"] == result["summary"]
+    assert (tmp_path / "out" / "ablation.png").stat().st_size > 0
+
+
+def test_ablation_rows_are_off_then_one_per_shaping():
+    from benchmarks import ablation
+    from dapo_ops.config import MDI_SHAPINGS
+
+    rows = ablation.default_rows()
+    assert [r.name for r in rows] == ["off", *MDI_SHAPINGS]
+    assert rows[0].overrides["reward_weights"][-1] == 0.0 and rows[0].overrides["reward_weights"][0] > 0
+
+
+def test_a_warm_start_target_answering_with_the_choice_text_is_scored_as_that_choice():
+    from dapo_ops import warmstart
+
+    row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 1, "rationales": ["It barks."]}
+    assert warmstart.target_completion(row, "choice") == "<think>It barks.</think> Answer: dog"
+    wrong = warmstart.format_target(row, 2, "choice")
+    assert rewards.mc_idx_reward([warmstart.target_completion(row, "choice"), wrong], correct_choice_idx=[1, 1],
+                                 choices=[row["choices"]] * 2) == [1.0, 0.0]
+
+
+def test_the_warm_start_mode_is_a_validated_config_field():
+    assert DapoConfig(warmup_target="format", warmup_answer="choice").warmup_answer == "choice"
+    with pytest.raises(ValueError, match="warmup_answer='word' is unknown"):
+        DapoConfig(warmup_answer="word")

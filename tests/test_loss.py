@@ -69,6 +69,11 @@ def trl_compute_loss_core(
     return loss, metrics
 
 
+# The loss types the transcription above covers; every type is checked against TRL's own code in
+# tests/test_loss_trl.py.
+TRANSCRIBED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
 def random_batch(seed: int, batch: int = 4, width: int = 6, spread: float = 0.4) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     old = -torch.rand(batch, width, generator=generator, dtype=torch.float64) * 3
@@ -152,7 +157,7 @@ def test_unknown_loss_type_is_refused() -> None:
 # --- against TRL ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", TRANSCRIBED_LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("token_advantages", [False, True])
 def test_loss_metrics_and_gradient_match_trl(loss_type: str, beta: float, token_advantages: bool) -> None:
@@ -375,3 +380,80 @@ def test_entropy_and_logps_of_a_temperature_match_scaled_logits() -> None:
     torch.testing.assert_close(
         entropy_from_logits(logits, temperature=0.5), entropy_from_logits(logits / 0.5)
     )
+
+
+# --- objective variants, hand-computed --------------------------------------------------------------------------
+
+
+def test_sequence_level_weight_is_the_geometric_mean_of_the_token_ratios() -> None:
+    # token ratios 1.1 and 1.4 (1.4 alone is outside the trust region); one sequence weight √(1.1·1.4) ≈ 1.241
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    logp = torch.log(torch.tensor([[1.1, 1.4, 9.0]], dtype=torch.float64))
+    mask = torch.tensor([[1, 1, 0]])
+    loss, metrics = policy_loss(logp, old, torch.tensor([1.0]), mask, loss_type="bnpo", epsilon_high=0.28,
+                                importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx(-math.sqrt(1.1 * 1.4))
+    assert metrics["clip_ratio/high_mean"] == 0.0  # the sequence is inside [0.8, 1.28]
+
+
+def test_two_sided_clipping_caps_the_ratio_of_negative_advantages() -> None:
+    logp = torch.log(torch.tensor([[3.0]], dtype=torch.float64))
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    plain, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1))
+    capped, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), delta=1.5)
+    assert plain.item() == pytest.approx(3.0)  # -min(-3, -1.2)
+    assert capped.item() == pytest.approx(1.5)  # -min(-1.5, -1.2)
+
+
+def test_cispo_gradient_is_the_clipped_weight_times_the_advantage() -> None:
+    # ratios 2 and 0.5 with A = 1, weight cap ε_high = 1.5: d loss / d logp = -min(w, 1.5) · A / (Σ m)
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    logp = torch.log(torch.tensor([[2.0, 0.5]], dtype=torch.float64)).requires_grad_(True)
+    loss, metrics = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2), loss_type="cispo",
+                                epsilon_high=1.5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.5 / 2, -0.5 / 2]], dtype=torch.float64))
+    assert metrics["cispo_clip_ratio"] == 0.5
+
+
+def test_sapo_on_policy_is_the_soft_gate_at_ratio_one() -> None:
+    # sigmoid(0) · 4 / τ = 2 / τ: -2A/τ with τ_pos = 1 for A = 1 and τ_neg = 2 for A = -1
+    logp = torch.zeros(2, 1, dtype=torch.float64)
+    loss, _ = policy_loss(logp, logp, torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(2, 1),
+                          loss_type="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=2.0)
+    assert loss.item() == pytest.approx((-2.0 + 1.0) / 2)
+
+
+def test_luspo_weights_each_sequence_by_its_length() -> None:
+    # on policy, A = 1 for a 3-token and a 1-token sequence: mean over sequences of -(length)
+    logp = torch.zeros(2, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, _ = policy_loss(logp, logp, torch.ones(2, dtype=torch.float64), mask, loss_type="luspo",
+                          importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx(-(3 + 1) / 2)
+
+
+def test_top_entropy_quantile_keeps_the_loss_on_high_entropy_tokens() -> None:
+    # advantages per token 1, 2, 3, 4 with entropies 0.1, 0.9, 0.5, 0.7: ρ = 0.5 keeps tokens 2 and 4
+    logp = torch.zeros(1, 4, dtype=torch.float64)
+    entropies = torch.tensor([[0.1, 0.9, 0.5, 0.7]], dtype=torch.float64)
+    advantages = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    loss, _ = policy_loss(logp, logp, advantages, torch.ones(1, 4), entropies=entropies,
+                          top_entropy_quantile=0.5)
+    assert loss.item() == pytest.approx(-(2.0 + 4.0) / 4)  # dapo keeps all tokens in the normalizer
+
+
+def test_entropy_bonus_subtracts_the_mean_entropy_of_the_loss_tokens() -> None:
+    logp = torch.zeros(1, 3, dtype=torch.float64)
+    entropies = torch.tensor([[1.0, 2.0, 100.0]], dtype=torch.float64)
+    loss, _ = policy_loss(logp, logp, torch.zeros(1), torch.tensor([[1, 1, 0]]), entropies=entropies,
+                          entropy_coef=0.1)
+    assert loss.item() == pytest.approx(-0.1 * 1.5)
+
+
+def test_options_that_need_entropies_refuse_to_run_without() -> None:
+    logp = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="entropies"):
+        policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 1), top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 1), importance_sampling_level="seq")

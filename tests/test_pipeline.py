@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dapo_ops.reports import METRIC_NAMES_44
+from dapo_ops.reports import ROUND_METRIC_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_reports_are_written_for_every_round(trained_run):
 def test_mlflow_has_each_of_the_44_metrics_once_per_round_at_its_global_step(trained_run):
     client, run = _mlflow_run(trained_run)
     steps_per_round = 2  # steps_per_generation x num_iterations of the small run
-    for name in METRIC_NAMES_44:
+    for name in ROUND_METRIC_NAMES:
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [steps_per_round, 2 * steps_per_round], name
         assert all(math.isfinite(m.value) for m in history), name
@@ -135,7 +135,8 @@ def test_sensor_requests_the_next_round_until_max_rounds(trained_run):
     request = next_round_request(trained_run.run_name, "ckpt-0001", store)
     assert isinstance(request, dg.RunRequest)
     assert request.partition_key == "ckpt-0001"
-    assert request.run_config["ops"]["rollouts"]["config"]["run_name"] == trained_run.run_name
+    # One run config for every asset of the round: the training_config resource (pipelines.config).
+    assert request.run_config["resources"]["training_config"]["config"]["run_name"] == trained_run.run_name
 
 
 def test_retrain_schedule_continues_the_latest_run_from_its_newest_checkpoint(trained_run, monkeypatch):
@@ -150,7 +151,7 @@ def test_retrain_schedule_continues_the_latest_run_from_its_newest_checkpoint(tr
         result = schedule(context)
     assert isinstance(result, dg.RunRequest)
     assert result.partition_key == "ckpt-0002"
-    assert result.run_config["ops"]["training_report"]["config"]["max_rounds"] == 5
+    assert result.run_config["resources"]["training_config"]["config"]["max_rounds"] == 5
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
 
@@ -162,3 +163,94 @@ def test_definitions_validate_from_the_workspace():
     result = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w",
                              "workspace.yaml"], cwd=root, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_make_run_lists_its_runs_under_the_setup_run_and_training_round_jobs(trained_run):
+    instance = dg.DagsterInstance.from_config(str(trained_run.root / "dagster"))
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dapo/run_name": trained_run.run_name}))
+    training = [r for r in runs if r.job_name != "reanalysis"]
+    assert sorted(r.job_name for r in training) == ["setup_run", "training_round", "training_round"]
+    assert {r.tags["dapo/kind"] for r in training} == {"setup", "round"}
+    assert sorted(r.tags["dagster/partition"] for r in training if r.job_name == "training_round") == [
+        "ckpt-0000", "ckpt-0001"]
+
+
+def _logged_models(client, run) -> list:
+    return client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'",
+                                       order_by=[{"field_name": "metrics.eval/accuracy", "ascending": False}])
+
+
+def test_each_checkpoint_is_a_logged_model_of_the_run_at_its_step_with_its_eval_metrics(trained_run):
+    from dapo_ops.store import RunStore, read_json
+
+    client, run = _mlflow_run(trained_run)
+    models = _logged_models(client, run)
+    assert sorted(m.name for m in models) == ["ckpt-0000", "ckpt-0001", "ckpt-0002"]
+    assert all(m.status.value == "READY" for m in models)
+    store = RunStore(trained_run.root, trained_run.run_name)
+    for model in models:
+        recorded = read_json(store.checkpoint_dir(model.name) / "state.json")["eval"]["eval/accuracy"]
+        assert {m.key: m.value for m in model.metrics}["eval/accuracy"] == pytest.approx(recorded)
+    accuracies = [{m.key: m.value for m in model.metrics}["eval/accuracy"] for model in models]
+    assert accuracies == sorted(accuracies, reverse=True)  # the UI's sort by eval/accuracy
+    steps = {o.model_id: o.step for o in client.get_run(run.info.run_id).outputs.model_outputs}
+    assert sorted(steps[m.model_id] for m in models) == [0, 2, 4]
+
+
+def test_a_checkpoint_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_directory(trained_run):
+    import mlflow
+    import polars as pl
+
+    from dapo_ops import models as policies
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.engines import make_engine
+    from dapo_ops.store import RunStore
+    from dapo_ops.training import encode_rows
+    from tests.conftest import SMALL_RUN
+
+    client, run = _mlflow_run(trained_run)
+    model = next(m for m in _logged_models(client, run) if m.name == "ckpt-0002")
+    store = RunStore(trained_run.root, trained_run.run_name)
+    rows = pl.read_parquet(store.data_dir / "eval.parquet").head(6)
+    policy = policies.load_policy(store.checkpoint_dir("ckpt-0002"))
+    direct = make_engine(DapoConfig(**SMALL_RUN), policy).generate(
+        encode_rows(policy, rows), num_generations=1, max_completion_length=SMALL_RUN["max_completion_length"],
+        temperature=0.0, top_p=1.0, seed=0).completions
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(trained_run.tracking_uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert loaded.predict(rows.to_pandas()) == list(direct)
+    # No second copy of the weights: the MLflow model is the wrapper, the checkpoint folder holds them.
+    artifacts = Path(model.artifact_location.removeprefix("file://"))
+    assert not list(artifacts.rglob("*.safetensors"))
+
+
+def test_the_dataset_splits_are_the_run_s_dataset_inputs_with_source_and_digest(trained_run):
+    client, run = _mlflow_run(trained_run)
+    inputs = {i.dataset.name: i for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {f"{trained_run.run_name}-train", f"{trained_run.run_name}-eval"}
+    train = inputs[f"{trained_run.run_name}-train"]
+    assert train.dataset.digest and "train.parquet" in train.dataset.source
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train"
+
+
+def test_every_materialization_links_its_mlflow_run_and_the_run_links_back(trained_run):
+    client, run = _mlflow_run(trained_run)
+    instance = dg.DagsterInstance.from_config(str(trained_run.root / "dagster"))
+    for key in ("dataset", "base_checkpoint", "rollouts", "attention_metrics", "rewards", "policy_update",
+                "attention_report", "training_report"):
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        url = event.asset_materialization.metadata["mlflow_run"].value
+        assert url.endswith(f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"), key
+    dagster_run = instance.get_run_by_id(run.data.tags["dagster.run_id"])
+    assert dagster_run is not None and dagster_run.job_name == "training_round"
+    assert run.data.tags["dagster.run_url"].endswith(f"/runs/{dagster_run.run_id}")
+
+
+def test_mlflow_has_system_metrics_of_the_rounds(trained_run):
+    client, run = _mlflow_run(trained_run)
+    system = {name for name in client.get_run(run.info.run_id).data.metrics if name.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system

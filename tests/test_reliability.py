@@ -32,6 +32,7 @@ import pytest
 
 from dapo_ops import faults
 from dapo_ops.store import COMPLETE_MARKER, TEMPORARY_RE, RunStore
+from dapo_ops.tracking import default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -83,7 +84,7 @@ def env_for(root: Path, *, tracking_uri: str | None = None, fault: str | None = 
     env.update({
         "DAPO_VLM_HOME": str(root),
         "DAGSTER_HOME": str(root / "dagster"),
-        "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{root}/mlflow.db",
+        "MLFLOW_TRACKING_URI": tracking_uri or default_tracking_uri(root),
         "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
         # One intra-op thread: the same float reductions in every process (and a quiet 2-core machine).
         "OMP_NUM_THREADS": "1",
@@ -193,7 +194,7 @@ def load_weights(checkpoint: Path) -> dict:
 def load_optimizer_state(checkpoint: Path) -> dict:
     import torch
 
-    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
 def same_tensors(a, b) -> bool:
@@ -221,7 +222,8 @@ def training_runs(tracking_uri: str, run_name: str) -> list:
 
 
 def metric_histories(tracking_uri: str, run_name: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of the run's single MLflow training run, every value MLflow holds."""
+    """{metric: [(step, value), ...]} of the run's single MLflow training run, every value MLflow holds
+    (MLflow's `system/*` samples of CPU and memory differ between any two runs: not training results)."""
     from mlflow import MlflowClient
 
     runs = training_runs(tracking_uri, run_name)
@@ -229,7 +231,7 @@ def metric_histories(tracking_uri: str, run_name: str) -> dict[str, list[tuple[i
     client = MlflowClient(tracking_uri)
     run = runs[0]
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
-            for name in run.data.metrics}
+            for name in run.data.metrics if not name.startswith("system/")}
 
 
 def stuck_dagster_runs(root: Path, run_name: str) -> list[str]:
@@ -256,7 +258,7 @@ def differences_from(reference: Reference, root: Path, run_name: str = RUN, roun
         problems.append(f"{expected[-1]} weights differ from the uninterrupted run")
     if not same_tensors(load_optimizer_state(last), load_optimizer_state(ref_last)):
         problems.append(f"{expected[-1]} optimizer state differs from the uninterrupted run")
-    history = metric_histories(f"sqlite:///{root}/mlflow.db", run_name)
+    history = metric_histories(default_tracking_uri(root), run_name)
     if history != reference.history:
         bad = sorted(k for k in set(history) | set(reference.history) if history.get(k) != reference.history.get(k))
         problems.append(f"MLflow histories differ for {len(bad)} metric(s), e.g. {bad[:3]}: "
@@ -291,7 +293,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     began = time.monotonic()
     rc, text = finish(process)
     assert rc == 0, text
-    return Reference(root, RUN, metric_histories(f"sqlite:///{root}/mlflow.db", RUN), time.monotonic() - began,
+    return Reference(root, RUN, metric_histories(default_tracking_uri(root), RUN), time.monotonic() - began,
                      trace_events(trace, process.pid))
 
 
@@ -367,7 +369,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -
     rng = random.Random(SEED)
     result = KilledRun(root)
     result.kills.append(kill_fresh_run_at_random_moment(root, trace, reference, rng, log))
-    result.first_mlflow_run_ids = [r.info.run_id for r in training_runs(f"sqlite:///{root}/mlflow.db", RUN)]
+    result.first_mlflow_run_ids = [r.info.run_id for r in training_runs(default_tracking_uri(root), RUN)]
     kill = kill_at_point(root, trace, "kill:mid_checkpoint_write", log)
     result.kills.append(kill)
     # What a reader sees right after the crash: the checkpoint being written exists only under a temporary
@@ -411,7 +413,7 @@ def test_the_resumed_run_ends_with_the_weights_and_optimizer_of_an_uninterrupted
 
 @pytest.mark.slow
 def test_the_resumed_run_logs_every_metric_once_per_step_with_the_uninterrupted_values(killed_run, reference):
-    history = metric_histories(f"sqlite:///{killed_run.root}/mlflow.db", RUN)
+    history = metric_histories(default_tracking_uri(killed_run.root), RUN)
     assert history == reference.history
     assert [step for step, _ in history["reward"]] == [2, 4]
     assert [step for step, _ in history["eval/accuracy"]] == [0, 2, 4]
@@ -419,7 +421,7 @@ def test_the_resumed_run_logs_every_metric_once_per_step_with_the_uninterrupted_
 
 @pytest.mark.slow
 def test_the_resumed_run_continues_the_same_mlflow_run(killed_run):
-    runs = training_runs(f"sqlite:///{killed_run.root}/mlflow.db", RUN)
+    runs = training_runs(default_tracking_uri(killed_run.root), RUN)
     assert len(runs) == 1
     if killed_run.first_mlflow_run_ids:  # the random kill may come before MLflow was first reached
         assert killed_run.first_mlflow_run_ids == [runs[0].info.run_id]
@@ -817,7 +819,7 @@ def test_after_a_nan_the_next_run_continues_as_if_nothing_happened(nan_run, refe
     store, ref = RunStore(nan_run["root"], RUN), RunStore(reference.root, RUN)
     assert store.complete_checkpoints() == ["ckpt-0000", "ckpt-0001"]
     assert same_tensors(load_weights(store.checkpoint_dir("ckpt-0001")), load_weights(ref.checkpoint_dir("ckpt-0001")))
-    history = metric_histories(f"sqlite:///{nan_run['root']}/mlflow.db", RUN)
+    history = metric_histories(default_tracking_uri(nan_run['root']), RUN)
     assert history == {k: [(s, v) for s, v in values if s <= 2] for k, values in reference.history.items()}
 
 
@@ -873,7 +875,7 @@ def test_two_run_names_on_one_data_root_both_finish_and_a_second_same_name_is_re
         rc, text = finish(process)
         assert rc == 0, f"{name}: {text[-3000:]}"
     ref = RunStore(reference.root, RUN)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = default_tracking_uri(tmp_path)
     for name in ("alpha", "beta"):
         store = RunStore(tmp_path, name)
         assert store.complete_checkpoints() == ["ckpt-0000", "ckpt-0001"]

@@ -305,6 +305,42 @@ def test_total_reward_refuses_missing_weights_and_ragged_lists() -> None:
 
 
 def test_registry_names_match_the_config() -> None:
-    from dapo_ops.config import REWARD_NAMES
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.rewards import DEFAULT_REWARD_FUNCS as REWARD_NAMES
 
     assert tuple(REWARD_FUNCTIONS) == REWARD_NAMES
+    assert tuple(DapoConfig().reward_funcs) == REWARD_NAMES
+
+
+def test_score_rollouts_passes_round_columns_and_config_values_as_keyword_lists_trl_style() -> None:
+    import polars as pl
+
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.rewards import score_rollouts
+
+    table = pl.DataFrame({
+        "question": ["q?", "q?"], "choices": [CHOICES, CHOICES], "correct_choice_idx": [1, 1],
+        "completion": ["<think>a</think> Answer: B", "Answer: A"], "completion_ids": [[5, 6], [7]],
+        "completion_length": [2, 1], "is_eos": [True, False],
+    })
+    attention = pl.DataFrame({"attn/all/mdi": [1.0, math.nan], "attn/late/mdi": [math.sqrt(2.0)] * 2})
+    config = DapoConfig(num_generations=2, max_completion_length=4,
+                        reward_funcs=["mc_idx_reward", "think_format_reward", "mdi_reward",
+                                      "tests.custom_rewards:length_penalty"], reward_weights=[1.0] * 4)
+    scored = score_rollouts(config, table, attention)
+    assert list(scored) == ["mc_idx_reward", "think_format_reward", "mdi_reward", "length_penalty"]
+    assert scored["mc_idx_reward"] == [1.0, 0.0] and scored["think_format_reward"] == [1.0, 0.0]
+    assert scored["mdi_reward"][0] == 1.0 and math.isnan(scored["mdi_reward"][1])  # None (no MDI) -> NaN
+    assert scored["length_penalty"] == [-0.5, -0.25]
+    late = score_rollouts(config.replace(mdi_reward_stage="late"), table, attention)
+    assert late["mdi_reward"] == pytest.approx([0.0, 0.0])  # MDI √2 with tolerance 2: balance 0.5
+    # Before the teacher-forced pass (dynamic-sampling refill) the attention reward is left out.
+    assert list(score_rollouts(config, table)) == ["mc_idx_reward", "think_format_reward", "length_penalty"]
+
+
+def test_a_reward_returning_the_wrong_number_of_values_is_named() -> None:
+    from dapo_ops.rewards import score_completions
+
+    with pytest.raises(ValueError, match="reward 'short' returned 1 values for 2 completions"):
+        score_completions({"short": lambda completions, **kw: [1.0]}, prompts=["a", "b"], completions=["x", "y"],
+                          completion_ids=[[], []])

@@ -19,6 +19,8 @@ from dapo_ops.rollout import (
     per_prompt_state,
     sample_tokens,
 )
+from dapo_ops.round_files import load_rollout_batch, save_rollout_batch
+from dapo_ops.store import RunStore
 
 COLORS = ["red", "green", "blue", "yellow"]
 CORPUS = ["What color is the shape?", "Which shape is it?", " ".join(COLORS), "The shape is red."]
@@ -101,7 +103,10 @@ def test_completions_are_decoded_without_special_tokens(policy: Policy, rollouts
     for ids, length, text in zip(
         rollouts.completion_ids, rollouts.completion_lengths.tolist(), rollouts.completions, strict=True
     ):
-        assert text == policy.tokenizer.decode(ids[:length], skip_special_tokens=True)
+        full = policy.tokenizer.decode(ids[:length], skip_special_tokens=True)
+        # The plain decode, less a trailing partial UTF-8 character (`decode_whole_characters`): random tokens
+        # of the untrained model can end inside one.
+        assert text == full or (full.startswith(text) and full[len(text):].strip("\ufffd") == ""), (text, full)
         assert "<|im_end|>" not in text
 
 
@@ -205,8 +210,9 @@ def test_select_keeps_rows_and_their_own_pixel_values(policy: Policy, rollouts: 
 
 
 def test_rollout_batch_round_trips_through_a_file(rollouts: RolloutBatch, tmp_path: Path) -> None:
-    rollouts.save(tmp_path / "rollouts.pt")
-    loaded = RolloutBatch.load(tmp_path / "rollouts.pt")
+    store = RunStore(tmp_path, "run")
+    save_rollout_batch(store.round("ckpt-0000").rollouts_pt, rollouts)
+    loaded = load_rollout_batch(store, "ckpt-0000")
     assert loaded.completions == rollouts.completions and loaded.num_generations == G
     assert torch.equal(loaded.input_ids, rollouts.input_ids)
     assert torch.equal(loaded.pixel_values, rollouts.pixel_values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
+from dapo_ops.config import DapoConfig
 from dapo_ops.inputs import VisionInputs
 from dapo_ops.rollout import RolloutBatch
 from dapo_ops.sampling import concat_rollouts, informative_groups, sample_with_refill
@@ -39,6 +40,9 @@ def _rows(answers: list[int]) -> pl.DataFrame:
                          "choices": [["red", "green"]] * len(answers), "correct_choice_idx": answers})
 
 
+# Accuracy and format, weighted 3:1 (the attention reward is unknown before the teacher-forced pass anyway).
+CONFIG = DapoConfig(reward_funcs=["mc_idx_reward", "think_format_reward"], reward_weights=[3.0, 1.0])
+
 RIGHT = "<think>x</think> Answer: A"
 WRONG = "<think>x</think> Answer: B"
 
@@ -55,7 +59,7 @@ def test_concat_pads_prompts_left_and_completions_right_and_keeps_groups_distinc
 
 def test_only_groups_with_different_answer_rewards_are_informative():
     batch = _batch([RIGHT, WRONG, RIGHT, RIGHT], 3, 2)
-    assert informative_groups(batch, _rows([0, 0]), {"mc_idx_reward": 3.0, "think_format_reward": 1.0}).tolist() \
+    assert informative_groups(batch, _rows([0, 0]), CONFIG).tolist() \
         == [True, False]
 
 
@@ -70,7 +74,7 @@ def test_refill_draws_new_prompts_until_the_batch_is_full():
 
     batch, rows = sample_with_refill(
         generate, _rows([0, 0]), lambda attempt: _rows([0, 0]).with_columns(pl.lit(f"r{attempt}").alias("question_id")),
-        num_prompts=2, weights={"mc_idx_reward": 3.0, "think_format_reward": 1.0}, max_tries=3, pad_token_id=PAD)
+        num_prompts=2, config=CONFIG, max_tries=3, pad_token_id=PAD)
     assert len(calls) == 2
     assert len(batch) == 4 and batch.completions == [RIGHT, WRONG, WRONG, RIGHT]
     assert rows["question_id"].to_list() == ["q0", "r1"]
@@ -80,6 +84,12 @@ def test_refill_draws_new_prompts_until_the_batch_is_full():
 def test_refill_gives_up_after_max_tries_and_keeps_the_first_batch_if_nothing_is_informative():
     flat = _batch([RIGHT, RIGHT, WRONG, WRONG], 3, 2)
     batch, rows = sample_with_refill(lambda rows, attempt: flat, _rows([0, 0]), lambda a: _rows([0, 0]),
-                                     num_prompts=2, weights={"mc_idx_reward": 3.0, "think_format_reward": 1.0},
+                                     num_prompts=2, config=CONFIG,
                                      max_tries=2, pad_token_id=PAD)
     assert batch is flat and rows.height == 2
+
+
+def test_refill_scores_the_default_rewards_without_the_attention_reward():
+    # mdi_reward needs the teacher-forced pass; before it, the default config judges groups by the others.
+    batch = _batch([RIGHT, WRONG, RIGHT, RIGHT], 3, 2)
+    assert informative_groups(batch, _rows([0, 0]), DapoConfig()).tolist() == [True, False]

@@ -100,3 +100,56 @@ def test_second_holder_of_a_run_lock_is_refused_with_a_clear_message(tmp_path):
 def test_different_run_names_lock_independently(tmp_path):
     with RunStore(tmp_path, "a").lock(), RunStore(tmp_path, "b").lock():
         assert (tmp_path / "runs" / "a" / ".lock").exists()
+
+
+def test_round_files_keep_the_on_disk_layout(tmp_path):
+    files = RunStore(tmp_path, "r").round("ckpt-0002")
+    assert files.dir == tmp_path / "runs" / "r" / "rounds" / "ckpt-0002"
+    names = {name: getattr(files, name).name for name in (
+        "rollouts_pt", "rollouts_parquet", "rollouts_json", "old_logps", "attention_parquet", "attention_json",
+        "rewards", "update", "metrics", "health_rewards", "health_update", "done", "log")}
+    assert names == {
+        "rollouts_pt": "rollouts.pt", "rollouts_parquet": "rollouts.parquet", "rollouts_json": "rollouts.json",
+        "old_logps": "old_logps.pt", "attention_parquet": "attention.parquet", "attention_json": "attention.json",
+        "rewards": "rewards.parquet", "update": "update.json", "metrics": "metrics.json",
+        "health_rewards": "health_rewards.json", "health_update": "health_update.json", "done": "DONE",
+        "log": "terminal.log"}
+    assert {getattr(files, name).parent for name in names} == {files.dir}
+
+
+def test_an_update_record_reads_and_writes_the_same_json_bytes(tmp_path):
+    from dapo_ops.round_files import UpdateRecord
+
+    written = {
+        "steps": [{"loss": 0.25, "grad_norm": 1.5}], "summary": {"loss": 0.25, "entropy": 2.0},
+        "state": {"checkpoint": "ckpt-0001", "round": 1, "global_step": 2, "num_tokens": 640, "source_model": "x",
+                  "parent": "ckpt-0000", "epoch": 0.5},
+        "eval": {"eval/accuracy": 0.75, "eval/format": 1.0}, "round_tokens": 640, "num_processes": 1,
+        "num_rollouts_used": 32, "seconds": {"update": 1.0, "eval": 0.5, "save": 0.1},
+    }
+    old = write_json_atomic(tmp_path / "old" / "update.json", written)  # as the dict writer left it
+    record = UpdateRecord.read(old)
+    assert (record.next_checkpoint, record.global_step, record.num_tokens, record.epoch) == ("ckpt-0001", 2, 640, 0.5)
+    assert (record.loss, record.eval_accuracy) == (0.25, 0.75)
+    assert record.write(tmp_path / "new" / "update.json").read_bytes() == old.read_bytes()
+
+
+def test_an_update_record_missing_a_key_names_the_file(tmp_path):
+    from dapo_ops.round_files import UpdateRecord
+
+    path = write_json_atomic(tmp_path / "update.json", {"steps": [], "summary": {}})
+    with pytest.raises(ValueError, match=f"{path} lacks state"):
+        UpdateRecord.read(path)
+
+
+def test_read_torch_loads_tensors_and_refuses_arbitrary_objects(tmp_path):
+    import torch
+
+    from dapo_ops.store import UnsafeFileError, read_torch, write_torch_atomic
+
+    path = write_torch_atomic(tmp_path / "ckpt-0003" / "state.pt", {"x": torch.arange(3), "n": [1, 2.5, "a"]})
+    loaded = read_torch(path)
+    assert torch.equal(loaded["x"], torch.arange(3)) and loaded["n"] == [1, 2.5, "a"]
+    write_torch_atomic(path, {"x": os.system})
+    with pytest.raises(UnsafeFileError, match="ckpt-0003/state.pt contains pickled code objects"):
+        read_torch(path)

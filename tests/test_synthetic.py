@@ -205,3 +205,41 @@ def test_corpus_covers_every_text_the_model_sees_or_writes() -> None:
             assert f"<think>{spec.rationale(choice)}</think> Answer: {letter}" in texts
     assert {"Answer: A", "Answer: B", "Answer: C", "Answer: D"} <= set(texts)
     assert "What shape is in the image?" not in corpus(tasks=("color",))
+
+
+def _pixel_color(pixels: np.ndarray) -> str:
+    mean = pixels[_shape_mask(pixels)].mean(axis=0)
+    return list(COLORS)[int(np.argmin([np.linalg.norm(mean - np.asarray(c)) for c in COLORS.values()]))]
+
+
+def test_yes_no_answers_depend_on_the_question_and_the_image() -> None:
+    df = generate_rows(80, seed=4, tasks=("yes_no",))
+    assert {q.startswith("Is the shape not ") for q in df["question"]} == {True, False}
+    for row in df.iter_rows(named=True):
+        asked = row["question"].removesuffix("?").split()[-1]
+        holds = (_pixel_color(_pixels(row["image"])) == asked) != (" not " in row["question"])
+        assert row["choices"] == ["yes", "no"] and row["correct_choice_idx"] == (0 if holds else 1)
+    assert sorted(df["correct_choice_idx"].value_counts()["count"].to_list()) == [40, 40]
+
+
+def test_color_of_shape_names_one_of_two_shapes_of_different_colors() -> None:
+    df = generate_rows(40, seed=5, tasks=("color_of_shape",))
+    assert df["question"].n_unique() > 1
+    for row in df.iter_rows(named=True):
+        pixels = _pixels(row["image"])
+        colors = {tuple(p) for p in pixels[_shape_mask(pixels)].tolist()}
+        assert len(colors) == 2 and tuple(COLORS[row["choices"][row["correct_choice_idx"]]]) in colors
+
+
+def test_color_count_varies_the_number_of_choices_and_keeps_each_colors_letter() -> None:
+    df = generate_rows(60, seed=6, tasks=("color_count",))
+    assert {len(c) for c in df["choices"]} == {2, 3, 4}
+    for row in df.iter_rows(named=True):
+        assert row["choices"] == list(COLORS)[: len(row["choices"])]
+        assert row["choices"][row["correct_choice_idx"]] == _pixel_color(_pixels(row["image"]))
+
+
+def test_corpus_covers_the_mixed_tasks_questions() -> None:
+    texts = corpus(("yes_no", "color_of_shape"))
+    assert "Is the shape not red?" in texts and "What color is the circle?" in texts
+    assert len(texts) == len(set(texts))

@@ -348,9 +348,8 @@ def test_reanalysis_launched_from_the_launchpad_rewrites_the_report(uis, page):
     page.keyboard.press("Control+a")
     page.keyboard.press("Delete")
     config = f"{{run_name: {uis.run_name}, reanalysis: true, mdi_tolerance: 3.5}}"
-    page.keyboard.insert_text(f"ops:\n  attention_metrics:\n    config: {config}\n"
-                              f"  attention_report:\n    config: {config}\n")
-    expect(dialog.get_by_text("reanalysis: true, mdi_tolerance: 3.5")).to_have_count(2)  # both assets' config
+    page.keyboard.insert_text(f"resources:\n  training_config:\n    config: {config}\n")
+    expect(dialog.get_by_text("reanalysis: true, mdi_tolerance: 3.5")).to_have_count(1)  # one config, both assets
     expect(dialog.get_by_text("beta")).to_have_count(0)  # nothing left of the scaffold
     expect(dialog.get_by_text("No errors")).to_be_visible()
     save(page, "dagster_launchpad_reanalysis.png")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops.inputs import encode_rows
 from dapo_ops.models import Policy, build_embedded_policy
 from dapo_ops.rollout import generate_rollouts
+from dapo_ops.training import encode_rows
 from dapo_ops.warmstart import (
     completion_cross_entropy,
     corpus_from_rows,
@@ -75,7 +75,7 @@ def test_corpus_covers_questions_choices_rationales_and_targets(rows: pl.DataFra
 def test_teacher_forcing_scores_only_the_completion_ending_in_eos(policy: Policy, rows: pl.DataFrame) -> None:
     records = rows.head(2).to_dicts()
     batch = teacher_forcing_batch(
-        policy, encode_rows(policy, records), [target_completion(r) for r in records]
+        policy, encode_rows(policy, rows.head(2)), [target_completion(r) for r in records]
     )
     for ids, length in zip(batch.completion_ids, batch.completion_lengths.tolist(), strict=True):
         assert int(ids[length - 1]) == policy.eos_token_id
@@ -116,3 +116,17 @@ def test_no_steps_means_no_training(policy: Policy, rows: pl.DataFrame) -> None:
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     assert supervised_warm_start(policy, rows, steps=0, learning_rate=1e-3, batch_size=4, seed=0) == []
     assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
+def test_format_target_names_the_given_choice_and_its_letter() -> None:
+    from dapo_ops.warmstart import format_target
+
+    row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 2}
+    assert format_target(row, 0) == "<think>The answer is cat.</think> Answer: A"
+    with pytest.raises(ValueError, match="out of range"):
+        format_target(row, 3)
+
+
+def test_unknown_teach_mode_is_rejected(policy: Policy, rows: pl.DataFrame) -> None:
+    with pytest.raises(ValueError, match="teach='answers'"):
+        supervised_warm_start(policy, rows, steps=1, learning_rate=1e-3, batch_size=2, seed=0, teach="answers")
