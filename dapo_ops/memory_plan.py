@@ -68,10 +68,12 @@ def _lora_targets(name: str, config: DapoConfig) -> bool:
 
 def parameter_counts(model_dir: str | Path, config: DapoConfig) -> ParameterCounts:
     """Parameters of the model (tied weights once), the trained ones under `config`, and the weight bytes."""
+    from dapo_ops import lora
+
     model = meta_model(model_dir)
     params = {id(p): (n, p) for n, p in model.named_parameters()}
     total = sum(p.numel() for _, p in params.values())
-    vision = sum(p.numel() for n, p in params.values() if ".visual." in f".{n}")
+    vision = sum(p.numel() for n, p in params.values() if lora.in_vision_tower(n))
     lora_params = 0
     if config.use_peft:
         for name, module in model.named_modules():

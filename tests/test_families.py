@@ -254,3 +254,21 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
     report = tmp_path / "runs" / config.run_name / "reports" / "ckpt-0001" / "attention_diagnostics.md"
     stages = [line for line in report.read_text().splitlines() if line.startswith(("| MDI", "| AEI"))]
     assert stages and not any(cell.strip() in ("nan", "inf") for line in stages for cell in line.split("|")), stages
+
+
+def test_lora_adapts_the_language_model_and_freeze_vision_tower_freezes_the_tower(family: tuple[str, Policy]) -> None:
+    """The default LoRA targets and `freeze_vision_tower` find each family's modules by its own names."""
+    from dapo_ops.checkpoint_policy import configure
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.lora import in_vision_tower
+
+    _, policy = family
+    full = configure(copy.deepcopy(policy), DapoConfig(freeze_vision_tower=True))
+    frozen = {n for n, p in full.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(in_vision_tower(n) for n in frozen)
+    assert all(n in frozen for n, _ in full.model.named_parameters() if in_vision_tower(n))
+
+    adapted = configure(copy.deepcopy(policy), DapoConfig(use_peft=True, lora_r=2, freeze_vision_tower=True))
+    trainable = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * policy.num_layers  # A and B of the 7 linears of every decoder layer
+    assert all("lora_" in n and not in_vision_tower(n) for n in trainable)
