@@ -272,3 +272,13 @@ def test_lora_adapts_the_language_model_and_freeze_vision_tower_freezes_the_towe
     trainable = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 7 * policy.num_layers  # A and B of the 7 linears of every decoder layer
     assert all("lora_" in n and not in_vision_tower(n) for n in trainable)
+
+
+def test_the_memory_plan_counts_the_familys_parameters(family: tuple[str, Policy], tmp_path: Path) -> None:
+    """From config.json alone (the disk check before each round sizes the next checkpoint with it)."""
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.memory_plan import parameter_counts
+
+    name, policy = family
+    counts = parameter_counts(save_policy(policy, tmp_path / name), DapoConfig())
+    assert counts.total == sum(p.numel() for p in policy.model.parameters())
