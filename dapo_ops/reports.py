@@ -3,7 +3,7 @@
 The round table has one row per rollout (see `ROUND_TABLE_COLUMNS`). Conventions shared by all reports:
 
 - Means and stds leave out undefined values (NaN or null): a rollout without image tokens has NaN attention
-  metrics (METRICS.md) and does not enter the batch means. With no defined value the mean is NaN.
+  metrics (docs/metrics.md) and does not enter the batch means. With no defined value the mean is NaN.
 - Std is the sample std (ddof=1); with fewer than two defined values it is NaN.
 - Tables render NaN as ``nan``; JSON blocks render it as ``null`` (JSON has no NaN) and round floats to
   6 decimals.

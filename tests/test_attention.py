@@ -132,7 +132,7 @@ class Rollouts:
 
     @property
     def query_mask(self) -> torch.Tensor:
-        """METRICS.md queries over the full sequence: the completion tokens, padding excluded."""
+        """docs/metrics.md queries over the full sequence: the completion tokens, padding excluded."""
         return self._with_completion(torch.zeros_like(self.prompt_vision_mask), self.completion_mask.bool())
 
     def select(self, indices: list[int]) -> Rollouts:
