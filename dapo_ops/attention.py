@@ -1,4 +1,4 @@
-"""Modality attention metrics (METRICS.md) and the teacher-forced pass that measures them.
+"""Modality attention metrics (docs/metrics.md) and the teacher-forced pass that measures them.
 
 Two ways to the same numbers:
 - `metrics_from_attention_weights`: the readable oracle over full attention weights (eager attention,
@@ -77,7 +77,7 @@ def _nan_metrics() -> dict[str, float]:
 
 
 def _stage_metrics(m_v: float, m_t: float, n_v: int, n_t: int, tolerance: float) -> dict[str, float]:
-    """METRICS.md for one rollout and stage from the stage masses M_V, M_T and the key counts |V|, |T|."""
+    """The docs/metrics.md definitions for one rollout and stage from the stage masses M_V, M_T and the key counts |V|, |T|."""
     if n_v <= 0 or n_t <= 0 or not (m_v + m_t > 0):  # also catches NaN masses
         # |V| = 0 is undefined by definition; |T| = 0 would make t = 0 and mdi 0/0: undefined as well.
         return _nan_metrics()
@@ -183,7 +183,7 @@ def metrics_from_attention_weights(
     *,
     tolerance: float = 2.0,
 ) -> list[StageMetrics]:
-    """The oracle: METRICS.md straight from attention weights.
+    """The oracle: docs/metrics.md straight from attention weights.
 
     attentions: per decoder layer [B, H, Q, K] (e.g. `output_attentions=True` with eager attention, where
     Q = K = the full sequence); query_mask [B, Q]; vision_mask, text_mask [B, K] (bool).
