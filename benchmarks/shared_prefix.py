@@ -109,7 +109,7 @@ def build_policy(shape: Shape, device: str, seed: int = 0):
         intermediate_size=shape.intermediate_size, vision_hidden_size=shape.vision_hidden_size,
         vision_intermediate_size=shape.vision_intermediate_size,
     )
-    policy.image_processor = models.build_image_processor(pixels=shape.image_side**2)
+    policy.processor.image_processor = models.build_image_processor(pixels=shape.image_side**2)
     policy.model.to(device)
     return policy
 
@@ -254,7 +254,7 @@ def realistic_round(shape: Shape, device: str, rounds: int, log: Callable[[str],
     try:
         base = build_policy(shape, device)
         rows_per_round = [prompt_rows(shape, shape.prompts, seed=100 + r) for r in range(rounds + 1)]
-        library = type(base)(copy.deepcopy(base.model), base.tokenizer, base.image_processor, base.path)
+        library = type(base)(copy.deepcopy(base.model), base.processor, base.path)
         optimizer = make_optimizer(library.model, config)
         processor, processor_note = round_vs_trl.trl_processor(base)
         dataset = round_vs_trl.trl_dataset(rows_per_round)
