@@ -86,7 +86,7 @@ def main() -> None:
         corpus += [r for rs in train["rationales"].to_list() for r in rs]
     torch.manual_seed(args.seed)
     policy = models.build_embedded_policy(corpus, seed=args.seed, **json.loads(args.model))
-    policy.image_processor = models.build_image_processor(args.pixels)
+    policy.processor.image_processor = models.build_image_processor(args.pixels)
     print(f"{sum(p.numel() for p in policy.model.parameters()):,} parameters", flush=True)
     start = time.perf_counter()
     done = 0
