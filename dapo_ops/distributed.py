@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dapo_ops import faults, process_hygiene
 from dapo_ops import store as store_io
 from dapo_ops.config import DapoConfig
 from dapo_ops.store import RunStore
@@ -72,13 +73,15 @@ def accelerate_config_path(config: DapoConfig, choice: str | None = None) -> Pat
 
 @dataclass
 class UpdateLaunch:
-    """What the parent runs: argv, extra environment, working directory, and Pipes extras."""
+    """The `accelerate launch` argv, the same under the supervisor (what the parent runs), extra
+    environment, working directory, and Pipes extras."""
 
     command: list[str]
     env: dict[str, str]
     cwd: Path
     accelerate_config: Path
     extras: dict[str, Any] = field(default_factory=dict)
+    supervised: list[str] = field(default_factory=list)
 
 
 def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, accelerate_config: str | None = None,
@@ -94,7 +97,10 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
     files = run_store.round(key)
     config_path = store_io.write_json_atomic(files.update_config, config.to_dict())
     files.update_failure.unlink(missing_ok=True)
-    command = [
+    logs = rank_log_dir(run_store, key)
+    for old in logs.glob("rank-*.log"):  # a previous, failed attempt's lines would name the wrong moment
+        old.unlink()
+    launcher = [
         python or sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(yaml),
         "--num_processes", str(n),
@@ -106,7 +112,12 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
         "--checkpoint", key,
         "--config", str(config_path),
     ]
+    # What the parent runs: the launcher under the supervisor, so that it and the ranks die with the
+    # parent and a dead rank is named (`dapo_ops.process_hygiene`).
+    supervised = process_hygiene.supervised(launcher, failure_file=files.update_failure, rank_logs=logs,
+                                            python=python)
     env = {
+        process_hygiene.PARENT_PID_ENV: str(os.getpid()),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -115,7 +126,25 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     extras = {"run_name": run_store.run_name, "checkpoint": key, "num_processes": n,
               "accelerate_config": yaml.name}
-    return UpdateLaunch(command=command, env=env, cwd=REPO_ROOT, accelerate_config=yaml, extras=extras)
+    return UpdateLaunch(command=launcher, env=env, cwd=REPO_ROOT, accelerate_config=yaml, extras=extras,
+                        supervised=supervised)
+
+
+def rank_log_dir(run_store: RunStore, key: str) -> Path:
+    """`rounds/<key>/update_logs/`: one `rank-<r>.log` per rank, what a failed round quotes."""
+    return run_store.round_dir(key) / "update_logs"
+
+
+class RankLog:
+    """Appends a rank's progress lines to its `rank-<r>.log` (flushed per line: a SIGKILL loses none)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(f"{line}\n")
 
 
 def write_failure(run_store: RunStore, key: str, kind: str, message: str) -> Path:
@@ -136,10 +165,14 @@ class AcceleratorCollective(LocalCollective):
     all-reduce of the step statistics, DDP's `no_sync` between micro-batches, clipping of the synchronized
     gradients, and whole weights gathered from FSDP/ZeRO-3 shards for the checkpoint."""
 
-    def __init__(self, accelerator: Any, *, reload: Callable[[], Any] | None = None) -> None:
+    def __init__(self, accelerator: Any, *, reload: Callable[[], Any] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         from accelerate.utils import DistributedType
 
         self.accelerator = accelerator
+        self.progress = progress or (lambda line: None)
+        self.steps_done = 0
+        self.backwards = 0
         self.rank = accelerator.process_index
         self.world_size = accelerator.num_processes
         self.reload = reload
@@ -148,6 +181,10 @@ class AcceleratorCollective(LocalCollective):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
+        self.backwards += 1
+        self.progress(f"optimizer step {self.steps_done + 1}: backward of micro-batch {self.backwards} done")
+        # A rank dying mid-step (`DAPO_VLM_FAULT=kill:mid_update_step_rank<r>`): the reliability tests' case.
+        faults.point(f"mid_update_step_rank{self.rank}")
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -165,6 +202,9 @@ class AcceleratorCollective(LocalCollective):
     def clip_grad_norm(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        max_norm: float) -> torch.Tensor:
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        self.steps_done += 1
+        self.backwards = 0
+        self.progress(f"optimizer step {self.steps_done}: gradients synchronized and clipped")
         # DeepSpeed clips inside its step (gradient_clipping in its config) and may report no norm.
         return torch.tensor(0.0) if norm is None else torch.as_tensor(norm).detach().float().cpu()
 
@@ -200,7 +240,7 @@ def make_accelerator(config: DapoConfig) -> Any:
 
 
 def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, log: Any, *,
-                           accelerator: Any = None) -> UpdateRecord:
+                           accelerator: Any = None, progress: Callable[[str], None] | None = None) -> UpdateRecord:
     """One rank of the update (run under `accelerate launch`). Returns the round's update record
     (rank 0: with eval, after writing ckpt-(k+1) and update.json; other ranks: without)."""
     from dapo_ops import models, training
@@ -216,10 +256,13 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
         # Base + adapter for a LoRA checkpoint (a sharded model's gathered state then fits it key for key).
         return load_checkpoint_policy(run_store, key, config, device=accelerator.device)
 
+    progress = progress or (lambda line: None)
+    progress(f"rank {accelerator.process_index}: loading {key}")
     policy = load()
     optimizer = training.load_optimizer(run_store, key, policy, config)
     model, optimizer = accelerator.prepare(policy.model, optimizer)
-    collective = AcceleratorCollective(accelerator, reload=load)
+    progress(f"rank {accelerator.process_index}: model and optimizer prepared ({accelerator.distributed_type.value})")
+    collective = AcceleratorCollective(accelerator, reload=load, progress=progress)
     if collective.is_main:
         log(f"update on {collective.world_size} processes ({accelerator.distributed_type.value}, "
             f"device {accelerator.device}, mixed precision {accelerator.mixed_precision})")
@@ -231,6 +274,7 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
                                         device=accelerator.device, torch_dtype=config.torch_dtype)
     record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy,
                                  collective=collective, model=model)
+    progress(f"rank {accelerator.process_index}: update done after {collective.steps_done} optimizer steps")
     accelerator.wait_for_everyone()
     return record
 

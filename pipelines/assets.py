@@ -360,7 +360,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
 
     import torch
 
-    from dapo_ops import distributed
+    from dapo_ops import distributed, process_hygiene
     from dapo_ops.round_files import read_update_record
     from dapo_ops.update import NonFiniteUpdateError
 
@@ -377,12 +377,18 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
         with warnings.catch_warnings():  # Pipes' message reader flags a preview API on every launch
             warnings.simplefilter("ignore", dg.PreviewWarning)
             invocation = dg.PipesSubprocessClient(cwd=str(launch.cwd)).run(
-                context=context, command=launch.command, env=launch.env, extras=launch.extras)
+                context=context, command=launch.supervised, env=launch.env, extras=launch.extras)
     except Exception as error:
         failure = distributed.read_failure(store, key)
         if failure and failure.get("kind") == distributed.NON_FINITE:
             raise NonFiniteUpdateError(failure["message"]) from error
+        if failure and failure.get("kind") == process_hygiene.RANK_FAILED:
+            log.error(failure["message"])
+            raise dg.Failure(description=failure["message"], metadata={"update_failure": failure["kind"]}) from error
         raise
+    finally:
+        # However the call ended (interrupted, failed), nothing it started outlives it.
+        process_hygiene.kill_supervisors()
     record = read_update_record(store, key)
     store.require_checkpoint(record.next_checkpoint)
     metadata: dict = {}

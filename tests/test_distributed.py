@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -215,3 +216,110 @@ def test_gpu_smoke_script_says_no_gpu_is_present_and_exits_0_or_3_when_a_gpu_is_
     required = subprocess.run([str(script)], env={**env, "REQUIRE_GPU": "1"}, capture_output=True, text=True,
                               timeout=120)
     assert required.returncode == 3 and "SKIPPED: no GPU present" in required.stdout
+
+
+# ------------------------------------------------------------------------------------ process hygiene
+
+# A stand-in for the Dagster process: it starts the supervised launch as `_update_in_subprocesses` does.
+PARENT = ("import os, subprocess, sys; from dapo_ops import process_hygiene as h; "
+          "os.environ[h.PARENT_PID_ENV] = str(os.getpid()); sys.exit(subprocess.run(sys.argv[1:]).returncode)")
+
+
+def _alive(processes: list) -> list:
+    import psutil
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in processes if running(p)]
+
+
+def _supervised_env(launch: distributed.UpdateLaunch, **extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("DAPO_VLM_")}, **launch.env,
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_a_parent_death_signal_kills_the_child_when_its_parent_is_killed(tmp_path: Path):
+    import psutil
+
+    # parent -> child (asks for SIGKILL at its parent's death, then sleeps); kill -9 the parent.
+    child = "from dapo_ops import process_hygiene as h; import time; h.set_parent_death_signal(); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                               f"'-c', {child!r}]); time.sleep(60)"], cwd=distributed.REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(distributed.REPO_ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = psutil.Process(parent.pid).children()
+        assert len(children) == 1
+        time.sleep(1.0)  # the child has asked for its signal (its interpreter is up)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(children) == []
+    finally:
+        parent.kill()
+
+
+def test_torchruns_failure_summary_names_the_rank_and_its_last_log_line(tmp_path: Path):
+    from dapo_ops import process_hygiene
+
+    (tmp_path / "rank-1.log").write_text("rank 1: loading ckpt-0000\noptimizer step 1: backward of micro-batch 1 done\n")
+    summary = ("Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-01_20:50:00\n  host      : h\n"
+               "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n  error_file: <N/A>\n")
+    assert process_hygiene.rank_failure(summary) == (1, -9)
+    message = process_hygiene.failure_message(summary, 1, tmp_path)
+    assert message.startswith("rank 1 of the update died (signal SIGKILL)")
+    assert "'optimizer step 1: backward of micro-batch 1 done'" in message
+    assert "exited with code 1 and named no failed rank" in process_hygiene.failure_message("boom\n", 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_parent_during_a_two_process_update_leaves_no_child_alive_after_10_s(prepared: Path):
+    import psutil
+
+    store = _copy(prepared, "parent-killed")
+    launch = distributed.prepare_launch(CONFIG, store, KEY)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *launch.supervised], cwd=launch.cwd,
+                              env=_supervised_env(launch), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        logs = distributed.rank_log_dir(store, KEY)
+        deadline = time.monotonic() + 240
+        while not all((logs / f"rank-{r}.log").exists() for r in (0, 1)):
+            assert parent.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        family = psutil.Process(parent.pid).children(recursive=True)  # supervisor, launcher, 2 ranks
+        assert sum("pipelines.pipes_update" in " ".join(p.cmdline()) for p in _alive(family)) >= 2, family
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(family) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(family) == [], [p.cmdline() for p in _alive(family)]
+        assert not store.checkpoint_dir(NEXT).exists()
+    finally:
+        parent.kill()
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_step_fails_the_update_naming_it_and_writes_no_checkpoint(prepared: Path):
+    from dapo_ops import faults, process_hygiene
+
+    store = _copy(prepared, "rank-killed")
+    launch = distributed.prepare_launch(CONFIG, store, KEY)
+    done = subprocess.run([sys.executable, "-c", PARENT, *launch.supervised], cwd=launch.cwd,
+                          env=_supervised_env(launch, **{faults.FAULT_ENV: "kill:mid_update_step_rank1"}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    failure = distributed.read_failure(store, KEY)
+    assert failure is not None and failure["kind"] == process_hygiene.RANK_FAILED, done.stdout[-3000:]
+    assert failure["message"].startswith("rank 1 of the update died (signal SIGKILL)")
+    assert "its last log line: 'optimizer step 1: backward of micro-batch 1 done'" in failure["message"]
+    assert not store.checkpoint_dir(NEXT).exists()
+    assert not (store.round_dir(KEY) / "update.json").exists()
