@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dapo_ops import faults, process_hygiene
+from dapo_ops import faults, fsdp, process_hygiene
 from dapo_ops import store as store_io
 from dapo_ops.config import DapoConfig
 from dapo_ops.store import RunStore
@@ -44,7 +44,10 @@ ACCELERATE_CONFIGS = {
     "ddp": "multi_gpu_ddp.yaml",
     "fsdp": "fsdp.yaml",
     "zero3": "deepspeed_zero3.yaml",
+    "fsdp_cpu": "fsdp_cpu.yaml",
 }
+# Configs whose sharding this project applies itself (`dapo_ops.fsdp`): accelerate only launches the ranks.
+FSDP2_CONFIGS = {"fsdp_cpu.yaml"}
 CONFIG_ENV = "DAPO_ACCELERATE_CONFIG"
 CHILD_MODULE = "pipelines.pipes_update"
 UPDATE_CONFIG_FILE = "update_config.json"
@@ -121,6 +124,8 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if yaml.name in FSDP2_CONFIGS:
+        env[fsdp.SHARDING_ENV] = fsdp.FSDP2
     if not uses_cuda(config):
         env["ACCELERATE_USE_CPU"] = "true"
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
@@ -260,13 +265,21 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     progress(f"rank {accelerator.process_index}: loading {key}")
     policy = load()
     optimizer = training.load_optimizer(run_store, key, policy, config)
-    model, optimizer = accelerator.prepare(policy.model, optimizer)
-    progress(f"rank {accelerator.process_index}: model and optimizer prepared ({accelerator.distributed_type.value})")
-    collective = AcceleratorCollective(accelerator, reload=load, progress=progress)
+    collective: LocalCollective
+    if fsdp.wanted():
+        model, optimizer, origin = _shard_for_fsdp2(config, run_store, key, policy, optimizer)
+        collective = fsdp.FSDPCollective(optimizer, rank_log_dir(run_store, key) / ".tmp-optimizer_dcp",
+                                         reload=load, progress=progress)
+        kind = f"FSDP2 fully_shard over {torch.distributed.get_backend()}, {origin}"
+    else:
+        model, optimizer = accelerator.prepare(policy.model, optimizer)
+        collective = AcceleratorCollective(accelerator, reload=load, progress=progress)
+        kind = accelerator.distributed_type.value
+    progress(f"rank {accelerator.process_index}: model and optimizer prepared ({kind})")
     if collective.is_main:
-        log(f"update on {collective.world_size} processes ({accelerator.distributed_type.value}, "
+        log(f"update on {collective.world_size} processes ({kind}, "
             f"device {accelerator.device}, mixed precision {accelerator.mixed_precision})")
-        if collective.sharded:
+        if getattr(collective, "sharded", False):
             log.warning("sharded optimizer state is not saved with the checkpoint; the next round restarts AdamW")
     ref_policy = None
     if config.beta > 0 and not config.use_peft:  # LoRA: the reference is the adapter-disabled policy
@@ -277,6 +290,21 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     progress(f"rank {accelerator.process_index}: update done after {collective.steps_done} optimizer steps")
     accelerator.wait_for_everyone()
     return record
+
+
+def _shard_for_fsdp2(config: DapoConfig, run_store: RunStore, key: str, policy: Any,
+                     whole_optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
+    """Shard `policy.model` in place, then a new AdamW over its shards, filled from the checkpoint's DCP
+    folder or (whole, from optimizer.pt) from `whole_optimizer`. Returns (model, optimizer, origin)."""
+    from dapo_ops import training
+    from dapo_ops.update import make_optimizer
+
+    has_plain = (run_store.checkpoint_dir(key) / training.OPTIMIZER_FILE).exists()
+    plain = fsdp.plain_state_by_name(policy.model, whole_optimizer) if has_plain else None
+    model = fsdp.shard(policy.model)
+    optimizer = make_optimizer(model, config)
+    origin = fsdp.load_sharded_optimizer(model, optimizer, run_store.checkpoint_dir(key), plain, config.learning_rate)
+    return model, optimizer, origin
 
 
 class SilentLog:

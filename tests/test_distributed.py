@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -47,7 +48,12 @@ def _prepare_round(root: Path) -> RunStore:
     training.generate_round_rollouts(CONFIG, store, KEY, policy, log)
     training.compute_attention(CONFIG, store, KEY, policy, log)
     training.compute_rewards(CONFIG, store, KEY, log)
-    out = store.round_dir(KEY)
+    _perturb_round(store, KEY)
+    return store
+
+
+def _perturb_round(store: RunStore, key: str) -> None:
+    out = store.round_dir(key)
     # Advantages of both signs and old log-probs off the current ones, so that ratios clip both ways.
     generator = torch.Generator().manual_seed(7)
     rewards = pl.read_parquet(out / "rewards.parquet")
@@ -59,7 +65,6 @@ def _prepare_round(root: Path) -> RunStore:
     old["per_token_logps"] = old["per_token_logps"] + 0.3 * torch.randn(
         old["per_token_logps"].shape, generator=generator)
     torch.save(old, out / "old_logps.pt")
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +328,107 @@ def test_a_rank_that_dies_mid_step_fails_the_update_naming_it_and_writes_no_chec
     assert "its last log line: 'optimizer step 1: backward of micro-batch 1 done'" in failure["message"]
     assert not store.checkpoint_dir(NEXT).exists()
     assert not (store.round_dir(KEY) / "update.json").exists()
+
+
+# ------------------------------------------------------------------------------------ FSDP2 on CPU (gloo)
+
+
+def _launch_fsdp(store: RunStore, key: str, num_processes: int = 2) -> None:
+    launch = distributed.prepare_launch(CONFIG.replace(num_processes=num_processes), store, key,
+                                        accelerate_config="fsdp_cpu")
+    env = {**os.environ, **launch.env, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch.command, cwd=launch.cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def _in_process(store: RunStore, key: str) -> None:
+    config = CONFIG.replace(num_processes=1)
+    policy = models.load_policy(training.resolve_model_dir(store, key))
+    optimizer = training.load_optimizer(store, key, policy, config)
+    training.run_update(config, store, key, policy, optimizer, training.round_log(store, key))
+
+
+def _moments_by_name(store: RunStore, key: str) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state per parameter name, from optimizer.pt (id-keyed) or the sharded optimizer_dcp/."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = store.checkpoint_dir(key)
+    if (checkpoint / "optimizer_dcp").is_dir():
+        whole = checkpoint.parent / f"{key}-optimizer.pt"
+        dcp_to_torch_save(checkpoint / "optimizer_dcp", whole)
+        return torch.load(whole, weights_only=True)["state"]
+    saved = torch.load(checkpoint / training.OPTIMIZER_FILE, weights_only=True)
+    names = [n for n, p in models.load_policy(checkpoint).model.named_parameters() if p.requires_grad]
+    return {names[i]: state for i, state in saved["state"].items()}
+
+
+@dataclass
+class FsdpRuns:
+    plain: RunStore
+    sharded: RunStore
+    first_moments: tuple[dict, dict]  # AdamW state after round 1 (plain, sharded): round 2 deletes it
+    first_checkpoint_files: list[str]  # what the sharded ckpt-0001 held before round 2
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(prepared: Path) -> FsdpRuns:
+    """Two rounds updated in process (AdamW state in optimizer.pt) and with FSDP2 on 2 processes (round 2
+    resumes AdamW from round 1's optimizer_dcp/); both rounds' rollouts are the same files."""
+    plain, sharded = _copy(prepared, "fsdp-plain"), _copy(prepared, "fsdp-sharded")
+    _in_process(plain, KEY)
+    _launch_fsdp(sharded, KEY)
+    first = (_moments_by_name(plain, NEXT), _moments_by_name(sharded, NEXT))
+    files = sorted(str(p.relative_to(sharded.checkpoint_dir(NEXT))) for p in sharded.checkpoint_dir(NEXT).rglob("*"))
+    log = training.round_log(plain, NEXT)
+    policy = models.load_policy(training.resolve_model_dir(plain, NEXT))
+    training.generate_round_rollouts(CONFIG, plain, NEXT, policy, log)
+    training.compute_attention(CONFIG, plain, NEXT, policy, log)
+    training.compute_rewards(CONFIG, plain, NEXT, log)
+    _perturb_round(plain, NEXT)
+    shutil.copytree(plain.round_dir(NEXT), sharded.round_dir(NEXT))
+    _in_process(plain, NEXT)
+    _launch_fsdp(sharded, NEXT)
+    return FsdpRuns(plain, sharded, first, files)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_hold_consolidated_weights_and_the_sharded_adamw_state(fsdp_runs: FsdpRuns):
+    sharded = fsdp_runs.sharded
+    files = fsdp_runs.first_checkpoint_files
+    assert {"model.safetensors", "optimizer_dcp/.metadata", "optimizer_dcp/__0_0.distcp",
+            "optimizer_dcp/__1_0.distcp"} <= set(files)
+    assert training.OPTIMIZER_FILE not in files
+    assert "FSDP2 fully_shard over gloo" in (sharded.round_dir(KEY) / "terminal.log").read_text()
+    last = sharded.checkpoint_dir(checkpoint_key(2))
+    assert models.load_policy(last).model.config.model_type  # a save_pretrained reader loads it
+    # As with optimizer.pt, only the newest checkpoint keeps its optimizer state.
+    assert (last / "optimizer_dcp").is_dir() and not (sharded.checkpoint_dir(NEXT) / "optimizer_dcp").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_updates_the_weights_and_moments_of_one_process_within_1e_5(fsdp_runs: FsdpRuns):
+    plain, sharded = fsdp_runs.plain, fsdp_runs.sharded
+    one, two = _weights(plain, NEXT), _weights(sharded, NEXT)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
+    single, shards = fsdp_runs.first_moments
+    assert single.keys() == shards.keys()
+    for name, state in single.items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[moment], shards[name][moment], rtol=0, atol=1e-5), (name, moment)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_adamw_from_the_sharded_checkpoint_like_an_uninterrupted_optimizer(fsdp_runs: FsdpRuns):
+    plain, sharded = fsdp_runs.plain, fsdp_runs.sharded
+    last = checkpoint_key(2)
+    assert "sharded AdamW state from ckpt-0001/optimizer_dcp" in (sharded.round_dir(NEXT) / "terminal.log").read_text()
+    one, two = _weights(plain, last), _weights(sharded, last)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
+    single, shards = _moments_by_name(plain, last), _moments_by_name(sharded, last)
+    for name, state in single.items():
+        assert int(state["step"]) == int(shards[name]["step"]) == 8  # two rounds of 4 optimizer steps each
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[moment], shards[name][moment], rtol=0, atol=1e-6), (name, moment)
