@@ -45,10 +45,13 @@ ACCELERATE_CONFIGS = {
     "fsdp": "fsdp.yaml",
     "zero3": "deepspeed_zero3.yaml",
     "fsdp_cpu": "fsdp_cpu.yaml",
+    "multi_node": "multi_node.yaml",
 }
 # Configs whose sharding this project applies itself (`dapo_ops.fsdp`): accelerate only launches the ranks.
 FSDP2_CONFIGS = {"fsdp_cpu.yaml"}
 CONFIG_ENV = "DAPO_ACCELERATE_CONFIG"
+DEPLOYMENT_ENV = "DAPO_VLM_DEPLOYMENT"  # a configs/deploy/<name>.yaml: which Pipes client runs the ranks
+DEPLOY_DIR = REPO_ROOT / "configs" / "deploy"
 CHILD_MODULE = "pipelines.pipes_update"
 UPDATE_CONFIG_FILE = "update_config.json"
 NON_FINITE = "non_finite"
@@ -61,10 +64,41 @@ def uses_cuda(config: DapoConfig) -> bool:
     return config.device.startswith("cuda")
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Where the ranks run (`configs/deploy/<name>.yaml`): the Dagster Pipes client (`module.Class`)
+    that starts them, the accelerate config it implies, and the client's extra `run` arguments."""
+
+    name: str
+    pipes_client: str
+    accelerate_config: str | None
+    run_args: dict[str, Any]
+
+
+def deployment(name: str | None = None) -> Deployment:
+    """`name`, else `DAPO_VLM_DEPLOYMENT`, else "local"; a clear error naming the file and key."""
+    import yaml
+
+    name = name or os.environ.get(DEPLOYMENT_ENV) or "local"
+    path = DEPLOY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in DEPLOY_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"deployment {name!r}: no {path}; set {DEPLOYMENT_ENV} to one of {known}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    client = data.get("pipes_client")
+    if not isinstance(client, str) or "." not in client:
+        raise ValueError(f"{path}: key pipes_client must name a class as module.Class, got {client!r}")
+    return Deployment(name, client, data.get("accelerate_config"), dict(data.get("run_args") or {}))
+
+
 def accelerate_config_path(config: DapoConfig, choice: str | None = None) -> Path:
-    """The accelerate yaml for this run: `choice`, else `DAPO_ACCELERATE_CONFIG`, else multi-GPU DDP on
-    GPUs and DDP over gloo on CPU. A name from `ACCELERATE_CONFIGS` or a path."""
-    choice = choice or os.environ.get(CONFIG_ENV) or ("ddp" if uses_cuda(config) else "cpu")
+    """The accelerate yaml for this run: `choice`, else `DAPO_ACCELERATE_CONFIG`, else the deployment's,
+    else multi-GPU DDP on GPUs and DDP over gloo on CPU. A name from `ACCELERATE_CONFIGS`, a file of
+    `configs/accelerate/`, or a path."""
+    choice = (choice or os.environ.get(CONFIG_ENV) or deployment().accelerate_config
+              or ("ddp" if uses_cuda(config) else "cpu"))
+    if choice not in ACCELERATE_CONFIGS and (CONFIG_DIR / choice).is_file():
+        choice = str(CONFIG_DIR / choice)
     path = CONFIG_DIR / ACCELERATE_CONFIGS[choice] if choice in ACCELERATE_CONFIGS else Path(choice)
     if not path.is_file():
         raise FileNotFoundError(
@@ -72,6 +106,12 @@ def accelerate_config_path(config: DapoConfig, choice: str | None = None) -> Pat
             f"{', '.join(ACCELERATE_CONFIGS)} or to a yaml file"
         )
     return path.resolve()
+
+
+def _machines(path: Path) -> int:
+    import yaml
+
+    return int((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("num_machines", 1))
 
 
 @dataclass
@@ -107,8 +147,9 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
         python or sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(yaml),
         "--num_processes", str(n),
-        "--num_machines", "1",
-        "--main_process_port", "0",  # a free port: several runs (or test sessions) may share the machine
+        # One machine: a free port, as several runs (or test sessions) may share it. Several: the yaml's
+        # rendezvous address, and each node passes its own --machine_rank.
+        *(["--num_machines", "1", "--main_process_port", "0"] if _machines(yaml) == 1 else []),
         "-m", CHILD_MODULE,
         "--data-root", str(Path(run_store.root).resolve()),
         "--run-name", run_store.run_name,

@@ -432,3 +432,52 @@ def test_fsdp2_resumes_adamw_from_the_sharded_checkpoint_like_an_uninterrupted_o
         assert int(state["step"]) == int(shards[name]["step"]) == 8  # two rounds of 4 optimizer steps each
         for moment in ("exp_avg", "exp_avg_sq"):
             assert torch.allclose(state[moment], shards[name][moment], rtol=0, atol=1e-6), (name, moment)
+
+
+# ------------------------------------------------------------------------------------ deployments
+
+
+def test_the_local_deployment_starts_the_ranks_with_the_subprocess_pipes_client(tmp_path: Path, monkeypatch):
+    import dagster as dg
+
+    from pipelines.assets import pipes_client_for
+
+    monkeypatch.delenv(distributed.DEPLOYMENT_ENV, raising=False)
+    deployment = distributed.deployment()
+    assert deployment.pipes_client == "dagster.PipesSubprocessClient"
+    launch = distributed.prepare_launch(CONFIG.replace(device="cpu"), RunStore(tmp_path, "r"), KEY)
+    client, run_args = pipes_client_for(deployment, launch)
+    assert type(client) is dg.PipesSubprocessClient and run_args == {}
+
+
+def test_the_k8s_deployment_names_the_k8s_pipes_client_and_the_multi_node_accelerate_config(tmp_path: Path,
+                                                                                            monkeypatch):
+    import importlib.util
+
+    from pipelines.assets import pipes_client_class
+
+    monkeypatch.setenv(distributed.DEPLOYMENT_ENV, "k8s")
+    monkeypatch.delenv(distributed.CONFIG_ENV, raising=False)
+    deployment = distributed.deployment()
+    assert deployment.pipes_client == "dagster_k8s.PipesK8sClient"
+    assert deployment.run_args["image"] and deployment.run_args["base_pod_spec"]["volumes"]
+    launch = distributed.prepare_launch(CONFIG.replace(num_processes=16), RunStore(tmp_path, "r"), KEY)
+    assert launch.accelerate_config.name == "multi_node.yaml"
+    assert "--num_machines" not in launch.command  # the yaml's 2 machines and rendezvous address stand
+    import yaml
+
+    instance = yaml.safe_load((distributed.DEPLOY_DIR / "k8s" / "dagster.yaml").read_text())
+    assert (instance["run_launcher"]["module"], instance["run_launcher"]["class"]) == ("dagster_k8s", "K8sRunLauncher")
+    if importlib.util.find_spec("dagster_k8s") is None:
+        with pytest.raises(ImportError, match="pip install dagster-k8s"):
+            pipes_client_class(deployment)
+    else:
+        import dagster_k8s
+
+        assert pipes_client_class(deployment) is dagster_k8s.PipesK8sClient
+
+
+def test_an_unknown_deployment_is_refused_naming_the_known_ones(monkeypatch):
+    monkeypatch.setenv(distributed.DEPLOYMENT_ENV, "cloud")
+    with pytest.raises(FileNotFoundError, match="set DAPO_VLM_DEPLOYMENT to one of k8s, local"):
+        distributed.deployment()
