@@ -230,9 +230,9 @@ class PipelineTimer:
 
         original = cli.materialize
 
-        def timed(selection, config, **kwargs):
+        def timed(job_name, config, **kwargs):
             start = self.clock.now()
-            result = original(selection, config, **kwargs)
+            result = original(job_name, config, **kwargs)
             seconds = self.clock.now() - start
             instance = kwargs.get("instance")
             if instance is None:  # run_training passes its instance; else the one DAGSTER_HOME names

@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dapo_ops import progress
 from dapo_ops.config import STAGES
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
@@ -271,23 +272,24 @@ class ModalityMassRecorder:
         return self._row_weights
 
     def _rows_mask(
-        self, attention_mask: torch.Tensor | None, group: int, device: torch.device
+        self, attention_mask: torch.Tensor | None, group: int, device: torch.device, offset: int = 0
     ) -> torch.Tensor:
         """The mask of the query window, with each row repeated `group` times (GQA fold, see `accumulate`).
 
+        `offset`: the sequence position of the forward's first query row (> 0 after a cached prefix).
         The model builds one mask per forward and hands the same tensor to every layer, so the fold is
         computed once and reused (keyed on the tensor's identity, which it keeps during the forward).
         """
-        key = (id(attention_mask), group)
+        key = (id(attention_mask), group, offset)
         if self._folded_mask is not None and self._mask_key == key and self._mask_source is attention_mask:
             return self._folded_mask
         start, seq = self.window_start, self.seq_len
         if attention_mask is None:
-            # SDPA was told is_causal: query position p sees keys k <= p.
+            # SDPA was told is_causal (or, after a cache, the rows see every key): query p sees keys k <= p.
             positions = torch.arange(start, seq, device=device)
             rows = (torch.arange(seq, device=device)[None, :] <= positions[:, None])[None, None]  # [1,1,Tq,T]
         else:
-            rows = attention_mask[:, :, start:, :]  # [B|1, 1|H, Tq, T], bool or additive float
+            rows = attention_mask[:, :, start - offset :, :]  # [B|1, 1|H, Tq, T], bool or additive float
         b, h, tq, t = rows.shape
         if h == 1:
             folded = rows[:, :, None].expand(b, 1, group, tq, t).reshape(b, 1, group * tq, t)
@@ -305,25 +307,31 @@ class ModalityMassRecorder:
         attention_mask: torch.Tensor | None,
         scaling: float | None,
     ) -> None:
-        """m_V(l), m_T(l) of one decoder layer from its query [B, H, T, D] and key [B, H_kv, T, D] states."""
+        """m_V(l), m_T(l) of one decoder layer from its query [B, H, Tq, D] and key [B, H_kv, T, D] states.
+
+        Either one full forward (Tq = T) or, in the shared-prefix layout, a forward after a cached prompt:
+        the queries are the last Tq positions and the keys the cached prompt plus those positions.
+        """
         batch, heads, q_len, head_dim = query.shape
         kv_heads, kv_len = key.shape[1], key.shape[2]
-        if q_len != self.seq_len or kv_len != self.seq_len or batch != self.batch_size:
+        offset = self.seq_len - q_len  # the sequence position of query row 0
+        if kv_len != self.seq_len or batch != self.batch_size or not 0 <= offset <= self.window_start:
             raise ValueError(
-                "record_modality_mass expects one full forward over the recorded sequence "
-                f"(B={self.batch_size}, T={self.seq_len}); got query {tuple(query.shape)}, "
-                f"key {tuple(key.shape)} "
-                "(a KV cache or a different batch inside the recorder?)"
+                "record_modality_mass expects one full forward over the recorded sequence, or one after a "
+                "cached prefix whose queries include every query row "
+                f"(B={self.batch_size}, T={self.seq_len}, first query "
+                f"{self.window_start}); got query {tuple(query.shape)}, key {tuple(key.shape)} "
+                "(a different batch, or a cache that does not hold the whole prefix?)"
             )
-        if self.window_start >= q_len:
+        if self.window_start >= self.seq_len:
             return
         group = heads // kv_heads
         # GQA without repeat_kv: query heads r of kv head g become extra query rows of g, so keys are shared.
-        rows = query[:, :, self.window_start :, :]
+        rows = query[:, :, self.window_start - offset :, :]
         tq = rows.shape[2]
         rows = rows.reshape(batch, kv_heads, group * tq, head_dim)
         values = self._indicator_values(head_dim, query.dtype, query.device).expand(batch, kv_heads, -1, -1)
-        mask = self._rows_mask(attention_mask, group, query.device)
+        mask = self._rows_mask(attention_mask, group, query.device, offset)
         out = F.scaled_dot_product_attention(rows, key, values, attn_mask=mask, scale=scaling)
         mass = out[..., :2].reshape(batch, heads, tq, 2).float()
         if self._mass is None:
@@ -457,6 +465,17 @@ def record_modality_mass(
             recorder.release()
 
 
+@contextmanager
+def recording_paused() -> Iterator[None]:
+    """Forwards inside record nothing (the lean attention stays swapped in, so outputs stay SDPA's): the
+    shared-prefix path's prompt forward, which has no query rows, runs inside the recorder this way."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 # --------------------------------------------------------------------------------- teacher-forced pass
 
 
@@ -522,10 +541,18 @@ def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devi
 
 
 def completion_forward(
-    model: Any, rollouts_slice: RolloutLike, *, temperature: float = 1.0, with_attention: bool = False,
+    model: Any,
+    rollouts_slice: RolloutLike,
+    *,
+    temperature: float = 1.0,
+    with_attention: bool = False,
     entropy_grad: bool = False,
+    shared_prefix: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass]).
+
+    With `shared_prefix`, rows with the same prompt share one prompt forward (`dapo_ops.shared_prefix`):
+    the same outputs up to float rounding.
 
     per_token_logps is differentiable (run it under `torch.no_grad()` for scoring), entropy only with
     `entropy_grad` (an entropy bonus); both are [B, Tc] on the model's device. Logits are computed only for the last Tc+1 positions
@@ -533,6 +560,13 @@ def completion_forward(
     sampling, scores the raw logits). With `with_attention`, also the [B, L] masses (no gradient, CPU)
     from the lean path.
     """
+    if shared_prefix:
+        from dapo_ops.shared_prefix import shared_completion_forward  # it imports this module
+
+        return shared_completion_forward(
+            model, rollouts_slice, temperature=temperature, with_attention=with_attention,
+            entropy_grad=entropy_grad,
+        )
     model = _unwrap(model)
     device = next(model.parameters()).device
     completion_ids = rollouts_slice.completion_ids.to(device)
@@ -568,23 +602,29 @@ def teacher_forced_pass(
     temperature: float = 1.0,
     batch_size: int | None = None,
     with_attention: bool = True,
+    shared_prefix: bool = True,
 ) -> TeacherForcedOutputs:
     """Old per-token log-probs, entropy and per-layer modality masses of N rollouts from ONE forward each.
 
     Runs under `torch.no_grad()` in micro-batches of `batch_size` rollouts (all at once when None), through
-    the same `completion_forward` that the update step differentiates. The model's train/eval mode is
-    left as it is.
+    the same `completion_forward` that the update step differentiates; with `shared_prefix` (the default,
+    `DapoConfig.shared_prefix`) each prompt of a micro-batch is computed once for all its rollouts. The
+    model's train/eval mode is left as it is.
     """
     model = _unwrap(model_or_policy)
     total = int(rollouts.completion_ids.shape[0])
     step = total if not batch_size or batch_size >= total else int(batch_size)
     parts: list[tuple[torch.Tensor, ...]] = []
+    progress.begin("teacher-forced", -(-total // max(step, 1)), unit="batch")
     with torch.no_grad():
         for start in range(0, total, max(step, 1)):
             stop = min(start + step, total)
             batch = rollouts if (start, stop) == (0, total) else rollouts.select(list(range(start, stop)))
-            result = completion_forward(model, batch, temperature=temperature, with_attention=with_attention)
+            result = completion_forward(
+                model, batch, temperature=temperature, with_attention=with_attention, shared_prefix=shared_prefix
+            )
             parts.append(tuple(t.detach().float().cpu() for t in result))
+            progress.advance("teacher-forced")
     if not parts:  # no rollouts
         width = int(rollouts.completion_ids.shape[1])
         empty = torch.zeros(0, width)

@@ -18,6 +18,10 @@ ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
+WarmupTarget = Literal["task", "format"]
+WarmupAnswer = Literal["letter", "choice"]
+WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
+WARMUP_ANSWERS: tuple[str, ...] = get_args(WarmupAnswer)
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
@@ -80,7 +84,9 @@ class DapoConfig:
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean entropy of the loss tokens
     use_bias_correction_kl: bool = False  # TRL's default is True: k3 times the importance weight
     multi_objective_aggregation: MultiObjectiveAggregation = "sum_then_normalize"
-
+    # Compute each prompt once for all its rollouts in the teacher-forced pass and the update (a shared KV
+    # cache); False runs one full forward per rollout (the same numbers up to float rounding).
+    shared_prefix: bool = True
     # DAPO extras.
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = 3
@@ -102,6 +108,10 @@ class DapoConfig:
     eval_subset_size: int = 128
     warmup_steps: int = 45
     warmup_learning_rate: float = 3e-3
+    # What the warm start teaches: "task" = the right answers, "format" = a uniformly drawn choice (the format
+    # and no task, no letter prior); and how its targets answer: "letter" (`Answer: B`) or "choice" (`Answer: green`).
+    warmup_target: WarmupTarget = "task"
+    warmup_answer: WarmupAnswer = "letter"
 
     # Scale-out.
     num_processes: int = 1
@@ -122,8 +132,9 @@ class DapoConfig:
     save_total_limit: int | None = None  # keep the weights of the newest N trained checkpoints (None: all)
     save_only_model: bool = False  # never store optimizer state (resume restarts AdamW)
 
-    # Monitoring: the blocking check on policy_update.
+    # Monitoring: the blocking check on policy_update, and the rollout sample the reports and MLflow show.
     max_eval_drop: float = 0.2  # a checkpoint whose eval accuracy fell by more than this stops the run
+    report_samples: int = 4  # prompts shown with all G completions (best, then worst mean reward); -1: every rollout
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,6 +152,10 @@ class DapoConfig:
             problems.append(f"mdi_reward_stage={self.mdi_reward_stage!r} is unknown; use one of {', '.join(STAGES)}")
         if self.mdi_shaping not in MDI_SHAPINGS:
             problems.append(f"mdi_shaping={self.mdi_shaping!r} is unknown; use one of {', '.join(MDI_SHAPINGS)}")
+        if self.warmup_target not in WARMUP_TARGETS:
+            problems.append(f"warmup_target={self.warmup_target!r} is unknown; use one of {', '.join(WARMUP_TARGETS)}")
+        if self.warmup_answer not in WARMUP_ANSWERS:
+            problems.append(f"warmup_answer={self.warmup_answer!r} is unknown; use one of {', '.join(WARMUP_ANSWERS)}")
         if self.vllm_mode not in VLLM_MODES:
             problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
         engine = engine_problem(self)
@@ -191,6 +206,9 @@ class DapoConfig:
                             f"use one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
         if not 0 <= self.max_eval_drop <= 1:
             problems.append(f"max_eval_drop={self.max_eval_drop} must be in [0, 1] (1 never stops the run)")
+        if self.report_samples < -1:
+            problems.append(f"report_samples={self.report_samples} must be -1 (every rollout), 0 (none) or a number "
+                            "of prompts")
         if self.num_processes < 1:
             problems.append(f"num_processes={self.num_processes} must be at least 1")
         problems += self._scale_problems()

@@ -6,7 +6,8 @@ MLflow is unreachable; whoever sends it records that in `sent.jsonl`. Files unde
 - `journal.jsonl` — one line per logged round (append-only): `{v, entry_id, key, step, timestamp_ms,
   metrics: {step: {name: value}}, artifacts: [{path, artifact_path}], tags, journaled_at}`, and optionally
   `models: [{name, path, step, max_completion_length}]` (checkpoints to register as MLflow logged models) and
-  `inputs: [{name, path, context}]` (parquet files to log as MLflow dataset inputs).
+  `inputs: [{name, path, context}]` (parquet files to log as MLflow dataset inputs) and `tables: [artifact
+  path]` (table files among the artifacts that the MLflow UI lists as logged tables).
 - `sent.jsonl` — one line per entry confirmed in MLflow: `{entry_id, key, run_id, sent_at}`.
 - `run.json` — the MLflow run id per tracking URI (a cache; the sink re-checks it in MLflow).
 - `params.json` — the latest params and tags given to `start`, so a later sync can create the run.
@@ -230,6 +231,7 @@ class Journal:
         tags: Mapping[str, str],
         models: list[Mapping[str, Any]] | None = None,
         inputs: list[Mapping[str, Any]] | None = None,
+        tables: list[str] | None = None,
     ) -> dict[str, Any]:
         """Append one round (metrics already encoded, by step) and return its entry."""
         journal = read_jsonl(self.journal_path)
@@ -256,6 +258,10 @@ class Journal:
             entry["models"] = [{**m, "path": str(Path(m["path"]).resolve())} for m in models]
         if inputs:
             entry["inputs"] = [{**i, "path": str(Path(i["path"]).resolve())} for i in inputs]
+        if tables:
+            for table in tables:
+                check_name(table, "table artifact")
+            entry["tables"] = list(tables)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         append_jsonl(self.journal_path, entry)
         return entry

@@ -293,6 +293,28 @@ class MlflowSink:
             client.log_batch(run_id, tags=chunk)
         for item in entry["artifacts"]:
             self.log_artifact(run_id, Path(item["path"]), item["artifact_path"])
+        if entry.get("tables"):
+            self.register_tables(run_id, entry["tables"])
+
+    def register_tables(self, run_id: str, tables: list[str]) -> None:
+        """List table files (already logged as artifacts) in the run's `mlflow.loggedArtifacts` tag, as
+        `log_table` does, so the UI shows them as tables. Idempotent, unlike `log_table`, which appends the
+        rows again to a table file that exists."""
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        client = self.client()
+        current = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        added = [{"path": path, "type": "table"} for path in tables if {"path": path, "type": "table"} not in current]
+        if not added:
+            return
+        listed = current + added
+        # A tag holds at most MAX_TAG_VALUE characters: past ~140 rounds the oldest tables leave the list
+        # (their files stay among the artifacts), or every later send would fail.
+        while len(json.dumps(listed)) > MAX_TAG_VALUE and len(listed) > len(added):
+            listed.pop(0)
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(listed))
 
     def ensure_model(self, run_id: str, model: Mapping[str, Any]) -> str:
         """The READY logged model of checkpoint `model["name"]` in `run_id`, created once (idempotent: a

@@ -3,7 +3,7 @@
 The round table has one row per rollout (see `ROUND_TABLE_COLUMNS`). Conventions shared by all reports:
 
 - Means and stds leave out undefined values (NaN or null): a rollout without image tokens has NaN attention
-  metrics (METRICS.md) and does not enter the batch means. With no defined value the mean is NaN.
+  metrics (docs/metrics.md) and does not enter the batch means. With no defined value the mean is NaN.
 - Std is the sample std (ddof=1); with fewer than two defined values it is NaN.
 - Tables render NaN as ``nan``; JSON blocks render it as ``null`` (JSON has no NaN) and round floats to
   6 decimals.
@@ -17,6 +17,7 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -270,6 +271,51 @@ def _batch_note(table: pl.DataFrame) -> str:
 
 # ------------------------------------------------------------------------------------ rollout results
 
+# `report_samples` value that shows every rollout; 0 shows none, N > 0 shows N prompts with all G completions.
+ALL_ROLLOUTS = -1
+
+
+def check_report_samples(report_samples: int) -> None:
+    if report_samples < ALL_ROLLOUTS:
+        raise ValueError(f"report_samples={report_samples} must be -1 (every rollout), 0 (none) or a number of prompts")
+
+
+def sample_prompts(table: pl.DataFrame, report_samples: int) -> list[int]:
+    """The `prompt_index`es of the sample: the ⌈N/2⌉ prompts with the best mean `total_reward`, then the ⌊N/2⌋
+    with the worst, for N = `report_samples` (every prompt, best first, when N is -1 or at least their number).
+    Ties go to the lower prompt index; a prompt without a defined reward counts as the worst."""
+    check_report_samples(report_samples)
+    _require(table, ["prompt_index", "total_reward"], "sample_prompts")
+    means = (table.group_by("prompt_index")
+             .agg(pl.col("total_reward").cast(pl.Float64).fill_nan(None).mean().alias("mean"))
+             .sort(["mean", "prompt_index"], descending=[True, False], nulls_last=True))
+    ranked = [int(p) for p in means.get_column("prompt_index").to_list()]
+    if report_samples == ALL_ROLLOUTS or report_samples >= len(ranked):
+        return ranked
+    best, worst = (report_samples + 1) // 2, report_samples // 2
+    return ranked[:best] + ranked[len(ranked) - worst:]
+
+
+def sample_rollouts(table: pl.DataFrame, report_samples: int) -> pl.DataFrame:
+    """The rollouts the reports show: every one by `rollout_index` for -1 (`ALL_ROLLOUTS`), none for 0, else
+    all G completions of each prompt of `sample_prompts`, best prompt first, by `rollout_index` within one."""
+    check_report_samples(report_samples)
+    if report_samples == ALL_ROLLOUTS:
+        return table.sort("rollout_index")
+    rank = {p: i for i, p in enumerate(sample_prompts(table, report_samples))}
+    chosen = table.filter(pl.col("prompt_index").is_in(list(rank)))
+    order = pl.col("prompt_index").replace_strict(rank, return_dtype=pl.Int64)
+    return chosen.with_columns(order.alias("_rank")).sort(["_rank", "rollout_index"]).drop("_rank")
+
+
+def _sample_note(table: pl.DataFrame, report_samples: int) -> str:
+    if report_samples == ALL_ROLLOUTS:
+        return ""
+    prompts = len(sample_prompts(table, report_samples)) if report_samples else 0
+    return (f" The sample (`report_samples={report_samples}`) is {prompts} prompt(s), best mean total reward first "
+            "and then the worst, with all their completions.")
+
+
 _ROLLOUT_REQUIRED = (
     "rollout_index",
     "prompt_index",
@@ -339,14 +385,17 @@ def render_rollout_results(
     checkpoint: str,
     max_samples: int | None = None,
     reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
+    report_samples: int = ALL_ROLLOUTS,
+    all_rollouts_link: str | None = None,
 ) -> str:
-    """`rollout_results.md`: overall table, MDI-per-stage table and one JSON block per rollout.
+    """`rollout_results.md`: overall table, MDI-per-stage table and one JSON block per sampled rollout.
 
     The overall table and each rollout's `rewards` have one entry per reward of `reward_names` (the
     configured `reward_funcs`), the MDI of `mdi_reward_stage` (`MDI Mean`, `rewards.mdi`) and the total.
     `Success Rate`, shown when both are configured, is the share of rollouts with both `mc_idx_reward == 1`
-    and `think_format_reward == 1`. Samples are listed by `rollout_index`, the first `max_samples` of them
-    when given.
+    and `think_format_reward == 1`. Both tables cover every rollout; the JSON blocks show the sample of
+    `report_samples` (see `sample_rollouts`; by default every rollout, by `rollout_index`), the first
+    `max_samples` of it when given. `all_rollouts_link`: where the file holding every rollout is (linked).
     """
     _check_stage(mdi_reward_stage)
     _require(table, [*_ROLLOUT_REQUIRED, *reward_names], "render_rollout_results")
@@ -381,7 +430,8 @@ def render_rollout_results(
         )
     mdi_table = _table(["Stage", "MDI Mean", "MDI Std", "AEI Text", "AEI Vision"], stage_rows)
 
-    shown = table if max_samples is None else table.head(max(0, max_samples))
+    sample = sample_rollouts(table, report_samples)
+    shown = sample if max_samples is None else sample.head(max(0, max_samples))
     samples = []
     for row in shown.iter_rows(named=True):
         title = f"### Rollout {row['rollout_index']} · prompt {row['prompt_index']}"
@@ -396,10 +446,76 @@ def render_rollout_results(
         overall,
         "## MDI by stage",
         mdi_table,
-        f"## Samples\n\nShowing {shown.height} of {table.height} rollouts.",
+        f"## Samples\n\nShowing {shown.height} of {table.height} rollouts.{_sample_note(table, report_samples)}"
+        + (f" Every rollout: [{Path(all_rollouts_link).name}]({all_rollouts_link})." if all_rollouts_link else ""),
         *samples,
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def _choices_text(choices: Sequence[str] | None) -> str:
+    return "  ".join(f"{_letter(i)}. {c}" for i, c in enumerate(choices or []))
+
+
+def rollout_sample_columns(
+    sample: pl.DataFrame, image_cells: Mapping[int, Any], *, reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS
+) -> dict[str, list[Any]]:
+    """The sample as named columns (what the MLflow table and the Dagster table show), one row per rollout:
+    `image` (the `image_cells` entry of its `prompt_index`), indices, question, choices, answer, completion,
+    each reward under its report label, `total`, `advantage` and `mdi/<stage>` per stage (NaN -> None)."""
+    _require(sample, ["rollout_index", "prompt_index", "question", "choices", "correct_choice_idx", "completion",
+                      *reward_names, "total_reward", "advantage", *(_attn_col(s, "mdi") for s in STAGES)],
+             "rollout_sample_columns")
+    rows = list(sample.iter_rows(named=True))
+    columns: dict[str, list[Any]] = {
+        "image": [image_cells[int(r["prompt_index"])] for r in rows],
+        "rollout_index": [r["rollout_index"] for r in rows],
+        "prompt_index": [r["prompt_index"] for r in rows],
+        "question": [r["question"] for r in rows],
+        "choices": [_choices_text(r["choices"]) for r in rows],
+        "answer": [format_answer(r["choices"], r["correct_choice_idx"]) for r in rows],
+        "completion": [r["completion"] for r in rows],
+    }
+    for name in reward_names:
+        columns[reward_label(name)] = [_json_value(r[name]) for r in rows]
+    columns["total"] = [_json_value(r["total_reward"]) for r in rows]
+    columns["advantage"] = [_json_value(r["advantage"]) for r in rows]
+    for stage in STAGES:
+        columns[f"mdi/{stage}"] = [_json_value(r[_attn_col(stage, "mdi")]) for r in rows]
+    return columns
+
+
+def mlflow_table_json(columns: Mapping[str, Sequence[Any]]) -> str:
+    """The table file `MlflowClient.log_table` writes (pandas' `orient="split"`: `{"columns", "data"}`), so the
+    MLflow UI shows it as a logged table; cells holding `{"type": "image", "filepath", "compressed_filepath"}`
+    (paths in the run's artifacts) are shown as images."""
+    names = list(columns)
+    lengths = {len(columns[n]) for n in names}
+    if len(lengths) > 1:
+        raise ValueError(f"mlflow_table_json: the columns have different lengths {sorted(lengths)}")
+    data = [[columns[n][i] for n in names] for i in range(lengths.pop() if lengths else 0)]
+    return json.dumps({"columns": names, "data": _json_value(data)}, ensure_ascii=False, allow_nan=False)
+
+
+def render_rollout_sample(columns: Mapping[str, Sequence[Any]]) -> str:
+    """The sample as one markdown table (the Dagster materialization's view of the MLflow table): the `image`
+    cells are markdown (e.g. `![prompt 3](rollout_images/prompt-0003.png)`), numbers have 3 decimals."""
+    names = list(columns)
+    if not names or not columns[names[0]]:
+        return "(no rollouts in the sample)"
+
+    def show(value: Any) -> str:
+        if value is None:
+            return "nan"
+        if isinstance(value, float):
+            return _fmt(value)
+        return str(value)
+
+    images = columns.get("image", [])
+    # One image per prompt: its G completions follow each other in the sample.
+    rows = [["" if n == "image" and i > 0 and images[i] == images[i - 1] else show(columns[n][i]) for n in names]
+            for i in range(len(columns[names[0]]))]
+    return _table(names, rows)
 
 
 # ------------------------------------------------------------------------------- attention diagnostics

@@ -317,7 +317,7 @@ def mdi_reward(
     """A reward in [−1, 1] for balanced modality attention, from each rollout's MDI (stage `mdi_reward_stage`).
 
     Shapings (`mdi_shaping`), with d = |ln mdi| and R = `mdi_tolerance`:
-    - `clip` (default, METRICS.md): `2·mdi_balance − 1 = 2·clip(1 − d / ln R, 0, 1) − 1`. It is +1 at MDI = 1
+    - `clip` (default, docs/metrics.md): `2·mdi_balance − 1 = 2·clip(1 − d / ln R, 0, 1) − 1`. It is +1 at MDI = 1
       and saturates at −1 once MDI is a factor R or more off balance, so a group whose MDIs are all far
       from 1 (the seed's MDI 4–8) gets the same −1 everywhere: no learning signal.
     - `group_log_distance`: `clip(2·(mean_g d − d_i) / ln R, −1, 1)`, where mean_g runs over the defined MDIs

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dapo_ops import progress
 from dapo_ops.inputs import PromptBatch, select_pixel_values, vl_model_inputs
 from dapo_ops.models import Policy
 
@@ -221,6 +222,7 @@ def _sample_chunk(
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens.append(token)
         lengths += (~finished).long()
+        progress.advance("generation", (~finished).sum())
         finished |= token == eos
         if bool(finished.all()) or step == max_completion_length - 1:
             break
@@ -312,6 +314,7 @@ def generate_rollouts(
     suppressed = torch.tensor(policy.suppressed_token_ids, dtype=torch.long, device=device)
     num_prompts = len(prompts)
     per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_generations)
+    progress.begin("generation", num_prompts * num_generations * max_completion_length, unit="tok")  # at most
 
     token_chunks: list[torch.Tensor] = []
     length_chunks: list[torch.Tensor] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from dapo_ops import charts, faults, health, reports, store, training
+from dapo_ops import charts, data, faults, health, reports, store, training
 from dapo_ops.config import DapoConfig
 from dapo_ops.engines import RolloutEngine
 from dapo_ops.health import Finding
@@ -130,6 +130,86 @@ def write_attention_report(run_store: RunStore, key: str) -> AttentionReport:
     return AttentionReport(text, path, chart, tolerance, stage_means)
 
 
+# The round's rollout sample in its reports folder (logged to MLflow under `reports/<key>/`).
+ROLLOUT_TABLE = "rollout_table.json"  # an MLflow logged table (`MlflowClient.log_table`'s file format)
+ROLLOUT_IMAGES = "rollout_images"  # the sampled prompts' images, full size (.png) and 256 px (.webp)
+ALL_ROLLOUTS = "all_rollouts.parquet"  # every rollout of the round (the round table), linked by the reports
+_THUMBNAIL_PX = 256  # the size MLflow's own log_table compresses table images to
+
+
+@dataclass
+class RolloutSample:
+    """The `report_samples` sample of a round as written to its reports folder."""
+
+    table: pl.DataFrame  # the sampled rows of the round table
+    table_path: Path | None  # rollout_table.json; None when the sample is empty
+    images_dir: Path
+    all_rollouts: Path
+    markdown: str  # the sample as a markdown table, images linked relative to the reports folder
+
+    def artifact_table(self, key: str) -> str | None:
+        return None if self.table_path is None else f"reports/{key}/{self.table_path.name}"
+
+
+def _image_name(prompt_index: int) -> str:
+    return f"prompt-{prompt_index:04d}"
+
+
+def _prompt_images(run_store: RunStore, sample: pl.DataFrame) -> dict[int, Any]:
+    """The sampled prompts' images (PIL), by `prompt_index`, from the train split the round drew them from."""
+    prompts = sample.unique("prompt_index", keep="first", maintain_order=True)
+    wanted = dict(zip(prompts["question_id"].to_list(), prompts["prompt_index"].to_list(), strict=True))
+    train = training.load_split(run_store, "train").filter(pl.col("question_id").is_in(list(wanted)))
+    found = dict(zip(train["question_id"].to_list(), train["image"].to_list(), strict=True))
+    missing = [q for q in wanted if q not in found]
+    if missing:
+        raise ValueError(f"question_id(s) {', '.join(map(str, missing))} of the rollout sample are not in "
+                         f"{run_store.data_dir / 'train.parquet'}")
+    return {int(p): data.decode_image(found[q]) for q, p in wanted.items()}
+
+
+def _encoded(image: Any, fmt: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_rollout_sample(config: DapoConfig, run_store: RunStore, key: str, table: pl.DataFrame) -> RolloutSample:
+    """all_rollouts.parquet (the whole round table), and the `report_samples` sample as rollout_table.json plus
+    its prompts' images: the MLflow table of the round (images at their artifact paths)."""
+    out = run_store.reports_dir(key)
+    all_rollouts = store.write_parquet_atomic(out / ALL_ROLLOUTS, table.sort("rollout_index"))
+    sample = reports.sample_rollouts(table, config.report_samples)
+    images_dir = out / ROLLOUT_IMAGES
+    images = _prompt_images(run_store, sample) if sample.height else {}
+    keep: set[str] = set()
+    for prompt, image in images.items():
+        name = _image_name(prompt)
+        scale = _THUMBNAIL_PX / max(image.size)
+        thumbnail = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        store.write_bytes_atomic(images_dir / f"{name}.png", _encoded(image, "PNG"))
+        store.write_bytes_atomic(images_dir / f"{name}.webp", _encoded(thumbnail, "WEBP"))
+        keep |= {f"{name}.png", f"{name}.webp"}
+    for stale in images_dir.glob("*") if images_dir.is_dir() else []:
+        if stale.name not in keep:  # a sample of another report_samples
+            stale.unlink()
+    artifact_dir = f"reports/{key}/{ROLLOUT_IMAGES}"
+    cells = {p: {"type": "image", "filepath": f"{artifact_dir}/{_image_name(p)}.png",
+                 "compressed_filepath": f"{artifact_dir}/{_image_name(p)}.webp"} for p in images}
+    table_path = None
+    if sample.height:
+        columns = reports.rollout_sample_columns(sample, cells, reward_names=config.reward_names)
+        table_path = store.write_text_atomic(out / ROLLOUT_TABLE, reports.mlflow_table_json(columns))
+    else:
+        (out / ROLLOUT_TABLE).unlink(missing_ok=True)
+    links = {p: f"![prompt {p}]({ROLLOUT_IMAGES}/{_image_name(p)}.png)" for p in images}
+    markdown = reports.render_rollout_sample(reports.rollout_sample_columns(sample, links,
+                                                                            reward_names=config.reward_names))
+    return RolloutSample(sample, table_path, images_dir, all_rollouts, markdown)
+
+
 @dataclass
 class RoundReports:
     metrics: dict[str, float]
@@ -139,33 +219,48 @@ class RoundReports:
     terminal: str
     terminal_path: Path
     started: float
+    sample: RolloutSample
 
     def artifacts(self, key: str) -> dict[str, list[Path]]:
-        """What MLflow receives for the round (the three reports and both charts)."""
+        """What MLflow receives for the round: the three reports, both charts, every rollout and the sample's
+        table with its images."""
         out = self.terminal_path.parent
-        return {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", self.terminal_path,
-                                   self.curves, out / "attention_balance.png"]}
+        files = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", self.terminal_path,
+                                    self.curves, out / "attention_balance.png", self.sample.all_rollouts]}
+        if self.sample.table_path is not None:
+            files[f"reports/{key}"].append(self.sample.table_path)
+            files[f"reports/{key}/{ROLLOUT_IMAGES}"] = [self.sample.images_dir]
+        return files
+
+    def tables(self, key: str) -> list[str]:
+        """The round's MLflow logged tables (artifact paths)."""
+        table = self.sample.artifact_table(key)
+        return [] if table is None else [table]
 
 
 def write_round_reports(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
                         update: UpdateRecord) -> RoundReports:
-    """metrics.json, learning curves, rollout_results.md and run_terminal.md of a trained round."""
+    """metrics.json, learning curves, the rollout sample (`write_rollout_sample`), rollout_results.md and
+    run_terminal.md of a trained round."""
     table = training.round_table(run_store, key)
     metrics = training.round_metrics(config, table, update)
     started = time.time()
     store.write_json_atomic(run_store.round(key).metrics, metrics)
     out = run_store.reports_dir(key)
     curves = charts.learning_curves_png(training.metrics_history(run_store), out / "learning_curves.png")
+    sample = write_rollout_sample(config, run_store, key, table)
     rollout_md = reports.render_rollout_results(table, mdi_reward_stage=config.mdi_reward_stage,
                                                 run_name=config.run_name, checkpoint=key,
-                                                reward_names=config.reward_names)
+                                                reward_names=config.reward_names,
+                                                report_samples=config.report_samples,
+                                                all_rollouts_link=sample.all_rollouts.name)
     store.write_text_atomic(out / "rollout_results.md", rollout_md)
     faults.point("mid_report_write")
     findings = round_findings(run_store, key)
     log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
         f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
         f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
-    result = RoundReports(metrics, table, findings, curves, "", out / "run_terminal.md", started)
+    result = RoundReports(metrics, table, findings, curves, "", out / "run_terminal.md", started, sample)
     rewrite_terminal(config, key, log, result)
     return result
 

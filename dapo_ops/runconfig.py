@@ -64,6 +64,9 @@ def coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             problems.append(f"{key}: unknown key{hint}")
             continue
+        if typing.get_origin(types[key]) is typing.Literal and isinstance(value, str):
+            out[key] = value  # DapoConfig.validate names the choices ("... is unknown; use one of ...")
+            continue
         try:
             out[key] = pydantic.TypeAdapter(types[key]).validate_python(value)
         except pydantic.ValidationError as error:

@@ -2,7 +2,7 @@
 
 Every question needs the image: within a task the question text is the same for every row, and only the
 picture says which of the four choices is right. Each task keeps one fixed choice order, because a tiny
-model cannot learn to bind letters to shuffled choices (see DESIGN.md, calibration facts).
+model cannot learn to bind letters to shuffled choices (measured in benchmarks/learning_findings.md).
 
 Scenes are drawn on a 2x2 grid of quadrants. At the default 56x56 px the Qwen2-VL processor makes 4x4
 patches of 14 px, merged 2x2 into 4 image tokens: one token per quadrant. Colors are saturated primaries

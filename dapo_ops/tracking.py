@@ -182,6 +182,7 @@ class Tracker:
         per_step: Mapping[int, Mapping[str, float]] | None = None,
         model: Mapping[str, Any] | None = None,
         inputs: list[Mapping[str, Any]] | None = None,
+        tables: list[str] | None = None,
     ) -> bool:
         """Journal one round, then send everything pending (older rounds first). True if it is in MLflow.
 
@@ -198,6 +199,8 @@ class Tracker:
         model: the checkpoint this round produced, `{name, path, max_completion_length}`: sent as an MLflow
             logged model of the run at `step`, with the round's `eval/*` metrics (see `MlflowSink.ensure_model`).
         inputs: `[{name, path, context}]` parquet files logged as the run's MLflow dataset inputs.
+        tables: artifact paths of table files among `artifacts` (in `MlflowClient.log_table`'s JSON format) that
+            the MLflow UI lists as the run's logged tables (the `mlflow.loggedArtifacts` tag).
         """
         check_round_key(key)
         encoded = {int(step): encode_metrics(metrics)}
@@ -211,7 +214,8 @@ class Tracker:
         files = normalize_artifacts(artifacts)
         with self.journal.locked():
             models = [{**model, "step": int(step)}] if model else None
-            entry = self.journal.append_round(key, step, encoded, files, round_tags, models=models, inputs=inputs)
+            entry = self.journal.append_round(key, step, encoded, files, round_tags, models=models, inputs=inputs,
+                                              tables=tables)
             sent = self._sync_locked()
         return entry["entry_id"] in sent
 

@@ -178,7 +178,7 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
         start = time.perf_counter()
         losses = warmstart.supervised_warm_start(
             policy, train, steps=config.warmup_steps, learning_rate=config.warmup_learning_rate,
-            batch_size=16, seed=config.seed,
+            batch_size=16, seed=config.seed, teach=config.warmup_target, answer=config.warmup_answer,
         )
         log(f"supervised warm start: {len(losses)} steps in {time.perf_counter() - start:.1f}s, "
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "supervised warm start skipped")
@@ -367,7 +367,8 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     from dapo_ops import precision
 
     with precision.autocast(config, policy.model):  # the same precision as the update's forward
-        outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
+        outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
+                                      shared_prefix=config.shared_prefix)
     seconds = time.perf_counter() - start
     table = attention_table(outputs, batch, tolerance=tolerance)
     mdi_all = table[f"attn/{config.mdi_reward_stage}/mdi"]
@@ -474,7 +475,7 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
         disabled = lora.adapter_disabled(policy.model) if ref_policy is None else contextlib.nullcontext()
         with disabled, precision.autocast(config, policy.model):
             ref_logps = teacher_forced_pass(ref_policy or policy, batch, temperature=config.temperature,
-                                            with_attention=False).per_token_logps
+                                            with_attention=False, shared_prefix=config.shared_prefix).per_token_logps
     start = time.perf_counter()
     with precision.gradient_checkpointing(policy.model, enabled=config.gradient_checkpointing):
         result = policy_update(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dapo_ops import precision
+from dapo_ops import precision, progress
 from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
@@ -108,26 +108,59 @@ def make_optimizer(model: torch.nn.Module, config: DapoConfig) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def step_chunks(indices: torch.Tensor, config: DapoConfig, *, generator: torch.Generator) -> list[torch.Tensor]:
+def _groups(rows: torch.Tensor, group_ids: torch.Tensor) -> list[torch.Tensor]:
+    """`rows` cut into its groups (rows of one prompt), in order of first appearance, each in row order."""
+    owners = group_ids[rows.cpu()].tolist()
+    runs: dict[int, list[int]] = {}
+    for row, owner in zip(rows.tolist(), owners, strict=True):
+        runs.setdefault(int(owner), []).append(row)
+    return [torch.tensor(run, dtype=rows.dtype) for run in runs.values()]
+
+
+def _split_groups(rows: torch.Tensor, pieces: int, group_ids: torch.Tensor | None) -> list[torch.Tensor]:
+    """`rows` in `pieces` contiguous parts: whole groups each when there are at least `pieces` groups
+    (so that each part's rollouts share prompts), else the plain split of the rows."""
+    groups = _groups(rows, group_ids) if group_ids is not None else []
+    if len(groups) < pieces:
+        return list(torch.tensor_split(rows, pieces))
+    bounds = torch.tensor_split(torch.arange(len(groups)), pieces)
+    empty = rows[:0]
+    return [torch.cat([groups[g] for g in part.tolist()]) if len(part) else empty for part in bounds]
+
+
+def step_chunks(indices: torch.Tensor, config: DapoConfig, *, generator: torch.Generator,
+                group_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Shuffle the kept rollouts and split them into the round's optimizer steps (TRL's
-    `steps_per_generation`). Every rank draws the same permutation from the same seeded generator."""
-    order = indices[torch.randperm(len(indices), generator=generator)]
-    steps = min(config.steps_per_generation, max(1, len(order)))
-    return [chunk for chunk in torch.tensor_split(order, steps) if len(chunk)]
+    `steps_per_generation`). Every rank draws the same permutation from the same seeded generator.
+
+    With `group_ids` ([N], the prompt of each rollout: `RolloutBatch.prompt_index`) the shuffle is over
+    groups and each step takes whole groups (rollouts of a group stay together, in row order), so that the
+    shared-prefix forward computes each prompt once per step; with fewer groups than steps, groups are
+    split across steps. Without `group_ids`, rollouts are shuffled one by one.
+    """
+    steps = min(config.steps_per_generation, max(1, len(indices)))
+    if group_ids is None:
+        order = indices[torch.randperm(len(indices), generator=generator)]
+        return [chunk for chunk in torch.tensor_split(order, steps) if len(chunk)]
+    groups = _groups(indices, group_ids)
+    permutation = torch.randperm(len(groups), generator=generator).tolist()
+    order = torch.cat([groups[g] for g in permutation]) if groups else indices
+    return [chunk for chunk in _split_groups(order, steps, group_ids) if len(chunk)]
 
 
 def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *, world_size: int = 1,
-                       rank: int = 0) -> list[torch.Tensor]:
+                       rank: int = 0, group_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
     """This rank's micro-batches of one optimizer step.
 
     The step's rollouts are cut into `world_size x M` contiguous pieces, rank r taking pieces r·M … r·M+M−1,
     with M = min(gradient_accumulation_steps, ⌈len/world_size⌉) the same on every rank, so that the ranks'
     forwards and gradient reductions line up. A piece is empty only when the step has fewer rollouts than
     pieces; the update then runs a zero-weight forward for it. With one process this is the plain split
-    into min(gradient_accumulation_steps, len) micro-batches.
+    into min(gradient_accumulation_steps, len) micro-batches. With `group_ids` ([N] prompt of each rollout)
+    pieces are whole groups whenever the step has at least as many groups as pieces.
     """
     micro = max(1, min(gradient_accumulation_steps, math.ceil(len(chunk) / world_size)))
-    pieces = torch.tensor_split(chunk, micro * world_size)
+    pieces = _split_groups(chunk, micro * world_size, group_ids)
     return list(pieces[rank * micro:(rank + 1) * micro])
 
 
@@ -179,9 +212,14 @@ def policy_update(
     # Clip shares are over sequences when the importance weight is one per sequence (TRL's metrics).
     per_sequence = config.importance_sampling_level == "sequence"
     needs_entropies = config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0
+    # Whole groups per step and micro-batch, so that each prompt's forward is shared by its rollouts.
+    group_ids = getattr(rollouts, "prompt_index", None)
+    group_ids = None if group_ids is None else group_ids.cpu()
+    progress.begin("optimizer", config.num_iterations * min(config.steps_per_generation, len(kept)), unit="step")
     for epoch in range(config.num_iterations):
-        for chunk in step_chunks(kept, config, generator=generator):
-            micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world, rank=rank)
+        for chunk in step_chunks(kept, config, generator=generator, group_ids=group_ids):
+            micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world,
+                                               rank=rank, group_ids=group_ids)
             optimizer.zero_grad(set_to_none=True)
             # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
             num_items = int(completion_mask[chunk].sum().item())
@@ -193,7 +231,8 @@ def policy_update(
                 with collective.sync_context(model, sync=position == len(micro_batches) - 1):
                     with precision.autocast(config, model):  # bf16: autocast forward, fp32 master weights
                         logps, entropy = completion_forward(model, batch, temperature=config.temperature,
-                                                            entropy_grad=config.entropy_coef != 0.0)
+                                                            entropy_grad=config.entropy_coef != 0.0,
+                                                            shared_prefix=config.shared_prefix)
                     logps = logps.float()  # [B, Tc] the loss in fp32 whatever the forward's precision
                     mask = completion_mask[rows]
                     loss, stats = policy_loss(
@@ -263,6 +302,7 @@ def policy_update(
                 )
             optimizer.step()
             result.global_step += 1
+            progress.advance("optimizer")
             record = {
                 "loss": step_loss,
                 "grad_norm": float(grad_norm),

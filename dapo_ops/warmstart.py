@@ -37,21 +37,33 @@ def _answer_index(row: Mapping[str, Any]) -> int:
     return int(value)
 
 
-def target_completion(row: Mapping[str, Any]) -> str:
-    """`<think>{first rationale}</think> Answer: {letter}` (without the closing `<|im_end|>`)."""
+WARMUP_TARGETS = ("task", "format")
+WARMUP_ANSWERS = ("letter", "choice")
+
+
+def _answer(choices: Sequence[str], index: int, answer: str) -> str:
+    """What follows `Answer: `: the letter (`B`) or the choice's own text (`green`); `mc_idx_reward` scores
+    both (a unique verbatim choice is an answer)."""
+    if answer not in WARMUP_ANSWERS:
+        raise ValueError(f"answer={answer!r} is unknown; use one of {', '.join(WARMUP_ANSWERS)}")
+    return LETTERS[index] if answer == "letter" else str(choices[index])
+
+
+def target_completion(row: Mapping[str, Any], answer: str = "letter") -> str:
+    """`<think>{first rationale}</think> Answer: {letter}` (or `{choice}`), without the closing `<|im_end|>`."""
     index = _answer_index(row)
     choices = list(row["choices"])
     rationales = [r for r in (row.get("rationales") or []) if r and r.strip()]
     rationale = rationales[0].strip() if rationales else f"The answer is {choices[index]}."
-    return f"{THINK_START}{rationale}{THINK_END} Answer: {LETTERS[index]}"
+    return f"{THINK_START}{rationale}{THINK_END} Answer: {_answer(choices, index, answer)}"
 
 
-def format_target(row: Mapping[str, Any], index: int) -> str:
-    """`<think>The answer is {choice}.</think> Answer: {letter}` for choice `index`, right or not."""
+def format_target(row: Mapping[str, Any], index: int, answer: str = "letter") -> str:
+    """`<think>The answer is {choice}.</think> Answer: {letter}` (or `{choice}`) for choice `index`, right or not."""
     choices = list(row["choices"])
     if not 0 <= index < len(choices):
         raise ValueError(f"choice index {index} is out of range for {len(choices)} choices")
-    return f"{THINK_START}The answer is {choices[index]}.{THINK_END} Answer: {LETTERS[index]}"
+    return f"{THINK_START}The answer is {choices[index]}.{THINK_END} Answer: {_answer(choices, index, answer)}"
 
 
 def corpus_from_rows(rows: pl.DataFrame | Sequence[Mapping[str, Any]]) -> list[str]:
@@ -127,6 +139,7 @@ def supervised_warm_start(
     max_grad_norm: float = 1.0,
     on_step: Callable[[int, float], None] | None = None,
     teach: str = "task",
+    answer: str = "letter",
 ) -> list[float]:
     """`steps` AdamW steps of teacher-forced cross-entropy on a target completion + `<|im_end|>`.
 
@@ -135,8 +148,9 @@ def supervised_warm_start(
     `rows` (A-OKVQA layout; only completion tokens are scored). Returns the loss of every step; the model
     is left in eval mode.
     """
-    if teach not in ("format", "task"):
-        raise ValueError(f"teach={teach!r} is unknown; use 'format' or 'task'")
+    if teach not in WARMUP_TARGETS:
+        raise ValueError(f"teach={teach!r} is unknown; use one of {', '.join(WARMUP_TARGETS)}")
+    _answer(["x"], 0, answer)  # validates `answer` before any work
     if steps <= 0 or rows.height == 0:
         return []
     model = policy.model
@@ -167,10 +181,10 @@ def supervised_warm_start(
                 [_image(r["image"]) for r in batch_rows],
             )
             if teach == "task":
-                targets = [target_completion(r) for r in batch_rows]
+                targets = [target_completion(r, answer) for r in batch_rows]
             else:
                 picks = [int(torch.randint(len(r["choices"]), (), generator=generator)) for r in batch_rows]
-                targets = [format_target(r, j) for r, j in zip(batch_rows, picks, strict=True)]
+                targets = [format_target(r, j, answer) for r, j in zip(batch_rows, picks, strict=True)]
             batch = teacher_forcing_batch(policy, prompts, targets)
             loss = completion_cross_entropy(model, batch)
             optimizer.zero_grad(set_to_none=True)

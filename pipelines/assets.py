@@ -479,7 +479,7 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))
     sent = tracker.log_round(key, step=update.global_step, metrics=metrics,
                              artifacts=written.artifacts(key), tags=_run_tags(context, cfg.run_name, key),
-                             model=_checkpoint_model(cfg, store, update.next_checkpoint))
+                             model=_checkpoint_model(cfg, store, update.next_checkpoint), tables=written.tables(key))
     if checkpoint_index(key) + 1 >= cfg.max_rounds:
         # The round that reaches max_rounds ends the MLflow run FINISHED (what ends rounds that `dagster dev`'s
         # sensor launches; `make run` also ends it, FAILED/KILLED too, in pipelines.cli). A later round reopens it.
@@ -500,10 +500,13 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
         **_mlflow_link(mlflow, store),
         "global_step": update.global_step,
         "summary": dg.MetadataValue.md(_inline_images(summary_md, out)),
-        # The file holds every rollout; the UI shows the tables and the first samples.
+        # The `report_samples` sample, as the MLflow table of the round shows it (all_rollouts.parquet has all).
+        "rollout_sample": dg.MetadataValue.md(_inline_images(written.sample.markdown, out)),
+        "all_rollouts": dg.MetadataValue.path(str(written.sample.all_rollouts)),
+        # The UI shows the tables and the first samples.
         "rollout_results": dg.MetadataValue.md(reports.render_rollout_results(
             table, mdi_reward_stage=cfg.mdi_reward_stage, run_name=cfg.run_name, checkpoint=key, max_samples=8,
-            reward_names=cfg.reward_names)),
+            reward_names=cfg.reward_names, report_samples=cfg.report_samples)),
         "run_terminal": dg.MetadataValue.md(terminal),
         "mlflow_logged": sent,
         "reports": dg.MetadataValue.path(str(out)),

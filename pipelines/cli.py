@@ -154,13 +154,16 @@ def _root_cause(error) -> str:
 
 
 def _progress(message: str) -> None:
-    print(message, flush=True)
+    from dapo_ops import progress
+
+    progress.echo(message)  # above the progress bars while they show
 
 
 def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress,
                  live: bool = False) -> dict:
     """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist.
-    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too.
+    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too, and the
+    progress of each long phase: bars on a terminal, plain lines otherwise (`dapo_ops.progress`).
 
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
     rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
@@ -173,7 +176,7 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
         faults.point("run_start")
-        with _tracked_run(store, echo):
+        with _tracked_run(store, echo), _console_progress(live and echo is _progress):
             home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
     tracking_uri = resolve_tracking_uri(root)
     summary = {
@@ -190,6 +193,21 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     echo(f"  MLflow:      {tracking_uri} (experiment 'dapo-vlm', run '{config.run_name}'; `make mlflow-ui`)")
     echo(f"  Dagster:     DAGSTER_HOME={home} (`make ui`)")
     return summary
+
+
+@contextlib.contextmanager
+def _console_progress(show: bool) -> Iterator[None]:
+    """Progress of generation, teacher-forced passes and optimizer steps on stdout while rounds run."""
+    from dapo_ops import progress
+
+    if not show:
+        yield
+        return
+    progress.set_progress(progress.console_renderer(sys.stdout))
+    try:
+        yield
+    finally:
+        progress.set_progress(None)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -317,7 +335,7 @@ def _system_metrics(store) -> Iterator[None]:
 
 def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, started: float) -> None:
     """The rounds of `run_training` that are not DONE yet, in order."""
-    from dapo_ops import faults, retention, training
+    from dapo_ops import faults, progress, retention, training
     from dapo_ops import store as store_io
     from dapo_ops.store import checkpoint_key
     from pipelines.config import ROUND_ASSETS
@@ -345,6 +363,7 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
         faults.point("before_round")
         materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
         metrics = store_io.read_json(files.metrics)
+        progress.finish_all()
         echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
              f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
              f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "

@@ -132,7 +132,7 @@ class Rollouts:
 
     @property
     def query_mask(self) -> torch.Tensor:
-        """METRICS.md queries over the full sequence: the completion tokens, padding excluded."""
+        """docs/metrics.md queries over the full sequence: the completion tokens, padding excluded."""
         return self._with_completion(torch.zeros_like(self.prompt_vision_mask), self.completion_mask.bool())
 
     def select(self, indices: list[int]) -> Rollouts:
@@ -620,7 +620,8 @@ def test_the_real_rollout_batch_gives_the_same_pass(model) -> None:
 def test_teacher_forced_outputs_become_the_attention_table_one_row_per_rollout(model) -> None:
     """`training.attention_table`, the attention phase's pure core: per-stage metrics of each rollout,
     its token counts and its mean completion entropy, with the tolerance they were computed at."""
-    from dapo_ops.training import ATTENTION_NAMES, attention_table
+    from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
+    from dapo_ops.training import attention_table
 
     rollouts = make_rollouts(PADDED)
     rollouts.prompt_index = torch.tensor([0, 0, 1, 1])  # group-major, G = 2

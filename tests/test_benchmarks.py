@@ -15,7 +15,7 @@ import pytest
 # `benchmarks/` sits beside the installed packages, not inside them: make it importable under plain `pytest` too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import attention, round_vs_trl, run_all  # noqa: E402
+from benchmarks import attention, round_vs_trl, run_all, shared_prefix  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,18 @@ def test_run_all_writes_markdown_and_json_with_the_headline_summary(attention_re
     assert not math.isnan(document["summary"]["round_time_ratio_vs_trl"])
     assert (tmp_path / "results.md").read_text() == text
     assert "| `attention_time_overhead` |" in text
+
+
+def test_shared_prefix_benchmark_batch_has_groups_and_its_forwards_agree():
+    policy = shared_prefix.build_policy(shared_prefix.QUICK, "cpu")
+    batch = shared_prefix.fixed_rollouts(policy, shared_prefix.QUICK)
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1] and bool(batch.prompt_vision_mask.any())
+    assert shared_prefix.max_logp_diff(policy, batch)["logp"] < 1e-5
+
+
+def test_a_speedup_goal_is_met_from_above_and_a_ratio_goal_from_below():
+    summary = run_all.summarize({"x": {"summary": {"shared_prefix_update_speedup": 3.5,
+                                                   "shared_prefix_update_memory_ratio": 0.6}}})
+    assert summary["goals"]["shared_prefix_update_speedup"]["met"]
+    assert not summary["goals"]["shared_prefix_update_memory_ratio"]["met"]
+    assert "| `shared_prefix_update_speedup` |" in run_all.summary_markdown(summary)

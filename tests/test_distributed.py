@@ -30,8 +30,9 @@ from dapo_ops.update import rank_micro_batches
 KEY = checkpoint_key(0)
 NEXT = checkpoint_key(1)
 
-# 16 rollouts; 7 kept → optimizer steps of 4 and 3 rollouts, 2 micro-batches each: with 2 ranks the 3-rollout
-# step leaves rank 1 an empty piece (its zero-weight placeholder forward), and DDP's no_sync is exercised.
+# 16 rollouts; 7 kept in 4 groups → (steps take whole groups) optimizer steps of 5 and 2 rollouts; the 5-rollout
+# step has 2 micro-batches per rank, so DDP's no_sync is exercised, and its group [8, 11] runs the shared-prefix
+# forward on rank 0. (The zero-weight placeholder piece of a rank is covered by the split test below.)
 CONFIG = DapoConfig(
     run_name="dist-eq", prompts_per_round=4, num_generations=4, max_completion_length=8,
     steps_per_generation=2, num_iterations=2, gradient_accumulation_steps=2, learning_rate=1e-3,
@@ -80,8 +81,8 @@ def _copy(prepared: Path, name: str) -> RunStore:
     return RunStore(root, CONFIG.run_name)
 
 
-def _update_in_process(store: RunStore) -> UpdateRecord:
-    config = CONFIG.replace(num_processes=1)
+def _update_in_process(store: RunStore, *, shared_prefix: bool = True) -> UpdateRecord:
+    config = CONFIG.replace(num_processes=1, shared_prefix=shared_prefix)
     policy = models.load_policy(training.resolve_model_dir(store, KEY))
     optimizer = training.load_optimizer(store, KEY, policy, config)
     return training.run_update(config, store, KEY, policy, optimizer, training.round_log(store, KEY))
@@ -162,6 +163,18 @@ def test_two_processes_give_the_same_updated_weights(both_updates):
     optimizer = torch.load(multi.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=True)
     assert optimizer["state"] and len(optimizer["param_groups"][0]["params"]) == len(
         torch.load(single.checkpoint_dir(NEXT) / training.OPTIMIZER_FILE, weights_only=True)["param_groups"][0]["params"])
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_prompts_match_one_process_without_sharing(prepared: Path, both_updates):
+    """The 2-process update runs the shared-prefix forward (the default); one process without sharing agrees."""
+    _, multi = both_updates
+    assert CONFIG.shared_prefix
+    unshared = _copy(prepared, "unshared")
+    _update_in_process(unshared, shared_prefix=False)
+    one, two = _weights(unshared, NEXT), _weights(multi, NEXT)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
 
 
 @pytest.mark.slow

@@ -76,14 +76,11 @@ def _saturated_groups(table: pl.DataFrame, group: int) -> pl.DataFrame:
                         & (pl.col("mdi").std().over("prompt_index") > 0))
 
 
-def test_recorded_rollouts_have_mdi_far_from_one():
-    table = _recorded()
-    group = int(table["num_generations"][0])
-    assert _saturated_groups(table, group).height >= 0.7 * table.height
-
-
 def test_clip_shaping_gives_no_within_group_variance_on_recorded_large_mdi():
-    table = _saturated_groups(_recorded(), 8)
+    recorded = _recorded()  # the embedded model's first round: most groups have every MDI below 1/2
+    group = int(recorded["num_generations"][0])
+    assert _saturated_groups(recorded, group).height >= 0.7 * recorded.height
+    table = _saturated_groups(recorded, 8)
     values = rewards.mdi_reward(table["mdi"].to_list(), mdi=table["mdi"].to_list(), mdi_shaping="clip")
     assert set(values) == {-1.0}
     assert _zero_variance_groups(values, 8) == table.height // 8
@@ -163,3 +160,19 @@ def test_ablation_rows_are_off_then_one_per_shaping():
     rows = ablation.default_rows()
     assert [r.name for r in rows] == ["off", *MDI_SHAPINGS]
     assert rows[0].overrides["reward_weights"][-1] == 0.0 and rows[0].overrides["reward_weights"][0] > 0
+
+
+def test_a_warm_start_target_answering_with_the_choice_text_is_scored_as_that_choice():
+    from dapo_ops import warmstart
+
+    row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 1, "rationales": ["It barks."]}
+    assert warmstart.target_completion(row, "choice") == "<think>It barks.</think> Answer: dog"
+    wrong = warmstart.format_target(row, 2, "choice")
+    assert rewards.mc_idx_reward([warmstart.target_completion(row, "choice"), wrong], correct_choice_idx=[1, 1],
+                                 choices=[row["choices"]] * 2) == [1.0, 0.0]
+
+
+def test_the_warm_start_mode_is_a_validated_config_field():
+    assert DapoConfig(warmup_target="format", warmup_answer="choice").warmup_answer == "choice"
+    with pytest.raises(ValueError, match="warmup_answer='word' is unknown"):
+        DapoConfig(warmup_answer="word")

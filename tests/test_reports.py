@@ -20,14 +20,20 @@ from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
 from dapo_ops.charts import attention_balance_png, learning_curves_png
 from dapo_ops.config import STAGES
 from dapo_ops.reports import (
+    ALL_ROLLOUTS,
     METRIC_GROUPS,
     OTHER_METRICS_HEADING,
     ROUND_METRIC_NAMES,
     format_metrics_block,
     metric_group,
+    mlflow_table_json,
     render_attention_diagnostics,
     render_rollout_results,
+    render_rollout_sample,
     render_run_terminal,
+    rollout_sample_columns,
+    sample_prompts,
+    sample_rollouts,
 )
 
 NAN = math.nan
@@ -234,6 +240,102 @@ def test_reports_render_nan_when_no_rollout_has_image_tokens():
     assert "| All | nan | nan | nan | nan |" in md
     means = json_blocks(diagnostics(table))[0]["attention_metrics"]
     assert all(v is None for stage in means.values() for v in stage.values())
+
+
+# ------------------------------------------------------------------------------------ rollout sample
+
+PROMPT_MEANS = [1.0, 3.0, 0.0, 2.0]  # mean total reward of prompts 0..3 in `four_prompts`
+
+
+def four_prompts() -> pl.DataFrame:
+    """Two copies of `round_table` as 4 prompts x 3 rollouts; prompt p's totals are PROMPT_MEANS[p] - 0.5,
+    + 0, + 0.5."""
+    base = round_table()
+    copies = [base.with_columns(pl.col("prompt_index") + 2 * k, pl.col("rollout_index") + 6 * k) for k in (0, 1)]
+    table = pl.concat(copies)
+    totals = [PROMPT_MEANS[p] + 0.5 * (g - 1) for p, g in zip(table["prompt_index"], table["generation_index"],
+                                                              strict=True)]
+    return table.with_columns(pl.Series("total_reward", totals))
+
+
+def test_sample_prompts_takes_the_best_then_the_worst_prompts():
+    table = four_prompts()
+    assert sample_prompts(table, 2) == [1, 2]
+    assert sample_prompts(table, 3) == [1, 3, 2]
+    assert sample_prompts(table, 1) == [1]
+
+
+def test_sample_prompts_minus_one_or_more_than_there_are_takes_every_prompt_best_first():
+    table = four_prompts()
+    assert sample_prompts(table, ALL_ROLLOUTS) == [1, 3, 0, 2]
+    assert sample_prompts(table, 10) == [1, 3, 0, 2]
+    assert sample_prompts(table, 0) == []
+
+
+def test_sample_prompts_rejects_report_samples_below_minus_one():
+    with pytest.raises(ValueError, match="report_samples=-2"):
+        sample_prompts(four_prompts(), -2)
+
+
+def test_sample_rollouts_keeps_all_completions_of_each_sampled_prompt():
+    sample = sample_rollouts(four_prompts(), 2)
+    assert sample["prompt_index"].to_list() == [1, 1, 1, 2, 2, 2]
+    assert sample["rollout_index"].to_list() == [3, 4, 5, 6, 7, 8]
+    assert sample_rollouts(four_prompts(), ALL_ROLLOUTS)["rollout_index"].to_list() == list(range(12))
+    assert sample_rollouts(four_prompts(), 0).height == 0
+
+
+def test_rollout_results_shows_the_sample_and_links_every_rollout():
+    md = render_rollout_results(four_prompts(), run_name="demo", checkpoint="ckpt-0000", report_samples=1,
+                                all_rollouts_link="all_rollouts.parquet")
+    assert [b["rollout_index"] for b in json_blocks(md)] == [3, 4, 5]
+    assert "Showing 3 of 12 rollouts." in md
+    assert "Every rollout: [all_rollouts.parquet](all_rollouts.parquet)." in md
+    # The overall tables still cover every rollout.
+    assert "12 rollouts from 4 prompts" in md
+
+
+def sample_columns(report_samples: int = 2) -> dict[str, list]:
+    sample = sample_rollouts(four_prompts(), report_samples)
+    return rollout_sample_columns(sample, {p: f"img{p}" for p in range(4)})
+
+
+def test_rollout_sample_columns_have_image_texts_rewards_advantage_and_mdi_per_stage():
+    columns = sample_columns()
+    assert list(columns) == ["image", "rollout_index", "prompt_index", "question", "choices", "answer", "completion",
+                             "accuracy", "format", "mdi_reward", "total", "advantage", "mdi/early", "mdi/middle",
+                             "mdi/late", "mdi/all"]
+    assert columns["image"] == ["img1"] * 3 + ["img2"] * 3
+    assert columns["choices"][0] == "A. circle  B. square  C. triangle  D. star"
+    assert columns["answer"][0] == "C. triangle"
+    assert columns["total"][:3] == [2.5, 3.0, 3.5]
+    assert columns["mdi/early"][0] == 6.0 and columns["mdi/all"][2] is None  # rollout 5 has no image tokens
+
+
+def test_mlflow_table_json_is_the_split_format_that_pandas_reads_back():
+    import io
+
+    pd = pytest.importorskip("pandas")
+    cell = {"type": "image", "filepath": "a.png", "compressed_filepath": "a.webp"}
+    text = mlflow_table_json({"image": [cell, cell], "total": [1.0, NAN], "completion": ["x", "y"]})
+    payload = json.loads(text)
+    assert payload["columns"] == ["image", "total", "completion"]
+    assert payload["data"][0] == [cell, 1.0, "x"] and payload["data"][1][1] is None
+    frame = pd.read_json(io.StringIO(text), orient="split")
+    assert frame["completion"].tolist() == ["x", "y"]
+
+
+def test_mlflow_table_json_names_columns_of_different_lengths():
+    with pytest.raises(ValueError, match="different lengths"):
+        mlflow_table_json({"a": [1, 2], "b": [1]})
+
+
+def test_render_rollout_sample_is_a_table_with_one_image_per_prompt():
+    rows = table_rows(render_rollout_sample(sample_columns()))
+    assert rows[0][:3] == ["image", "rollout_index", "prompt_index"]
+    assert [r[0] for r in rows[2:]] == ["img1", "", "", "img2", "", ""]
+    assert rows[4][rows[0].index("mdi/all")] == "nan"
+    assert render_rollout_sample(sample_columns(0)) == "(no rollouts in the sample)"
 
 
 # ------------------------------------------------------------------------------- attention diagnostics

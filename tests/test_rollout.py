@@ -97,7 +97,9 @@ def test_completions_are_decoded_without_special_tokens(policy: Policy, rollouts
     for ids, length, text in zip(
         rollouts.completion_ids, rollouts.completion_lengths.tolist(), rollouts.completions, strict=True
     ):
-        assert text == policy.tokenizer.decode(ids[:length], skip_special_tokens=True)
+        # Whole characters only (issue: a token cut mid-character must not leave a "\ufffd"), else the plain decode.
+        plain = policy.tokenizer.decode(ids[:length], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert text == plain or (plain.startswith(text) and plain.endswith("\ufffd"))
         assert "<|im_end|>" not in text
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from PIL import Image
 
 from dapo_ops import round as dapo_round
 from dapo_ops import training
@@ -113,3 +114,52 @@ def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_do
         assert (reports / name).stat().st_size > 0, name
     assert json.loads((round_dir / "metrics.json").read_text()) == result.metrics
     assert len(result.findings) == 6
+
+
+def sample_round_table(train: pl.DataFrame, totals: list[float]) -> pl.DataFrame:
+    """A scored round table over the first len(totals) / 2 train prompts, two rollouts each."""
+    from dapo_ops.config import STAGES
+
+    rows = []
+    for i, total in enumerate(totals):
+        prompt = train.row(i // 2, named=True)
+        rows.append({"rollout_index": i, "prompt_index": i // 2, "generation_index": i % 2,
+                     "question_id": prompt["question_id"], "question": prompt["question"],
+                     "choices": list(prompt["choices"]), "correct_choice_idx": prompt["correct_choice_idx"],
+                     "completion": f"<think>{i}</think> Answer: A", "mc_idx_reward": 1.0, "think_format_reward": 1.0,
+                     "mdi_reward": 0.0, "total_reward": total, "advantage": total - 1.0,
+                     **{f"attn/{s}/mdi": 1.0 + i for s in STAGES}})
+    return pl.DataFrame(rows)
+
+
+def test_the_rollout_sample_is_an_mlflow_table_with_the_prompt_images(store: RunStore):
+    from dapo_ops import data
+
+    config = DapoConfig(run_name="round-test", num_train_examples=16, num_eval_examples=8, eval_subset_size=4,
+                        report_samples=1)
+    training.prepare_dataset(config, store)
+    train = training.load_split(store, "train")
+    table = sample_round_table(train, [0.0, 1.0, 2.0, 3.0, 1.0, 1.0])  # prompt 1 has the best mean
+    sample = dapo_round.write_rollout_sample(config, store, KEY, table)
+    assert pl.read_parquet(sample.all_rollouts)["rollout_index"].to_list() == list(range(6))
+    payload = json.loads(sample.table_path.read_text())
+    rows = [dict(zip(payload["columns"], row, strict=True)) for row in payload["data"]]
+    assert [r["rollout_index"] for r in rows] == [2, 3]
+    image = rows[0]["image"]
+    assert image["type"] == "image" and image["filepath"] == f"reports/{KEY}/rollout_images/prompt-0001.png"
+    # Artifact paths mirror the run directory: the file MLflow shows is the one written here.
+    with Image.open(store.run_dir / image["filepath"]) as logged:
+        assert list(logged.convert("RGB").getdata()) == list(data.decode_image(train["image"][1]).getdata())
+    with Image.open(store.run_dir / image["compressed_filepath"]) as thumbnail:
+        assert max(thumbnail.size) == 256
+    assert "![prompt 1](rollout_images/prompt-0001.png)" in sample.markdown
+
+
+def test_report_samples_zero_writes_every_rollout_but_no_table(store: RunStore):
+    config = DapoConfig(run_name="round-test", num_train_examples=16, num_eval_examples=8, eval_subset_size=4,
+                        report_samples=0)
+    training.prepare_dataset(config, store)
+    sample = dapo_round.write_rollout_sample(config, store, KEY, sample_round_table(
+        training.load_split(store, "train"), [0.0, 1.0]))
+    assert sample.table_path is None and sample.table.height == 0
+    assert pl.read_parquet(sample.all_rollouts).height == 2

@@ -358,3 +358,43 @@ def test_a_reanalysis_is_a_separate_tagged_run_that_leaves_training_alone(
     assert tracker.log_reanalysis(None, {"x": 1.0}) is False
     # Later rounds still go to the training run, not to the re-analysis.
     assert make_tracker(store, run_dir, "trained").start({"mdi_tolerance": 2.0}) == training_id
+
+
+def test_a_round_table_is_listed_once_in_the_ui_and_loads_back(store: tuple[Path, str], client, tmp_path: Path):
+    from PIL import Image
+
+    from dapo_ops.reports import mlflow_table_json
+
+    run_dir = tmp_path / "runs" / "tabled"
+    folder = run_dir / "reports" / "ckpt-0000"
+    (folder / "rollout_images").mkdir(parents=True)
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(folder / "rollout_images" / "prompt-0000.png")
+    cell = {"type": "image", "filepath": "reports/ckpt-0000/rollout_images/prompt-0000.png",
+            "compressed_filepath": "reports/ckpt-0000/rollout_images/prompt-0000.png"}
+    table = folder / "rollout_table.json"
+    table.write_text(mlflow_table_json({"image": [cell, cell], "completion": ["a", "b"], "total": [1.0, 2.0]}))
+    tracker = make_tracker(store, run_dir, "tabled")
+    run_id = tracker.start({"seed": 0})
+    artifacts = {"reports/ckpt-0000": [table], "reports/ckpt-0000/rollout_images": [folder / "rollout_images"]}
+    for _ in range(2):  # a re-materialized report sends the round again
+        assert tracker.log_round("ckpt-0000", 1, {"reward": 1.0}, artifacts=artifacts,
+                                 tables=["reports/ckpt-0000/rollout_table.json"])
+    listed = json.loads(client.get_run(run_id).data.tags["mlflow.loggedArtifacts"])
+    assert listed == [{"path": "reports/ckpt-0000/rollout_table.json", "type": "table"}]
+    experiment_id = client.get_run(run_id).info.experiment_id
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store[1])  # load_table searches the runs through the global tracking URI
+    try:
+        loaded = client.load_table(experiment_id, "reports/ckpt-0000/rollout_table.json", run_ids=[run_id])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert loaded["completion"].tolist() == ["a", "b"]  # not appended twice, as log_table would
+    assert {a.path for a in client.list_artifacts(run_id, "reports/ckpt-0000/rollout_images")} == {
+        cell["filepath"]}
+
+
+def test_a_table_path_is_checked_before_it_is_journaled(store: tuple[Path, str], tmp_path: Path):
+    tracker = make_tracker(store, tmp_path / "runs" / "badtable", "badtable")
+    with pytest.raises(ValueError, match="table artifact"):
+        tracker.log_round("ckpt-0000", 1, {"reward": 1.0}, tables=["../outside.json"])
+    assert not tracker.journal_path.exists()
