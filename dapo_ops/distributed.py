@@ -2,13 +2,16 @@
 
 Parent side (no Dagster here; `pipelines.assets.policy_update` runs the command through Dagster Pipes):
 `prepare_launch` writes the round's config and returns the `accelerate launch` command of the child
-entry point `pipelines.pipes_update`, with the same Python interpreter.
+entry point `pipelines.pipes_update`, with the same Python interpreter, and the same command under the
+supervisor of `dapo_ops.process_hygiene` (what the parent runs: no orphans, a dead rank named).
+`deployment()` reads `configs/deploy/<name>.yaml`: which Pipes client starts the ranks.
 
 Child side: `run_update_distributed` — every rank loads checkpoint k and its optimizer state and the
 round's rollouts.pt / old_logps.pt / rewards.parquet, then runs `training.run_update` (the same code as
 in process) with an `AcceleratorCollective`: each optimizer step's rollouts (same seeded shuffle on all
 ranks) are split across the ranks, gradients are synchronized by DDP (or sharded by FSDP/ZeRO-3), and
-rank 0 evaluates and writes ckpt-(k+1) and update.json atomically, exactly as in process.
+rank 0 evaluates and writes ckpt-(k+1) and update.json atomically, exactly as in process. With the
+`fsdp_cpu` config the model is sharded by `dapo_ops.fsdp` (FSDP2) instead of wrapped in DDP.
 """
 
 from __future__ import annotations
@@ -308,6 +311,9 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     optimizer = training.load_optimizer(run_store, key, policy, config)
     collective: LocalCollective
     if fsdp.wanted():
+        # Every FSDP forward is a collective (all-gathers); the shared-prefix forward makes one model call
+        # or two depending on the rank's rollouts, so under FSDP each rank runs the plain forward.
+        config = config.replace(shared_prefix=False)
         model, optimizer, origin = _shard_for_fsdp2(config, run_store, key, policy, optimizer)
         collective = fsdp.FSDPCollective(optimizer, rank_log_dir(run_store, key) / ".tmp-optimizer_dcp",
                                          reload=load, progress=progress)
