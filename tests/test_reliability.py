@@ -192,8 +192,17 @@ def load_weights(checkpoint: Path) -> dict:
 
 
 def load_optimizer_state(checkpoint: Path) -> dict:
+    """optimizer.pt, or FSDP2's sharded optimizer_dcp/ consolidated into one state dict."""
+    import tempfile
+
     import torch
 
+    if (checkpoint / "optimizer_dcp").is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(checkpoint / "optimizer_dcp", Path(tmp) / "optimizer.pt")
+            return torch.load(Path(tmp) / "optimizer.pt", map_location="cpu", weights_only=True)
     return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
@@ -510,12 +519,12 @@ def _alive(processes: list) -> list:
 
 
 def kill_parent_during_distributed_update(root: Path, trace: Path, log: Path, rounds: int = ROUNDS,
-                                          delay: float = 0.0) -> tuple[Kill, list[str]]:
+                                          delay: float = 0.0, extra_env: dict | None = None) -> tuple[Kill, list[str]]:
     """kill -9 of `make run` once the update's ranks run (+ `delay` s); the command lines of its
     descendants still alive 10 s later."""
     import psutil
 
-    process = start(run_args(RUN, rounds, *TWO), env_for(root, trace=trace), log)
+    process = start(run_args(RUN, rounds, *TWO), {**env_for(root, trace=trace), **(extra_env or {})}, log)
     deadline = time.monotonic() + 300
     family: list = []
     while process.poll() is None:
@@ -559,28 +568,36 @@ def test_kill_9_of_make_run_during_a_two_process_update_leaves_no_child_and_the_
 
 @pytest.mark.skipif(os.environ.get("DAPO_VLM_FULL_FAULTS") != "1",
                     reason="the long kill loop runs with DAPO_VLM_FULL_FAULTS=1")
-def test_many_kills_of_a_two_process_update_lose_nothing(tmp_path_factory: pytest.TempPathFactory):
-    """The multi-process cases of `make test-faults`: kill -9 of `make run` at random moments of the
-    2-process update (no child alive 10 s later), and a rank killed mid-step (the round fails naming
-    rank 1 and its last log line, no checkpoint); the resumed run equals an uninterrupted 2-process run."""
+@pytest.mark.parametrize("accelerate_config", ["cpu", "fsdp_cpu"])
+def test_many_kills_of_a_two_process_update_lose_nothing(tmp_path_factory: pytest.TempPathFactory,
+                                                         accelerate_config: str):
+    """The multi-process cases of `make test-faults`, DDP and FSDP2: kill -9 of `make run` at random
+    moments of the 2-process update (no child alive 10 s later), and a rank killed mid-step (the round
+    fails naming rank 1 and its last log line, no checkpoint); the resumed run equals an uninterrupted
+    2-process run, weights and AdamW state (FSDP2: its sharded optimizer_dcp/) included."""
+    extra = {"DAPO_ACCELERATE_CONFIG": accelerate_config}
     rng = random.Random(SEED)
     ref_root = tmp_path_factory.mktemp("reference-2p")
-    rc, text = cli(run_args(RUN, ROUNDS, *TWO), env_for(ref_root), ref_root / "run.log")
+    rc, text = cli(run_args(RUN, ROUNDS, *TWO), {**env_for(ref_root), **extra}, ref_root / "run.log")
     assert rc == 0, text[-3000:]
     reference = Reference(ref_root, RUN, metric_histories(default_tracking_uri(ref_root), RUN), 0.0, [])
     root = tmp_path_factory.mktemp("killed-2p")
     trace, log = root / "trace.txt", root / "runs.log"
     wanted = int(os.environ.get("DAPO_VLM_FAULT_KILLS", "4"))
     for n in range(wanted):
+        if n == 1:  # round 1 to its end, so that the next kills hit round 2 (which resumes AdamW from ckpt-0001)
+            rc, text = cli(run_args(RUN, 1, *TWO), {**env_for(root, trace=trace), **extra}, log)
+            assert rc == 0, text[-3000:]
         if n % 2 == 0:
-            kill, survivors = kill_parent_during_distributed_update(root, trace, log, delay=rng.uniform(0, 2))
+            kill, survivors = kill_parent_during_distributed_update(root, trace, log, delay=rng.uniform(0, 2),
+                                                                    extra_env=extra)
             assert kill.rc == -signal.SIGKILL and survivors == [], (kill, survivors)
         else:
-            rc, text = cli(run_args(RUN, ROUNDS, *TWO), env_for(root, fault="kill:mid_update_step_rank1", trace=trace),
-                           log)
+            rc, text = cli(run_args(RUN, ROUNDS, *TWO),
+                           {**env_for(root, fault="kill:mid_update_step_rank1", trace=trace), **extra}, log)
             assert rc != 0 and "rank 1 of the update died (signal SIGKILL)" in text, text[-3000:]
             assert "its last log line: 'optimizer step 1: backward of micro-batch 1 done'" in text
-    rc, text = cli(run_args(RUN, ROUNDS, *TWO), env_for(root, trace=trace), log)
+    rc, text = cli(run_args(RUN, ROUNDS, *TWO), {**env_for(root, trace=trace), **extra}, log)
     assert rc == 0, text[-3000:]
     assert differences_from(reference, root) == []
 
