@@ -96,6 +96,7 @@ def make_rollouts(prompt_length: int, completion_length: int, *, batch_size: int
     import torch
 
     from dapo_ops import models
+    from dapo_ops.inputs import VisionInputs
     from dapo_ops.rollout import RolloutBatch
 
     special = {token: i for i, token in enumerate(models.SPECIAL_TOKENS)}
@@ -128,12 +129,13 @@ def make_rollouts(prompt_length: int, completion_length: int, *, batch_size: int
     completion_ids = torch.randint(first_text, vocab_size, (batch_size, completion_length), generator=generator)
     completion_mask = torch.ones(batch_size, completion_length, dtype=torch.long)
     return RolloutBatch(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, pixel_values=pixel_values, image_grid_thw=grid,
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, vision=VisionInputs.from_patches(pixel_values, grid),
         completion_ids=completion_ids, completion_mask=completion_mask,
         completion_lengths=torch.full((batch_size,), completion_length), is_eos=torch.zeros(batch_size, dtype=torch.bool),
         completions=[""] * batch_size, prompt_index=torch.arange(batch_size), num_generations=1,
         prompt_vision_mask=prompt_ids == image_pad,
         prompt_text_mask=prompt_mask.bool() & (prompt_ids >= first_text),
+        prompt_token_inputs={"mm_token_type_ids": (prompt_ids == image_pad).long()},
     )
 
 

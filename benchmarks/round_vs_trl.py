@@ -423,7 +423,7 @@ def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
         train = training.load_split(store, "train")
         rows_per_round = [training.select_prompts(train, config, r) for r in range(shape.measured_rounds + 1)]
 
-        library_policy = models.Policy(copy.deepcopy(base.model), base.tokenizer, base.image_processor, base.path)
+        library_policy = models.Policy(copy.deepcopy(base.model), base.processor, base.path)
         library_optimizer = make_optimizer(library_policy.model, config)
         processor, processor_note = trl_processor(base)
         dataset = trl_dataset(rows_per_round)

@@ -119,7 +119,7 @@ def fixed_rollouts(policy, shape: Shape, *, prompts: int | None = None, generati
     """A group-major RolloutBatch: the shape's prompts x G random text completions (deterministic, no sampling)."""
     import torch
 
-    from dapo_ops import inputs, training
+    from dapo_ops import training
     from dapo_ops.rollout import RolloutBatch
 
     p, g = prompts or shape.prompts, generations or shape.num_generations
@@ -132,11 +132,11 @@ def fixed_rollouts(policy, shape: Shape, *, prompts: int | None = None, generati
     completion_ids = allowed[torch.randint(len(allowed), (p * g, tc), generator=generator)]  # [N, Tc]
     return RolloutBatch(
         prompt_ids=encoded.input_ids[index], prompt_mask=encoded.attention_mask[index],
-        pixel_values=inputs.select_pixel_values(encoded.pixel_values, encoded.image_grid_thw, index),
-        image_grid_thw=encoded.image_grid_thw[index], completion_ids=completion_ids,
+        vision=encoded.vision.select(index), completion_ids=completion_ids,
         completion_mask=torch.ones(p * g, tc, dtype=torch.long), completion_lengths=torch.full((p * g,), tc),
         is_eos=torch.zeros(p * g, dtype=torch.bool), completions=[""] * (p * g), prompt_index=index,
         num_generations=g, prompt_vision_mask=encoded.vision_mask[index], prompt_text_mask=encoded.text_mask[index],
+        prompt_token_inputs={k: v[index] for k, v in encoded.token_inputs.items()},
     )
 
 

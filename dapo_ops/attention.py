@@ -1,4 +1,4 @@
-"""Modality attention metrics (METRICS.md) and the teacher-forced pass that measures them.
+"""Modality attention metrics (docs/metrics.md) and the teacher-forced pass that measures them.
 
 Two ways to the same numbers:
 - `metrics_from_attention_weights`: the readable oracle over full attention weights (eager attention,
@@ -30,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dapo_ops import progress
 from dapo_ops.config import STAGES
+from dapo_ops.inputs import forward_position_ids, unwrapped, uses_rope_index
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
 # Per-rollout metrics of each stage: the measurements, then the balance derived from the MDI. Columns
@@ -76,7 +77,7 @@ def _nan_metrics() -> dict[str, float]:
 
 
 def _stage_metrics(m_v: float, m_t: float, n_v: int, n_t: int, tolerance: float) -> dict[str, float]:
-    """METRICS.md for one rollout and stage from the stage masses M_V, M_T and the key counts |V|, |T|."""
+    """The docs/metrics.md definitions for one rollout and stage from the stage masses M_V, M_T and the key counts |V|, |T|."""
     if n_v <= 0 or n_t <= 0 or not (m_v + m_t > 0):  # also catches NaN masses
         # |V| = 0 is undefined by definition; |T| = 0 would make t = 0 and mdi 0/0: undefined as well.
         return _nan_metrics()
@@ -182,7 +183,7 @@ def metrics_from_attention_weights(
     *,
     tolerance: float = 2.0,
 ) -> list[StageMetrics]:
-    """The oracle: METRICS.md straight from attention weights.
+    """The oracle: docs/metrics.md straight from attention weights.
 
     attentions: per decoder layer [B, H, Q, K] (e.g. `output_attentions=True` with eager attention, where
     Q = K = the full sequence); query_mask [B, Q]; vision_mask, text_mask [B, K] (bool).
@@ -515,18 +516,29 @@ def _unwrap(model_or_policy: Any) -> torch.nn.Module:
     return model_or_policy.model
 
 
-def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.device) -> dict[str, Any]:
-    input_ids = batch.input_ids.to(device)
-    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": batch.attention_mask.to(device)}
+def _legacy_model_inputs(model: torch.nn.Module, batch: Any) -> dict[str, Any]:
+    """Qwen inputs from a batch that only carries ids, masks, `pixel_values` and `image_grid_thw`."""
+    input_ids = batch.input_ids
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": batch.attention_mask}
     pixel_values = getattr(batch, "pixel_values", None)
     if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values.to(device)
-        inputs["image_grid_thw"] = batch.image_grid_thw.to(device)
+        inputs["pixel_values"] = pixel_values
+        inputs["image_grid_thw"] = batch.image_grid_thw
+    return inputs
+
+
+def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.device) -> dict[str, Any]:
+    """The family's forward kwargs over prompt + completion, with the positions generation used."""
+    model_inputs = getattr(batch, "model_inputs", None)
+    raw = model_inputs() if callable(model_inputs) else _legacy_model_inputs(model, batch)
+    inputs: dict[str, Any] = {k: v.to(device) for k, v in raw.items()}
+    input_ids = inputs["input_ids"]
+    if uses_rope_index(model) and "pixel_values" in inputs:
         # mm_token_type_ids makes Qwen2.5-VL use its 3D (mRoPE) positions, honouring left padding, exactly as
         # generation with the processor's inputs does; without them the forward falls back to 1D positions.
-        mm_types = getattr(batch, "mm_token_type_ids", None)
+        mm_types = inputs.get("mm_token_type_ids")
         if mm_types is None:
-            config = model.config
+            config = unwrapped(model).config
             mm_types = torch.zeros_like(input_ids, dtype=torch.int32)
             if getattr(config, "image_token_id", None) is not None:
                 mm_types[input_ids == config.image_token_id] = 1
@@ -536,7 +548,10 @@ def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devi
             mm_types = torch.cat(
                 [mm_types, mm_types.new_zeros(mm_types.shape[0], input_ids.shape[1] - mm_types.shape[1])], 1
             )
-        inputs["mm_token_type_ids"] = mm_types.to(device)
+        inputs["mm_token_type_ids"] = mm_types
+    positions = forward_position_ids(model, inputs)
+    if positions is not None:
+        inputs["position_ids"] = positions
     return inputs
 
 

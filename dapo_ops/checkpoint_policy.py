@@ -44,7 +44,7 @@ def prepare_for_training(model: torch.nn.Module, config: DapoConfig) -> None:
     """Freeze the vision tower (`freeze_vision_tower`) and keep the trained parameters in fp32 (`bf16`)."""
     if config.freeze_vision_tower:
         for name, param in model.named_parameters():
-            if ".visual." in f".{name}" and "lora_" not in name:
+            if lora.in_vision_tower(name) and "lora_" not in name:
                 param.requires_grad_(False)
     if config.bf16 or config.torch_dtype != "float32":
         precision.fp32_master_weights(model)

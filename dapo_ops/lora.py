@@ -22,9 +22,17 @@ from dapo_ops.config import DapoConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Every linear layer of the language model (attention and MLP), not the vision tower's nor lm_head.
-LANGUAGE_MODEL_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-VISION_TOWER = r".*\.visual\..*"
+# Every linear layer of the language model (attention and MLP), not the vision tower's nor lm_head. The
+# language model is `language_model` in every family but Idefics3, whose is `text_model`.
+LANGUAGE_MODEL_LINEARS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The vision tower's module per family: Qwen-VL `visual`, LLaVA and Gemma 3 `vision_tower`, Idefics3 `vision_model`.
+VISION_TOWER_NAMES: tuple[str, ...] = ("visual", "vision_tower", "vision_model")
+VISION_TOWER = rf".*\.({'|'.join(VISION_TOWER_NAMES)})\..*"
+
+
+def in_vision_tower(name: str) -> bool:
+    """Whether parameter or module `name` belongs to the vision tower (of any family)."""
+    return any(f".{part}." in f".{name}" for part in VISION_TOWER_NAMES)
 
 
 def lora_config(config: DapoConfig) -> Any:

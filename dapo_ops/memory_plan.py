@@ -35,7 +35,8 @@ class ParameterCounts:
 
 
 def _model_config(model_dir: str | Path):
-    from transformers import Qwen2_5_VLConfig
+    """The config of `model_dir`'s family (its `model_type`; Qwen2.5-VL for a file that names none)."""
+    from transformers import CONFIG_MAPPING, Qwen2_5_VLConfig
 
     if str(model_dir) == EMBEDDED:
         from dapo_ops import models
@@ -44,16 +45,19 @@ def _model_config(model_dir: str | Path):
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: the memory plan needs a model directory")
-    return Qwen2_5_VLConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    values = json.loads(path.read_text(encoding="utf-8"))
+    if "model_type" not in values:
+        return Qwen2_5_VLConfig.from_dict(values)
+    return CONFIG_MAPPING[values["model_type"]].from_dict(values)
 
 
 def meta_model(model_dir: str | Path) -> torch.nn.Module:
     """The model of `model_dir` with no storage behind its parameters (shapes only)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     config = _model_config(model_dir)
     with torch.device("meta"), contextlib.redirect_stderr(None):
-        return Qwen2_5_VLForConditionalGeneration._from_config(config)
+        return AutoModelForImageTextToText.from_config(config)
 
 
 def _lora_targets(name: str, config: DapoConfig) -> bool:
@@ -68,10 +72,12 @@ def _lora_targets(name: str, config: DapoConfig) -> bool:
 
 def parameter_counts(model_dir: str | Path, config: DapoConfig) -> ParameterCounts:
     """Parameters of the model (tied weights once), the trained ones under `config`, and the weight bytes."""
+    from dapo_ops import lora
+
     model = meta_model(model_dir)
     params = {id(p): (n, p) for n, p in model.named_parameters()}
     total = sum(p.numel() for _, p in params.values())
-    vision = sum(p.numel() for n, p in params.values() if ".visual." in f".{n}")
+    vision = sum(p.numel() for n, p in params.values() if lora.in_vision_tower(n))
     lora_params = 0
     if config.use_peft:
         for name, module in model.named_modules():
@@ -116,10 +122,10 @@ class MemoryPlan:
 def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | None = None) -> MemoryPlan:
     """The memory plan of `config` on the model of `model_dir` (config.json only)."""
     counts = parameter_counts(model_dir, config)
-    text = _model_config(model_dir).text_config
+    text = _model_config(model_dir).get_text_config()
     h, layers, inter = text.hidden_size, text.num_hidden_layers, text.intermediate_size
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
-    head_dim = h // heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
     vocab = text.vocab_size
     load = DTYPE_BYTES[config.torch_dtype]
     act = 2 if config.bf16 else load  # activation bytes under autocast

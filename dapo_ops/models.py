@@ -1,16 +1,19 @@
-"""Build, save and load policies: the embedded tiny Qwen2.5-VL or a real Qwen2.5-VL model directory.
+"""Build, save and load policies: the embedded tiny Qwen2.5-VL or any image-text-to-text model directory.
 
-A `Policy` bundles the model with its tokenizer and image processor. Everything here works without
-torchvision: images go through transformers' PIL Qwen2-VL image processor.
+A `Policy` bundles the model with its processor (tokenizer, image processor, chat template). Any family
+that transformers loads with `AutoModelForImageTextToText` and `AutoProcessor` works (trust_remote_code
+stays off); images always go through the PIL backend of the family's image processor, so pixel values do
+not depend on whether torchvision is installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,39 +21,65 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
-    AutoTokenizer,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.utils import logging as hf_logging
 
 from dapo_ops.store import atomic_directory
-
-PAD_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-
-# Order fixes the ids 0..6 of the embedded tokenizer.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD_TOKEN,
-    IM_START,
+from dapo_ops.tokens import (
     IM_END,
-    VISION_START,
-    VISION_END,
+    IM_START,
     IMAGE_PAD,
+    IMAGE_TOKEN_FIELDS,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    SYSTEM_PROMPT,
+    TEMPLATE_TOKENS,
+    THINK_END,
+    THINK_START,
+    TURN_END_TOKENS,
     VIDEO_PAD,
+    VISION_END,
+    VISION_SPECIAL_TOKENS,
+    VISION_START,
+    boundary_token_ids,
+    config_vision_ids,
+    image_token_id,
+    template_token_ids,
+    token_id,
 )
-# Tokens that are never "text keys" (METRICS.md) and never sampled (except EOS).
-TEMPLATE_TOKENS: tuple[str, ...] = SPECIAL_TOKENS
-VISION_SPECIAL_TOKENS: tuple[str, ...] = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
+
+__all__ = [  # the token names are re-exported: `from dapo_ops.models import IM_END` keeps working
+    "IM_END",
+    "IM_START",
+    "IMAGE_PAD",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "TEMPLATE_TOKENS",
+    "THINK_END",
+    "THINK_START",
+    "VIDEO_PAD",
+    "VISION_END",
+    "VISION_SPECIAL_TOKENS",
+    "VISION_START",
+    "Policy",
+    "build_embedded_policy",
+    "build_tokenizer",
+    "load_policy",
+    "save_policy",
+    "tiny_config",
+]
 
 # Qwen2's pre-tokenizer split (tokenization_qwen2.py), so the embedded tokenizer behaves like the real one.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -109,12 +138,20 @@ _TEMPLATE_CORPUS: tuple[str, ...] = (
 
 @dataclass
 class Policy:
-    """A vision-language policy: model, tokenizer, image processor, and the directory it came from."""
+    """A vision-language policy: model, its processor (tokenizer, image processor, chat template), and the
+    directory it came from."""
 
-    model: Qwen2_5_VLForConditionalGeneration
-    tokenizer: PreTrainedTokenizerFast
-    image_processor: Any
+    model: PreTrainedModel
+    processor: Any
     path: Path | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self) -> Any:
+        return self.processor.image_processor
 
     @property
     def pad_token_id(self) -> int:
@@ -123,53 +160,100 @@ class Policy:
             pad = self.tokenizer.convert_tokens_to_ids(PAD_TOKEN)
         return int(pad)
 
-    @property
+    @functools.cached_property
     def eos_token_id(self) -> int:
-        """`<|im_end|>`, the end of an assistant turn (also where the tokenizer's eos differs)."""
-        im_end = _token_id(self.tokenizer, IM_END)
-        return im_end if im_end is not None else int(self.tokenizer.eos_token_id)
+        """The token that ends an assistant turn (`<|im_end|>`, `<end_of_turn>`, ...), else the tokenizer's
+        eos: generation stops there and the warm start appends it."""
+        return turn_end_token_id(self.tokenizer)
+
+    @property
+    def image_token_id(self) -> int:
+        """The id the processor expands into one token per image feature (vision keys)."""
+        value = image_token_id(self.model.config)
+        if value is None:
+            raise ValueError(f"{self.path or type(self.model).__name__}: no image token id in config.json")
+        return value
 
     @property
     def image_pad_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        return self.image_token_id
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.text_config.num_hidden_layers)
+        return int(self.model.config.get_text_config().num_hidden_layers)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @property
+    def text_excluded_ids(self) -> list[int]:
+        """Ids that are never text keys: special, template, image-boundary and padding tokens."""
+        ids = set(template_token_ids(self.tokenizer, self.model.config))
+        ids.add(self.pad_token_id)
+        return sorted(ids)
+
+    @property
     def suppressed_token_ids(self) -> list[int]:
-        """Ids never sampled: vision specials, padding, and logit rows with no token behind them."""
-        ids = {self.pad_token_id}
+        """Ids never sampled: image and boundary tokens, padding, and logit rows with no token behind them."""
+        ids = {self.pad_token_id, self.image_token_id}
         for token in VISION_SPECIAL_TOKENS:
-            token_id = _token_id(self.tokenizer, token)
-            if token_id is not None:
-                ids.add(token_id)
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            value = getattr(self.model.config, name, None)
+            value = token_id(self.tokenizer, token)
             if value is not None:
-                ids.add(int(value))
+                ids.add(value)
+        ids.update(boundary_token_ids(self.tokenizer))
+        ids.update(config_vision_ids(self.model.config))
         ids.discard(self.eos_token_id)
-        vocab_rows = int(self.model.config.text_config.vocab_size)
+        vocab_rows = int(self.model.config.get_text_config().vocab_size)
         ids.update(range(len(self.tokenizer), vocab_rows))
         return sorted(ids)
 
 
-def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int | None:
-    """The id of `token` when the vocabulary has it (convert_tokens_to_ids maps unknowns to unk or None)."""
-    token_id = tokenizer.get_vocab().get(token)
-    return None if token_id is None else int(token_id)
+def turn_end_token_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn in the chat template (`<|im_end|>`, `<end_of_turn>`,
+    `<end_of_utterance>`, ...): the first special token after an assistant message; the tokenizer's eos when
+    the template shows none."""
+    marker = "Zq7"
+    special = set(int(i) for i in tokenizer.all_special_ids)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": marker}]},
+    ]
+    with contextlib.suppress(Exception):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        tail = text[text.rindex(marker) + len(marker) :]
+        for value in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+            if int(value) in special:
+                return int(value)
+    for token in TURN_END_TOKENS:
+        value = token_id(tokenizer, token)
+        if value is not None:
+            return value
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a turn-end token nor an eos token")
+    return int(tokenizer.eos_token_id)
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = EMBEDDED_VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `corpus` with Qwen's special tokens and chat template.
+def build_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = EMBEDDED_VOCAB_SIZE,
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    eos_token: str = IM_END,
+    pad_token: str = PAD_TOKEN,
+    bos_token: str | None = None,
+    chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE,
+    template_corpus: Sequence[str] = (),
+    extra_special_tokens: dict[str, str] | None = None,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus` with a family's special tokens and chat template.
 
-    Special tokens get ids 0..6 in `SPECIAL_TOKENS` order; `<think>` and `</think>` are added as ordinary
-    (non-special) tokens so they survive `skip_special_tokens` decoding, as in Qwen3-style tokenizers.
+    Defaults are Qwen's: special tokens get ids 0..6 in `SPECIAL_TOKENS` order. `<think>` and `</think>`
+    are added as ordinary (non-special) tokens so they survive `skip_special_tokens` decoding, as in
+    Qwen3-style tokenizers. `template_corpus` adds a family's template words (role names, headers);
+    `extra_special_tokens` names special tokens as tokenizer attributes (Gemma 3's `boi_token`, ...).
     """
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
@@ -182,24 +266,23 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = EMBEDDED_VOCAB_SIZE
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    from dapo_ops.inputs import SYSTEM_PROMPT  # inputs imports this module
-
-    texts = [*_TEMPLATE_CORPUS, SYSTEM_PROMPT, *corpus]
+    texts = [*_TEMPLATE_CORPUS, *template_corpus, SYSTEM_PROMPT, *corpus]
     backend.train_from_iterator(texts, trainer=trainer)
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        bos_token=bos_token,
+        additional_special_tokens=[t for t in special_tokens if t not in (pad_token, bos_token)],
+        chat_template=chat_template,
         padding_side="left",
+        **({"extra_special_tokens": extra_special_tokens} if extra_special_tokens else {}),
     )
-    return tokenizer
 
 
 def build_image_processor(pixels: int = EMBEDDED_IMAGE_PIXELS) -> Qwen2VLImageProcessorPil:
@@ -273,6 +356,16 @@ def tiny_config(
     )
 
 
+def build_embedded_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
+    """The real `Qwen2_5_VLProcessor` around `tokenizer`, the PIL image processor and Qwen's chat template."""
+    return Qwen2_5_VLProcessor(
+        image_processor=build_image_processor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def build_embedded_policy(
     corpus: Iterable[str], seed: int = 0, *, vocab_size: int = EMBEDDED_VOCAB_SIZE, **config_overrides: Any
 ) -> Policy:
@@ -287,7 +380,7 @@ def build_embedded_policy(
     model.generation_config.pad_token_id = token_ids["pad"]
     model.generation_config.bos_token_id = None
     model.eval()
-    return Policy(model=model, tokenizer=tokenizer, image_processor=build_image_processor(), path=None)
+    return Policy(model=model, processor=build_embedded_processor(tokenizer), path=None)
 
 
 @contextlib.contextmanager
@@ -303,14 +396,15 @@ def _quiet_progress() -> Iterator[None]:
 
 
 def write_policy(policy: Policy, directory: Path, *, weights: bool = True) -> None:
-    """Write model, tokenizer, image processor and chat template into an existing `directory`, plainly
+    """Write model and processor (tokenizer, image processor, chat template) into an existing `directory`, plainly
     (inside `store.atomic_directory`, which fsyncs and renames the whole checkpoint once). `weights=False`
     leaves the model out (a LoRA checkpoint writes its adapter instead)."""
     directory = Path(directory)
     if weights:
         with _quiet_progress():
             policy.model.save_pretrained(directory)
-    policy.tokenizer.save_pretrained(directory)
+    policy.processor.save_pretrained(directory)
+    # preprocessor_config.json as well, where released checkpoints keep it (and older readers look).
     policy.image_processor.save_pretrained(directory)
     if policy.tokenizer.chat_template:
         # Where Qwen2.5-VL checkpoints keep it, for processors that read the processor-level file.
@@ -320,8 +414,8 @@ def write_policy(policy: Policy, directory: Path, *, weights: bool = True) -> No
 
 
 def save_policy(policy: Policy, path: str | os.PathLike[str]) -> Path:
-    """Write model, tokenizer, image processor and chat template to `path`, atomically: a reader sees
-    either the old directory or the complete new one, never a half-written one."""
+    """Write model and processor (tokenizer, image processor, chat template) to `path`, atomically: a reader
+    sees either the old directory or the complete new one, never a half-written one."""
     target = Path(path).resolve()
     with atomic_directory(target, marker=None) as tmp:
         write_policy(policy, tmp)
@@ -341,27 +435,52 @@ def _read_chat_template(path: Path) -> str | None:
     return None
 
 
-def _load_processor_parts(path: Path) -> tuple[Any, Any]:
-    """(tokenizer, image processor): AutoProcessor when it loads here, else tokenizer + PIL image processor.
+def _load_processor(path: Path) -> Any:
+    """The family's processor with its image processor on the PIL backend.
 
-    AutoProcessor for Qwen2.5-VL also builds a video processor, which needs torchvision; without it we
-    fall back to the PIL image processor, which reads the same preprocessor_config.json.
+    The PIL backend gives the same pixel values with or without torchvision (the torchvision backend
+    resizes slightly differently), so a checkpoint scores the same everywhere.
     """
     try:
-        from transformers import AutoProcessor
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            processor = AutoProcessor.from_pretrained(path)
-        image_processor = getattr(processor, "image_processor", None)
-        tokenizer = getattr(processor, "tokenizer", None)
-        if image_processor is not None and tokenizer is not None:
-            return tokenizer, image_processor
-    except Exception:  # noqa: BLE001 - any failure means "use the torchvision-free parts"
-        pass
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return tokenizer, image_processor
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{path}: no processor could be loaded (processor_config.json / preprocessor_config.json and a "
+            f"tokenizer): {type(error).__name__}: {error}"
+        ) from error
+    for part in ("tokenizer", "image_processor"):
+        if getattr(processor, part, None) is None:
+            raise ValueError(f"{path}: the processor ({type(processor).__name__}) has no {part}")
+    if "Pil" not in type(processor.image_processor).__name__:
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            processor.image_processor = AutoImageProcessor.from_pretrained(
+                path, backend="pil", local_files_only=True
+            )
+    return processor
+
+
+def _model_class_check(source: Path) -> Any:
+    """The config, after checking what the pipeline needs before any weight is read or checkpoint written."""
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(
+            f"{source}/config.json: model_type {model_type!r} is not an image-text-to-text model that "
+            "transformers can load (AutoModelForImageTextToText has no class for it; trust_remote_code stays off)"
+        )
+    # The raw file, not the config object: config classes fill a default id (LLaVA's 32000) that may name
+    # any token of this tokenizer.
+    raw = json.loads((source / "config.json").read_text())
+    holders = [raw, raw.get("text_config") or {}]
+    if not any(isinstance(h.get(name), int) for h in holders for name in IMAGE_TOKEN_FIELDS):
+        raise ValueError(
+            f"{source}: no image token id in config.json (image_token_id or image_token_index): the vision "
+            "keys of the attention metrics are the positions of that token"
+        )
+    return config
 
 
 # The files through which a model directory can ask transformers to import its own Python code.
@@ -384,7 +503,7 @@ def refuse_remote_code(source: Path) -> None:
             raise ValueError(
                 f"{path} asks for remote code (auto_map: {', '.join(sorted(map(str, config['auto_map'])))}); this project "
                 f"loads models with trust_remote_code off and refuses directories that need their own Python code. "
-                f"Use a model whose classes ship with transformers (Qwen2.5-VL)."
+                f"Use a model whose classes ship with transformers (AutoModelForImageTextToText loads them)."
             )
 
 
@@ -400,9 +519,12 @@ def load_policy(
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | str = torch.float32,
 ) -> Policy:
-    """Load a policy saved by `save_policy` or a real Qwen2.5-VL model directory (nothing is downloaded).
+    """Load a policy saved by `save_policy` or any image-text-to-text model directory (nothing is downloaded).
 
-    `device` may be `"auto"`; `torch_dtype` a dtype or its name (`"float32"`, `"bfloat16"`).
+    The model comes from `AutoModelForImageTextToText`, the processor from `AutoProcessor`.
+    `device` may be `"auto"`; `torch_dtype` a dtype or its name (`"float32"`, `"bfloat16"`). A directory
+    the pipeline cannot train (no image token id, no processor, no chat template) is refused with a
+    `ValueError` naming what is missing.
     """
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype)
@@ -410,16 +532,22 @@ def load_policy(
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model directory (no config.json)")
     refuse_remote_code(source)
-    tokenizer, image_processor = _load_processor_parts(source)
+    _model_class_check(source)
+    processor = _load_processor(source)
+    tokenizer = processor.tokenizer
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template or _read_chat_template(source)
+    if not template:
+        raise ValueError(f"{source}: no chat template (chat_template.jinja / chat_template.json / tokenizer_config)")
+    processor.chat_template = template
     if not tokenizer.chat_template:
-        tokenizer.chat_template = _read_chat_template(source) or QWEN2_5_VL_CHAT_TEMPLATE
+        tokenizer.chat_template = template
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = PAD_TOKEN
+        tokenizer.pad_token = PAD_TOKEN if PAD_TOKEN in tokenizer.get_vocab() else tokenizer.eos_token
     with _quiet_progress():
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
         )
     model.to(resolve_device(device))
     model.eval()
-    return Policy(model=model, tokenizer=tokenizer, image_processor=image_processor, path=source)
+    return Policy(model=model, processor=processor, path=source)

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from dapo_ops import progress
-from dapo_ops.inputs import PromptBatch, select_pixel_values, vl_model_inputs
+from dapo_ops.inputs import PromptBatch, VisionInputs, prompt_position_ids, vl_model_inputs
 from dapo_ops.models import Policy
 
 _TENSOR_FIELDS = (
     "prompt_ids",
     "prompt_mask",
-    "pixel_values",
-    "image_grid_thw",
     "completion_ids",
     "completion_mask",
     "completion_lengths",
@@ -36,14 +34,13 @@ _TENSOR_FIELDS = (
 class RolloutBatch:
     """N = P * G rollouts, group-major, with everything a teacher-forced pass over prompt+completion needs.
 
-    `pixel_values` holds one copy of the image per rollout (patches concatenated in row order), so any
-    row subset (`select`) is again a consistent model input.
+    `vision` holds the processor's image outputs once per rollout (any family's keys), so any row subset
+    (`select`) is again a consistent model input; `save_rollout_batch` stores them once per prompt.
     """
 
     prompt_ids: torch.Tensor  # [N, Tp] long, left padded
     prompt_mask: torch.Tensor  # [N, Tp] long
-    pixel_values: torch.Tensor  # [sum over rows of prod(image_grid_thw), D]
-    image_grid_thw: torch.Tensor  # [N, 3] long
+    vision: VisionInputs  # one item per rollout
     completion_ids: torch.Tensor  # [N, Tc] long, pad after EOS
     completion_mask: torch.Tensor  # [N, Tc] long, 1 up to and including EOS
     completion_lengths: torch.Tensor  # [N] long, tokens incl. EOS
@@ -51,8 +48,9 @@ class RolloutBatch:
     completions: list[str]  # decoded, special tokens skipped
     prompt_index: torch.Tensor  # [N] long, index of the prompt in the PromptBatch it was sampled from
     num_generations: int
-    prompt_vision_mask: torch.Tensor  # [N, Tp] bool, `<|image_pad|>` positions
-    prompt_text_mask: torch.Tensor  # [N, Tp] bool, text keys (METRICS.md)
+    prompt_vision_mask: torch.Tensor  # [N, Tp] bool, image token positions
+    prompt_text_mask: torch.Tensor  # [N, Tp] bool, text keys (docs/metrics.md)
+    prompt_token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, Tp] each
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -88,6 +86,20 @@ class RolloutBatch:
         return self._pad_to_sequence(self.prompt_text_mask)
 
     @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.vision["pixel_values"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        """Qwen's [N, 3] image grids (a KeyError for families without one)."""
+        return self.vision["image_grid_thw"]
+
+    @property
+    def token_inputs(self) -> dict[str, torch.Tensor]:
+        """The processor's per-token inputs over the prompt ([N, Tp]); `vl_model_inputs` extends them."""
+        return self.prompt_token_inputs
+
+    @property
     def mm_token_type_ids(self) -> torch.Tensor:
         """[N, Tp + Tc] 1 at image tokens: Qwen2.5-VL builds its 3D mRoPE positions from it."""
         return self.vision_mask.to(torch.int32)
@@ -101,17 +113,13 @@ class RolloutBatch:
         return vl_model_inputs(self)
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RolloutBatch:
-        """Rows `indices`, in that order (pixel values sliced per row by its image grid)."""
+        """Rows `indices`, in that order (image inputs sliced per row)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        values: dict[str, Any] = {}
-        for name in _TENSOR_FIELDS:
-            tensor = getattr(self, name)
-            if name == "pixel_values":
-                values[name] = select_pixel_values(self.pixel_values, self.image_grid_thw, idx)
-            else:
-                values[name] = tensor[idx.to(tensor.device)]
+        values: dict[str, Any] = {name: getattr(self, name)[idx.to(getattr(self, name).device)] for name in _TENSOR_FIELDS}
         return RolloutBatch(
             **values,
+            vision=self.vision.select(idx),
+            prompt_token_inputs={k: v[idx.to(v.device)] for k, v in self.prompt_token_inputs.items()},
             completions=[self.completions[i] for i in idx.tolist()],
             num_generations=self.num_generations,
         )
@@ -119,18 +127,61 @@ class RolloutBatch:
     def to(self, device: str | torch.device) -> RolloutBatch:
         values = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
         return RolloutBatch(
-            **values, completions=list(self.completions), num_generations=self.num_generations
+            **values,
+            vision=self.vision.to(device),
+            prompt_token_inputs={k: v.to(device) for k, v in self.prompt_token_inputs.items()},
+            completions=list(self.completions),
+            num_generations=self.num_generations,
         )
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors, strings and ints (loadable with `torch.load(..., weights_only=True)`)."""
         state: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         state["completions"] = list(self.completions)
+        state["vision"] = self.vision.state_dict()
+        state["prompt_token_inputs"] = dict(self.prompt_token_inputs)
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> RolloutBatch:
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+        values = {f.name: state[f.name] for f in fields(cls) if f.name in state}
+        values["vision"] = VisionInputs.from_state_dict(state["vision"])
+        return cls(**values)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def per_prompt_state(batch: RolloutBatch) -> dict[str, Any]:
+    """`batch.state_dict()` with the image inputs kept once per prompt instead of once per rollout (G x
+    smaller files): `prompt_rows` are the distinct prompt indices, `vision` their image inputs."""
+    state = _to_cpu(batch.to("cpu").state_dict())
+    prompt_index = batch.prompt_index.cpu()
+    first = torch.unique(prompt_index, sorted=True)
+    rows = torch.stack([torch.nonzero(prompt_index == p)[0, 0] for p in first.tolist()]) if len(first) else first
+    state["vision"] = batch.vision.select(rows).to("cpu").state_dict()
+    state["prompt_rows"] = first
+    return state
+
+
+def from_per_prompt_state(state: dict[str, Any]) -> RolloutBatch:
+    """The inverse of `per_prompt_state`: each rollout gets its prompt's image inputs back."""
+    state = dict(state)
+    if "vision" not in state:  # written before image inputs were family-generic: Qwen patches + grids
+        grids = state.pop("prompt_image_grid_thw", state["image_grid_thw"])
+        state["vision"] = VisionInputs.from_patches(state.pop("pixel_values"), grids).state_dict()
+        state.pop("image_grid_thw")
+        state.setdefault("prompt_token_inputs", {"mm_token_type_ids": state["prompt_vision_mask"].long()})
+    if "prompt_rows" in state:
+        position = {p: i for i, p in enumerate(state.pop("prompt_rows").tolist())}
+        owners = torch.tensor([position[p] for p in state["prompt_index"].tolist()], dtype=torch.long)
+        state["vision"] = VisionInputs.from_state_dict(state["vision"]).select(owners).state_dict()
+    return RolloutBatch.from_state_dict(state)
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -185,28 +236,22 @@ def _sample_chunk(
     model = policy.model
     cache_kwarg = _cache_kwarg(model)
     prompts = prompts.trim_padding()
-    input_ids, attention_mask = prompts.input_ids, prompts.attention_mask
-    mm_token_type_ids = prompts.mm_token_type_ids
-    # The model's own mRoPE positions (text 1D, image tokens 3D over the grid), honouring left padding.
-    position_ids, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids, image_grid_thw=prompts.image_grid_thw, attention_mask=attention_mask
-    )
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        pixel_values=prompts.pixel_values,
-        image_grid_thw=prompts.image_grid_thw,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    inputs = prompts.model_inputs()
+    attention_mask = inputs["attention_mask"]
+    # The family's own positions (Qwen: text 1D, image tokens 3D over the grid; others 1D over attended
+    # tokens), honouring left padding; the teacher-forced pass recomputes exactly these.
+    position_ids = prompt_position_ids(model, inputs)
+    outputs = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     group = num_generations
     cache = _output_cache(outputs)
     cache.batch_repeat_interleave(group)
     logits = outputs.logits[:, -1].repeat_interleave(group, dim=0)
     attention_mask = attention_mask.repeat_interleave(group, dim=0)
     # Next text position of each row: one past its largest prompt position (the image may span several).
-    next_position = (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(group, dim=0)
+    # position_ids is [B, T] or [k, B, T] (k = 3 mRoPE axes); decoding steps use the same layout.
+    leading = position_ids.shape[:-2]
+    per_row = position_ids.reshape(-1, *position_ids.shape[-2:]).amax(dim=(0, 2))  # [B]
+    next_position = (per_row + 1).repeat_interleave(group, dim=0)
 
     rows = logits.shape[0]
     device = logits.device
@@ -227,7 +272,7 @@ def _sample_chunk(
         if bool(finished.all()) or step == max_completion_length - 1:
             break
         attention_mask = torch.cat([attention_mask, ones], dim=1)
-        step_positions = (next_position + step).view(1, rows, 1).expand(3, rows, 1)
+        step_positions = (next_position + step).view(*([1] * len(leading)), rows, 1).expand(*leading, rows, 1)
         outputs = model(
             input_ids=token[:, None],
             attention_mask=attention_mask,
@@ -297,8 +342,8 @@ def generate_rollouts(
 ) -> RolloutBatch:
     """Sample `num_generations` completions per prompt (group-major) with the KV cache.
 
-    Deterministic for a seed (and batch_size). Vision special tokens and padding are never sampled; a row
-    stops at `<|im_end|>`, which counts in its length and mask. `temperature=0` is greedy decoding.
+    Deterministic for a seed (and batch_size). Image/boundary tokens and padding are never sampled; a row
+    stops at the family's end of turn (`<|im_end|>` for Qwen), which counts in its length and mask. `temperature=0` is greedy decoding.
     `batch_size` caps the rollouts decoded together (whole prompt groups; at least one group).
     """
     if num_generations < 1 or max_completion_length < 1:
@@ -356,8 +401,7 @@ def generate_rollouts(
     return RolloutBatch(
         prompt_ids=prompts.input_ids.repeat_interleave(num_generations, dim=0).cpu(),
         prompt_mask=prompts.attention_mask.repeat_interleave(num_generations, dim=0).cpu(),
-        pixel_values=select_pixel_values(prompts.pixel_values, prompts.image_grid_thw, prompt_index).cpu(),
-        image_grid_thw=prompts.image_grid_thw.repeat_interleave(num_generations, dim=0).cpu(),
+        vision=prompts.vision.to("cpu").select(prompt_index),
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         completion_lengths=lengths,
@@ -367,4 +411,7 @@ def generate_rollouts(
         num_generations=num_generations,
         prompt_vision_mask=prompts.vision_mask.repeat_interleave(num_generations, dim=0).cpu(),
         prompt_text_mask=prompts.text_mask.repeat_interleave(num_generations, dim=0).cpu(),
+        prompt_token_inputs={
+            k: v.repeat_interleave(num_generations, dim=0).cpu() for k, v in prompts.token_inputs.items()
+        },
     )

@@ -13,34 +13,24 @@ from typing import Any
 
 import torch
 
-from dapo_ops import inputs, rollout, store
+from dapo_ops import rollout, store
 from dapo_ops.store import RunStore
 
 # ---------------------------------------------------------------------------------------- rollout batch
 
 
 def save_rollout_batch(path: Path, batch: rollout.RolloutBatch) -> None:
-    """Store each prompt's image patches once, not once per generation (G x smaller files)."""
-    state = batch.to("cpu").state_dict()
-    first = torch.unique(batch.prompt_index.cpu(), sorted=True)
-    rows = torch.stack([torch.nonzero(batch.prompt_index.cpu() == p)[0, 0] for p in first.tolist()])
-    state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state["image_grid_thw"], rows)
-    state["prompt_image_grid_thw"] = state["image_grid_thw"][rows]
-    state["prompt_rows"] = first
-    store.write_torch_atomic(path, state)
+    """Store each prompt's image inputs (any family's keys) once, not once per generation (G x smaller files)."""
+    store.write_torch_atomic(path, rollout.per_prompt_state(batch))
 
 
 def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
+    """The round's rollout batch; files of the older Qwen-only layout (per-prompt patches + grids) load too."""
     path = run_store.round(key).rollouts_pt
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize `rollouts` for {key} first")
     state = store.read_torch(path, remedy=f"delete it and materialize `rollouts` for {key} again")
-    if "prompt_rows" in state:
-        position = {p: i for i, p in enumerate(state.pop("prompt_rows").tolist())}
-        owners = torch.tensor([position[p] for p in state["prompt_index"].tolist()])
-        state["pixel_values"] = inputs.select_pixel_values(state["pixel_values"], state.pop("prompt_image_grid_thw"),
-                                                           owners)
-    return rollout.RolloutBatch.from_state_dict(state)
+    return rollout.from_per_prompt_state(state)
 
 
 # ------------------------------------------------------------------------------------------ old log-probs

@@ -10,6 +10,7 @@ import torch
 
 from dapo_ops import advantages, rewards
 from dapo_ops.config import DapoConfig
+from dapo_ops.inputs import VisionInputs
 from dapo_ops.rollout import RolloutBatch
 
 
@@ -36,8 +37,7 @@ def concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBa
     return RolloutBatch(
         prompt_ids=torch.cat([_pad(b.prompt_ids, tp, pad_token_id, left=True) for b in batches]),
         prompt_mask=torch.cat([_pad(b.prompt_mask, tp, 0, left=True) for b in batches]),
-        pixel_values=torch.cat([b.pixel_values for b in batches]),
-        image_grid_thw=torch.cat([b.image_grid_thw for b in batches]),
+        vision=VisionInputs.cat([b.vision for b in batches]),
         completion_ids=torch.cat([_pad(b.completion_ids, tc, pad_token_id, left=False) for b in batches]),
         completion_mask=torch.cat([_pad(b.completion_mask, tc, 0, left=False) for b in batches]),
         completion_lengths=torch.cat([b.completion_lengths for b in batches]),
@@ -47,6 +47,8 @@ def concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBa
         num_generations=batches[0].num_generations,
         prompt_vision_mask=torch.cat([_pad(b.prompt_vision_mask, tp, False, left=True) for b in batches]),
         prompt_text_mask=torch.cat([_pad(b.prompt_text_mask, tp, False, left=True) for b in batches]),
+        prompt_token_inputs={k: torch.cat([_pad(b.prompt_token_inputs[k], tp, 0, left=True) for b in batches])
+                             for k in batches[0].prompt_token_inputs},
     )
 
 

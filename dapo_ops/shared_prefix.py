@@ -10,13 +10,16 @@ image tokens. Instead of one forward over prompt + completion per rollout, this 
    gradients of all G completions flow back into the one prompt computation);
 3. a completion forward over the N completions with that cache, the attention mask
    `[prompt_mask, completion_mask]` and exactly the unshared forward's positions (Qwen-VL's mRoPE text
-   positions after the image continue from the prompt's `rope_deltas`; 1D-position models continue from
-   the cache length, as their unshared forward does).
+   positions after the image continue from the prompt's `rope_deltas`; 1D-position families continue
+   counting attended tokens, as `inputs.prompt_position_ids` does over the whole sequence).
+
+The prompt inputs are the family's own (`inputs.VisionInputs` of the unique prompts and the processor's
+per-token inputs over the prompt), so any family that `attention.completion_forward` runs can share.
 
 Tokens per group fall from G·(P+R) to P + G·R. The numbers equal the unshared `completion_forward` up to
 float rounding (tests/test_shared_prefix.py). Models whose cache cannot be gathered along the batch
-(sliding-window or linear-attention layers, no `batch_select_indices`) fall back to the unshared forward,
-with one log line per model class.
+(sliding-window or linear-attention layers, e.g. Gemma 3; no `batch_select_indices`) fall back to the
+unshared forward, with one log line per model class.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dapo_ops.attention import (
     record_modality_mass,
     recording_paused,
 )
+from dapo_ops.inputs import uses_rope_index
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
 logger = logging.getLogger(__name__)
@@ -62,24 +66,37 @@ class PrefixGroups:
         return int(self.unique.shape[0])
 
 
-def _pixel_rows(batch: RolloutLike) -> list[torch.Tensor] | None:
-    """Each row's image patches (a view per row), or None for a batch without images."""
-    pixel_values = getattr(batch, "pixel_values", None)
+def _image_rows(batch: RolloutLike) -> list[tuple[torch.Tensor, ...]] | None:
+    """Each row's image inputs (one view per processor key: Qwen's patches and grid, Idefics3's images and
+    pixel mask, ...), or None for a batch without images."""
+    vision = getattr(batch, "vision", None)
+    if vision is not None:
+        keys = sorted(vision.tensors)
+        per_key = [torch.split(vision.tensors[k], vision.counts[k].tolist(), 0) for k in keys]
+        return [tuple(parts) for parts in zip(*per_key, strict=True)] if keys else None
+    pixel_values = getattr(batch, "pixel_values", None)  # a batch with Qwen's two tensors only
     grid = getattr(batch, "image_grid_thw", None)
     if pixel_values is None or grid is None:
         return None
-    counts = grid.prod(-1).tolist()
-    return list(torch.split(pixel_values, counts, 0))
+    patches = torch.split(pixel_values, grid.prod(-1).tolist(), 0)
+    return [(p, g) for p, g in zip(patches, grid, strict=True)]
+
+
+def _image_key(images: tuple[torch.Tensor, ...] | None) -> Hashable:
+    """What the rows of one prompt always share: the shapes of their image inputs, and the values of the
+    small ones (Qwen's grid)."""
+    if images is None:
+        return None
+    return tuple((tuple(t.shape), tuple(t.reshape(-1).tolist()) if t.numel() <= 4 else None) for t in images)
 
 
 def prefix_groups(batch: RolloutLike) -> PrefixGroups:
     """Rows with the same prompt: same `prompt_index` where the batch has one (the project's contract: one
     prompt of the round's PromptBatch, hence one image), and always the same prompt tokens, mask and image
-    grid; without `prompt_index`, identical image patches too."""
+    input shapes (Qwen: the grid); without `prompt_index`, identical image inputs too."""
     prompt_ids, prompt_mask = batch.prompt_ids.cpu(), batch.prompt_mask.cpu()
     index = getattr(batch, "prompt_index", None)
-    grid = getattr(batch, "image_grid_thw", None)
-    pixels = None if index is not None else _pixel_rows(batch)
+    images = _image_rows(batch)
     first: dict[Hashable, list[int]] = {}  # key -> representative rows (several only if images differ)
     unique: list[int] = []
     owner: list[int] = []
@@ -88,11 +105,13 @@ def prefix_groups(batch: RolloutLike) -> PrefixGroups:
             None if index is None else int(index[row]),
             tuple(prompt_ids[row].tolist()),
             tuple(prompt_mask[row].tolist()),
-            None if grid is None else tuple(grid[row].tolist()),
+            None if images is None else _image_key(images[row]),
         )
         match = None
         for candidate in first.get(key, []):
-            if pixels is None or torch.equal(pixels[candidate], pixels[row]):
+            if index is not None or images is None or all(
+                torch.equal(a, b) for a, b in zip(images[candidate], images[row], strict=True)
+            ):
                 match = candidate
                 break
         if match is None:
@@ -129,6 +148,25 @@ class _PromptView:
     def mm_token_type_ids(self) -> torch.Tensor | None:
         full = getattr(self._rows, "mm_token_type_ids", None)
         return None if full is None else full[:, : self._rows.prompt_ids.shape[1]]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The family's forward kwargs over the prompt alone: ids, mask, image inputs, per-token inputs."""
+        vision = getattr(self._rows, "vision", None)
+        if vision is None:  # a batch with Qwen's two image tensors only
+            inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+            pixel_values = getattr(self._rows, "pixel_values", None)
+            if pixel_values is not None:
+                inputs.update(pixel_values=pixel_values, image_grid_thw=self._rows.image_grid_thw)
+            mm_types = self.mm_token_type_ids
+            if mm_types is not None:
+                inputs["mm_token_type_ids"] = mm_types
+            return inputs
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            **vision.model_kwargs(),
+            **dict(getattr(self._rows, "prompt_token_inputs", None) or {}),
+        }
 
     def __getattr__(self, name: str) -> Any:  # pixel values, image grid, model-family extras
         return getattr(self._rows, name)
@@ -200,6 +238,14 @@ def _completion_positions(
     return positions[None].expand(3, -1, -1)
 
 
+def _completion_positions_1d(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """[N, Tc] positions of the completion tokens as the unshared forward gives them to a 1D-position family
+    (`inputs.prompt_position_ids` over `[prompt_mask, completion_mask]`: attended tokens counted, so left
+    padding does not shift them)."""
+    full = torch.cat([prompt_mask.long(), completion_mask.long()], 1)  # [N, Tp+Tc]
+    return (full.cumsum(-1) - 1).clamp(min=0)[:, prompt_mask.shape[1] :]
+
+
 def _shared_forward(
     model: torch.nn.Module,
     rollouts_slice: RolloutLike,
@@ -251,6 +297,10 @@ def _shared_forward(
         if deltas is not None:
             next_position = deltas.reshape(-1).to(device) + prompt_mask.sum(-1)  # [P]
             inputs["position_ids"] = _completion_positions(next_position[owner], completion_mask)
+        elif uses_rope_index(model):
+            raise SharingUnsupported("its prompt forward left no mRoPE offset (rope_deltas) to continue from")
+        else:
+            inputs["position_ids"] = _completion_positions_1d(prompt_mask[owner], completion_mask)  # [N, Tc]
         completion_out = model(**inputs)
     del cache, inputs
     scale = temperature if temperature > 0 else 1.0

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from dapo_ops.inputs import LETTERS, PromptBatch, encode_prompts, format_choices, to_pil
-from dapo_ops.models import THINK_END, THINK_START, Policy
+from dapo_ops.models import Policy
 from dapo_ops.rollout import RolloutBatch
+from dapo_ops.tokens import THINK_END, THINK_START
 
 try:  # the data helper's decoder (handles transparency); ours is the fallback
     from dapo_ops.data import decode_image as _decode_image
@@ -85,7 +86,7 @@ def _image(value: Any) -> Any:
 
 
 def teacher_forcing_batch(policy: Policy, prompts: PromptBatch, targets: Sequence[str]) -> RolloutBatch:
-    """A `RolloutBatch` (G = 1) whose completions are `targets` + `<|im_end|>`, for teacher forcing."""
+    """A `RolloutBatch` (G = 1) whose completions are `targets` + the end of turn, for teacher forcing."""
     tokenizer = policy.tokenizer
     target_ids = [
         tokenizer(t, add_special_tokens=False)["input_ids"] + [policy.eos_token_id] for t in targets
@@ -99,8 +100,7 @@ def teacher_forcing_batch(policy: Policy, prompts: PromptBatch, targets: Sequenc
     return RolloutBatch(
         prompt_ids=prompts.input_ids,
         prompt_mask=prompts.attention_mask,
-        pixel_values=prompts.pixel_values,
-        image_grid_thw=prompts.image_grid_thw,
+        vision=prompts.vision,
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         completion_lengths=lengths,
@@ -110,6 +110,7 @@ def teacher_forcing_batch(policy: Policy, prompts: PromptBatch, targets: Sequenc
         num_generations=1,
         prompt_vision_mask=prompts.vision_mask,
         prompt_text_mask=prompts.text_mask,
+        prompt_token_inputs=dict(prompts.token_inputs),
     )
 
 

@@ -210,11 +210,11 @@ def inline_attention_timing(args: argparse.Namespace, device: str, lengths: list
         tc = 256
         ids = torch.randint(len(models.SPECIAL_TOKENS), len(policy.tokenizer), (1, tc))
         batch = RolloutBatch(
-            prompt_ids=prompt.input_ids, prompt_mask=prompt.attention_mask, pixel_values=prompt.pixel_values,
-            image_grid_thw=prompt.image_grid_thw, completion_ids=ids, completion_mask=torch.ones(1, tc, dtype=torch.long),
+            prompt_ids=prompt.input_ids, prompt_mask=prompt.attention_mask, vision=prompt.vision,
+            completion_ids=ids, completion_mask=torch.ones(1, tc, dtype=torch.long),
             completion_lengths=torch.tensor([tc]), is_eos=torch.tensor([False]), completions=[""],
             prompt_index=torch.tensor([0]), num_generations=1, prompt_vision_mask=prompt.vision_mask,
-            prompt_text_mask=prompt.text_mask,
+            prompt_text_mask=prompt.text_mask, prompt_token_inputs=dict(prompt.token_inputs),
         ).to(device)
         times: dict[str, list[float]] = {"plain": [], "lean": []}
         peaks: dict[str, float] = {}

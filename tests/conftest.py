@@ -68,7 +68,10 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun
     root = tmp_path_factory.mktemp("data_root")
     uri = default_tracking_uri(root)
     previous = _set_env({"DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
-                         "MLFLOW_TRACKING_URI": uri})
+                         "MLFLOW_TRACKING_URI": uri,
+                         # MLflow's own knob: sample system metrics every second (default 10 s), so that a
+                         # run this small logs some.
+                         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     try:
         config = DapoConfig(**SMALL_RUN)
         run_training(config, rounds=2, root=root, echo=lambda _: None)

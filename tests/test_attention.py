@@ -593,6 +593,7 @@ def test_batch_means_leave_nan_rollouts_out() -> None:
 
 def test_the_real_rollout_batch_gives_the_same_pass(model) -> None:
     """The stand-in above mirrors `dapo_ops.rollout.RolloutBatch`; the pass reads the real one the same way."""
+    from dapo_ops.inputs import VisionInputs
     from dapo_ops.rollout import RolloutBatch
 
     r = make_rollouts(PADDED)
@@ -600,8 +601,7 @@ def test_the_real_rollout_batch_gives_the_same_pass(model) -> None:
     real = RolloutBatch(
         prompt_ids=r.prompt_ids,
         prompt_mask=r.prompt_mask,
-        pixel_values=r.pixel_values,
-        image_grid_thw=r.image_grid_thw,
+        vision=VisionInputs.from_patches(r.pixel_values, r.image_grid_thw),
         completion_ids=r.completion_ids,
         completion_mask=r.completion_mask,
         completion_lengths=lengths,

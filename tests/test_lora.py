@@ -80,7 +80,7 @@ def test_merging_the_adapter_gives_a_plain_model_with_the_same_outputs(base, tmp
     lora.write_adapter(policy.model, tmp_path)
     merged = lora.merge_adapter_dir(copy.deepcopy(base).model, tmp_path)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
-    merged_policy = models.Policy(model=merged.eval(), tokenizer=base.tokenizer, image_processor=base.image_processor)
+    merged_policy = models.Policy(model=merged.eval(), processor=base.processor)
     assert torch.allclose(_logits(merged_policy), _logits(policy), atol=1e-4, rtol=1e-3)
 
 

@@ -10,9 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops.inputs import PromptBatch, encode_prompts
+from dapo_ops.inputs import PromptBatch, encode_prompts, select_pixel_values
 from dapo_ops.models import Policy, build_embedded_policy
-from dapo_ops.rollout import RolloutBatch, generate_rollouts, sample_tokens
+from dapo_ops.rollout import (
+    RolloutBatch,
+    from_per_prompt_state,
+    generate_rollouts,
+    per_prompt_state,
+    sample_tokens,
+)
 from dapo_ops.round_files import load_rollout_batch, save_rollout_batch
 from dapo_ops.store import RunStore
 
@@ -209,6 +215,32 @@ def test_rollout_batch_round_trips_through_a_file(rollouts: RolloutBatch, tmp_pa
     assert loaded.completions == rollouts.completions and loaded.num_generations == G
     assert torch.equal(loaded.input_ids, rollouts.input_ids)
     assert torch.equal(loaded.pixel_values, rollouts.pixel_values)
+
+
+def test_per_prompt_state_stores_each_prompts_images_once_and_restores_them_per_rollout(
+    rollouts: RolloutBatch,
+) -> None:
+    state = per_prompt_state(rollouts)
+    assert state["vision"]["size"] == len(rollouts) // G
+    restored = from_per_prompt_state(state)
+    for key, value in rollouts.vision.tensors.items():
+        assert torch.equal(restored.vision[key], value), key
+    assert torch.equal(restored.prompt_token_inputs["mm_token_type_ids"], rollouts.prompt_token_inputs["mm_token_type_ids"])
+
+
+def test_a_rollouts_file_of_the_qwen_only_layout_still_loads(rollouts: RolloutBatch) -> None:
+    """rollouts.pt written before image inputs were generic: per-prompt patches plus their grids."""
+    state = {k: v for k, v in rollouts.state_dict().items() if k not in ("vision", "prompt_token_inputs")}
+    first = torch.arange(0, len(rollouts), G)
+    state["pixel_values"] = select_pixel_values(rollouts.pixel_values, rollouts.image_grid_thw, first)
+    state["image_grid_thw"] = rollouts.image_grid_thw
+    state["prompt_image_grid_thw"] = rollouts.image_grid_thw[first]
+    state["prompt_rows"] = torch.arange(len(rollouts) // G)
+    loaded = from_per_prompt_state(state)
+    assert torch.equal(loaded.pixel_values, rollouts.pixel_values)
+    assert torch.equal(loaded.image_grid_thw, rollouts.image_grid_thw)
+    for key, value in rollouts.model_inputs().items():
+        assert torch.equal(loaded.model_inputs()[key], value), key
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:

@@ -6,6 +6,7 @@ import polars as pl
 import torch
 
 from dapo_ops.config import DapoConfig
+from dapo_ops.inputs import VisionInputs
 from dapo_ops.rollout import RolloutBatch
 from dapo_ops.sampling import concat_rollouts, informative_groups, sample_with_refill
 
@@ -19,8 +20,9 @@ def _batch(completions: list[str], prompt_len: int, completion_len: int) -> Roll
     return RolloutBatch(
         prompt_ids=torch.arange(1, prompt_len + 1).repeat(n, 1),
         prompt_mask=torch.ones(n, prompt_len, dtype=torch.long),
-        pixel_values=torch.arange(n * patches, dtype=torch.float32).view(n * patches, 1),
-        image_grid_thw=torch.tensor([[1, 2, 2]] * n),
+        vision=VisionInputs.from_patches(
+            torch.arange(n * patches, dtype=torch.float32).view(n * patches, 1), torch.tensor([[1, 2, 2]] * n)
+        ),
         completion_ids=torch.full((n, completion_len), 7),
         completion_mask=torch.ones(n, completion_len, dtype=torch.long),
         completion_lengths=torch.full((n,), completion_len),

@@ -18,6 +18,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from dapo_ops import shared_prefix
 from dapo_ops.attention import completion_forward, teacher_forced_pass
 from dapo_ops.config import DapoConfig
+from dapo_ops.inputs import VisionInputs
 from dapo_ops.rollout import RolloutBatch
 from dapo_ops.update import make_optimizer, policy_update, rank_micro_batches, step_chunks
 
@@ -47,8 +48,7 @@ def rollout_batch(seed: int = 0) -> RolloutBatch:
     return RolloutBatch(
         prompt_ids=rows.prompt_ids,
         prompt_mask=rows.prompt_mask,
-        pixel_values=rows.pixel_values,
-        image_grid_thw=rows.image_grid_thw,
+        vision=VisionInputs.from_patches(rows.pixel_values, rows.image_grid_thw),
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         completion_lengths=lengths,
@@ -58,6 +58,7 @@ def rollout_batch(seed: int = 0) -> RolloutBatch:
         num_generations=G,
         prompt_vision_mask=rows.prompt_vision_mask,
         prompt_text_mask=rows.prompt_text_mask,
+        prompt_token_inputs={"mm_token_type_ids": rows.prompt_vision_mask.long()},
     )
 
 

@@ -1,0 +1,131 @@
+"""Token names, the system prompt, and which tokens of a family are never text keys or sampled.
+
+Shared by `models` (which builds tokenizers and policies) and `inputs` (which encodes prompts) so that
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any
+
+# Short on purpose: every prompt token is paid for in each rollout, teacher-forced pass and update.
+SYSTEM_PROMPT = "Think inside <think></think>, then reply Answer: X with the letter of the correct choice."
+LETTERS = string.ascii_uppercase
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+# Order fixes the ids 0..6 of the embedded tokenizer.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD_TOKEN,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
+# Tokens that are never "text keys" (docs/metrics.md) and never sampled (except EOS).
+TEMPLATE_TOKENS: tuple[str, ...] = SPECIAL_TOKENS
+VISION_SPECIAL_TOKENS: tuple[str, ...] = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
+
+# Tokens that frame or stand for an image in the families transformers ships (Qwen2/2.5/3-VL, Idefics3 and
+# SmolVLM, Gemma 3, LLaVA, ...): neither vision keys (they carry no image feature) nor text keys.
+IMAGE_BOUNDARY_TOKENS: tuple[str, ...] = (
+    VISION_START,
+    VISION_END,
+    VIDEO_PAD,
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+    "<image>",
+    "<|image|>",
+    "<im_start>",
+    "<im_end>",
+    "<im_patch>",
+    "<image_sep>",
+    "<|image_start|>",
+    "<|image_end|>",
+)
+# Idefics3 / SmolVLM tile markers (`<row_1_col_2>`) for split images.
+TILE_MARKER = re.compile(r"^<row_\d+_col_\d+>$")
+# Config fields naming image-related token ids (image, video, boundaries), across families.
+IMAGE_TOKEN_FIELDS: tuple[str, ...] = ("image_token_id", "image_token_index")
+VISION_ID_FIELDS: tuple[str, ...] = (
+    *IMAGE_TOKEN_FIELDS,
+    "video_token_id",
+    "video_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "boi_token_index",
+    "eoi_token_index",
+    "boi_token_id",
+    "eoi_token_id",
+)
+# Ends of an assistant turn, where the family's template has one (else the tokenizer's eos).
+TURN_END_TOKENS: tuple[str, ...] = (IM_END, "<end_of_turn>", "<end_of_utterance>", "<|eot_id|>", "<|im_end|>")
+
+
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of `token` when the vocabulary has it (convert_tokens_to_ids maps unknowns to unk or None)."""
+    value = tokenizer.get_vocab().get(token)
+    return None if value is None else int(value)
+
+
+def image_token_id(config: Any) -> int | None:
+    """The id of the token the processor expands into image features (`image_token_id` or
+    `image_token_index`, on the config or its text config); None when the config names none."""
+    for holder in (config, getattr(config, "text_config", None)):
+        for name in IMAGE_TOKEN_FIELDS:
+            value = getattr(holder, name, None) if holder is not None else None
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def config_vision_ids(config: Any) -> set[int]:
+    """Every image/video/boundary token id the config names."""
+    ids: set[int] = set()
+    for name in VISION_ID_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return ids
+
+
+def boundary_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the image boundary tokens and tile markers among this tokenizer's added tokens (a BPE merge
+    that happens to spell `<image>` is ordinary text)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {
+        int(i)
+        for i, token in added.items()
+        if str(token) in IMAGE_BOUNDARY_TOKENS or TILE_MARKER.match(str(token))
+    }
+
+
+def template_token_ids(tokenizer: Any, config: Any | None = None) -> list[int]:
+    """Ids that are never text keys: special tokens (named or added as special), template tokens, image
+    boundaries and tile markers, image token ids of `config`, and padding."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[token] for token in TEMPLATE_TOKENS if token in vocab}
+    ids.update(int(i) for i in tokenizer.all_special_ids)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    ids.update(boundary_token_ids(tokenizer))
+    if config is not None:
+        ids.update(config_vision_ids(config))
+    if tokenizer.pad_token_id is not None:
+        ids.add(int(tokenizer.pad_token_id))
+    return sorted(ids)
