@@ -2,13 +2,16 @@
 
 Parent side (no Dagster here; `pipelines.assets.policy_update` runs the command through Dagster Pipes):
 `prepare_launch` writes the round's config and returns the `accelerate launch` command of the child
-entry point `pipelines.pipes_update`, with the same Python interpreter.
+entry point `pipelines.pipes_update`, with the same Python interpreter, and the same command under the
+supervisor of `dapo_ops.process_hygiene` (what the parent runs: no orphans, a dead rank named).
+`deployment()` reads `configs/deploy/<name>.yaml`: which Pipes client starts the ranks.
 
 Child side: `run_update_distributed` — every rank loads checkpoint k and its optimizer state and the
 round's rollouts.pt / old_logps.pt / rewards.parquet, then runs `training.run_update` (the same code as
 in process) with an `AcceleratorCollective`: each optimizer step's rollouts (same seeded shuffle on all
 ranks) are split across the ranks, gradients are synchronized by DDP (or sharded by FSDP/ZeRO-3), and
-rank 0 evaluates and writes ckpt-(k+1) and update.json atomically, exactly as in process.
+rank 0 evaluates and writes ckpt-(k+1) and update.json atomically, exactly as in process. With the
+`fsdp_cpu` config the model is sharded by `dapo_ops.fsdp` (FSDP2) instead of wrapped in DDP.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dapo_ops import faults, fsdp, process_hygiene
 from dapo_ops import store as store_io
 from dapo_ops.config import DapoConfig
 from dapo_ops.store import RunStore
@@ -43,8 +47,14 @@ ACCELERATE_CONFIGS = {
     "ddp": "multi_gpu_ddp.yaml",
     "fsdp": "fsdp.yaml",
     "zero3": "deepspeed_zero3.yaml",
+    "fsdp_cpu": "fsdp_cpu.yaml",
+    "multi_node": "multi_node.yaml",
 }
+# Configs whose sharding this project applies itself (`dapo_ops.fsdp`): accelerate only launches the ranks.
+FSDP2_CONFIGS = {"fsdp_cpu.yaml"}
 CONFIG_ENV = "DAPO_ACCELERATE_CONFIG"
+DEPLOYMENT_ENV = "DAPO_VLM_DEPLOYMENT"  # a configs/deploy/<name>.yaml: which Pipes client runs the ranks
+DEPLOY_DIR = REPO_ROOT / "configs" / "deploy"
 CHILD_MODULE = "pipelines.pipes_update"
 UPDATE_CONFIG_FILE = "update_config.json"
 NON_FINITE = "non_finite"
@@ -57,10 +67,41 @@ def uses_cuda(config: DapoConfig) -> bool:
     return config.device.startswith("cuda")
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Where the ranks run (`configs/deploy/<name>.yaml`): the Dagster Pipes client (`module.Class`)
+    that starts them, the accelerate config it implies, and the client's extra `run` arguments."""
+
+    name: str
+    pipes_client: str
+    accelerate_config: str | None
+    run_args: dict[str, Any]
+
+
+def deployment(name: str | None = None) -> Deployment:
+    """`name`, else `DAPO_VLM_DEPLOYMENT`, else "local"; a clear error naming the file and key."""
+    import yaml
+
+    name = name or os.environ.get(DEPLOYMENT_ENV) or "local"
+    path = DEPLOY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in DEPLOY_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"deployment {name!r}: no {path}; set {DEPLOYMENT_ENV} to one of {known}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    client = data.get("pipes_client")
+    if not isinstance(client, str) or "." not in client:
+        raise ValueError(f"{path}: key pipes_client must name a class as module.Class, got {client!r}")
+    return Deployment(name, client, data.get("accelerate_config"), dict(data.get("run_args") or {}))
+
+
 def accelerate_config_path(config: DapoConfig, choice: str | None = None) -> Path:
-    """The accelerate yaml for this run: `choice`, else `DAPO_ACCELERATE_CONFIG`, else multi-GPU DDP on
-    GPUs and DDP over gloo on CPU. A name from `ACCELERATE_CONFIGS` or a path."""
-    choice = choice or os.environ.get(CONFIG_ENV) or ("ddp" if uses_cuda(config) else "cpu")
+    """The accelerate yaml for this run: `choice`, else `DAPO_ACCELERATE_CONFIG`, else the deployment's,
+    else multi-GPU DDP on GPUs and DDP over gloo on CPU. A name from `ACCELERATE_CONFIGS`, a file of
+    `configs/accelerate/`, or a path."""
+    choice = (choice or os.environ.get(CONFIG_ENV) or deployment().accelerate_config
+              or ("ddp" if uses_cuda(config) else "cpu"))
+    if choice not in ACCELERATE_CONFIGS and (CONFIG_DIR / choice).is_file():
+        choice = str(CONFIG_DIR / choice)
     path = CONFIG_DIR / ACCELERATE_CONFIGS[choice] if choice in ACCELERATE_CONFIGS else Path(choice)
     if not path.is_file():
         raise FileNotFoundError(
@@ -70,15 +111,23 @@ def accelerate_config_path(config: DapoConfig, choice: str | None = None) -> Pat
     return path.resolve()
 
 
+def _machines(path: Path) -> int:
+    import yaml
+
+    return int((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("num_machines", 1))
+
+
 @dataclass
 class UpdateLaunch:
-    """What the parent runs: argv, extra environment, working directory, and Pipes extras."""
+    """The `accelerate launch` argv, the same under the supervisor (what the parent runs), extra
+    environment, working directory, and Pipes extras."""
 
     command: list[str]
     env: dict[str, str]
     cwd: Path
     accelerate_config: Path
     extras: dict[str, Any] = field(default_factory=dict)
+    supervised: list[str] = field(default_factory=list)
 
 
 def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, accelerate_config: str | None = None,
@@ -94,28 +143,57 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
     files = run_store.round(key)
     config_path = store_io.write_json_atomic(files.update_config, config.to_dict())
     files.update_failure.unlink(missing_ok=True)
-    command = [
+    logs = rank_log_dir(run_store, key)
+    for old in logs.glob("rank-*.log"):  # a previous, failed attempt's lines would name the wrong moment
+        old.unlink()
+    launcher = [
         python or sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(yaml),
         "--num_processes", str(n),
-        "--num_machines", "1",
-        "--main_process_port", "0",  # a free port: several runs (or test sessions) may share the machine
+        # One machine: a free port, as several runs (or test sessions) may share it. Several: the yaml's
+        # rendezvous address, and each node passes its own --machine_rank.
+        *(["--num_machines", "1", "--main_process_port", "0"] if _machines(yaml) == 1 else []),
         "-m", CHILD_MODULE,
         "--data-root", str(Path(run_store.root).resolve()),
         "--run-name", run_store.run_name,
         "--checkpoint", key,
         "--config", str(config_path),
     ]
+    # What the parent runs: the launcher under the supervisor, so that it and the ranks die with the
+    # parent and a dead rank is named (`dapo_ops.process_hygiene`).
+    supervised = process_hygiene.supervised(launcher, failure_file=files.update_failure, rank_logs=logs,
+                                            python=python)
     env = {
+        process_hygiene.PARENT_PID_ENV: str(os.getpid()),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if yaml.name in FSDP2_CONFIGS:
+        env[fsdp.SHARDING_ENV] = fsdp.FSDP2
     if not uses_cuda(config):
         env["ACCELERATE_USE_CPU"] = "true"
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     extras = {"run_name": run_store.run_name, "checkpoint": key, "num_processes": n,
               "accelerate_config": yaml.name}
-    return UpdateLaunch(command=command, env=env, cwd=REPO_ROOT, accelerate_config=yaml, extras=extras)
+    return UpdateLaunch(command=launcher, env=env, cwd=REPO_ROOT, accelerate_config=yaml, extras=extras,
+                        supervised=supervised)
+
+
+def rank_log_dir(run_store: RunStore, key: str) -> Path:
+    """`rounds/<key>/update_logs/`: one `rank-<r>.log` per rank, what a failed round quotes."""
+    return run_store.round_dir(key) / "update_logs"
+
+
+class RankLog:
+    """Appends a rank's progress lines to its `rank-<r>.log` (flushed per line: a SIGKILL loses none)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(f"{line}\n")
 
 
 def write_failure(run_store: RunStore, key: str, kind: str, message: str) -> Path:
@@ -136,10 +214,14 @@ class AcceleratorCollective(LocalCollective):
     all-reduce of the step statistics, DDP's `no_sync` between micro-batches, clipping of the synchronized
     gradients, and whole weights gathered from FSDP/ZeRO-3 shards for the checkpoint."""
 
-    def __init__(self, accelerator: Any, *, reload: Callable[[], Any] | None = None) -> None:
+    def __init__(self, accelerator: Any, *, reload: Callable[[], Any] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         from accelerate.utils import DistributedType
 
         self.accelerator = accelerator
+        self.progress = progress or (lambda line: None)
+        self.steps_done = 0
+        self.backwards = 0
         self.rank = accelerator.process_index
         self.world_size = accelerator.num_processes
         self.reload = reload
@@ -148,6 +230,10 @@ class AcceleratorCollective(LocalCollective):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
+        self.backwards += 1
+        self.progress(f"optimizer step {self.steps_done + 1}: backward of micro-batch {self.backwards} done")
+        # A rank dying mid-step (`DAPO_VLM_FAULT=kill:mid_update_step_rank<r>`): the reliability tests' case.
+        faults.point(f"mid_update_step_rank{self.rank}")
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -165,6 +251,9 @@ class AcceleratorCollective(LocalCollective):
     def clip_grad_norm(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        max_norm: float) -> torch.Tensor:
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        self.steps_done += 1
+        self.backwards = 0
+        self.progress(f"optimizer step {self.steps_done}: gradients synchronized and clipped")
         # DeepSpeed clips inside its step (gradient_clipping in its config) and may report no norm.
         return torch.tensor(0.0) if norm is None else torch.as_tensor(norm).detach().float().cpu()
 
@@ -200,7 +289,7 @@ def make_accelerator(config: DapoConfig) -> Any:
 
 
 def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, log: Any, *,
-                           accelerator: Any = None) -> UpdateRecord:
+                           accelerator: Any = None, progress: Callable[[str], None] | None = None) -> UpdateRecord:
     """One rank of the update (run under `accelerate launch`). Returns the round's update record
     (rank 0: with eval, after writing ckpt-(k+1) and update.json; other ranks: without)."""
     from dapo_ops import models, training
@@ -216,14 +305,28 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
         # Base + adapter for a LoRA checkpoint (a sharded model's gathered state then fits it key for key).
         return load_checkpoint_policy(run_store, key, config, device=accelerator.device)
 
+    progress = progress or (lambda line: None)
+    progress(f"rank {accelerator.process_index}: loading {key}")
     policy = load()
     optimizer = training.load_optimizer(run_store, key, policy, config)
-    model, optimizer = accelerator.prepare(policy.model, optimizer)
-    collective = AcceleratorCollective(accelerator, reload=load)
+    collective: LocalCollective
+    if fsdp.wanted():
+        # Every FSDP forward is a collective (all-gathers); the shared-prefix forward makes one model call
+        # or two depending on the rank's rollouts, so under FSDP each rank runs the plain forward.
+        config = config.replace(shared_prefix=False)
+        model, optimizer, origin = _shard_for_fsdp2(config, run_store, key, policy, optimizer)
+        collective = fsdp.FSDPCollective(optimizer, rank_log_dir(run_store, key) / ".tmp-optimizer_dcp",
+                                         reload=load, progress=progress)
+        kind = f"FSDP2 fully_shard over {torch.distributed.get_backend()}, {origin}"
+    else:
+        model, optimizer = accelerator.prepare(policy.model, optimizer)
+        collective = AcceleratorCollective(accelerator, reload=load, progress=progress)
+        kind = accelerator.distributed_type.value
+    progress(f"rank {accelerator.process_index}: model and optimizer prepared ({kind})")
     if collective.is_main:
-        log(f"update on {collective.world_size} processes ({accelerator.distributed_type.value}, "
+        log(f"update on {collective.world_size} processes ({kind}, "
             f"device {accelerator.device}, mixed precision {accelerator.mixed_precision})")
-        if collective.sharded:
+        if getattr(collective, "sharded", False):
             log.warning("sharded optimizer state is not saved with the checkpoint; the next round restarts AdamW")
     ref_policy = None
     if config.beta > 0 and not config.use_peft:  # LoRA: the reference is the adapter-disabled policy
@@ -231,8 +334,24 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
                                         device=accelerator.device, torch_dtype=config.torch_dtype)
     record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy,
                                  collective=collective, model=model)
+    progress(f"rank {accelerator.process_index}: update done after {collective.steps_done} optimizer steps")
     accelerator.wait_for_everyone()
     return record
+
+
+def _shard_for_fsdp2(config: DapoConfig, run_store: RunStore, key: str, policy: Any,
+                     whole_optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
+    """Shard `policy.model` in place, then a new AdamW over its shards, filled from the checkpoint's DCP
+    folder or (whole, from optimizer.pt) from `whole_optimizer`. Returns (model, optimizer, origin)."""
+    from dapo_ops import training
+    from dapo_ops.update import make_optimizer
+
+    has_plain = (run_store.checkpoint_dir(key) / training.OPTIMIZER_FILE).exists()
+    plain = fsdp.plain_state_by_name(policy.model, whole_optimizer) if has_plain else None
+    model = fsdp.shard(policy.model)
+    optimizer = make_optimizer(model, config)
+    origin = fsdp.load_sharded_optimizer(model, optimizer, run_store.checkpoint_dir(key), plain, config.learning_rate)
+    return model, optimizer, origin
 
 
 class SilentLog:

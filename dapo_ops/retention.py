@@ -26,6 +26,7 @@ from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
 PRUNED_MARKER = "PRUNED"
 OBSERVED_MARKER = "PRUNED.observed"  # the Dagster observation of the pruning was logged
 OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_DCP_DIR = "optimizer_dcp"
 # What a checkpoint keeps when pruned; everything else (weights, adapter, tokenizer...) is deleted.
 KEPT_WHEN_PRUNED = frozenset({"state.json", store.COMPLETE_MARKER, PRUNED_MARKER, OBSERVED_MARKER})
 # Room for the round's own files (rollouts, attention, reports) beside the next checkpoint.
@@ -84,8 +85,10 @@ def apply(run_store: RunStore, config: DapoConfig, newest: str) -> dict[str, lis
     removed = []
     for key in [*older, *([newest] if config.save_only_model else [])]:
         path = run_store.checkpoint_dir(key) / OPTIMIZER_FILE
-        if path.exists():
-            path.unlink()
+        sharded = run_store.checkpoint_dir(key) / OPTIMIZER_DCP_DIR  # FSDP2's form of the same state
+        if path.exists() or sharded.is_dir():
+            path.unlink(missing_ok=True)
+            shutil.rmtree(sharded, ignore_errors=True)
             removed.append(key)
     pruned: list[str] = []
     if config.save_total_limit is not None:

@@ -197,7 +197,7 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
     return {"policy": policy, "state": state}
 
 
-def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimizer: Any,
                     state: dict[str, Any]) -> Path:
     """Weights, AdamW state (tensors and plain values: loadable with weights_only) and state.json, as one
     atomic directory: written plainly inside it, fsynced once by `atomic_directory`."""
@@ -212,8 +212,10 @@ def save_checkpoint(run_store: RunStore, key: str, policy: models.Policy, optimi
         models.write_policy(policy, tmp, weights=not adapter)
         if adapter:
             lora.write_adapter(policy.model, tmp)
-        if optimizer is not None:
+        if isinstance(optimizer, torch.optim.Optimizer):
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        elif optimizer is not None:  # sharded (FSDP2): the ranks' DCP folder (`fsdp.ShardedOptimizerState`)
+            optimizer.write_into(tmp)
         (tmp / STATE_FILE).write_text(store.json_text(state), encoding="utf-8")
     faults.point("after_checkpoint")
     return final

@@ -351,6 +351,28 @@ def _observe_pruned(context: dg.AssetExecutionContext, store) -> None:
         write_text_atomic(observed, "")
 
 
+def pipes_client_class(deployment) -> type:
+    """The Dagster Pipes client class `deployment` names (e.g. `dagster_k8s.PipesK8sClient`)."""
+    import importlib
+
+    module, _, name = deployment.pipes_client.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ImportError(f"configs/deploy/{deployment.name}.yaml names pipes_client {deployment.pipes_client}, "
+                          f"which cannot be imported ({error}); install its package (e.g. pip install "
+                          f"{module.replace('_', '-')})") from error
+
+
+def pipes_client_for(deployment, launch) -> tuple[dg.PipesClient, dict]:
+    """The client that starts the ranks, and the extra `run` arguments of the deployment (a subprocess
+    client runs in the repository; a pod gets the image, namespace and pod spec of the config)."""
+    cls = pipes_client_class(deployment)
+    if issubclass(cls, dg.PipesSubprocessClient):
+        return cls(cwd=str(launch.cwd)), dict(deployment.run_args)
+    return cls(), dict(deployment.run_args)
+
+
 def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, policy_cache: PolicyCache):
     """The update on `num_processes` processes: `accelerate launch` of `pipelines.pipes_update` through
     Dagster Pipes. The children write ckpt-(k+1) and update.json as the in-process update does; rank 0
@@ -360,7 +382,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
 
     import torch
 
-    from dapo_ops import distributed
+    from dapo_ops import distributed, process_hygiene
     from dapo_ops.round_files import read_update_record
     from dapo_ops.update import NonFiniteUpdateError
 
@@ -376,13 +398,20 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     try:
         with warnings.catch_warnings():  # Pipes' message reader flags a preview API on every launch
             warnings.simplefilter("ignore", dg.PreviewWarning)
-            invocation = dg.PipesSubprocessClient(cwd=str(launch.cwd)).run(
-                context=context, command=launch.command, env=launch.env, extras=launch.extras)
+            client, run_args = pipes_client_for(distributed.deployment(), launch)
+            invocation = client.run(context=context, command=launch.supervised, env=launch.env, extras=launch.extras,
+                                    **run_args)
     except Exception as error:
         failure = distributed.read_failure(store, key)
         if failure and failure.get("kind") == distributed.NON_FINITE:
             raise NonFiniteUpdateError(failure["message"]) from error
+        if failure and failure.get("kind") == process_hygiene.RANK_FAILED:
+            log.error(failure["message"])
+            raise dg.Failure(description=failure["message"], metadata={"update_failure": failure["kind"]}) from error
         raise
+    finally:
+        # However the call ended (interrupted, failed), nothing it started outlives it.
+        process_hygiene.kill_supervisors()
     record = read_update_record(store, key)
     store.require_checkpoint(record.next_checkpoint)
     metadata: dict = {}

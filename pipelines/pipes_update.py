@@ -32,6 +32,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dapo_ops.process_hygiene import guard_rank
+
+    guard_rank()  # first: this rank dies with its launcher (kill -9 of the parent leaves no orphan)
     args = _parse(argv)
     from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log = distributed.SilentLog()
         try:
-            record = distributed.run_update_distributed(config, store, key, log)
+            progress = distributed.RankLog(distributed.rank_log_dir(store, key) / f"rank-{rank}.log")
+            record = distributed.run_update_distributed(config, store, key, log, progress=progress)
         except NonFiniteUpdateError as error:
             if rank == 0:
                 distributed.write_failure(store, key, distributed.NON_FINITE, str(error))

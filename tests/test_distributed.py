@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -47,7 +49,12 @@ def _prepare_round(root: Path) -> RunStore:
     training.generate_round_rollouts(CONFIG, store, KEY, policy, log)
     training.compute_attention(CONFIG, store, KEY, policy, log)
     training.compute_rewards(CONFIG, store, KEY, log)
-    out = store.round_dir(KEY)
+    _perturb_round(store, KEY)
+    return store
+
+
+def _perturb_round(store: RunStore, key: str) -> None:
+    out = store.round_dir(key)
     # Advantages of both signs and old log-probs off the current ones, so that ratios clip both ways.
     generator = torch.Generator().manual_seed(7)
     rewards = pl.read_parquet(out / "rewards.parquet")
@@ -59,7 +66,6 @@ def _prepare_round(root: Path) -> RunStore:
     old["per_token_logps"] = old["per_token_logps"] + 0.3 * torch.randn(
         old["per_token_logps"].shape, generator=generator)
     torch.save(old, out / "old_logps.pt")
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +234,263 @@ def test_gpu_smoke_script_says_no_gpu_is_present_and_exits_0_or_3_when_a_gpu_is_
     required = subprocess.run([str(script)], env={**env, "REQUIRE_GPU": "1"}, capture_output=True, text=True,
                               timeout=120)
     assert required.returncode == 3 and "SKIPPED: no GPU present" in required.stdout
+
+
+# ------------------------------------------------------------------------------------ process hygiene
+
+# A stand-in for the Dagster process: it starts the supervised launch as `_update_in_subprocesses` does.
+PARENT = ("import os, subprocess, sys; from dapo_ops import process_hygiene as h; "
+          "os.environ[h.PARENT_PID_ENV] = str(os.getpid()); sys.exit(subprocess.run(sys.argv[1:]).returncode)")
+
+
+def _alive(processes: list) -> list:
+    import psutil
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in processes if running(p)]
+
+
+def _supervised_env(launch: distributed.UpdateLaunch, **extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("DAPO_VLM_")}, **launch.env,
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_a_parent_death_signal_kills_the_child_when_its_parent_is_killed(tmp_path: Path):
+    import psutil
+
+    # parent -> child (asks for SIGKILL at its parent's death, then sleeps); kill -9 the parent.
+    child = "from dapo_ops import process_hygiene as h; import time; h.set_parent_death_signal(); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                               f"'-c', {child!r}]); time.sleep(60)"], cwd=distributed.REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(distributed.REPO_ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = psutil.Process(parent.pid).children()
+        assert len(children) == 1
+        time.sleep(1.0)  # the child has asked for its signal (its interpreter is up)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(children) == []
+    finally:
+        parent.kill()
+
+
+def test_torchruns_failure_summary_names_the_rank_and_its_last_log_line(tmp_path: Path):
+    from dapo_ops import process_hygiene
+
+    (tmp_path / "rank-1.log").write_text("rank 1: loading ckpt-0000\noptimizer step 1: backward of micro-batch 1 done\n")
+    summary = ("Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-01_20:50:00\n  host      : h\n"
+               "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n  error_file: <N/A>\n")
+    assert process_hygiene.rank_failure(summary) == (1, -9)
+    message = process_hygiene.failure_message(summary, 1, tmp_path)
+    assert message.startswith("rank 1 of the update died (signal SIGKILL)")
+    assert "'optimizer step 1: backward of micro-batch 1 done'" in message
+    assert "exited with code 1 and named no failed rank" in process_hygiene.failure_message("boom\n", 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_parent_during_a_two_process_update_leaves_no_child_alive_after_10_s(prepared: Path):
+    import psutil
+
+    store = _copy(prepared, "parent-killed")
+    launch = distributed.prepare_launch(CONFIG, store, KEY)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *launch.supervised], cwd=launch.cwd,
+                              env=_supervised_env(launch), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        logs = distributed.rank_log_dir(store, KEY)
+        deadline = time.monotonic() + 240
+        while not all((logs / f"rank-{r}.log").exists() for r in (0, 1)):
+            assert parent.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        family = psutil.Process(parent.pid).children(recursive=True)  # supervisor, launcher, 2 ranks
+        assert sum("pipelines.pipes_update" in " ".join(p.cmdline()) for p in _alive(family)) >= 2, family
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(family) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(family) == [], [p.cmdline() for p in _alive(family)]
+        assert not store.checkpoint_dir(NEXT).exists()
+    finally:
+        parent.kill()
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_step_fails_the_update_naming_it_and_writes_no_checkpoint(prepared: Path):
+    from dapo_ops import faults, process_hygiene
+
+    store = _copy(prepared, "rank-killed")
+    launch = distributed.prepare_launch(CONFIG, store, KEY)
+    done = subprocess.run([sys.executable, "-c", PARENT, *launch.supervised], cwd=launch.cwd,
+                          env=_supervised_env(launch, **{faults.FAULT_ENV: "kill:mid_update_step_rank1"}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    failure = distributed.read_failure(store, KEY)
+    assert failure is not None and failure["kind"] == process_hygiene.RANK_FAILED, done.stdout[-3000:]
+    assert failure["message"].startswith("rank 1 of the update died (signal SIGKILL)")
+    assert "its last log line: 'optimizer step 1: backward of micro-batch 1 done'" in failure["message"]
+    assert not store.checkpoint_dir(NEXT).exists()
+    assert not (store.round_dir(KEY) / "update.json").exists()
+
+
+# ------------------------------------------------------------------------------------ FSDP2 on CPU (gloo)
+
+
+def _launch_fsdp(store: RunStore, key: str, num_processes: int = 2) -> None:
+    launch = distributed.prepare_launch(CONFIG.replace(num_processes=num_processes), store, key,
+                                        accelerate_config="fsdp_cpu")
+    env = {**os.environ, **launch.env, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch.command, cwd=launch.cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def _in_process(store: RunStore, key: str) -> None:
+    config = CONFIG.replace(num_processes=1)
+    policy = models.load_policy(training.resolve_model_dir(store, key))
+    optimizer = training.load_optimizer(store, key, policy, config)
+    training.run_update(config, store, key, policy, optimizer, training.round_log(store, key))
+
+
+def _moments_by_name(store: RunStore, key: str) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state per parameter name, from optimizer.pt (id-keyed) or the sharded optimizer_dcp/."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = store.checkpoint_dir(key)
+    if (checkpoint / "optimizer_dcp").is_dir():
+        whole = checkpoint.parent / f"{key}-optimizer.pt"
+        dcp_to_torch_save(checkpoint / "optimizer_dcp", whole)
+        return torch.load(whole, weights_only=True)["state"]
+    saved = torch.load(checkpoint / training.OPTIMIZER_FILE, weights_only=True)
+    names = [n for n, p in models.load_policy(checkpoint).model.named_parameters() if p.requires_grad]
+    return {names[i]: state for i, state in saved["state"].items()}
+
+
+@dataclass
+class FsdpRuns:
+    plain: RunStore
+    sharded: RunStore
+    first_moments: tuple[dict, dict]  # AdamW state after round 1 (plain, sharded): round 2 deletes it
+    first_checkpoint_files: list[str]  # what the sharded ckpt-0001 held before round 2
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(prepared: Path) -> FsdpRuns:
+    """Two rounds updated in process (AdamW state in optimizer.pt) and with FSDP2 on 2 processes (round 2
+    resumes AdamW from round 1's optimizer_dcp/); both rounds' rollouts are the same files."""
+    plain, sharded = _copy(prepared, "fsdp-plain"), _copy(prepared, "fsdp-sharded")
+    _in_process(plain, KEY)
+    _launch_fsdp(sharded, KEY)
+    first = (_moments_by_name(plain, NEXT), _moments_by_name(sharded, NEXT))
+    files = sorted(str(p.relative_to(sharded.checkpoint_dir(NEXT))) for p in sharded.checkpoint_dir(NEXT).rglob("*"))
+    log = training.round_log(plain, NEXT)
+    policy = models.load_policy(training.resolve_model_dir(plain, NEXT))
+    training.generate_round_rollouts(CONFIG, plain, NEXT, policy, log)
+    training.compute_attention(CONFIG, plain, NEXT, policy, log)
+    training.compute_rewards(CONFIG, plain, NEXT, log)
+    _perturb_round(plain, NEXT)
+    shutil.copytree(plain.round_dir(NEXT), sharded.round_dir(NEXT))
+    _in_process(plain, NEXT)
+    _launch_fsdp(sharded, NEXT)
+    return FsdpRuns(plain, sharded, first, files)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_hold_consolidated_weights_and_the_sharded_adamw_state(fsdp_runs: FsdpRuns):
+    sharded = fsdp_runs.sharded
+    files = fsdp_runs.first_checkpoint_files
+    assert {"model.safetensors", "optimizer_dcp/.metadata", "optimizer_dcp/__0_0.distcp",
+            "optimizer_dcp/__1_0.distcp"} <= set(files)
+    assert training.OPTIMIZER_FILE not in files
+    assert "FSDP2 fully_shard over gloo" in (sharded.round_dir(KEY) / "terminal.log").read_text()
+    last = sharded.checkpoint_dir(checkpoint_key(2))
+    assert models.load_policy(last).model.config.model_type  # a save_pretrained reader loads it
+    # As with optimizer.pt, only the newest checkpoint keeps its optimizer state.
+    assert (last / "optimizer_dcp").is_dir() and not (sharded.checkpoint_dir(NEXT) / "optimizer_dcp").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_updates_the_weights_and_moments_of_one_process_within_1e_5(fsdp_runs: FsdpRuns):
+    plain, sharded = fsdp_runs.plain, fsdp_runs.sharded
+    one, two = _weights(plain, NEXT), _weights(sharded, NEXT)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
+    single, shards = fsdp_runs.first_moments
+    assert single.keys() == shards.keys()
+    for name, state in single.items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[moment], shards[name][moment], rtol=0, atol=1e-5), (name, moment)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_adamw_from_the_sharded_checkpoint_like_an_uninterrupted_optimizer(fsdp_runs: FsdpRuns):
+    plain, sharded = fsdp_runs.plain, fsdp_runs.sharded
+    last = checkpoint_key(2)
+    assert "sharded AdamW state from ckpt-0001/optimizer_dcp" in (sharded.round_dir(NEXT) / "terminal.log").read_text()
+    one, two = _weights(plain, last), _weights(sharded, last)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
+    single, shards = _moments_by_name(plain, last), _moments_by_name(sharded, last)
+    for name, state in single.items():
+        assert int(state["step"]) == int(shards[name]["step"]) == 8  # two rounds of 4 optimizer steps each
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[moment], shards[name][moment], rtol=0, atol=1e-6), (name, moment)
+
+
+# ------------------------------------------------------------------------------------ deployments
+
+
+def test_the_local_deployment_starts_the_ranks_with_the_subprocess_pipes_client(tmp_path: Path, monkeypatch):
+    import dagster as dg
+
+    from pipelines.assets import pipes_client_for
+
+    monkeypatch.delenv(distributed.DEPLOYMENT_ENV, raising=False)
+    deployment = distributed.deployment()
+    assert deployment.pipes_client == "dagster.PipesSubprocessClient"
+    launch = distributed.prepare_launch(CONFIG.replace(device="cpu"), RunStore(tmp_path, "r"), KEY)
+    client, run_args = pipes_client_for(deployment, launch)
+    assert type(client) is dg.PipesSubprocessClient and run_args == {}
+
+
+def test_the_k8s_deployment_names_the_k8s_pipes_client_and_the_multi_node_accelerate_config(tmp_path: Path,
+                                                                                            monkeypatch):
+    import importlib.util
+
+    from pipelines.assets import pipes_client_class
+
+    monkeypatch.setenv(distributed.DEPLOYMENT_ENV, "k8s")
+    monkeypatch.delenv(distributed.CONFIG_ENV, raising=False)
+    deployment = distributed.deployment()
+    assert deployment.pipes_client == "dagster_k8s.PipesK8sClient"
+    assert deployment.run_args["image"] and deployment.run_args["base_pod_spec"]["volumes"]
+    launch = distributed.prepare_launch(CONFIG.replace(num_processes=16), RunStore(tmp_path, "r"), KEY)
+    assert launch.accelerate_config.name == "multi_node.yaml"
+    assert "--num_machines" not in launch.command  # the yaml's 2 machines and rendezvous address stand
+    import yaml
+
+    instance = yaml.safe_load((distributed.DEPLOY_DIR / "k8s" / "dagster.yaml").read_text())
+    assert (instance["run_launcher"]["module"], instance["run_launcher"]["class"]) == ("dagster_k8s", "K8sRunLauncher")
+    if importlib.util.find_spec("dagster_k8s") is None:
+        with pytest.raises(ImportError, match="pip install dagster-k8s"):
+            pipes_client_class(deployment)
+    else:
+        import dagster_k8s
+
+        assert pipes_client_class(deployment) is dagster_k8s.PipesK8sClient
+
+
+def test_an_unknown_deployment_is_refused_naming_the_known_ones(monkeypatch):
+    monkeypatch.setenv(distributed.DEPLOYMENT_ENV, "cloud")
+    with pytest.raises(FileNotFoundError, match="set DAPO_VLM_DEPLOYMENT to one of k8s, local"):
+        distributed.deployment()

@@ -192,8 +192,17 @@ def load_weights(checkpoint: Path) -> dict:
 
 
 def load_optimizer_state(checkpoint: Path) -> dict:
+    """optimizer.pt, or FSDP2's sharded optimizer_dcp/ consolidated into one state dict."""
+    import tempfile
+
     import torch
 
+    if (checkpoint / "optimizer_dcp").is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(checkpoint / "optimizer_dcp", Path(tmp) / "optimizer.pt")
+            return torch.load(Path(tmp) / "optimizer.pt", map_location="cpu", weights_only=True)
     return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
@@ -490,6 +499,107 @@ def test_many_kills_at_random_moments_and_points_lose_nothing(tmp_path: Path, re
         Path(path).write_text(json.dumps(report, indent=2) + "\n")
     assert [t for t in trials if t["problems"]] == []
     assert len(coverage) >= 4, coverage
+
+
+# ------------------------------------------------------------------- 1b. kill -9 of a multi-process update
+
+TWO = ("--num-processes", "2")
+
+
+def _alive(processes: list) -> list:
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in processes if running(p)]
+
+
+def kill_parent_during_distributed_update(root: Path, trace: Path, log: Path, rounds: int = ROUNDS,
+                                          delay: float = 0.0, extra_env: dict | None = None) -> tuple[Kill, list[str]]:
+    """kill -9 of `make run` once the update's ranks run (+ `delay` s); the command lines of its
+    descendants still alive 10 s later."""
+    import psutil
+
+    process = start(run_args(RUN, rounds, *TWO), {**env_for(root, trace=trace), **(extra_env or {})}, log)
+    deadline = time.monotonic() + 300
+    family: list = []
+    while process.poll() is None:
+        assert time.monotonic() < deadline, "the update's ranks never started"
+        with contextlib.suppress(psutil.Error):
+            family = psutil.Process(process.pid).children(recursive=True)
+            if sum("pipelines.pipes_update" in " ".join(p.cmdline()) for p in _alive(family)) >= 2:
+                break
+        time.sleep(0.05)
+    time.sleep(delay)
+    with contextlib.suppress(psutil.Error):
+        family = psutil.Process(process.pid).children(recursive=True)  # supervisor, launcher, ranks
+    os.kill(process.pid, signal.SIGKILL)
+    rc, _ = finish(process)
+    deadline = time.monotonic() + 10
+    while _alive(family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = []
+    for p in _alive(family):
+        with contextlib.suppress(psutil.Error):
+            survivors.append(" ".join(p.cmdline()))
+    return Kill(f"kill -9 of make run during the 2-process update (+{delay:.2f} s)", process.pid, rc,
+                "distributed policy update"), survivors
+
+
+@pytest.mark.slow
+def test_kill_9_of_make_run_during_a_two_process_update_leaves_no_child_and_the_next_run_resumes(tmp_path: Path):
+    """The CI sample of the multi-process kills: one round, killed while its update runs on 2 ranks."""
+    trace, log = tmp_path / "trace.txt", tmp_path / "runs.log"
+    kill, survivors = kill_parent_during_distributed_update(tmp_path, trace, log, rounds=1)
+    assert kill.rc == -signal.SIGKILL
+    assert survivors == []
+    store = RunStore(tmp_path, RUN)
+    assert store.complete_checkpoints() == ["ckpt-0000"]
+    rc, text = cli(run_args(RUN, 1, *TWO), env_for(tmp_path, trace=trace), log)
+    assert rc == 0, text[-3000:]
+    assert store.complete_checkpoints() == ["ckpt-0000", "ckpt-0001"]
+    assert json.loads((store.round_dir("ckpt-0000") / "update.json").read_text())["num_processes"] == 2
+    assert temporaries(store.run_dir) == [] and stuck_dagster_runs(tmp_path, RUN) == []
+
+
+@pytest.mark.skipif(os.environ.get("DAPO_VLM_FULL_FAULTS") != "1",
+                    reason="the long kill loop runs with DAPO_VLM_FULL_FAULTS=1")
+@pytest.mark.parametrize("accelerate_config", ["cpu", "fsdp_cpu"])
+def test_many_kills_of_a_two_process_update_lose_nothing(tmp_path_factory: pytest.TempPathFactory,
+                                                         accelerate_config: str):
+    """The multi-process cases of `make test-faults`, DDP and FSDP2: kill -9 of `make run` at random
+    moments of the 2-process update (no child alive 10 s later), and a rank killed mid-step (the round
+    fails naming rank 1 and its last log line, no checkpoint); the resumed run equals an uninterrupted
+    2-process run, weights and AdamW state (FSDP2: its sharded optimizer_dcp/) included."""
+    extra = {"DAPO_ACCELERATE_CONFIG": accelerate_config}
+    rng = random.Random(SEED)
+    ref_root = tmp_path_factory.mktemp("reference-2p")
+    rc, text = cli(run_args(RUN, ROUNDS, *TWO), {**env_for(ref_root), **extra}, ref_root / "run.log")
+    assert rc == 0, text[-3000:]
+    reference = Reference(ref_root, RUN, metric_histories(default_tracking_uri(ref_root), RUN), 0.0, [])
+    root = tmp_path_factory.mktemp("killed-2p")
+    trace, log = root / "trace.txt", root / "runs.log"
+    wanted = int(os.environ.get("DAPO_VLM_FAULT_KILLS", "4"))
+    for n in range(wanted):
+        if n == 1:  # round 1 to its end, so that the next kills hit round 2 (which resumes AdamW from ckpt-0001)
+            rc, text = cli(run_args(RUN, 1, *TWO), {**env_for(root, trace=trace), **extra}, log)
+            assert rc == 0, text[-3000:]
+        if n % 2 == 0:
+            kill, survivors = kill_parent_during_distributed_update(root, trace, log, delay=rng.uniform(0, 2),
+                                                                    extra_env=extra)
+            assert kill.rc == -signal.SIGKILL and survivors == [], (kill, survivors)
+        else:
+            rc, text = cli(run_args(RUN, ROUNDS, *TWO),
+                           {**env_for(root, fault="kill:mid_update_step_rank1", trace=trace), **extra}, log)
+            assert rc != 0 and "rank 1 of the update died (signal SIGKILL)" in text, text[-3000:]
+            assert "its last log line: 'optimizer step 1: backward of micro-batch 1 done'" in text
+    rc, text = cli(run_args(RUN, ROUNDS, *TWO), {**env_for(root, trace=trace), **extra}, log)
+    assert rc == 0, text[-3000:]
+    assert differences_from(reference, root) == []
 
 
 def test_every_kind_of_interrupted_write_is_cleaned_up_and_nothing_else(tmp_path: Path):
