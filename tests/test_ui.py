@@ -188,9 +188,9 @@ def test_asset_graph_shows_the_eight_assets_with_partitions_and_checks(uis, page
         expect(page.get_by_text(asset, exact=True).first).to_be_visible()
     # Two of the three checkpoint partitions have a round; ckpt-0002 is the next round's input.
     expect(page.get_by_text("66% filled").first).to_be_visible()
-    # The check summaries of rewards (4 checks) and policy_update (2 checks).
+    # The check summaries of rewards (4 checks) and policy_update (3 checks, one of them blocking).
     expect(page.get_by_text(re.compile(r"^\d / 4 Passed$"))).to_be_visible()
-    expect(page.get_by_text(re.compile(r"^\d / 2 Passed$"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^\d / 3 Passed$"))).to_be_visible()
     # The README picture: the graph's band, without the page chrome or the zoom buttons at the right edge.
     titles = {asset: page.get_by_text(asset, exact=True).first.bounding_box() for asset in ASSETS}
     column = titles["base_checkpoint"]["x"] - titles["dataset"]["x"]  # card width + gap, one per layer
@@ -268,7 +268,7 @@ def test_training_report_renders_the_other_two_reports(uis, page, entry, heading
 @pytest.mark.parametrize(("asset", "checks"), [
     ("rewards", ("attention_reward_no_variance", "clipped_completions", "format_collapse",
                  "zero_variance_groups")),
-    ("policy_update", ("entropy_collapse", "non_finite")),
+    ("policy_update", ("entropy_collapse", "eval_accuracy_drop", "non_finite")),
 ])
 def test_health_checks_show_their_results(uis, page, asset, checks):
     from playwright.sync_api import expect
@@ -341,10 +341,11 @@ def test_reanalysis_launched_from_the_launchpad_rewrites_the_report(uis, page):
     page.get_by_text("Open launchpad").click()
     dialog = page.get_by_role("dialog")
     expect(dialog.get_by_text("Launchpad (configure assets)")).to_be_visible()
-    expect(dialog.get_by_text("mdi_tolerance").first).to_be_visible()  # the scaffolded config has loaded
+    # The scaffolded config has loaded (every default expanded: the editor shows its first lines).
+    expect(dialog.get_by_text("experiment_name").first).to_be_visible()
     choose_partition(page, dialog, "ckpt-0000")
     # Choosing the partition reloads the scaffolded config; then replace it, as a person pasting YAML.
-    dialog.get_by_text("mdi_tolerance").first.click()
+    dialog.get_by_text("experiment_name").first.click()
     page.keyboard.press("Control+a")
     page.keyboard.press("Delete")
     config = f"{{run_name: {uis.run_name}, reanalysis: true, mdi_tolerance: 3.5}}"
