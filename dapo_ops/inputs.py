@@ -279,8 +279,24 @@ def forward_position_ids(model: torch.nn.Module, inputs: Mapping[str, torch.Tens
     return prompt_position_ids(model, inputs)
 
 
+class ImageFields:
+    """`pixel_values` / `image_grid_thw` read off a batch's `vision` inputs (one row per prompt or rollout),
+    for callers written against the Qwen layout."""
+
+    vision: VisionInputs
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.vision["pixel_values"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        """Qwen's image grids, one row per batch row (a KeyError for families without one)."""
+        return self.vision["image_grid_thw"]
+
+
 @dataclass
-class PromptBatch:
+class PromptBatch(ImageFields):
     """Left-padded prompts with one image each, ready for the family's forward (`model(**batch.model_inputs())`)."""
 
     input_ids: torch.Tensor  # [B, T] long, left padded
@@ -293,15 +309,6 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
-
-    @property
-    def pixel_values(self) -> torch.Tensor:
-        return self.vision["pixel_values"]
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        """Qwen's [B, 3] image grids (a KeyError for families without one)."""
-        return self.vision["image_grid_thw"]
 
     @property
     def mm_token_type_ids(self) -> torch.Tensor:

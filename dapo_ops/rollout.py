@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dapo_ops import progress
-from dapo_ops.inputs import PromptBatch, VisionInputs, prompt_position_ids, vl_model_inputs
+from dapo_ops.inputs import ImageFields, PromptBatch, VisionInputs, prompt_position_ids, vl_model_inputs
 from dapo_ops.models import Policy
 
 _TENSOR_FIELDS = (
@@ -31,7 +31,7 @@ _TENSOR_FIELDS = (
 
 
 @dataclass
-class RolloutBatch:
+class RolloutBatch(ImageFields):
     """N = P * G rollouts, group-major, with everything a teacher-forced pass over prompt+completion needs.
 
     `vision` holds the processor's image outputs once per rollout (any family's keys), so any row subset
@@ -84,15 +84,6 @@ class RolloutBatch:
     def text_mask(self) -> torch.Tensor:
         """[N, Tp + Tc] bool: text keys; completion positions are never keys."""
         return self._pad_to_sequence(self.prompt_text_mask)
-
-    @property
-    def pixel_values(self) -> torch.Tensor:
-        return self.vision["pixel_values"]
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        """Qwen's [N, 3] image grids (a KeyError for families without one)."""
-        return self.vision["image_grid_thw"]
 
     @property
     def token_inputs(self) -> dict[str, torch.Tensor]:

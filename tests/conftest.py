@@ -20,6 +20,20 @@ except ImportError:  # pragma: no cover
     pass
 
 # A CI-sized round: seconds, not minutes.
+# A round of seconds, for tests about the sequence of writes and the run's lifecycle, not learning.
+TINY_RUN = {
+    "prompts_per_round": 4,
+    "num_generations": 2,
+    "max_completion_length": 8,
+    "steps_per_generation": 2,
+    "num_iterations": 1,
+    "num_train_examples": 32,
+    "num_eval_examples": 8,
+    "eval_subset_size": 4,
+    "warmup_steps": 2,
+}
+
+
 SMALL_RUN = {
     "run_name": "ci-small",
     "prompts_per_round": 8,

@@ -33,23 +33,14 @@ import pytest
 from dapo_ops import faults
 from dapo_ops.store import COMPLETE_MARKER, TEMPORARY_RE, RunStore
 from dapo_ops.tracking import default_tracking_uri
+from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 RUN = "rel"
 ROUNDS = 2
 # A round of seconds: what matters here is the sequence of writes, not learning.
-TINY = {
-    "prompts_per_round": 4,
-    "num_generations": 2,
-    "max_completion_length": 8,
-    "steps_per_generation": 2,
-    "num_iterations": 1,
-    "num_train_examples": 32,
-    "num_eval_examples": 8,
-    "eval_subset_size": 4,
-    "warmup_steps": 2,
-}
+TINY = TINY_RUN
 PROCESS_TIMEOUT = 600
 SEED = int(os.environ.get("DAPO_VLM_FAULT_SEED", "20261126"))
 

@@ -13,20 +13,11 @@ import pytest
 
 from dapo_ops.config import DapoConfig
 from dapo_ops.tracking import MlflowUnavailableWarning, Tracker, default_tracking_uri
+from tests.conftest import TINY_RUN
 
 mlflow = pytest.importorskip("mlflow")
 
-TINY = {
-    "prompts_per_round": 4,
-    "num_generations": 2,
-    "max_completion_length": 8,
-    "steps_per_generation": 2,
-    "num_iterations": 1,
-    "num_train_examples": 32,
-    "num_eval_examples": 8,
-    "eval_subset_size": 4,
-    "warmup_steps": 2,
-}
+TINY = TINY_RUN
 
 
 def closed_loopback_url() -> str:
