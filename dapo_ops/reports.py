@@ -521,6 +521,49 @@ def render_rollout_sample(columns: Mapping[str, Sequence[Any]]) -> str:
 # ------------------------------------------------------------------------------- attention diagnostics
 
 
+def vision_token_bin(count: int) -> tuple[int, int]:
+    """The power-of-two bin `[2^k, 2^(k+1) - 1]` that holds `count` (>= 1) vision tokens.
+
+    Powers of two because image-token counts grow with the image area (x4 per doubled side): a round with
+    56x56 and 112x112 images (4 and 16 tokens) falls into two bins, small resize jitter into one.
+    """
+    if count < 1:
+        raise ValueError(f"vision token count {count} has no bin (a rollout without image tokens has no MDI)")
+    low = 1 << (int(count).bit_length() - 1)
+    return low, 2 * low - 1
+
+
+def vision_token_bins(table: pl.DataFrame) -> list[tuple[tuple[int, int], pl.DataFrame]]:
+    """The rollouts with image tokens split by `vision_token_bin` of their `vision_tokens` (the image-token
+    mask's count that the attention metrics were computed with), smallest bin first."""
+    _require(table, ["vision_tokens"], "vision_token_bins")
+    with_image = table.filter(pl.col("vision_tokens") > 0)
+    bins = sorted({vision_token_bin(int(v)) for v in with_image.get_column("vision_tokens").to_list()})
+    return [(b, with_image.filter(pl.col("vision_tokens").is_between(*b))) for b in bins]
+
+
+def _vision_bin_table(table: pl.DataFrame) -> str | None:
+    """MDI per stage, MDI Std and AEI Vision (stage all) per vision-token bin beside the pooled values;
+    None when the rollouts with image tokens fall into one bin (the pooled table is then the whole story)."""
+    bins = vision_token_bins(table)
+    if len(bins) < 2:
+        return None
+
+    def row(label: str, part: pl.DataFrame) -> list[str]:
+        means = attention_stage_means(part)
+        tokens = _finite(_column(part, "vision_tokens"))
+        return [label, str(part.height), _fmt(math.fsum(tokens) / len(tokens), 1),
+                *(_fmt(means[s]["mdi"]) for s in STAGES),
+                _fmt(mean_std(_column(part, _attn_col("all", "mdi")))[1]), _fmt(means["all"]["aei_vision"])]
+
+    pooled = table.filter(pl.col("vision_tokens") > 0)
+    return _table(
+        ["Vision Tokens", "Rollouts", "Mean Vision Tokens", *(f"MDI {_STAGE_TITLES[s]}" for s in STAGES),
+         "MDI Std All", "AEI Vision All"],
+        [row("pooled", pooled), *(row(f"{lo}–{hi}", part) for (lo, hi), part in bins)],
+    )
+
+
 def render_attention_diagnostics(
     table: pl.DataFrame,
     *,
@@ -529,7 +572,8 @@ def render_attention_diagnostics(
     mdi_tolerance: float,
     chart_file: str | None = None,
 ) -> str:
-    """`attention_diagnostics.md`: per-stage MDI/AEI table, token table, optional chart, batch-mean JSON.
+    """`attention_diagnostics.md`: per-stage MDI/AEI table, token table, the MDI by vision-token bin (when the
+    round's images give more than one `vision_token_bin`), optional chart, batch-mean JSON.
 
     `Vision Ratio` is the token share `v = |V| / (|T| + |V|)` averaged over rollouts (a rollout with no
     key tokens at all is left out). The per-stage table and the token table are separate tables so that
@@ -576,6 +620,15 @@ def render_attention_diagnostics(
         "## Tokens",
         token_table,
     ]
+    by_bin = _vision_bin_table(table)
+    if by_bin is not None:
+        parts += [
+            "## MDI by vision-token count",
+            "Per-token attention ratios drift with the number of image tokens, so a pooled MDI mixes image"
+            " sizes. Each row is the mean over the rollouts whose image-token count (the image-token mask of"
+            " the attention pass) falls in that power-of-two bin; `pooled` is every rollout with image tokens.",
+            by_bin,
+        ]
     if chart_file is not None:
         parts.append(f"![Attention balance per stage]({chart_file})")
     parts += ["## Stage details (batch means)", _json_block({"attention_metrics": means})]

@@ -34,6 +34,7 @@ from dapo_ops.reports import (
     rollout_sample_columns,
     sample_prompts,
     sample_rollouts,
+    vision_token_bin,
 )
 
 NAN = math.nan
@@ -362,7 +363,7 @@ def test_attention_diagnostics_token_table_uses_token_share():
 
 
 def test_report_tables_are_not_ragged():
-    for md in (diagnostics(), rollout_results()):
+    for md in (diagnostics(), diagnostics(two_image_sizes()), rollout_results()):
         for block in md.split("\n\n"):
             rows = table_rows(block)
             if rows:
@@ -382,6 +383,38 @@ def test_attention_diagnostics_json_holds_batch_means_per_stage():
     assert metrics["early"]["mdi"] == 6.0
     assert metrics["all"]["text_ratio"] == 0.8
     assert metrics["all"]["mdi_balance"] == 0.2  # balances 1, 0, 0, 0, 0
+
+
+def test_vision_token_bins_are_powers_of_two():
+    assert [vision_token_bin(n) for n in (1, 4, 7, 16, 31, 64)] == [(1, 1), (4, 7), (4, 7), (16, 31), (16, 31),
+                                                                    (64, 127)]
+    with pytest.raises(ValueError, match="no bin"):
+        vision_token_bin(0)
+
+
+def two_image_sizes() -> pl.DataFrame:
+    """The round table with prompt 0 at 4 image tokens (MDI all 1, 2, 4) and prompt 1 at 16 (3, 5; rollout 5
+    has no image)."""
+    return round_table().with_columns(vision_tokens=pl.Series([4, 4, 4, 16, 16, 0]))
+
+
+def test_attention_diagnostics_shows_mdi_per_vision_token_bin_beside_the_pooled_value():
+    # Stage factors: early 2x, middle 1x, late 0.5x. Bin 4-7: MDI 1, 2, 4 (mean 2.333, std 1.528);
+    # bin 16-31: 3, 5 (mean 4, std 1.414); pooled over the 5 rollouts with image tokens: mean 3, std 1.581.
+    expected = """| Vision Tokens | Rollouts | Mean Vision Tokens | MDI Early | MDI Middle | MDI Late | MDI All | MDI Std All | AEI Vision All |
+|---|---|---|---|---|---|---|---|---|
+| pooled | 5 | 8.8 | 6.000 | 3.000 | 1.500 | 3.000 | 1.581 | 0.500 |
+| 4–7 | 3 | 4.0 | 4.667 | 2.333 | 1.167 | 2.333 | 1.528 | 0.500 |
+| 16–31 | 2 | 16.0 | 8.000 | 4.000 | 2.000 | 4.000 | 1.414 | 0.500 |"""
+    md = diagnostics(two_image_sizes())
+    assert "## MDI by vision-token count" in md
+    assert expected in md
+
+
+def test_attention_diagnostics_has_no_bin_table_when_all_images_give_one_bin():
+    assert "## MDI by vision-token count" not in diagnostics()  # every rollout with an image has 16 tokens
+    one_bin = round_table().with_columns(vision_tokens=pl.Series([16, 17, 20, 31, 16, 0]))
+    assert "## MDI by vision-token count" not in diagnostics(one_bin)
 
 
 # ------------------------------------------------------------------------------------ metrics block
