@@ -66,7 +66,7 @@ class DapoConfig:
     num_iterations: int = 2
     steps_per_generation: int = 4
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     loss_type: LossType = "dapo"
@@ -102,7 +102,10 @@ class DapoConfig:
     mdi_shaping: MdiShaping = "clip"
 
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
-    synthetic_tasks: list[str] = field(default_factory=lambda: ["color"])
+    # Four question types (dapo_ops.synthetic): the color task alone is learned by round 6, this mix (yes/no with
+    # negations, the color of one of two shapes, 2-4 choices) is still rising at round 8 (README; numbers in
+    # benchmarks/learning_findings.md).
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["color", "yes_no", "color_of_shape", "color_count"])
     num_train_examples: int = 2048
     num_eval_examples: int = 256
     eval_subset_size: int = 128

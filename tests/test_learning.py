@@ -17,19 +17,11 @@ from dapo_ops.store import RunStore, checkpoint_key
 # The tiny model attends to its 4 image tokens far more per token than to text (MDI ~0.1-0.8).
 RECORDED = Path(__file__).parent / "data" / "recorded_mdi.parquet"
 
-LEARNING_RUN = {
-    "run_name": "learning-ci",
-    "synthetic_tasks": ["color"],
-    "prompts_per_round": 32,
-    "num_generations": 8,
-    "max_completion_length": 16,
-    "steps_per_generation": 4,
-    "num_iterations": 2,
-    "num_train_examples": 512,
-    "num_eval_examples": 64,
-    "eval_subset_size": 64,
-    "warmup_steps": 45,
-}
+# The embedded default itself (the four-task mix, 64 prompts x 8 rollouts, 8 rounds): on this task a smaller
+# round (32 prompts, 512 train rows) did not learn within 8 rounds (benchmarks/learning_findings.md), so the
+# test runs the default; about a minute and a half on two quiet cores.
+LEARNING_RUN = {"run_name": "learning-ci"}
+LEARNING_ROUNDS = 8
 
 
 @pytest.mark.slow
@@ -44,7 +36,7 @@ def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
     start = training.evaluate(config, store, policy)
     optimizer = training.load_optimizer(store, checkpoint_key(0), policy, config)
     accuracy, evals = [], []
-    for k in range(6):
+    for k in range(LEARNING_ROUNDS):
         key = checkpoint_key(k)
         training.generate_round_rollouts(config, store, key, policy, log)
         training.compute_attention(config, store, key, policy, log)
@@ -53,10 +45,12 @@ def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
         metrics = training.round_metrics(config, training.round_table(store, key), record)
         accuracy.append(metrics["rewards/mc_idx_reward/mean"])
         evals.append(metrics["eval/accuracy"])
-    # Seen on this config (seed 0): training accuracy 0.42 -> 0.72, 0.79, 0.89 in rounds 3-5.
+    # Seen on this config (seed 0, `make run`): training accuracy 0.285 -> 0.439, 0.545, 0.461 in rounds 5-7,
+    # eval 0.328 (ckpt-0000) -> 0.555 (ckpt-0008). With learning_rate=0 both stay where they start.
     late = sum(accuracy[-3:]) / 3
     assert late >= accuracy[0] + 0.15, f"training accuracy went nowhere: {accuracy}"
     assert evals[-1] >= start["eval/accuracy"], f"eval accuracy fell: {start} -> {evals}"
+    assert evals[-1] >= start["eval/accuracy"] + 0.1, f"eval accuracy did not rise: {start} -> {evals}"
     assert metrics["rewards/think_format_reward/mean"] >= 0.8
 
 

@@ -55,7 +55,7 @@ def test_start_entropy_is_the_mean_entropy_of_the_first_round(store: RunStore):
 
 def test_the_config_is_recorded_once_and_a_resumed_change_logs_one_line(store: RunStore):
     log = training.round_log(store, KEY)
-    config = DapoConfig(run_name="round-test")
+    config = DapoConfig(run_name="round-test", learning_rate=5e-4)
     dapo_round.record_config(config, store, log)
     assert json.loads(store.config_path.read_text()) == config.to_dict()
     assert dapo_round.record_config(config, store, log) == []
