@@ -58,6 +58,9 @@ SECONDARY: dict[str, str] = {
     "pipeline_round_time_ratio_vs_trl_best": "fastest pipeline round / fastest TRL round",
     "shared_prefix_teacher_forced_speedup": "unshared / shared teacher-forced pass time, realistic shape",
     "shared_prefix_teacher_forced_memory_ratio": "extra peak memory of the shared / unshared teacher-forced pass",
+    "shared_prefix_update_speedup_cpu": "unshared / shared update step process CPU time, realistic shape",
+    "shared_prefix_teacher_forced_speedup_cpu": "unshared / shared teacher-forced pass process CPU time",
+    "round_cpu_time_ratio_vs_trl_realistic": "dapo-vlm / TRL round process CPU time, realistic shape",
 }
 
 
