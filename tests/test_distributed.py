@@ -130,6 +130,24 @@ def test_launch_command_uses_this_python_and_a_ready_accelerate_config(tmp_path:
     assert DapoConfig.from_dict(written) == CONFIG.replace(device="cpu")
 
 
+def test_each_phase_launches_the_child_with_its_own_config_failure_file_and_rank_logs(tmp_path: Path):
+    store = RunStore(tmp_path, "r")
+    for phase in ("rollouts", "attention"):
+        launch = distributed.prepare_launch(CONFIG.replace(device="cpu"), store, KEY, phase=phase, reanalysis=True)
+        command = launch.command
+        assert command[command.index("--phase") + 1] == phase and "--reanalysis" in command
+        config_file = Path(command[command.index("--config") + 1])
+        assert config_file == store.round_dir(KEY) / f"{phase}_config.json" and config_file.exists()
+        supervised = launch.supervised
+        assert supervised[supervised.index("--failure-file") + 1] == str(store.round_dir(KEY) / f"{phase}_failure.json")
+        assert supervised[supervised.index("--rank-logs") + 1] == str(store.round_dir(KEY) / f"{phase}_logs")
+        assert launch.extras["phase"] == phase
+    with pytest.raises(ValueError, match="num_processes=2 exceeds prompts_per_round=1"):
+        distributed.prepare_launch(CONFIG.replace(device="cpu", prompts_per_round=1), store, KEY, phase="rollouts")
+    with pytest.raises(ValueError, match="phase 'rewards'"):
+        distributed.prepare_launch(CONFIG, store, KEY, phase="rewards")
+
+
 @pytest.mark.parametrize("name", sorted(distributed.ACCELERATE_CONFIGS))
 def test_every_ready_accelerate_config_loads(name: str):
     from accelerate.commands.config.config_args import load_config_from_file
