@@ -192,7 +192,7 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
     # What the parent runs: the launcher under the supervisor, so that it and the ranks die with the
     # parent and a dead rank is named (`dapo_ops.process_hygiene`).
     supervised = process_hygiene.supervised(launcher, failure_file=failure, rank_logs=logs,
-                                            python=python)
+                                            python=python, phase=phase)
     env = {
         process_hygiene.PARENT_PID_ENV: str(os.getpid()),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),

@@ -363,6 +363,8 @@ def test_torchruns_failure_summary_names_the_rank_and_its_last_log_line(tmp_path
     assert message.startswith("rank 1 of the update died (signal SIGKILL)")
     assert "'optimizer step 1: backward of micro-batch 1 done'" in message
     assert "exited with code 1 and named no failed rank" in process_hygiene.failure_message("boom\n", 1, tmp_path)
+    # Rollouts and the teacher-forced pass run on ranks too: the message names the phase that died.
+    assert process_hygiene.failure_message(summary, 1, tmp_path, "rollouts").startswith("rank 1 of the rollouts died")
 
 
 @pytest.mark.slow
