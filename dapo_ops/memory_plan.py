@@ -210,11 +210,14 @@ def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | N
     # layer's input plus one layer recomputed), its gathered prompt cache and GQA-expanded keys/values, the
     # logits with log-softmax and its gradient; the vision tower's activations when it is trained.
     micro = config.per_device_train_batch_size
-    tokens = prompts_of(micro) * prompt + micro * tc
+    # transformers turns the KV cache off under gradient checkpointing, so the update then runs the unshared
+    # forward (one prompt per rollout).
+    update_prompts = micro if config.gradient_checkpointing else prompts_of(micro)
+    tokens = update_prompts * prompt + micro * tc
     per_layer = _stored_per_token(h, inter, kv) * act
     # SDPA's backward keeps each layer's attention probabilities (scores and softmax, fp32) of the prompt
     # forward and of the completions over prompt + completion.
-    probabilities = 2 * heads * 4 * (prompts_of(micro) * prompt * prompt + micro * tc * seq)
+    probabilities = 2 * heads * 4 * (update_prompts * prompt * prompt + micro * tc * seq)
     if config.gradient_checkpointing:
         stored = (tokens * (h * act * layers + per_layer) + micro * seq * 2 * kv * act + expanded_kv(micro)
                   + probabilities)
@@ -226,7 +229,7 @@ def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | N
         patches = image_tokens * getattr(vision, "spatial_merge_size", 2) ** 2
         vh, vi = vision.hidden_size, vision.intermediate_size
         vision_layers = 1 if config.gradient_checkpointing else vision.depth
-        stored += prompts_of(micro) * patches * _stored_per_token(vh, vi, vh) * act * vision_layers
+        stored += update_prompts * patches * _stored_per_token(vh, vi, vh) * act * vision_layers
     update_activations = stored + logits(micro, 3)
     # Generation: the KV cache of the round's N sequences, twice (each decoding step concatenates a layer's
     # grown cache while the old one is alive, and freed blocks of the old size cannot hold the next), the
@@ -270,7 +273,7 @@ def render(plan: MemoryPlan, config: DapoConfig, gpu_memory_gb: float | None = N
         f"  gradients                   {gb(plan.gradients)}",
         f"  AdamW state                 {gb(plan.optimizer)}",
         f"  update micro-batch activ.   {gb(plan.update_activations)}",
-        f"  generation (KV cache, prefill) {gb(plan.generation_kv_cache)}",
+        f"  generation: KV + prefill    {gb(plan.generation_kv_cache)}",
         f"  attention metric, lean      {gb(plan.attention_lean)}",
         f"  attention metric, eager     {gb(plan.attention_eager)}  (not used: for comparison)",
         f"  peak                        {gb(plan.peak)}",
