@@ -380,6 +380,7 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
 
     with precision.autocast(config, policy.model):  # the same precision as the update's forward
         outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
+                                      batch_size=config.local_rollout_forward_batch_size,
                                       shared_prefix=config.shared_prefix)
     seconds = time.perf_counter() - start
     table = attention_table(outputs, batch, tolerance=tolerance)
@@ -493,6 +494,7 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
         disabled = lora.adapter_disabled(policy.model) if ref_policy is None else contextlib.nullcontext()
         with disabled, precision.autocast(config, policy.model):
             ref_logps = teacher_forced_pass(ref_policy or policy, batch, temperature=config.temperature,
+                                            batch_size=config.local_rollout_forward_batch_size,
                                             with_attention=False, shared_prefix=config.shared_prefix).per_token_logps
     start = time.perf_counter()
     with precision.gradient_checkpointing(policy.model, enabled=config.gradient_checkpointing):
