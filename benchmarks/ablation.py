@@ -26,6 +26,7 @@ checkpoint gives the "last round" value, the attention after the last update.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,22 +125,73 @@ def chance_accuracy(choices: Sequence[Sequence[str]]) -> float:
     return sum(1 / len(c) for c in choices) / len(choices) if choices else math.nan
 
 
-def train_one(config: DapoConfig, work_dir: Path, rounds: int) -> dict[str, Any]:
+# Fields that act only after ckpt-0000 (the loss, the rewards, the update): rows changing nothing else start
+# from one shared ckpt-0000 per dataset and seed (the dataset and warm start are about 40 % of a short run).
+POST_SETUP_FIELDS = frozenset({
+    "loss_type", "epsilon", "epsilon_high", "beta", "scale_rewards", "importance_sampling_level", "delta",
+    "top_entropy_quantile", "sapo_temperature_pos", "sapo_temperature_neg", "mask_truncated_completions",
+    "entropy_coef", "use_bias_correction_kl", "multi_objective_aggregation", "reward_weights", "mdi_tolerance",
+    "mdi_reward_stage", "mdi_shaping", "learning_rate", "max_grad_norm", "num_iterations", "steps_per_generation",
+})
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def shared_setup(config: DapoConfig, store: Any, setup_dir: Path, log: Any) -> float:
+    """Copy ckpt-0000 (dataset, warm-started base checkpoint) into `store` from `setup_dir`, building it there
+    first when no other run did; returns ckpt-0000's eval accuracy."""
+    import shutil
+
+    from dapo_ops import training
+    from dapo_ops.store import RunStore, write_json_atomic
+
+    done = setup_dir / "eval.json"
+    with _file_lock(setup_dir.with_name(setup_dir.name + ".lock")):
+        if not done.exists():
+            built = RunStore(setup_dir, config.run_name)
+            training.prepare_dataset(config, built)
+            policy = training.build_base_checkpoint(config, built, log)["policy"]
+            write_json_atomic(done, {"run_dir": str(built.run_dir),
+                                     "eval_accuracy": training.evaluate(config, built, policy)["eval/accuracy"]})
+    setup = json.loads(done.read_text())
+    shutil.copytree(setup["run_dir"], store.run_dir)
+    log(f"ckpt-0000 copied from the shared setup {setup_dir}")
+    return float(setup["eval_accuracy"])
+
+
+def train_one(config: DapoConfig, work_dir: Path, rounds: int, setup_dir: Path | None = None) -> dict[str, Any]:
     """Train `rounds` rounds through the library; per checkpoint 0..rounds: eval accuracy and |ln MDI|.
+    With `setup_dir`, ckpt-0000 comes from there (`shared_setup`) and is loaded from disk, as `make run` does.
 
     A non-finite update ends the run with status "nan" and the curves measured so far."""
     from dapo_ops import training
+    from dapo_ops.checkpoint_policy import load_checkpoint_policy
     from dapo_ops.store import RunStore, checkpoint_key
     from dapo_ops.update import NonFiniteUpdateError
 
     store = RunStore(work_dir, config.run_name)
     log = training.RoundLog(work_dir / f"{config.run_name}.log")
-    training.prepare_dataset(config, store)
+    if setup_dir is None:
+        training.prepare_dataset(config, store)
+        policy = training.build_base_checkpoint(config, store, log)["policy"]
+        first_eval = training.evaluate(config, store, policy)["eval/accuracy"]
+    else:
+        first_eval = shared_setup(config, store, setup_dir, log)
+        policy = load_checkpoint_policy(store, checkpoint_key(0), config)
     chance = chance_accuracy(training.load_split(store, "eval")["choices"].to_list())
-    policy = training.build_base_checkpoint(config, store, log)["policy"]
     optimizer = training.load_optimizer(store, checkpoint_key(0), policy, config)
-    out: dict[str, Any] = {"status": "ok", "chance": chance, "eval_accuracy": [
-        training.evaluate(config, store, policy)["eval/accuracy"]], "train_accuracy": [], "abs_log_mdi": []}
+    out: dict[str, Any] = {"status": "ok", "chance": chance, "eval_accuracy": [first_eval], "train_accuracy": [],
+                           "abs_log_mdi": []}
     for k in range(rounds + 1):
         key = checkpoint_key(k)
         training.generate_round_rollouts(config, store, key, policy, log)
@@ -201,6 +253,13 @@ def job_key(overrides: dict[str, Any], seed: int, dataset: str, fingerprint: str
     return hashlib.sha256(spec.encode()).hexdigest()[:20]
 
 
+def setup_key(job: Job, fingerprint: str) -> str:
+    """Rows that change only `POST_SETUP_FIELDS` share ckpt-0000 per dataset and seed; any other row has its own."""
+    if set(job.overrides) <= POST_SETUP_FIELDS:
+        return job_key({}, job.seed, job.dataset, fingerprint)
+    return job.key
+
+
 def make_job(dataset: str, row: Row, seed: int, rounds: int, fingerprint: str) -> Job:
     return Job(dataset, row.name, seed, rounds, row.overrides, job_key(row.overrides, seed, dataset, fingerprint))
 
@@ -232,8 +291,10 @@ def _worker_command(spec_path: Path) -> list[str]:
 
 
 def run_jobs(jobs: Sequence[Job], cache_dir: Path, dataset_paths: dict[str, str], parallel: int,
-             echo: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Every job's result by key: cached ones read, the others trained `parallel` at a time in subprocesses."""
+             echo: Callable[[str], None] | None = None, cached_only: bool = False,
+             fingerprint: str = "") -> dict[str, dict[str, Any]]:
+    """Every job's result by key: cached ones read, the others trained `parallel` at a time in subprocesses
+    (`cached_only`: left out instead)."""
     from dapo_ops.store import write_json_atomic
 
     echo = echo or (lambda line: print(line, flush=True))
@@ -246,6 +307,9 @@ def run_jobs(jobs: Sequence[Job], cache_dir: Path, dataset_paths: dict[str, str]
             todo.append(job)
         else:
             results[job.key] = cached
+    if cached_only:
+        echo(f"{len(results)} run(s) cached in {cache_dir}; {len(todo)} not run (--cached-only)")
+        return results
     echo(f"{len(results)} run(s) cached in {cache_dir}, {len(todo)} to train, {parallel} at a time")
     running: dict[str, tuple[Job, subprocess.Popen, Path, float]] = {}
     with tempfile.TemporaryDirectory(prefix="dapo-ablation-") as tmp:
@@ -257,6 +321,7 @@ def run_jobs(jobs: Sequence[Job], cache_dir: Path, dataset_paths: dict[str, str]
                 spec = {"config": run_config(job.overrides, job.seed, dataset_paths[job.dataset],
                                              f"ablation-{job.row}-s{job.seed}").to_dict(),
                         "rounds": job.rounds, "result": str(cache_dir / f"{job.key}.json"),
+                        "setup_dir": str(Path(tmp) / f"setup-{setup_key(job, fingerprint)}"),
                         "job": {"dataset": job.dataset, "row": job.row, "seed": job.seed}}
                 write_json_atomic(home / "spec.json", spec)
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DAPO_VLM_HOME": str(home),
@@ -301,7 +366,8 @@ def worker(spec_path: Path) -> int:
     config = DapoConfig.from_dict(spec["config"])
     start = time.perf_counter()
     try:
-        result = train_one(config, spec_path.parent / "runs", spec["rounds"])
+        setup = spec.get("setup_dir")
+        result = train_one(config, spec_path.parent / "runs", spec["rounds"], Path(setup) if setup else None)
     except Exception as error:  # a crash is a result of this row, reported beside the others
         traceback.print_exc()
         result = {"status": "crash", "error": f"{type(error).__name__}: {error}"}
@@ -471,7 +537,7 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {seeds} | {k} | {_cell(acc)} | " + " | ".join(cells) + " |")
         lines.append("")
     if "objectives" in result:
-        lines += objectives_markdown(result["objectives"])
+        lines += objectives_markdown(result["objectives"], result["rounds"] if rows else None)
     return "\n".join(lines) + "\n"
 
 
@@ -482,11 +548,12 @@ def _failure_lines(found: dict[str, list[str]]) -> list[str]:
             *(f"- {name}: {'; '.join(items)}" for name, items in found.items()), ""]
 
 
-def objectives_markdown(section: dict[str, Any]) -> list[str]:
+def objectives_markdown(section: dict[str, Any], shaping_rounds: int | None = None) -> list[str]:
     rounds = section["rounds"]
+    versus = f"; the shaping rows: {shaping_rounds}" if shaping_rounds is not None else ""
     lines = ["## Objectives", "",
-             f"Each row is the default config plus its overrides, {rounds} rounds (the same for every objective; "
-             f"fewer than the shaping rows), seeds {','.join(map(str, section['seeds']))}. `{EMBEDDED}`: the "
+             f"Each row is the default config plus its overrides, {rounds} rounds (the same for every objective"
+             f"{versus}), seeds {','.join(map(str, section['seeds']))}. `{EMBEDDED}`: the "
              f"embedded default task; `{UNSEEN}`: `{section['unseen_dataset']}` into a temp dir, the embedded model "
              "with a tokenizer trained on it. NaN/crash: seeds whose update went non-finite (`nan`) or that failed "
              "(`crash`); they are left out of the means.", ""]
@@ -551,18 +618,21 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
 
 def plan_jobs(shaping: Sequence[Row], objectives: Sequence[Row], datasets: Sequence[str], seeds: Sequence[int],
               rounds: int, objective_rounds: int, fingerprint: str) -> list[Job]:
-    """Shaping rows on the embedded default, then objective rows per dataset (seed-major: a cut-short grid
-    still has every row's first seeds)."""
+    """Shaping rows on the embedded default, then objective rows, seed-major (a cut-short grid still has every
+    row's first seeds) and alternating datasets (two parallel runs build different shared ckpt-0000s)."""
     jobs = [make_job(EMBEDDED, row, seed, rounds, fingerprint) for seed in seeds for row in shaping]
     jobs += [make_job(dataset, row, seed, objective_rounds, fingerprint)
-             for seed in seeds for dataset in datasets for row in objectives]
+             for seed in seeds for row in objectives for dataset in datasets]
     return jobs
 
 
 def collect(jobs: Sequence[Job], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """dataset -> row -> per-seed runs, each truncated to its job's rounds and labelled with its row and seed."""
+    """dataset -> row -> per-seed runs, each truncated to its job's rounds and labelled with its row and seed
+    (jobs without a result are left out)."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for job in jobs:
+        if job.key not in results:
+            continue
         result = results[job.key]
         run = truncate(result, job.rounds) if result.get("eval_accuracy") else dict(result)
         run.update(dataset=job.dataset, row=job.row, seed=job.seed, rounds=job.rounds)
@@ -572,17 +642,19 @@ def collect(jobs: Sequence[Job], results: dict[str, dict[str, Any]]) -> dict[str
 
 def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int], rounds: int,
         objective_rounds: int, datasets: Sequence[str] = DATASETS, out_dir: Path = OUT_DIR,
-        default_row: str | None = None, parallel: int = DEFAULT_JOBS, command: str = "make ablation") -> dict[str, Any]:
+        default_row: str | None = None, parallel: int = DEFAULT_JOBS, command: str = "make ablation",
+        cached_only: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     fingerprint = source_fingerprint()
     shaping_jobs = plan_jobs(shaping, [], [], seeds, rounds, objective_rounds, fingerprint)
     objective_jobs = plan_jobs([], objectives, datasets, seeds, rounds, objective_rounds, fingerprint)
     with tempfile.TemporaryDirectory(prefix="dapo-ablation-data-") as tmp:
         paths = {EMBEDDED: EMBEDDED}
-        if objectives and UNSEEN in datasets:
+        if objectives and UNSEEN in datasets and not cached_only:
             paths[UNSEEN] = str(Path(tmp) / UNSEEN)
             subprocess.run([sys.executable, str(UNSEEN_SCRIPT), paths[UNSEEN], *UNSEEN_ARGS], check=True)
-        results = run_jobs([*shaping_jobs, *objective_jobs], out_dir / CACHE_DIR_NAME, paths, parallel)
+        results = run_jobs([*shaping_jobs, *objective_jobs], out_dir / CACHE_DIR_NAME, paths, parallel,
+                           cached_only=cached_only, fingerprint=fingerprint)
     shaping_runs = collect(shaping_jobs, results).get(EMBEDDED, {})
     objective_runs = collect(objective_jobs, results)
     result = assemble(shaping_runs, rounds, default_row or DapoConfig().mdi_shaping, time.perf_counter() - start,
@@ -605,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="runs trained at a time (one per core)")
     parser.add_argument("--merge", type=Path, nargs="+", help="combine these ablation.json files instead of training")
     parser.add_argument("--default-row", help="the row compared with off (default: the default mdi_shaping)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: write the tables from the runs already cached in --out-dir")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -623,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(shaping, objectives, args.seeds, args.rounds, args.objective_rounds, args.datasets, args.out_dir,
-                 args.default_row, args.jobs, command.strip())
+                 args.default_row, args.jobs, command.strip(), args.cached_only)
     print(markdown(result))
 
 

@@ -174,3 +174,20 @@ def test_objective_rows_report_nan_runs_beside_the_means_of_the_finished_seeds(t
     path.write_text(json.dumps(result))
     merged = ablation.merge([path], "clip")
     assert json.loads(json.dumps(merged["objectives"])) == json.loads(json.dumps(result["objectives"]))
+
+
+def test_objective_rows_of_one_dataset_and_seed_share_ckpt_0000_and_a_row_changing_the_warm_start_does_not():
+    from benchmarks import ablation
+
+    def job(row: ablation.Row, seed: int = 0, dataset: str = "embedded") -> ablation.Job:
+        return ablation.make_job(dataset, row, seed, 3, "src")
+
+    rows = ablation.objective_rows()
+    assert len({ablation.setup_key(job(r), "src") for r in [*rows, *ablation.default_rows()]}) == 1
+    assert ablation.setup_key(job(rows[0], seed=1), "src") != ablation.setup_key(job(rows[0]), "src")
+    assert ablation.setup_key(job(rows[0], dataset="unseen"), "src") != ablation.setup_key(job(rows[0]), "src")
+    own = job(ablation.Row("short_warmup", {"warmup_steps": 5}))
+    assert ablation.setup_key(own, "src") == own.key
+    planned = ablation.plan_jobs([], rows[:2], ["embedded", "unseen"], [0, 1], 8, 3, "src")
+    assert [(j.seed, j.row, j.dataset) for j in planned[:3]] == [(0, "dapo", "embedded"), (0, "dapo", "unseen"),
+                                                                (0, "grpo", "embedded")]
