@@ -517,6 +517,7 @@ def markdown(result: dict[str, Any]) -> str:
         "(cached runs count 0). Mean ± std over each row's finished seeds. Round k is ckpt-k: eval accuracy of "
         "ckpt-k and mean |ln MDI| of its rollouts (0 = balanced attention).",
         "",
+        *([f"Note: {result['note']}", ""] if result.get("note") else []),
     ]
     if rows:
         lines += [
@@ -556,7 +557,7 @@ def objectives_markdown(section: dict[str, Any], shaping_rounds: int | None = No
              f"{versus}), seeds {','.join(map(str, section['seeds']))}. `{EMBEDDED}`: the "
              f"embedded default task; `{UNSEEN}`: `{section['unseen_dataset']}` into a temp dir, the embedded model "
              "with a tokenizer trained on it. NaN/crash: seeds whose update went non-finite (`nan`) or that failed "
-             "(`crash`); they are left out of the means.", ""]
+             "(`crash`); they are left out of the means.", "", *objectives_overview(section), ""]
     for dataset, part in section["datasets"].items():
         lines += [f"### {dataset} (chance {part['chance']:.3f}): last round", "",
                   "| objective | overrides | seeds ok | NaN/crash | eval accuracy ckpt-0 | "
@@ -573,6 +574,32 @@ def objectives_markdown(section: dict[str, Any], shaping_rounds: int | None = No
             for k, acc in enumerate(agg["eval_accuracy"]):
                 lines.append(f"| {name} | {k} | {_cell(acc)} | {_cell(agg['abs_log_mdi/all'][k])} |")
         lines.append("")
+    return lines
+
+
+def objectives_overview(section: dict[str, Any]) -> list[str]:
+    """One line per objective, every dataset side by side: eval accuracy ckpt-0 -> last (mean over seeds),
+    last-round |ln MDI| (stage all) and the seeds that went NaN or crashed (the README's table)."""
+    datasets = list(section["datasets"])
+    rounds = section["rounds"]
+    head = "| objective | " + " | ".join(
+        f"{d} (chance {section['datasets'][d]['chance']:.2f}): eval ckpt-0 → ckpt-{rounds} | {d}: \\|ln MDI\\| all"
+        for d in datasets) + " | NaN/crash |"
+    lines = [head, "|---|" + "---:|---:|" * len(datasets) + "---|"]
+    names = list(dict.fromkeys(n for d in datasets for n in section["datasets"][d]["summary"]))
+    for name in names:
+        cells, failed = [], []
+        for d in datasets:
+            part = section["datasets"][d]
+            s = part["summary"].get(name)
+            if s is None or not s["seeds_ok"]:
+                cells += ["—", "—"]
+            else:
+                first, last = s["eval_accuracy_first"], s["eval_accuracy_last"]
+                cells += [f"{first[0]:.3f} → {last[0]:.3f} ± {last[1]:.3f} ({s['seeds_ok']} seeds)",
+                          _cell(s["abs_log_mdi_all_last"])]
+            failed += [f"{d} {item}" for item in part["failures"].get(name, [])]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(failed) or 'none'} |")
     return lines
 
 
@@ -643,7 +670,7 @@ def collect(jobs: Sequence[Job], results: dict[str, dict[str, Any]]) -> dict[str
 def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int], rounds: int,
         objective_rounds: int, datasets: Sequence[str] = DATASETS, out_dir: Path = OUT_DIR,
         default_row: str | None = None, parallel: int = DEFAULT_JOBS, command: str = "make ablation",
-        cached_only: bool = False) -> dict[str, Any]:
+        cached_only: bool = False, note: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     fingerprint = source_fingerprint()
     shaping_jobs = plan_jobs(shaping, [], [], seeds, rounds, objective_rounds, fingerprint)
@@ -660,6 +687,8 @@ def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int],
     result = assemble(shaping_runs, rounds, default_row or DapoConfig().mdi_shaping, time.perf_counter() - start,
                       objective_runs, objective_rounds)
     result["command"] = command
+    if note:
+        result["note"] = note
     write_outputs(result, out_dir)
     return result
 
@@ -679,12 +708,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--default-row", help="the row compared with off (default: the default mdi_shaping)")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: write the tables from the runs already cached in --out-dir")
+    parser.add_argument("--note", help="a sentence printed under the tables' header (what ran, what did not)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         sys.exit(worker(args.worker))
     if args.merge:
         result = merge(args.merge, args.default_row or DapoConfig().mdi_shaping)
+        if args.note:
+            result["note"] = args.note
         write_outputs(result, args.out_dir)
         print(markdown(result))
         return
@@ -697,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(shaping, objectives, args.seeds, args.rounds, args.objective_rounds, args.datasets, args.out_dir,
-                 args.default_row, args.jobs, command.strip(), args.cached_only)
+                 args.default_row, args.jobs, command.strip(), args.cached_only, args.note)
     print(markdown(result))
 
 
