@@ -16,7 +16,8 @@ non-finite is reported as `nan` (and a run that fails otherwise as `crash`) inst
 Every run is a subprocess (OMP_NUM_THREADS=1, its own DAPO_VLM_HOME), `--jobs` at a time. A run's result is
 cached under `<out-dir>/.ablation-cache/` keyed by its whole config, the dataset and a hash of the library's
 source, so a re-run after a crash (or with more rows) trains only what is missing, and two rows with the same
-config (the objective `dapo` and the shaping default) train once. Writes ablation.json (per-run curves,
+config (the objective `dapo` and the shaping default) train once. Rows that change only the loss, the rewards or
+the update share one ckpt-0000 per dataset and seed, kept there too (`setup-<key>/`). Writes ablation.json (per-run curves,
 per-row aggregates, the shaping `summary` and an `objectives` section), ablation.md and ablation.png.
 
 Round k's MDI is that of the rollouts of ckpt-k; one extra attention pass over rollouts of the final
@@ -161,10 +162,10 @@ def shared_setup(config: DapoConfig, store: Any, setup_dir: Path, log: Any) -> f
             built = RunStore(setup_dir, config.run_name)
             training.prepare_dataset(config, built)
             policy = training.build_base_checkpoint(config, built, log)["policy"]
-            write_json_atomic(done, {"run_dir": str(built.run_dir),
+            write_json_atomic(done, {"run_dir": str(built.run_dir.relative_to(setup_dir)),
                                      "eval_accuracy": training.evaluate(config, built, policy)["eval/accuracy"]})
     setup = json.loads(done.read_text())
-    shutil.copytree(setup["run_dir"], store.run_dir)
+    shutil.copytree(setup_dir / setup["run_dir"], store.run_dir)
     log(f"ckpt-0000 copied from the shared setup {setup_dir}")
     return float(setup["eval_accuracy"])
 
@@ -321,7 +322,7 @@ def run_jobs(jobs: Sequence[Job], cache_dir: Path, dataset_paths: dict[str, str]
                 spec = {"config": run_config(job.overrides, job.seed, dataset_paths[job.dataset],
                                              f"ablation-{job.row}-s{job.seed}").to_dict(),
                         "rounds": job.rounds, "result": str(cache_dir / f"{job.key}.json"),
-                        "setup_dir": str(Path(tmp) / f"setup-{setup_key(job, fingerprint)}"),
+                        "setup_dir": str(cache_dir / f"setup-{setup_key(job, fingerprint)}"),
                         "job": {"dataset": job.dataset, "row": job.row, "seed": job.seed}}
                 write_json_atomic(home / "spec.json", spec)
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DAPO_VLM_HOME": str(home),
