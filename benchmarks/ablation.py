@@ -557,7 +557,8 @@ def objectives_markdown(section: dict[str, Any], shaping_rounds: int | None = No
              f"Each row is the default config plus its overrides, {rounds} rounds (the same for every objective"
              f"{versus}), seeds {','.join(map(str, section['seeds']))}. `{EMBEDDED}`: the "
              f"embedded default task; `{UNSEEN}`: `{section['unseen_dataset']}` into a temp dir, the embedded model "
-             "with a tokenizer trained on it. NaN/crash: seeds whose update went non-finite (`nan`) or that failed "
+             "with a tokenizer trained on it (the same data for every seed; chance = mean 1/#choices of the eval "
+             "split). NaN/crash: seeds whose update went non-finite (`nan`) or that failed "
              "(`crash`); they are left out of the means.", "", *objectives_overview(section), ""]
     for dataset, part in section["datasets"].items():
         lines += [f"### {dataset} (chance {part['chance']:.3f}): last round", "",
@@ -597,7 +598,8 @@ def objectives_overview(section: dict[str, Any]) -> list[str]:
                 cells += ["—", "—"]
             else:
                 first, last = s["eval_accuracy_first"], s["eval_accuracy_last"]
-                cells += [f"{first[0]:.3f} → {last[0]:.3f} ± {last[1]:.3f} ({s['seeds_ok']} seeds)",
+                seeds = ",".join(str(r["seed"]) for r in part["runs"][name] if is_ok(r))
+                cells += [f"{first[0]:.3f} → {last[0]:.3f} ± {last[1]:.3f} (seeds {seeds})",
                           _cell(s["abs_log_mdi_all_last"])]
             failed += [f"{d} {item}" for item in part["failures"].get(name, [])]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(failed) or 'none'} |")
@@ -671,7 +673,7 @@ def collect(jobs: Sequence[Job], results: dict[str, dict[str, Any]]) -> dict[str
 def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int], rounds: int,
         objective_rounds: int, datasets: Sequence[str] = DATASETS, out_dir: Path = OUT_DIR,
         default_row: str | None = None, parallel: int = DEFAULT_JOBS, command: str = "make ablation",
-        cached_only: bool = False, note: str | None = None) -> dict[str, Any]:
+        cached_only: bool = False, note: str | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     fingerprint = source_fingerprint()
     shaping_jobs = plan_jobs(shaping, [], [], seeds, rounds, objective_rounds, fingerprint)
@@ -681,7 +683,7 @@ def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int],
         if objectives and UNSEEN in datasets and not cached_only:
             paths[UNSEEN] = str(Path(tmp) / UNSEEN)
             subprocess.run([sys.executable, str(UNSEEN_SCRIPT), paths[UNSEEN], *UNSEEN_ARGS], check=True)
-        results = run_jobs([*shaping_jobs, *objective_jobs], out_dir / CACHE_DIR_NAME, paths, parallel,
+        results = run_jobs([*shaping_jobs, *objective_jobs], cache_dir or out_dir / CACHE_DIR_NAME, paths, parallel,
                            cached_only=cached_only, fingerprint=fingerprint)
     shaping_runs = collect(shaping_jobs, results).get(EMBEDDED, {})
     objective_runs = collect(objective_jobs, results)
@@ -709,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--default-row", help="the row compared with off (default: the default mdi_shaping)")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: write the tables from the runs already cached in --out-dir")
+    parser.add_argument("--cache-dir", type=Path, help=f"the run cache (default: <out-dir>/{CACHE_DIR_NAME})")
     parser.add_argument("--note", help="a sentence printed under the tables' header (what ran, what did not)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -730,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(shaping, objectives, args.seeds, args.rounds, args.objective_rounds, args.datasets, args.out_dir,
-                 args.default_row, args.jobs, command.strip(), args.cached_only, args.note)
+                 args.default_row, args.jobs, command.strip(), args.cached_only, args.note, args.cache_dir)
     print(markdown(result))
 
 
