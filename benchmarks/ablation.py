@@ -588,7 +588,8 @@ def objectives_overview(section: dict[str, Any]) -> list[str]:
         f"{d} (chance {section['datasets'][d]['chance']:.2f}): eval ckpt-0 → ckpt-{rounds} | {d}: \\|ln MDI\\| all"
         for d in datasets) + " | NaN/crash |"
     lines = [head, "|---|" + "---:|---:|" * len(datasets) + "---|"]
-    names = list(dict.fromkeys(n for d in datasets for n in section["datasets"][d]["summary"]))
+    found = {n for d in datasets for n in section["datasets"][d]["summary"]}
+    names = [r.name for r in objective_rows() if r.name in found] + sorted(found - {r.name for r in objective_rows()})
     for name in names:
         cells, failed = [], []
         for d in datasets:
