@@ -1,4 +1,5 @@
-"""The Dagster pipeline end to end: 2 small rounds into a temporary data root (real instance, real MLflow)."""
+"""The Dagster pipeline end to end: 2 small rounds into a temporary data root (real instance, real MLflow), and 3
+tiny ones for the model URI of ckpt-0003."""
 
 from __future__ import annotations
 
