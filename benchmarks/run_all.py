@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, common, round_vs_trl, shared_prefix
+from benchmarks import attention, common, launch_overhead, round_vs_trl, shared_prefix
 from dapo_ops.store import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "shared_prefix": ("benchmarks.shared_prefix", shared_prefix.markdown,
                       "Realistic VLM shapes: each prompt computed once (shared prefix) vs once per rollout, "
                       "and a round vs TRL"),
+    "launch_overhead": ("benchmarks.launch_overhead", launch_overhead.markdown,
+                        "What a process costs: 2-process accelerate launch overhead vs the phase's work"),
 }
 
 # summary key -> (goal, comparison, what it means)
@@ -58,6 +60,9 @@ SECONDARY: dict[str, str] = {
     "pipeline_round_time_ratio_vs_trl_best": "fastest pipeline round / fastest TRL round",
     "shared_prefix_teacher_forced_speedup": "unshared / shared teacher-forced pass time, realistic shape",
     "shared_prefix_teacher_forced_memory_ratio": "extra peak memory of the shared / unshared teacher-forced pass",
+    "launch_overhead_s": "2-process rollouts launch: wall minus the phase's work (start, imports, model load), s",
+    "phase_work_s": "the rollouts phase's work in one process at the embedded size, s",
+    "launch_crossover_model_scale": "model size (x embedded) above which 2 CPU processes beat one for rollouts",
 }
 
 

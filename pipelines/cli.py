@@ -392,7 +392,8 @@ def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
             echo(f"marked Dagster run {run.run_id[:8]} of an interrupted `make run` as failed")
 
 
-def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None) -> None:
+def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, root: Path | None = None,
+              num_processes: int | None = None) -> None:
     import dagster as dg
 
     from dapo_ops import retention
@@ -409,6 +410,8 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     retention.require_weights(store, checkpoint)  # a pruned checkpoint: say so before Dagster starts
     if mdi_tolerance is not None:
         values["mdi_tolerance"] = mdi_tolerance
+    if num_processes is not None:  # the teacher-forced pass on this many ranks (default: the run's own)
+        values["num_processes"] = num_processes
     config = TrainingConfig(**values, reanalysis=True)
     instance = dg.DagsterInstance.get()
     materialize(REANALYSIS_JOB, config, partition_key=checkpoint, instance=instance,
@@ -463,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     re.add_argument("--checkpoint", required=True)
     re.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig().run_name)
     re.add_argument("--mdi-tolerance", type=float, default=None)
+    re.add_argument("--num-processes", type=int, default=None, help="default: the run's num_processes")
     sync = sub.add_parser("sync-mlflow", help="send journaled rounds to MLflow")
     sync.add_argument("--run-name", default=None)
     ui = sub.add_parser("mlflow-ui", help="start the MLflow UI on the data root's store")
@@ -510,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         from dapo_ops.retention import PrunedCheckpointError
 
         try:
-            reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance)
+            reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance,
+                      num_processes=args.num_processes)
         except PrunedCheckpointError as error:
             print(error, file=sys.stderr)
             return 2
