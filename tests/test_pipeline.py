@@ -218,7 +218,7 @@ def three_rounds(tmp_path_factory: pytest.TempPathFactory):
     return TrainedRun(root=root, run_name=config.run_name, rounds=3, tracking_uri=uri)
 
 
-def test_ckpt_0003_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_directory(three_rounds):
+def test_ckpt_0003_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_directory(three_rounds, monkeypatch):
     import mlflow
     import polars as pl
 
@@ -227,7 +227,7 @@ def test_ckpt_0003_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_direc
     from dapo_ops.engines import make_engine
     from dapo_ops.store import RunStore
     from dapo_ops.training import encode_rows
-    from tests.conftest import TINY_RUN
+    from tests.conftest import TINY_RUN, use_global_mlflow_uri
 
     client, run = _mlflow_run(three_rounds)
     model = next(m for m in _logged_models(client, run) if m.name == "ckpt-0003")
@@ -237,12 +237,8 @@ def test_ckpt_0003_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_direc
     direct = make_engine(DapoConfig(**TINY_RUN), policy).generate(
         encode_rows(policy, rows), num_generations=1, max_completion_length=TINY_RUN["max_completion_length"],
         temperature=0.0, top_p=1.0, seed=0).completions
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(three_rounds.tracking_uri)
-    try:
-        loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    use_global_mlflow_uri(monkeypatch, three_rounds.tracking_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     assert loaded.predict(rows.to_pandas()) == list(direct)
     # No second copy of the weights: the MLflow model is the wrapper, the checkpoint folder holds them.
     artifacts = Path(model.artifact_location.removeprefix("file://"))
