@@ -58,7 +58,7 @@ mlflow-ui: install
 
 reanalyze: install
 	@test -n "$(CHECKPOINT)" || { echo "usage: make reanalyze CHECKPOINT=ckpt-NNNN [RUN_NAME=...] [MDI_TOLERANCE=...]"; exit 2; }
-	$(BIN)/python -m pipelines.cli reanalyze --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MDI_TOLERANCE),--mdi-tolerance $(MDI_TOLERANCE))
+	$(BIN)/python -m pipelines.cli reanalyze --checkpoint $(CHECKPOINT) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MDI_TOLERANCE),--mdi-tolerance $(MDI_TOLERANCE)) $(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
 # A checkpoint as a standalone model directory (MERGE=1: a LoRA adapter merged into the base weights).
 export: install

@@ -106,6 +106,11 @@ def trl_processor(policy) -> tuple[Any, str]:
     kwargs = {"image_processor": policy.image_processor, "tokenizer": policy.tokenizer,
               "chat_template": policy.tokenizer.chat_template}
     try:
+        if policy.path is None:  # an in-memory policy: the family's default video processor, no hub look-up
+            from transformers import Qwen2VLVideoProcessor
+
+            return Qwen2_5_VLProcessor(video_processor=Qwen2VLVideoProcessor(), **kwargs), \
+                "Qwen2_5_VLProcessor (default video processor)"
         from transformers import AutoVideoProcessor
 
         return Qwen2_5_VLProcessor(video_processor=AutoVideoProcessor.from_pretrained(policy.path), **kwargs), \
@@ -160,9 +165,9 @@ def same_prompt_tokens(policy, processor, dataset) -> bool:
 # ---------------------------------------------------------------------------------------------- sides
 
 
-# Process CPU time per round, next to wall time: about 2x wall (2 threads) when the machine was idle, less when
+# Process CPU time per round, next to wall time: about wall x threads when the machine was idle, less when
 # other work took the cores.
-CPU_SECONDS = "process CPU seconds (both threads)"
+CPU_SECONDS = "process CPU seconds (all threads)"
 
 
 class Clock:
@@ -198,7 +203,8 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     t, last = clock.now(), t
     phases["generation"] = t - last
     # The attention phase's pure core (training.compute_attention without the files).
-    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature)
+    outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
+                                  shared_prefix=config.shared_prefix)
     attention = training.attention_table(outputs, batch, tolerance=config.mdi_tolerance)
     t, last = clock.now(), t
     phases["teacher-forced pass + attention"] = t - last
@@ -216,6 +222,46 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     phases[CPU_SECONDS] = time.process_time() - cpu_start
     phases["generated tokens"] = float(batch.completion_mask.sum())
     return phases, result.global_step
+
+
+class RoundInterleaver:
+    """TRL's rounds as the clock of an interleaved comparison: at the end of each TRL round (the
+    `steps_per_round` optimizer steps of one generation batch) record it from TRL's own profile, wall and
+    process CPU time, then run `others(r)` (the other sides' round r), then restart TRL's clock, so that no
+    side's time includes another's. `callback()` is the `TrainerCallback` to hand to `GRPOTrainer`."""
+
+    def __init__(self, clock: Clock, profile: TrlProfile, steps_per_round: int, generated_tokens: int,
+                 others: Callable[[int], None]) -> None:
+        self.clock, self.profile, self.steps_per_round = clock, profile, steps_per_round
+        self.generated_tokens, self.others = generated_tokens, others
+        self.trl: list[dict[str, float]] = []
+        self._wall_start = self._cpu_start = 0.0
+
+    def restart(self) -> None:
+        self.profile.take()
+        self._cpu_start, self._wall_start = time.process_time(), self.clock.now()
+
+    def round_end(self, global_step: int) -> None:
+        if global_step % self.steps_per_round:
+            return
+        wall, cpu = self.clock.now() - self._wall_start, time.process_time() - self._cpu_start
+        self.trl.append(trl_phases(wall, cpu, self.profile.take(), self.generated_tokens))
+        self.others(global_step // self.steps_per_round - 1)
+        self.restart()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        interleaver = self
+
+        class Interleave(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                interleaver.restart()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                interleaver.round_end(state.global_step)
+
+        return Interleave()
 
 
 class PipelineTimer:
@@ -379,7 +425,6 @@ def trl_phases(wall: float, cpu: float, profile: dict[str, float], tokens: int) 
 
 def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
 
     from dapo_ops import models, training
@@ -434,47 +479,31 @@ def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
         profile = TrlProfile()
         undo.append(profile.install())
 
-        results: dict[str, list[dict[str, float]]] = {"trl": [], "library": [], "pipeline": []}
-        state = {"global_step": 0, "round_start": 0.0, "cpu_start": 0.0}
-        steps_per_round = shape.steps_per_generation * shape.num_iterations
+        results: dict[str, list[dict[str, float]]] = {"library": [], "pipeline": []}
+        state = {"global_step": 0}
 
-        class Interleave(TrainerCallback):
-            """At the end of each TRL round: record it, then run the library round and the pipeline round."""
+        def other_sides(r: int) -> None:
+            """After TRL's round r: the library round r, then the pipeline round r."""
+            phases, state["global_step"] = library_round(
+                library_policy, library_optimizer, rows_per_round[r], config, r, state["global_step"], clock)
+            results["library"].append(phases)
+            if r >= 1:  # pipeline round 0 ran during setup
+                cpu_start, wall_start = time.process_time(), clock.now()
+                run_training(config, rounds=r + 1, root=root, echo=lambda _: None)
+                total = clock.now() - wall_start
+                phases = pipeline_phases(store, checkpoint_key(r), timer.last["seconds"], timer.step_seconds())
+                phases["run_training call (incl. lock, instance, partitions)"] = total
+                phases[CPU_SECONDS] = time.process_time() - cpu_start
+                results["pipeline"].append(phases)
+            log(f"  round {r}: TRL {interleaver.trl[-1]['total']:.2f}s, library "
+                f"{results['library'][-1]['total']:.2f}s"
+                + (f", pipeline {results['pipeline'][-1]['total']:.2f}s" if r >= 1 else " (warm-up)"))
 
-            def on_train_begin(self, args, trainer_state, control, **kwargs):
-                profile.take()
-                state["cpu_start"] = time.process_time()
-                state["round_start"] = clock.now()
-
-            def on_step_end(self, args, trainer_state, control, **kwargs):
-                if trainer_state.global_step % steps_per_round:
-                    return
-                wall = clock.now() - state["round_start"]
-                cpu = time.process_time() - state["cpu_start"]
-                r = trainer_state.global_step // steps_per_round - 1
-                results["trl"].append(trl_phases(wall, cpu, profile.take(),
-                                                 shape.rollouts * shape.max_completion_length))
-                phases, state["global_step"] = library_round(
-                    library_policy, library_optimizer, rows_per_round[r], config, r, state["global_step"], clock)
-                results["library"].append(phases)
-                if r >= 1:  # pipeline round 0 ran during setup
-                    cpu_start, wall_start = time.process_time(), clock.now()
-                    run_training(config, rounds=r + 1, root=root, echo=lambda _: None)
-                    total = clock.now() - wall_start
-                    phases = pipeline_phases(store, checkpoint_key(r), timer.last["seconds"], timer.step_seconds())
-                    phases["run_training call (incl. lock, instance, partitions)"] = total
-                    phases[CPU_SECONDS] = time.process_time() - cpu_start
-                    results["pipeline"].append(phases)
-                log(f"  round {r}: TRL {results['trl'][-1]['total']:.2f}s, library "
-                    f"{results['library'][-1]['total']:.2f}s"
-                    + (f", pipeline {results['pipeline'][-1]['total']:.2f}s" if r >= 1 else " (warm-up)"))
-                profile.take()
-                state["cpu_start"] = time.process_time()
-                state["round_start"] = clock.now()
-
+        interleaver = RoundInterleaver(clock, profile, shape.steps_per_generation * shape.num_iterations,
+                                       shape.rollouts * shape.max_completion_length, other_sides)
         trl_model = copy.deepcopy(base.model)
         trainer = make_trl_trainer(trl_model, processor, dataset, shape, config, device, str(root / "trl"),
-                                   Interleave(), base.suppressed_token_ids)
+                                   interleaver.callback(), base.suppressed_token_ids)
         log(f"  round: {shape.measured_rounds} measured rounds (+1 warm-up) of {shape.prompts_per_round} prompts x "
             f"{shape.num_generations} completions of {shape.max_completion_length} tokens, "
             f"mu={shape.num_iterations}, {shape.steps_per_generation} steps per generation")
@@ -490,7 +519,7 @@ def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
         workdir.cleanup()
 
     # Round 0 is the warm-up for TRL and the library; the pipeline list starts at round 1.
-    measured = {"trl": results["trl"][1:], "library": results["library"][1:], "pipeline": results["pipeline"]}
+    measured = {"trl": interleaver.trl[1:], "library": results["library"][1:], "pipeline": results["pipeline"]}
     medians = {side: _median_phases(rows) for side, rows in measured.items()}
     pairs_library = [lib["total"] / trl["total"] for lib, trl in zip(measured["library"], measured["trl"], strict=True)]
     pairs_pipeline = [p["total"] / trl["total"] for p, trl in zip(measured["pipeline"], measured["trl"], strict=True)]

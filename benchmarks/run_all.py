@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, common, round_vs_trl, shared_prefix
+from benchmarks import attention, common, launch_overhead, memory_plan, round_vs_trl, shared_prefix
 from dapo_ops.store import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +33,10 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "shared_prefix": ("benchmarks.shared_prefix", shared_prefix.markdown,
                       "Realistic VLM shapes: each prompt computed once (shared prefix) vs once per rollout, "
                       "and a round vs TRL"),
+    "launch_overhead": ("benchmarks.launch_overhead", launch_overhead.markdown,
+                        "What a process costs: 2-process accelerate launch overhead vs the phase's work"),
+    "memory_plan": ("benchmarks.memory_plan", memory_plan.markdown,
+                    "The memory plan (`make plan`) against measured peak memory"),
 }
 
 # summary key -> (goal, comparison, what it means)
@@ -45,6 +49,8 @@ GOALS: dict[str, tuple[float, str]] = {
     "shared_prefix_update_memory_ratio": (0.5, "extra peak memory of the shared update / unshared, realistic shape"),
     "round_time_ratio_vs_trl_realistic": (0.5, "dapo-vlm round (with attention metrics) / TRL round, realistic shape"),
     "shared_prefix_max_logp_diff": (1e-5, "max |log-prob| difference shared vs unshared, realistic shape"),
+    "memory_plan_error_embedded": (memory_plan.GOAL, "worst |plan − measured| / measured peak of a phase, embedded"),
+    "memory_plan_error_realistic": (memory_plan.GOAL, "the same, a Qwen2.5-VL-shaped model with 256 image tokens"),
 }
 # Goals met from above (value >= goal); every other goal is met from below (value <= goal).
 AT_LEAST: frozenset[str] = frozenset({"shared_prefix_update_speedup"})
@@ -58,6 +64,12 @@ SECONDARY: dict[str, str] = {
     "pipeline_round_time_ratio_vs_trl_best": "fastest pipeline round / fastest TRL round",
     "shared_prefix_teacher_forced_speedup": "unshared / shared teacher-forced pass time, realistic shape",
     "shared_prefix_teacher_forced_memory_ratio": "extra peak memory of the shared / unshared teacher-forced pass",
+    "shared_prefix_update_speedup_cpu": "unshared / shared update step process CPU time, realistic shape",
+    "shared_prefix_teacher_forced_speedup_cpu": "unshared / shared teacher-forced pass process CPU time",
+    "round_cpu_time_ratio_vs_trl_realistic": "dapo-vlm / TRL round process CPU time, realistic shape",
+    "launch_overhead_s": "2-process rollouts launch: wall minus the phase's work (start, imports, model load), s",
+    "phase_work_s": "the rollouts phase's work in one process at the embedded size, s",
+    "launch_crossover_model_scale": "model size (x embedded) above which 2 CPU processes beat one for rollouts",
 }
 
 
@@ -131,6 +143,15 @@ def write_results(results: dict[str, dict[str, Any]], machine: dict[str, Any], o
     return text
 
 
+def _previous_results(out_dir: Path, *, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The results of the benchmarks not in `exclude` from an earlier results.json (none if it is absent)."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return {}
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {name: document[name] for name in BENCHMARKS if name in document and name not in exclude}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
+    if args.only:  # the other benchmarks keep their last results
+        results.update(_previous_results(Path(args.out_dir), exclude=args.only))
     for name in args.only or list(BENCHMARKS):
         module = BENCHMARKS[name][0]
         print(f"== {name} ({module})", file=sys.stderr, flush=True)

@@ -8,14 +8,15 @@ completions of 48 tokens each (EOS suppressed, so every side does the same work)
 Measured in one run, through the library's own code:
 - the teacher-forced pass (old log-probs, entropy, attention masses) and one update step (forward +
   backward + AdamW over the whole batch in one micro-batch), each with `shared_prefix` on and off:
-  interleaved repeats after a warm-up, medians; the speedup is the median of per-pair ratios; peak memory
-  of each case once in a fresh process (as `benchmarks.attention` measures it);
+  interleaved repeats after a warm-up, wall and process CPU time, medians; the speedup is the median of
+  per-pair ratios; peak memory of each case once in a fresh process (as `benchmarks.attention` measures it);
 - max |log-prob difference| shared vs unshared over the completion tokens;
 - a whole round, dapo-vlm (generation, teacher-forced pass + attention metrics, 3 rewards, update) vs TRL's
   `GRPOTrainer` (generation, old log-probs, 2 rewards, update), same model, images, prompts and rewards,
   interleaved rounds after a warm-up (the machinery of `benchmarks.round_vs_trl`).
+Every process of this benchmark runs one intra-op thread (`THREADS`, see there why).
 
-    python -m benchmarks.shared_prefix [--device auto] [--repeats 3] [--rounds 2] [--quick] [--json-out F]
+    python -m benchmarks.shared_prefix [--device auto] [--repeats 3] [--rounds 3] [--quick] [--json-out F]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import copy
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -65,6 +67,13 @@ QUICK = Shape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, interme
               vision_intermediate_size=64, image_side=56, question_words=4, prompts=2, num_generations=2,
               completion_length=4)
 CASES = ("tfp-shared", "tfp-unshared", "update-shared", "update-unshared")
+# One intra-op thread for every case and side of this benchmark. On 2 cores that other work shares, a 2-thread
+# process waits at every op's parallel region until both its threads hold a core: each op then costs a
+# scheduler time slice, whatever its size, so a case's time follows its op count rather than its work (small
+# element-wise ops measured at ~40 ms), which hides the shared path's 4x fewer tokens behind its twice as many
+# (smaller) ops. With one thread a busy machine slows every op by about the same factor, and process CPU time
+# (recorded beside wall time) is the work itself.
+THREADS = 1
 
 _TEXT = ("red green blue small large round square left right top bottom near far under over behind front "
          "color shape object animal person table chair window door tree sky road car boat bird dog cat "
@@ -181,17 +190,22 @@ def time_cases(policy, batch, shape: Shape, device: str, repeats: int) -> dict[s
     for fn in functions.values():  # warm-up: lazy init, allocator, the optimizer's state
         fn()
     seconds: dict[str, list[float]] = {case: [] for case in CASES}
+    cpu_seconds: dict[str, list[float]] = {case: [] for case in CASES}
     for r in range(repeats):
         order = list(CASES) if r % 2 == 0 else list(reversed(CASES))
         for case in order:
+            cpu_start = time.process_time()
             seconds[case].append(common.time_call(functions[case], device))
+            cpu_seconds[case].append(time.process_time() - cpu_start)
 
-    def speedup(kind: str) -> float:
-        return common.median(u / s for s, u in zip(seconds[f"{kind}-shared"], seconds[f"{kind}-unshared"],
-                                                   strict=True))
+    def speedup(kind: str, times: dict[str, list[float]]) -> float:
+        return common.median(u / s for s, u in zip(times[f"{kind}-shared"], times[f"{kind}-unshared"], strict=True))
 
-    return {"seconds": seconds, "median_seconds": {c: common.median(v) for c, v in seconds.items()},
-            "update_speedup": speedup("update"), "tfp_speedup": speedup("tfp")}
+    return {"wall_seconds": seconds, "cpu_seconds": cpu_seconds,
+            "median_seconds": {c: common.median(v) for c, v in seconds.items()},
+            "median_cpu_seconds": {c: common.median(v) for c, v in cpu_seconds.items()},
+            "update_speedup": speedup("update", seconds), "tfp_speedup": speedup("tfp", seconds),
+            "update_cpu_speedup": speedup("update", cpu_seconds), "tfp_cpu_speedup": speedup("tfp", cpu_seconds)}
 
 
 def max_logp_diff(policy, batch) -> dict[str, float]:
@@ -210,7 +224,7 @@ def max_logp_diff(policy, batch) -> dict[str, float]:
 
 def memory_case(case: str, shape: Shape, device: str) -> dict[str, Any]:
     """Extra peak memory of one case in THIS (fresh) process, after model load and a small warm-up."""
-    common.set_threads()
+    common.set_threads(THREADS)
     policy = build_policy(shape, device)
     warm = fixed_rollouts(policy, shape, prompts=1, generations=2, completion_length=4).to(device)
     case_function(case, policy, warm, shape, device)()  # thread pools, kernels, AdamW state
@@ -226,7 +240,8 @@ def measure_memory(device: str, quick: bool) -> dict[str, int]:
     memory: dict[str, int] = {}
     for case in CASES:
         args = ["--memory-case", case, "--device", device, *(["--quick"] if quick else [])]
-        memory[case] = int(common.run_json_subprocess("benchmarks.shared_prefix", args, timeout=1200)["extra_bytes"])
+        result = common.run_json_subprocess("benchmarks.shared_prefix", args, timeout=1200, threads=THREADS)
+        memory[case] = int(result["extra_bytes"])
     return memory
 
 
@@ -234,9 +249,8 @@ def measure_memory(device: str, quick: bool) -> dict[str, int]:
 
 
 def realistic_round(shape: Shape, device: str, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Interleaved rounds: TRL's GRPOTrainer, then the dapo-vlm library round, on copies of one policy."""
-    from transformers import TrainerCallback
-
+    """Interleaved rounds: TRL's GRPOTrainer, then the dapo-vlm library round, on copies of one policy
+    (`round_vs_trl`'s round driver, without the pipeline side)."""
     from dapo_ops.config import DapoConfig
     from dapo_ops.update import make_optimizer
 
@@ -261,40 +275,31 @@ def realistic_round(shape: Shape, device: str, rounds: int, log: Callable[[str],
         prompts_match = round_vs_trl.same_prompt_tokens(base, processor, dataset)
         profile = round_vs_trl.TrlProfile()
         undo.append(profile.install())
-        results: dict[str, list[dict[str, float]]] = {"trl": [], "library": []}
-        state = {"global_step": 0, "round_start": 0.0, "cpu_start": 0.0}
-        steps_per_round = round_shape.steps_per_generation * round_shape.num_iterations
+        library_rounds: list[dict[str, float]] = []
+        state = {"global_step": 0}
 
-        class Interleave(TrainerCallback):
-            def on_train_begin(self, args, trainer_state, control, **kwargs):
-                profile.take()
-                state["cpu_start"], state["round_start"] = time.process_time(), clock.now()
+        def library_side(r: int) -> None:
+            phases, state["global_step"] = round_vs_trl.library_round(
+                library, optimizer, rows_per_round[r], config, r, state["global_step"], clock)
+            library_rounds.append(phases)
+            log(f"  realistic round {r}: TRL {interleaver.trl[-1]['total']:.1f}s, library {phases['total']:.1f}s"
+                + (" (warm-up)" if r == 0 else ""))
 
-            def on_step_end(self, args, trainer_state, control, **kwargs):
-                if trainer_state.global_step % steps_per_round:
-                    return
-                wall, cpu = clock.now() - state["round_start"], time.process_time() - state["cpu_start"]
-                r = trainer_state.global_step // steps_per_round - 1
-                results["trl"].append(round_vs_trl.trl_phases(wall, cpu, profile.take(),
-                                                              shape.rollouts * shape.completion_length))
-                phases, state["global_step"] = round_vs_trl.library_round(
-                    library, optimizer, rows_per_round[r], config, r, state["global_step"], clock)
-                results["library"].append(phases)
-                log(f"  realistic round {r}: TRL {results['trl'][-1]['total']:.1f}s, library "
-                    f"{phases['total']:.1f}s" + (" (warm-up)" if r == 0 else ""))
-                profile.take()
-                state["cpu_start"], state["round_start"] = time.process_time(), clock.now()
-
+        interleaver = round_vs_trl.RoundInterleaver(
+            clock, profile, round_shape.steps_per_generation * round_shape.num_iterations,
+            shape.rollouts * shape.completion_length, library_side)
         trainer = round_vs_trl.make_trl_trainer(
-            copy.deepcopy(base.model), processor, dataset, round_shape, config, device, workdir.name, Interleave(),
-            base.suppressed_token_ids)
+            copy.deepcopy(base.model), processor, dataset, round_shape, config, device, workdir.name,
+            interleaver.callback(), base.suppressed_token_ids)
         trainer.train()
     finally:
         for fn in reversed(undo):
             fn()
         workdir.cleanup()
-    measured = {side: rows[1:] for side, rows in results.items()}
+    measured = {"trl": interleaver.trl[1:], "library": library_rounds[1:]}  # round 0: the warm-up
     pairs = [lib["total"] / trl["total"] for lib, trl in zip(measured["library"], measured["trl"], strict=True)]
+    cpu_pairs = [lib[round_vs_trl.CPU_SECONDS] / trl[round_vs_trl.CPU_SECONDS]
+                 for lib, trl in zip(measured["library"], measured["trl"], strict=True)]
     return {
         "shape": asdict(round_shape),
         "trl_input": f"VLM with images; processor: {processor_note}",
@@ -302,6 +307,7 @@ def realistic_round(shape: Shape, device: str, rounds: int, log: Callable[[str],
         "rounds": measured,
         "medians": {side: round_vs_trl._median_phases(rows) for side, rows in measured.items()},
         "round_time_ratio": common.median(pairs),
+        "round_cpu_time_ratio": common.median(cpu_pairs),
     }
 
 
@@ -313,12 +319,13 @@ def run(*, device: str = "auto", quick: bool = False, repeats: int | None = None
     from transformers.utils import logging as hf_logging
 
     device = common.resolve_device(device)
-    common.set_threads()
+    common.set_threads(THREADS)
     hf_logging.set_verbosity_error()
     shape = QUICK if quick else REALISTIC
-    repeats = repeats or (1 if quick else 3)
-    rounds = rounds or (1 if quick else 2)
+    repeats = repeats or (1 if quick else 3)  # CPU times of one case vary by ~5% between repeats
+    rounds = rounds or (1 if quick else 3)
     started = time.perf_counter()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     policy = build_policy(shape, device)
     batch = fixed_rollouts(policy, shape).to(device)
     tokens = {
@@ -334,8 +341,9 @@ def run(*, device: str = "auto", quick: bool = False, repeats: int | None = None
     timing = time_cases(policy, batch, shape, device, repeats)
     m = timing["median_seconds"]
     log(f"  update: shared {m['update-shared']:.2f}s, unshared {m['update-unshared']:.2f}s "
-        f"({timing['update_speedup']:.2f}x); teacher-forced pass: shared {m['tfp-shared']:.2f}s, unshared "
-        f"{m['tfp-unshared']:.2f}s ({timing['tfp_speedup']:.2f}x); max |logp diff| {diffs['logp']:.1e}")
+        f"({timing['update_speedup']:.2f}x, CPU time {timing['update_cpu_speedup']:.2f}x); teacher-forced pass: "
+        f"shared {m['tfp-shared']:.2f}s, unshared {m['tfp-unshared']:.2f}s ({timing['tfp_speedup']:.2f}x, CPU time "
+        f"{timing['tfp_cpu_speedup']:.2f}x); max |logp diff| {diffs['logp']:.1e}")
     del policy, batch
     peaks = measure_memory(device, quick) if memory else {}
     if peaks:
@@ -353,6 +361,9 @@ def run(*, device: str = "auto", quick: bool = False, repeats: int | None = None
         "shared_prefix_max_logp_diff": diffs["logp"],
         "shared_prefix_teacher_forced_speedup": timing["tfp_speedup"],
         "shared_prefix_teacher_forced_memory_ratio": ratio("tfp") if peaks else float("nan"),
+        "shared_prefix_update_speedup_cpu": timing["update_cpu_speedup"],
+        "shared_prefix_teacher_forced_speedup_cpu": timing["tfp_cpu_speedup"],
+        "round_cpu_time_ratio_vs_trl_realistic": round_result["round_cpu_time_ratio"],
     }
     return {
         "name": "shared_prefix",
@@ -361,6 +372,8 @@ def run(*, device: str = "auto", quick: bool = False, repeats: int | None = None
         "shape": asdict(shape),
         "tokens": tokens,
         "repeats": repeats,
+        "threads": THREADS,
+        "load_average": {"start": load_start, "end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "max_abs_diff": diffs,
         **timing,
         "extra_peak_bytes": peaks,
@@ -374,14 +387,35 @@ def run(*, device: str = "auto", quick: bool = False, repeats: int | None = None
     }
 
 
+def _load(values: Sequence[float] | None) -> str:
+    return "n/a" if not values else " / ".join(f"{v:.1f}" for v in values)
+
+
+def time_shares(phases: dict[str, float]) -> str:
+    """The phases of one side's median round, largest first, as shares of its total."""
+    total = phases.get("total", float("nan"))
+    parts = sorted(((v, n) for n, v in phases.items() if n not in _NOT_PHASES and v == v), reverse=True)
+    return ", ".join(f"{name} {value / total:.0%}" for value, name in parts if value / total >= 0.01)
+
+
+_NOT_PHASES = frozenset({"total", "generated tokens", round_vs_trl.CPU_SECONDS})
+
+
 def markdown(result: dict[str, Any]) -> str:
     tokens, shape, summary = result["tokens"], result["shape"], result["summary"]
     m, peaks = result["median_seconds"], result.get("extra_peak_bytes", {})
+    cpu = result.get("median_cpu_seconds", {})
+    load = result.get("load_average", {})
     head = (f"Model: {result['model']}, random weights; {shape['prompts']} prompts of {tokens['prompt_tokens']} "
             f"tokens ({tokens['image_tokens']} image tokens, {tokens['text_tokens']} text keys) x "
             f"{shape['num_generations']} completions of {tokens['completion_tokens']} tokens; device "
-            f"{result['device']}. Times: medians of {result['repeats']} interleaved repeats after a warm-up (the "
-            f"speedup is the median of per-pair ratios); memory: extra peak over the process after model load "
+            f"{result['device']}, {result.get('threads', 'n/a')} intra-op thread(s) in every process (on 2 cores "
+            f"shared with other work, 2 threads wait for each other at every op, so times follow op counts rather "
+            f"than work: `THREADS` in `benchmarks/shared_prefix.py`); load average (1 / 5 / 15 min) at the start of this "
+            f"benchmark {_load(load.get('start'))}, at its end {_load(load.get('end'))}; the whole benchmark took "
+            f"{result.get('seconds', float('nan')) / 60:.1f} min. Times: medians of "
+            f"{result['repeats']} interleaved repeats after a warm-up, wall clock and process CPU time (the "
+            f"speedups are medians of per-pair ratios); memory: extra peak over the process after model load "
             f"({result['memory_method']}). Shared vs unshared: max |diff| log-probs "
             f"{result['max_abs_diff']['logp']:.1e}, entropy {result['max_abs_diff']['entropy']:.1e}, attention "
             f"masses {result['max_abs_diff']['mass']:.1e}.")
@@ -390,20 +424,27 @@ def markdown(result: dict[str, Any]) -> str:
                         ("update", "update step (forward + backward + AdamW)")):
         shared, unshared = peaks.get(f"{kind}-shared", float("nan")), peaks.get(f"{kind}-unshared", float("nan"))
         rows.append([title, m[f"{kind}-unshared"], m[f"{kind}-shared"], f"{result[f'{kind}_speedup']:.2f}x",
+                     cpu.get(f"{kind}-unshared", float("nan")), cpu.get(f"{kind}-shared", float("nan")),
+                     f"{result.get(f'{kind}_cpu_speedup', float('nan')):.2f}x",
                      common.mib(unshared), common.mib(shared),
                      f"{shared / unshared:.2f}" if unshared == unshared and unshared > 0 else "n/a"])
-    table = common.markdown_table(["phase", "unshared s", "shared s", "speedup", "unshared MiB", "shared MiB",
-                                   "memory shared / unshared"], rows)
+    table = common.markdown_table(["phase", "unshared s", "shared s", "speedup", "unshared CPU s", "shared CPU s",
+                                   "CPU speedup", "unshared MiB", "shared MiB", "memory shared / unshared"], rows)
+    tokens_unshared = shape["prompts"] * shape["num_generations"]
+    arithmetic = (f"Tokens per update: unshared {tokens_unshared} x ({tokens['prompt_tokens']} + "
+                  f"{tokens['completion_tokens']}), shared {shape['prompts']} x {tokens['prompt_tokens']} + "
+                  f"{tokens_unshared} x {tokens['completion_tokens']}: "
+                  f"{_token_ratio(tokens, shape):.2f}x fewer; the optimizer step and the completion tokens' "
+                  f"logits are the same work on both paths.")
     round_result = result["round"]
     medians = round_result["medians"]
     names: list[str] = []
     for side in ("trl", "library"):
-        names += [n for n in medians[side] if n not in names
-                  and n not in ("total", "generated tokens", round_vs_trl.CPU_SECONDS)]
+        names += [n for n in medians[side] if n not in names and n not in _NOT_PHASES]
     phases = common.markdown_table(
         ["phase (median seconds per round)", "TRL GRPOTrainer", "dapo-vlm library (shared prefix)"],
         [[name, medians["trl"].get(name, float("nan")), medians["library"].get(name, float("nan"))]
-         for name in [*names, "total"]],
+         for name in [*names, "total", round_vs_trl.CPU_SECONDS]],
     )
     rs = round_result["shape"]
     round_head = (f"A whole round on the same model, images, prompts and rewards: TRL (generation, old log-probs, 2 "
@@ -411,9 +452,20 @@ def markdown(result: dict[str, Any]) -> str:
                   f"update), num_iterations={rs['num_iterations']}, steps_per_generation={rs['steps_per_generation']}"
                   f", EOS suppressed; TRL input: {round_result['trl_input']}; identical prompt tokens: "
                   f"{round_result['prompt_tokens_identical']}. Medians of {rs['measured_rounds']} interleaved rounds "
-                  f"after a warm-up: library / TRL = {summary['round_time_ratio_vs_trl_realistic']:.2f}. "
-                  "Where the time goes:")
-    return f"{head}\n\n{table}\n\n{round_head}\n\n{phases}"
+                  f"after a warm-up: library / TRL = {summary['round_time_ratio_vs_trl_realistic']:.2f} (process "
+                  f"CPU time: {round_result.get('round_cpu_time_ratio', float('nan')):.2f}).")
+    shares = (f"Where the time goes (share of the median round's wall time): TRL: {time_shares(medians['trl'])}; "
+              f"dapo-vlm: {time_shares(medians['library'])}. TRL prefills every prompt once per completion (G "
+              f"copies of the image tokens, in generation and again in the old log-probs and in each update "
+              f"step); dapo-vlm prefills each prompt once in generation (KV cache repeated G times) and computes "
+              f"it once in the teacher-forced pass and once per optimizer step (shared prefix).")
+    return f"{head}\n\n{table}\n\n{arithmetic}\n\n{round_head}\n\n{phases}\n\n{shares}"
+
+
+def _token_ratio(tokens: dict[str, int], shape: dict[str, Any]) -> float:
+    n, p = shape["prompts"] * shape["num_generations"], shape["prompts"]
+    tp, tc = tokens["prompt_tokens"], tokens["completion_tokens"]
+    return n * (tp + tc) / (p * tp + n * tc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

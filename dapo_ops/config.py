@@ -87,6 +87,9 @@ class DapoConfig:
     # Compute each prompt once for all its rollouts in the teacher-forced pass and the update (a shared KV
     # cache); False runs one full forward per rollout (the same numbers up to float rounding).
     shared_prefix: bool = True
+    # Rollouts per forward of the no-grad teacher-forced (attention, old log-prob) and reference passes, TRL's
+    # name (its GRPOTrainer scores in chunks of per_device_train_batch_size). None: the whole round at once.
+    local_rollout_forward_batch_size: int | None = None
     # DAPO extras.
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = 3
@@ -175,6 +178,9 @@ class DapoConfig:
             )
         if self.num_iterations < 1:
             problems.append(f"num_iterations={self.num_iterations} must be at least 1")
+        if self.local_rollout_forward_batch_size is not None and self.local_rollout_forward_batch_size < 1:
+            problems.append(f"local_rollout_forward_batch_size={self.local_rollout_forward_batch_size} must be at "
+                            "least 1, or null to score the whole round in one pass")
         if self.max_completion_length < 1:
             problems.append(f"max_completion_length={self.max_completion_length} must be at least 1")
         if not 0 < self.top_p <= 1:
@@ -281,6 +287,13 @@ class DapoConfig:
     def batch_size(self) -> int:
         """Rollouts per round (N = P x G)."""
         return self.prompts_per_round * self.num_generations
+
+    @property
+    def per_device_train_batch_size(self) -> int:
+        """Rollouts per update micro-batch and process (TRL's name): N over the optimizer steps, the gradient
+        accumulation steps and the processes, rounded up."""
+        return -(-self.batch_size // (self.steps_per_generation * self.gradient_accumulation_steps
+                                      * self.num_processes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""The policy update on several processes under `accelerate` (DDP on CPU/GPU, FSDP, DeepSpeed ZeRO-3).
+"""The round's heavy phases on several processes under `accelerate`: rollouts, the teacher-forced pass
+(attention_metrics) and the policy update with its eval (DDP on CPU/GPU, FSDP, DeepSpeed ZeRO-3).
 
 Parent side (no Dagster here; `pipelines.assets.policy_update` runs the command through Dagster Pipes):
 `prepare_launch` writes the round's config and returns the `accelerate launch` command of the child
@@ -6,7 +7,11 @@ entry point `pipelines.pipes_update`, with the same Python interpreter, and the 
 supervisor of `dapo_ops.process_hygiene` (what the parent runs: no orphans, a dead rank named).
 `deployment()` reads `configs/deploy/<name>.yaml`: which Pipes client starts the ranks.
 
-Child side: `run_update_distributed` — every rank loads checkpoint k and its optimizer state and the
+Child side, rollouts and attention (`run_phase_distributed`): every rank loads checkpoint k, takes its
+share of the round's prompt groups (`dapo_ops.shards`), and rank 0 writes the gathered result: the files
+of one process, with `num_processes` in rollouts.json / attention.json.
+
+Child side, update: `run_update_distributed` — every rank loads checkpoint k and its optimizer state and the
 round's rollouts.pt / old_logps.pt / rewards.parquet, then runs `training.run_update` (the same code as
 in process) with an `AcceleratorCollective`: each optimizer step's rollouts (same seeded shuffle on all
 ranks) are split across the ranks, gradients are synchronized by DDP (or sharded by FSDP/ZeRO-3), and
@@ -30,6 +35,7 @@ import torch
 from dapo_ops import faults, fsdp, process_hygiene
 from dapo_ops import store as store_io
 from dapo_ops.config import DapoConfig
+from dapo_ops.shards import SINGLE, DataParallel
 from dapo_ops.store import RunStore
 from dapo_ops.update import LocalCollective
 
@@ -57,6 +63,10 @@ DEPLOYMENT_ENV = "DAPO_VLM_DEPLOYMENT"  # a configs/deploy/<name>.yaml: which Pi
 DEPLOY_DIR = REPO_ROOT / "configs" / "deploy"
 CHILD_MODULE = "pipelines.pipes_update"
 UPDATE_CONFIG_FILE = "update_config.json"
+UPDATE = "update"
+ROLLOUTS = "rollouts"
+ATTENTION = "attention"
+PHASES = (ROLLOUTS, ATTENTION, UPDATE)  # what `pipelines.pipes_update --phase` runs
 NON_FINITE = "non_finite"
 
 
@@ -130,20 +140,38 @@ class UpdateLaunch:
     supervised: list[str] = field(default_factory=list)
 
 
+def phase_config_path(run_store: RunStore, key: str, phase: str = UPDATE) -> Path:
+    """The config the ranks of `phase` read: update_config.json, rollouts_config.json, attention_config.json."""
+    files = run_store.round(key)
+    return files.update_config if phase == UPDATE else files.dir / f"{phase}_config.json"
+
+
+def failure_path(run_store: RunStore, key: str, phase: str = UPDATE) -> Path:
+    """Where the supervisor (or rank 0) accounts for a failed launch of `phase`."""
+    files = run_store.round(key)
+    return files.update_failure if phase == UPDATE else files.dir / f"{phase}_failure.json"
+
+
 def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, accelerate_config: str | None = None,
-                   python: str | None = None) -> UpdateLaunch:
-    """Write ``rounds/<key>/update_config.json`` and build the `accelerate launch` command of the update.
+                   python: str | None = None, phase: str = UPDATE, reanalysis: bool = False) -> UpdateLaunch:
+    """Write ``rounds/<key>/<phase>_config.json`` and build the `accelerate launch` command of `phase`
+    (`PHASES`; `reanalysis`: the attention pass keeps the round's old log-probs).
 
     The child runs with this interpreter (`sys.executable`: the project's .venv). On CPU every process
     gets `cpu_count / num_processes` threads (at least one) unless OMP_NUM_THREADS is set, and
     ACCELERATE_USE_CPU makes accelerate pick the gloo backend (its MULTI_CPU type otherwise expects mpirun).
     """
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}: the multi-process phases are {', '.join(PHASES)}")
     n = config.num_processes
+    if phase != UPDATE and config.prompts_per_round < n:
+        raise ValueError(f"num_processes={n} exceeds prompts_per_round={config.prompts_per_round}: each rank of "
+                         f"{phase} needs at least one prompt group")
     yaml = accelerate_config_path(config, accelerate_config)
-    files = run_store.round(key)
-    config_path = store_io.write_json_atomic(files.update_config, config.to_dict())
-    files.update_failure.unlink(missing_ok=True)
-    logs = rank_log_dir(run_store, key)
+    config_path = store_io.write_json_atomic(phase_config_path(run_store, key, phase), config.to_dict())
+    failure = failure_path(run_store, key, phase)
+    failure.unlink(missing_ok=True)
+    logs = rank_log_dir(run_store, key, phase)
     for old in logs.glob("rank-*.log"):  # a previous, failed attempt's lines would name the wrong moment
         old.unlink()
     launcher = [
@@ -158,11 +186,13 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
         "--run-name", run_store.run_name,
         "--checkpoint", key,
         "--config", str(config_path),
+        "--phase", phase,
+        *(["--reanalysis"] if reanalysis else []),
     ]
     # What the parent runs: the launcher under the supervisor, so that it and the ranks die with the
     # parent and a dead rank is named (`dapo_ops.process_hygiene`).
-    supervised = process_hygiene.supervised(launcher, failure_file=files.update_failure, rank_logs=logs,
-                                            python=python)
+    supervised = process_hygiene.supervised(launcher, failure_file=failure, rank_logs=logs,
+                                            python=python, phase=phase)
     env = {
         process_hygiene.PARENT_PID_ENV: str(os.getpid()),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
@@ -174,14 +204,14 @@ def prepare_launch(config: DapoConfig, run_store: RunStore, key: str, *, acceler
         env["ACCELERATE_USE_CPU"] = "true"
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     extras = {"run_name": run_store.run_name, "checkpoint": key, "num_processes": n,
-              "accelerate_config": yaml.name}
+              "accelerate_config": yaml.name, "phase": phase}
     return UpdateLaunch(command=launcher, env=env, cwd=REPO_ROOT, accelerate_config=yaml, extras=extras,
                         supervised=supervised)
 
 
-def rank_log_dir(run_store: RunStore, key: str) -> Path:
-    """`rounds/<key>/update_logs/`: one `rank-<r>.log` per rank, what a failed round quotes."""
-    return run_store.round_dir(key) / "update_logs"
+def rank_log_dir(run_store: RunStore, key: str, phase: str = UPDATE) -> Path:
+    """`rounds/<key>/<phase>_logs/`: one `rank-<r>.log` per rank, what a failed round quotes."""
+    return run_store.round_dir(key) / f"{phase}_logs"
 
 
 class RankLog:
@@ -196,13 +226,13 @@ class RankLog:
             f.write(f"{line}\n")
 
 
-def write_failure(run_store: RunStore, key: str, kind: str, message: str) -> Path:
+def write_failure(run_store: RunStore, key: str, kind: str, message: str, phase: str = UPDATE) -> Path:
     """The child's account of a refused update (read by the parent, whose Pipes call only sees an exit code)."""
-    return store_io.write_json_atomic(run_store.round(key).update_failure, {"kind": kind, "message": message})
+    return store_io.write_json_atomic(failure_path(run_store, key, phase), {"kind": kind, "message": message})
 
 
-def read_failure(run_store: RunStore, key: str) -> dict[str, str] | None:
-    path = run_store.round(key).update_failure
+def read_failure(run_store: RunStore, key: str, phase: str = UPDATE) -> dict[str, str] | None:
+    path = failure_path(run_store, key, phase)
     return store_io.read_json(path) if path.exists() else None
 
 
@@ -227,6 +257,11 @@ class AcceleratorCollective(LocalCollective):
         self.reload = reload
         self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+
+    @property
+    def eval_data_parallel(self) -> DataParallel:
+        """Who evaluates the trained policy: every rank under DDP (each holds it whole), else the main alone."""
+        return SINGLE if self.sharded else DataParallel(self.rank, self.world_size)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -337,6 +372,39 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     progress(f"rank {accelerator.process_index}: update done after {collective.steps_done} optimizer steps")
     accelerator.wait_for_everyone()
     return record
+
+
+def run_phase_distributed(phase: str, config: DapoConfig, run_store: RunStore, key: str, log: Any, *,
+                          reanalysis: bool = False, accelerator: Any = None,
+                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One rank of the rollouts or attention phase (run under `accelerate launch`): checkpoint k on this
+    rank's device, its share of the round's groups; rank 0 writes the round's files. Returns the phase's
+    materialization metadata (the same on every rank)."""
+    from dapo_ops import training
+    from dapo_ops.checkpoint_policy import load_checkpoint_policy
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    accelerator = accelerator or make_accelerator(config)
+    dp = DataParallel(accelerator.process_index, accelerator.num_processes)
+    progress = progress or (lambda line: None)
+    progress(f"rank {dp.rank}: loading {key} for {phase}")
+    policy = load_checkpoint_policy(run_store, key, config, device=accelerator.device)
+    if dp.is_main:
+        log(f"{phase} on {dp.world_size} processes ({accelerator.distributed_type.value}, device {accelerator.device})")
+    if phase == ROLLOUTS:
+        table = training.generate_round_rollouts(config, run_store, key, policy, log, dp=dp)
+        metadata = {"num_rollouts": table.height, "mean_completion_length": float(table["completion_length"].mean())}
+    elif phase == ATTENTION:
+        table = training.compute_attention(config, run_store, key, policy, log, write_old_logps=not reanalysis, dp=dp)
+        metadata = {"num_rollouts": table.height,
+                    f"mdi_{config.mdi_reward_stage}": training.nanmean(table[f"attn/{config.mdi_reward_stage}/mdi"])}
+    else:
+        raise ValueError(f"phase {phase!r} is not run by run_phase_distributed (the update: run_update_distributed)")
+    progress(f"rank {dp.rank}: {phase} done")
+    accelerator.wait_for_everyone()
+    return {"num_processes": dp.world_size, **metadata}
 
 
 def _shard_for_fsdp2(config: DapoConfig, run_store: RunStore, key: str, policy: Any,

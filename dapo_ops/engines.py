@@ -25,10 +25,15 @@ ENGINES: dict[str, str] = {HF_ENGINE: "dapo_ops.engines:HFEngine"}
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Samples `num_generations` completions per prompt; deterministic for a seed."""
+    """Samples `num_generations` completions per prompt; deterministic for a seed.
+
+    Under several processes (`dapo_ops.shards`) each rank passes its share of the round's prompts and
+    `prompt_offset`, the round index of its first prompt: an engine seeds each prompt's group from
+    (seed, prompt_offset + i), so the round's rollouts do not depend on the number of processes. With
+    one process the keyword is not passed (an engine without it still serves that case)."""
 
     def generate(self, prompts: PromptBatch, *, num_generations: int, max_completion_length: int,
-                 temperature: float, top_p: float, seed: int) -> RolloutBatch: ...
+                 temperature: float, top_p: float, seed: int, prompt_offset: int = 0) -> RolloutBatch: ...
 
 
 class HFEngine:
@@ -39,12 +44,12 @@ class HFEngine:
         self.policy = policy
 
     def generate(self, prompts: PromptBatch, *, num_generations: int, max_completion_length: int,
-                 temperature: float, top_p: float, seed: int) -> RolloutBatch:
+                 temperature: float, top_p: float, seed: int, prompt_offset: int = 0) -> RolloutBatch:
         from dapo_ops.rollout import generate_rollouts
 
         return generate_rollouts(self.policy, prompts, num_generations=num_generations,
                                  max_completion_length=max_completion_length, temperature=temperature,
-                                 top_p=top_p, seed=seed)
+                                 top_p=top_p, seed=seed, prompt_offset=prompt_offset)
 
 
 def engine_name(config: DapoConfig) -> str:

@@ -6,14 +6,20 @@ Per process, at the peak of each phase:
 - gradients and AdamW's two moments of the trained parameters (fp32 with master weights);
 - activations of one update micro-batch (kept for the backward; with gradient checkpointing only each
   decoder layer's input plus one layer's working set), and the logits of its completion positions;
-- the generation KV cache of a round's P x G sequences;
-- the attention metric of the teacher-forced pass: the lean path keeps O(T) per head, eager attention
-  would materialise [heads, T, T] per layer.
+- generation: the KV cache of a round's P x G sequences (twice: it grows by concatenation), the prefill of
+  the P prompts, the rollouts' image inputs and the decoding logits;
+- the teacher-forced (attention) pass in chunks of `local_rollout_forward_batch_size` rollouts: the chunk's
+  KV cache, one layer's working set and its fp32 completion logits; the lean attention metric keeps O(T)
+  per head, eager attention would materialise [heads, T, T] per layer.
+
+Each phase's peak is the resident state (weights, master weights, AdamW) plus the phase's own terms;
+`benchmarks.memory_plan` checks every phase against measured peak memory (within 25 %).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -70,19 +76,41 @@ def _lora_targets(name: str, config: DapoConfig) -> bool:
     return any(name == t or name.endswith("." + t) for t in config.lora_target_modules)
 
 
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the plan reads off a meta model: its parameters (tied weights once) and its linear layers."""
+
+    parameters: tuple[tuple[str, int], ...]  # (name, numel)
+    linears: tuple[tuple[str, int, int], ...]  # (module name, in_features, out_features)
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(model_dir: str, stamp: int) -> ModelShapes:
+    model = meta_model(model_dir)
+    params = {id(p): (n, p.numel()) for n, p in model.named_parameters()}
+    linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear))
+    return ModelShapes(tuple(params.values()), linears)
+
+
+def model_shapes(model_dir: str | Path) -> ModelShapes:
+    """`ModelShapes` of `model_dir`, built on the meta device once per directory and config.json version
+    (the disk check before every round asks again)."""
+    path = Path(model_dir) / "config.json"
+    stamp = path.stat().st_mtime_ns if str(model_dir) != EMBEDDED and path.is_file() else 0
+    return _shapes(str(model_dir), stamp)
+
+
 def parameter_counts(model_dir: str | Path, config: DapoConfig) -> ParameterCounts:
     """Parameters of the model (tied weights once), the trained ones under `config`, and the weight bytes."""
     from dapo_ops import lora
 
-    model = meta_model(model_dir)
-    params = {id(p): (n, p) for n, p in model.named_parameters()}
-    total = sum(p.numel() for _, p in params.values())
-    vision = sum(p.numel() for n, p in params.values() if lora.in_vision_tower(n))
+    shapes = model_shapes(model_dir)
+    total = sum(n for _, n in shapes.parameters)
+    vision = sum(n for name, n in shapes.parameters if lora.in_vision_tower(name))
     lora_params = 0
     if config.use_peft:
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and _lora_targets(name, config):
-                lora_params += config.lora_r * (module.in_features + module.out_features)
+        lora_params = sum(config.lora_r * (i + o) for name, i, o in shapes.linears if _lora_targets(name, config))
     trainable = lora_params if config.use_peft else total - (vision if config.freeze_vision_tower else 0)
     return ParameterCounts(total=total, trainable=trainable, lora=lora_params,
                            weight_bytes=total * DTYPE_BYTES[config.torch_dtype])
@@ -113,44 +141,118 @@ class MemoryPlan:
     def resident(self) -> int:
         return self.weights + self.master_weights + self.optimizer
 
+    def phases(self) -> dict[str, int]:
+        """The peak of each phase: the resident state plus the phase's own working set."""
+        return {"update": self.resident + self.gradients + self.update_activations,
+                "generation": self.resident + self.generation_kv_cache,
+                "teacher_forced": self.resident + self.attention_lean}
+
     @property
     def peak(self) -> int:
-        return self.resident + max(self.gradients + self.update_activations, self.generation_kv_cache,
-                                   self.attention_lean)
+        return max(self.phases().values())
 
 
-def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | None = None) -> MemoryPlan:
-    """The memory plan of `config` on the model of `model_dir` (config.json only)."""
+TERMS = ("weights", "master_weights", "gradients", "optimizer", "update_activations", "generation_kv_cache",
+         "attention_lean", "attention_eager")
+
+
+# Bytes per token and decoder layer, counted off a Qwen2-style layer (h hidden, i MLP, kv = KV heads x head_dim),
+# in units of the activation dtype. Kept for the backward: two RMSNorms (fp32 input, normalised copy, output:
+# 3h each), q/k/v and their rotary copies (4h + 4kv), the attention output and o_proj input (2h), two residual
+# sums (2h) and the SwiGLU branch (gate, up, SiLU, product and down_proj input: 5i). Without grad only one
+# layer lives at a time: its input, norm, attention output and residual (4h) and the MLP's gate, up, SiLU and
+# product (4i).
+def _stored_per_token(h: int, inter: int, kv: int) -> int:
+    return 14 * h + 4 * kv + 5 * inter
+
+
+def _working_per_token(h: int, inter: int) -> int:
+    return 4 * h + 4 * inter
+
+
+def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | None = None,
+             prompt_text_tokens: int = PROMPT_TEXT_TOKENS) -> MemoryPlan:
+    """The memory plan of `config` on the model of `model_dir` (config.json only); prompts of `image_tokens`
+    merged image tokens (default: an A-OKVQA photo, 4 for the embedded model) and `prompt_text_tokens`.
+
+    With `shared_prefix` (the default) every micro-batch computes each prompt once for its rollouts, so a
+    forward holds ceil(rollouts / G) prompts plus the rollouts' completions, and the prompt's KV cache is
+    gathered to every rollout (`dapo_ops.shared_prefix`)."""
     counts = parameter_counts(model_dir, config)
-    text = _model_config(model_dir).get_text_config()
+    model_config = _model_config(model_dir)
+    text = model_config.get_text_config()
     h, layers, inter = text.hidden_size, text.num_hidden_layers, text.intermediate_size
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or h // heads
+    kv = kv_heads * head_dim
     vocab = text.vocab_size
     load = DTYPE_BYTES[config.torch_dtype]
     act = 2 if config.bf16 else load  # activation bytes under autocast
     if image_tokens is None:
         image_tokens = 4 if str(model_dir) == EMBEDDED or config.model_name_or_path == EMBEDDED else REAL_IMAGE_TOKENS
-    tc = config.max_completion_length
-    seq = image_tokens + PROMPT_TEXT_TOKENS + tc
-    micro = -(-config.batch_size // (config.steps_per_generation * config.gradient_accumulation_steps
-                                     * config.num_processes))
-    # Saved for the backward per token and layer: norms, q/k/v/o inputs and outputs, the SwiGLU branches.
-    per_layer = (6 * h + 2 * kv_heads * head_dim + 4 * inter) * act
-    kept_layers = 1 if config.gradient_checkpointing else layers
-    stored = micro * seq * (per_layer * kept_layers + (h * act * layers if config.gradient_checkpointing else 0))
-    logits = micro * (tc + 1) * vocab * 4 * 3  # fp32 logits, log-softmax and its gradient
-    trained_master = counts.trainable * (4 - load) if (config.bf16 or load != 4) else 0
+    tc, g = config.max_completion_length, config.num_generations
+    prompt = image_tokens + prompt_text_tokens
+    seq = prompt + tc
+
+    def prompts_of(rollouts: int) -> int:  # prompts one forward over `rollouts` computes
+        return -(-rollouts // g) if config.shared_prefix else rollouts
+
+    def cache(rows: int, tokens: int) -> int:  # keys + values of every layer
+        return 2 * layers * kv * rows * tokens * act
+
+    def expanded_kv(rows: int) -> int:  # one layer's keys + values repeated to the query heads (GQA) for SDPA
+        return 2 * heads * head_dim * rows * seq * act
+
+    def logits(rows: int, copies: int) -> int:  # fp32 completion logits and `copies` vocabulary-sized temporaries
+        return rows * (tc + 1) * vocab * 4 * copies
+
+    # Update: one micro-batch's activations kept for the backward (with gradient checkpointing only each
+    # layer's input plus one layer recomputed), its gathered prompt cache and GQA-expanded keys/values, the
+    # logits with log-softmax and its gradient; the vision tower's activations when it is trained.
+    micro = config.per_device_train_batch_size
+    # transformers turns the KV cache off under gradient checkpointing, so the update then runs the unshared
+    # forward (one prompt per rollout).
+    update_prompts = micro if config.gradient_checkpointing else prompts_of(micro)
+    tokens = update_prompts * prompt + micro * tc
+    per_layer = _stored_per_token(h, inter, kv) * act
+    # SDPA's backward keeps each layer's attention probabilities (scores and softmax, fp32) of the prompt
+    # forward and of the completions over prompt + completion.
+    probabilities = 2 * heads * 4 * (update_prompts * prompt * prompt + micro * tc * seq)
+    if config.gradient_checkpointing:
+        stored = (tokens * (h * act * layers + per_layer) + micro * seq * 2 * kv * act + expanded_kv(micro)
+                  + probabilities)
+    else:
+        stored = tokens * per_layer * layers + cache(micro, seq) + layers * (expanded_kv(micro) + probabilities)
+    vision_trained = not config.use_peft and not config.freeze_vision_tower
+    vision = getattr(model_config, "vision_config", None)
+    if vision_trained and vision is not None and hasattr(vision, "depth"):
+        patches = image_tokens * getattr(vision, "spatial_merge_size", 2) ** 2
+        vh, vi = vision.hidden_size, vision.intermediate_size
+        vision_layers = 1 if config.gradient_checkpointing else vision.depth
+        stored += update_prompts * patches * _stored_per_token(vh, vi, vh) * act * vision_layers
+    update_activations = stored + logits(micro, 3)
+    # Generation: the KV cache of the round's N sequences, twice (each decoding step concatenates a layer's
+    # grown cache while the old one is alive, and freed blocks of the old size cannot hold the next), the
+    # prefill of the P prompts (one layer's working set) and the rollouts' image inputs (pixel values per
+    # rollout, fp32); the decoding logits are N x vocab.
     n = config.batch_size
-    kv = 2 * layers * kv_heads * head_dim * n * seq * load
-    # The teacher-forced pass (no grad) over the round: one layer's working set and the completion logits;
-    # eager attention would hold [heads, T, T] probabilities of a layer, the lean path O(T) per head.
-    tf_base = n * seq * (4 * h + 2 * inter) * act + n * (tc + 1) * vocab * 4
-    lean = tf_base + n * heads * seq * 4 * 4
-    eager = tf_base + n * heads * seq * seq * 4
+    pixels = n * image_tokens * 4 * 1176 * 4 if image_tokens else 0  # merge 2x2 patches of 3x2x14x14 values
+    generation = (2 * cache(n, seq) + config.prompts_per_round * prompt * _working_per_token(h, inter) * act
+                  + pixels + n * vocab * 4 * 3)
+    # Teacher-forced pass (no grad) in chunks of local_rollout_forward_batch_size: the gathered cache of the
+    # chunk, one layer's GQA-expanded keys/values and working set over the completions, the attention
+    # probabilities of the forward and of the metric's extra SDPA over the completion rows, and the fp32
+    # logits with the log-softmax and entropy temporaries. Eager attention would instead hold [heads, T, T]
+    # probabilities of a layer.
+    chunk = min(n, config.local_rollout_forward_batch_size or n)
+    tf_base = (cache(chunk, seq) + expanded_kv(chunk) + chunk * tc * _working_per_token(h, inter) * act
+               + logits(chunk, 4))
+    lean = tf_base + 2 * chunk * heads * tc * seq * 4
+    eager = tf_base + chunk * heads * seq * seq * 4
+    trained_master = counts.trainable * (4 - load) if (config.bf16 or load != 4) else 0
     return MemoryPlan(counts=counts, weights=counts.total * load, master_weights=trained_master,
                       gradients=counts.trainable * 4, optimizer=counts.trainable * 8,
-                      update_activations=stored + logits, generation_kv_cache=kv, attention_lean=lean,
+                      update_activations=update_activations, generation_kv_cache=generation, attention_lean=lean,
                       attention_eager=eager)
 
 
@@ -171,7 +273,7 @@ def render(plan: MemoryPlan, config: DapoConfig, gpu_memory_gb: float | None = N
         f"  gradients                   {gb(plan.gradients)}",
         f"  AdamW state                 {gb(plan.optimizer)}",
         f"  update micro-batch activ.   {gb(plan.update_activations)}",
-        f"  generation KV cache         {gb(plan.generation_kv_cache)}",
+        f"  generation: KV + prefill    {gb(plan.generation_kv_cache)}",
         f"  attention metric, lean      {gb(plan.attention_lean)}",
         f"  attention metric, eager     {gb(plan.attention_eager)}  (not used: for comparison)",
         f"  peak                        {gb(plan.peak)}",

@@ -73,10 +73,11 @@ def guard_rank() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
-def supervised(command: list[str], *, failure_file: Path, rank_logs: Path, python: str | None = None) -> list[str]:
-    """`command` run under the supervisor, which accounts for a failure in `failure_file`."""
+def supervised(command: list[str], *, failure_file: Path, rank_logs: Path, python: str | None = None,
+               phase: str = "update") -> list[str]:
+    """`command` run under the supervisor, which accounts for a failure of `phase` in `failure_file`."""
     return [python or sys.executable, "-m", SUPERVISOR_MODULE, "--failure-file", str(failure_file),
-            "--rank-logs", str(rank_logs), "--", *command]
+            "--rank-logs", str(rank_logs), "--phase", phase, "--", *command]
 
 
 def rank_failure(output: str) -> tuple[int, int] | None:
@@ -94,15 +95,15 @@ def last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "(no log line: it died before writing one)"
 
 
-def failure_message(output: str, returncode: int, rank_logs: Path) -> str:
-    """The round's failure: which rank died, how, and the last thing it logged."""
+def failure_message(output: str, returncode: int, rank_logs: Path, phase: str = "update") -> str:
+    """The round's failure: which rank of `phase` died, how, and the last thing it logged."""
     failed = rank_failure(output)
     if failed is None:
         tail = " | ".join(line.strip() for line in output.splitlines()[-3:] if line.strip())
-        return f"the update's launcher exited with code {returncode} and named no failed rank; last output: {tail}"
+        return f"the {phase}'s launcher exited with code {returncode} and named no failed rank; last output: {tail}"
     rank, code = failed
     how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit code {code}"
-    return (f"rank {rank} of the update died ({how}); its last log line: "
+    return (f"rank {rank} of the {phase} died ({how}); its last log line: "
             f"{last_line(rank_logs / f'rank-{rank}.log')!r}; no checkpoint was written, run again to resume")
 
 
@@ -112,7 +113,8 @@ def _write_failure(path: Path, message: str) -> None:
     store.write_json_atomic(path, {"kind": RANK_FAILED, "message": message})
 
 
-def supervise(command: list[str], *, failure_file: Path | None, rank_logs: Path | None) -> int:
+def supervise(command: list[str], *, failure_file: Path | None, rank_logs: Path | None,
+              phase: str = "update") -> int:
     """Run the launcher `command` as a child that dies with us; tee its output; account for its failure."""
     parent = os.environ.get(PARENT_PID_ENV)
     die_with_parent(int(parent) if parent else None)
@@ -135,7 +137,8 @@ def supervise(command: list[str], *, failure_file: Path | None, rank_logs: Path 
     returncode = process.wait()
     if returncode != 0 and failure_file is not None and not failure_file.exists():
         # A refusal the ranks explained themselves (non-finite update) is kept as they wrote it.
-        _write_failure(failure_file, failure_message("".join(tail), returncode, rank_logs or failure_file.parent))
+        _write_failure(failure_file, failure_message("".join(tail), returncode, rank_logs or failure_file.parent,
+                                                     phase))
     return returncode
 
 
@@ -170,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--failure-file", type=Path, help="where to account for a failed launch (JSON)")
     parser.add_argument("--rank-logs", type=Path, help="folder of the ranks' rank-<r>.log files")
+    parser.add_argument("--phase", default="update", help="the phase the ranks run, for the failure message")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the launcher's command line")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")
-    return supervise(command, failure_file=args.failure_file, rank_logs=args.rank_logs)
+    return supervise(command, failure_file=args.failure_file, rank_logs=args.rank_logs, phase=args.phase)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ included) and its KV cache repeated G times; decoding then runs all N = P * G ro
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -185,15 +186,32 @@ def _output_cache(outputs: Any) -> Any:
     return cache if cache is not None else outputs.past_key_values
 
 
+def prompt_seed(seed: int, prompt: int) -> int:
+    """The 31-bit seed of prompt `prompt`'s group under the call's `seed`: a prompt's completions depend on
+    its global index, not on which other prompts (or which process) share its batch."""
+    digest = hashlib.sha256(f"{seed}/prompt/{prompt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """[N] one draw per row of [N, V] `probs`; a sequence of k generators draws for k equal consecutive blocks
+    of rows (one per prompt group), each from its own stream."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    blocks = probs.split(probs.shape[0] // len(generator))  # len(generator) x [G, V]
+    return torch.cat([torch.multinomial(b, 1, generator=g) for b, g in zip(blocks, generator, strict=True)]).squeeze(-1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     *,
     temperature: float,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     suppressed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row from [N, V] logits: suppressed ids masked, greedy when temperature == 0."""
+    """One token per row from [N, V] logits: suppressed ids masked, greedy when temperature == 0.
+    `generator` may be one per group of rows (`_multinomial`)."""
     logits = logits.float().clone()
     if suppressed is not None and suppressed.numel():
         logits[:, suppressed] = float("-inf")
@@ -208,7 +226,7 @@ def sample_tokens(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return _multinomial(probs, generator)
 
 
 @torch.no_grad()
@@ -220,10 +238,11 @@ def _sample_chunk(
     max_completion_length: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator] | None,
     suppressed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens [P*G, steps], lengths [P*G], is_eos [P*G]) for one chunk of prompts."""
+    """(tokens [P*G, steps], lengths [P*G], is_eos [P*G]) for one chunk of prompts, group p sampled from
+    `generators[p]` (None: greedy)."""
     model = policy.model
     cache_kwarg = _cache_kwarg(model)
     prompts = prompts.trim_padding()
@@ -253,7 +272,7 @@ def _sample_chunk(
     ones = torch.ones((rows, 1), dtype=attention_mask.dtype, device=device)
     for step in range(max_completion_length):
         token = sample_tokens(
-            logits, temperature=temperature, top_p=top_p, generator=generator, suppressed=suppressed
+            logits, temperature=temperature, top_p=top_p, generator=generators, suppressed=suppressed
         )
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens.append(token)
@@ -330,10 +349,14 @@ def generate_rollouts(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int | None = None,
+    prompt_offset: int = 0,
 ) -> RolloutBatch:
     """Sample `num_generations` completions per prompt (group-major) with the KV cache.
 
-    Deterministic for a seed (and batch_size). Image/boundary tokens and padding are never sampled; a row
+    Deterministic for a seed: prompt i's group draws from its own generator, seeded by
+    `prompt_seed(seed, prompt_offset + i)`, so its completions are the same whatever `batch_size` and
+    whichever prompts share the call (a rank given prompts [a, b) of a round passes `prompt_offset=a`).
+    Decoding stays batched: one forward per step for all rows. Image/boundary tokens and padding are never sampled; a row
     stops at the family's end of turn (`<|im_end|>` for Qwen), which counts in its length and mask. `temperature=0` is greedy decoding.
     `batch_size` caps the rollouts decoded together (whole prompt groups; at least one group).
     """
@@ -345,10 +368,10 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     device = policy.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    suppressed = torch.tensor(policy.suppressed_token_ids, dtype=torch.long, device=device)
     num_prompts = len(prompts)
+    generators = None if temperature == 0 else [
+        torch.Generator(device=device).manual_seed(prompt_seed(seed, prompt_offset + i)) for i in range(num_prompts)]
+    suppressed = torch.tensor(policy.suppressed_token_ids, dtype=torch.long, device=device)
     per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_generations)
     progress.begin("generation", num_prompts * num_generations * max_completion_length, unit="tok")  # at most
 
@@ -357,7 +380,8 @@ def generate_rollouts(
     eos_chunks: list[torch.Tensor] = []
     try:
         for start in range(0, num_prompts, per_chunk):
-            chunk = prompts.select(range(start, min(num_prompts, start + per_chunk))).to(device)
+            end = min(num_prompts, start + per_chunk)
+            chunk = prompts.select(range(start, end)).to(device)
             tokens, lengths, is_eos = _sample_chunk(
                 policy,
                 chunk,
@@ -365,7 +389,7 @@ def generate_rollouts(
                 max_completion_length=max_completion_length,
                 temperature=temperature,
                 top_p=top_p,
-                generator=generator,
+                generators=None if generators is None else generators[start:end],
                 suppressed=suppressed,
             )
             token_chunks.append(tokens.cpu())

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Model classes found unable to share (name -> reason), so the fallback is decided and logged once.
 _UNSUPPORTED: dict[str, str] = {}
+# Model classes already told that gradient checkpointing makes them take the unshared forward.
+_CHECKPOINTING_LOGGED: set[str] = set()
 
 
 class SharingUnsupported(RuntimeError):
@@ -204,6 +206,12 @@ def _static_check(model: torch.nn.Module) -> None:
         raise SharingUnsupported("its decoder has sliding-window attention layers")
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a training-mode forward of `model` would run checkpointed layers (which ignore caches)."""
+    return bool(model.training and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules()))
+
+
 def _gather_cache(cache: Any, owner: torch.Tensor) -> None:
     """Row i of the cache becomes prompt `owner[i]`'s keys/values (differentiable indexing, in place)."""
     if cache is None or not hasattr(cache, "batch_select_indices"):
@@ -339,6 +347,15 @@ def shared_completion_forward(
         )
 
     if name in _UNSUPPORTED or int(rollouts_slice.completion_ids.shape[1]) == 0:
+        return unshared()
+    if _checkpointing(model):
+        # transformers drops the KV cache inside checkpointed layers, so the prompt's keys cannot serve the
+        # completions. This is a property of the current mode, not of the model class: the no-grad
+        # teacher-forced pass of the same model still shares.
+        if name not in _CHECKPOINTING_LOGGED:
+            _CHECKPOINTING_LOGGED.add(name)
+            logger.warning("shared_prefix: gradient checkpointing is on for %s (transformers drops the KV "
+                           "cache of checkpointed layers); the update uses the unshared forward", name)
         return unshared()
     groups = prefix_groups(rollouts_slice)
     if groups.num_prompts == int(rollouts_slice.completion_ids.shape[0]):

@@ -40,6 +40,7 @@ from dapo_ops.round_files import (
     save_old_logps,
     save_rollout_batch,
 )
+from dapo_ops.shards import SINGLE, DataParallel, gather_attention, generate_shared
 from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key
 from dapo_ops.update import LOCAL, LocalCollective, make_optimizer, policy_update
 
@@ -285,8 +286,11 @@ def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFra
 
 
 def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
-                            log: RoundLog, *, engine: RolloutEngine | None = None) -> pl.DataFrame:
-    """The round's G completions per prompt from `engine` (default: the one `config` selects, on `policy`)."""
+                            log: RoundLog, *, engine: RolloutEngine | None = None,
+                            dp: DataParallel = SINGLE) -> pl.DataFrame:
+    """The round's G completions per prompt from `engine` (default: the one `config` selects, on `policy`).
+    Under `dp` each rank samples its share of every generation call and all ranks gather the whole batch
+    (dynamic sampling then decides alike everywhere); only the main process writes the files."""
     faults.point("before_rollouts")
     engine = make_engine(config, policy) if engine is None else engine
     round_index = checkpoint_index(key)
@@ -294,8 +298,9 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
     rows = select_prompts(train, config, round_index)
 
     def generate(prompt_rows: pl.DataFrame, attempt: int) -> rollout.RolloutBatch:
-        return engine.generate(
-            encode_rows(policy, prompt_rows), num_generations=config.num_generations,
+        return generate_shared(
+            engine, encode_rows(policy, prompt_rows), dp, pad_token_id=policy.pad_token_id,
+            num_generations=config.num_generations,
             max_completion_length=config.max_completion_length, temperature=config.temperature,
             top_p=config.top_p, seed=derived_seed(config.seed, "rollouts", round_index, *([attempt] if attempt else [])),
         )
@@ -319,10 +324,13 @@ def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, p
     log(f"generated {len(batch.completions)} rollouts ({len(batch) // config.num_generations} prompts x {config.num_generations}) "
         f"in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.0f} tokens/s; "
         f"mean length {table['completion_length'].mean():.1f}, EOS {table['is_eos'].mean():.2f}")
+    if not dp.is_main:
+        return table
     files = run_store.round(key)
     save_rollout_batch(files.rollouts_pt, batch)
     store.write_parquet_atomic(files.rollouts_parquet, table)
-    store.write_json_atomic(files.rollouts_json, {"seconds": seconds, "completion_tokens": tokens})
+    store.write_json_atomic(files.rollouts_json, {"seconds": seconds, "completion_tokens": tokens,
+                                                  "num_processes": dp.world_size})
     faults.point("after_rollouts")
     return table
 
@@ -358,28 +366,39 @@ def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, 
 
 
 def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
-                      mdi_tolerance: float | None = None, write_old_logps: bool = True) -> pl.DataFrame:
+                      mdi_tolerance: float | None = None, write_old_logps: bool = True,
+                      dp: DataParallel = SINGLE) -> pl.DataFrame:
     """The attention phase: one teacher-forced pass over the stored rollouts, then `attention_table`;
-    writes old per-token log-probs (unless re-analysing), attention.parquet and attention.json."""
+    writes old per-token log-probs (unless re-analysing), attention.parquet and attention.json. Under `dp`
+    each rank passes its share of whole groups and the main process writes the gathered result."""
     tolerance = config.mdi_tolerance if mdi_tolerance is None else mdi_tolerance
     batch = load_rollout_batch(run_store, key)
+    if dp.world_size > 1:
+        batch = batch.select(dp.rows(len(batch) // batch.num_generations, batch.num_generations))
     start = time.perf_counter()
     from dapo_ops import precision
 
     with precision.autocast(config, policy.model):  # the same precision as the update's forward
         outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
+                                      batch_size=config.local_rollout_forward_batch_size,
                                       shared_prefix=config.shared_prefix)
     seconds = time.perf_counter() - start
     table = attention_table(outputs, batch, tolerance=tolerance)
+    per_token_logps, entropy = outputs.per_token_logps, outputs.entropy
+    if dp.world_size > 1:
+        table, per_token_logps, entropy = gather_attention(dp, table, per_token_logps, entropy)
     mdi_all = table[f"attn/{config.mdi_reward_stage}/mdi"]
     log(f"teacher-forced pass over {table.height} rollouts in {seconds:.2f}s: "
         + ", ".join(f"{s} MDI {nanmean(table[f'attn/{s}/mdi']):.3f}" for s in STAGES)
         + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
+    if not dp.is_main:
+        return table
     files = run_store.round(key)
     if write_old_logps:
-        save_old_logps(files.old_logps, outputs.per_token_logps, outputs.entropy)
+        save_old_logps(files.old_logps, per_token_logps, entropy)
     store.write_parquet_atomic(files.attention_parquet, table)
-    store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance})
+    store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance,
+                                                   "num_processes": dp.world_size})
     faults.point("after_attention")
     return table
 
@@ -475,6 +494,7 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
         disabled = lora.adapter_disabled(policy.model) if ref_policy is None else contextlib.nullcontext()
         with disabled, precision.autocast(config, policy.model):
             ref_logps = teacher_forced_pass(ref_policy or policy, batch, temperature=config.temperature,
+                                            batch_size=config.local_rollout_forward_batch_size,
                                             with_attention=False, shared_prefix=config.shared_prefix).per_token_logps
     start = time.perf_counter()
     with precision.gradient_checkpointing(policy.model, enabled=config.gradient_checkpointing):
@@ -501,10 +521,14 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
                           num_processes=collective.world_size, num_rollouts_used=result.num_rollouts_used)
     # Sharded weights (FSDP, ZeRO-3) are gathered by every rank; the main process gets the whole policy.
     trained = collective.full_policy(policy, policy.model if model is None else model)
-    if not collective.is_main:
+    # Ranks that hold the whole trained policy (DDP) evaluate it together; sharded ones leave it to the main.
+    eval_dp = getattr(collective, "eval_data_parallel", SINGLE)
+    if not collective.is_main and eval_dp.world_size == 1:
         return record
     start_eval = time.perf_counter()
-    evaluation = evaluate(config, run_store, trained)
+    evaluation = evaluate(config, run_store, trained if collective.is_main else policy, dp=eval_dp)
+    if not collective.is_main:
+        return record
     eval_seconds = time.perf_counter() - start_eval
     save_start = time.perf_counter()
     save_checkpoint(run_store, next_key, trained,
@@ -526,14 +550,14 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
 
 
 def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
-             engine: RolloutEngine | None = None) -> dict[str, float]:
+             engine: RolloutEngine | None = None, dp: DataParallel = SINGLE) -> dict[str, float]:
     """Greedy accuracy and format of `policy` on a fixed subset of the eval split (sampled by `engine`,
-    default: the one `config` selects, on `policy`)."""
+    default: the one `config` selects, on `policy`); under `dp` each rank decodes its share of the rows."""
     engine = make_engine(config, policy) if engine is None else engine
     rows = load_split(run_store, "eval").head(config.eval_subset_size)
     prompts = encode_rows(policy, rows)
-    batch = engine.generate(prompts, num_generations=1, max_completion_length=config.max_completion_length,
-                            temperature=0.0, top_p=1.0, seed=0)
+    batch = generate_shared(engine, prompts, dp, pad_token_id=policy.pad_token_id, num_generations=1,
+                            max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
     correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
                                     choices=[list(c) for c in rows["choices"].to_list()])
     fmt = rewards.think_format_reward(batch.completions)

@@ -194,11 +194,20 @@ def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig,
     from dapo_ops import retention
 
     retention.check_disk_space(store, key, cfg)  # stop before the round, never halfway through its checkpoint
-    policy = policy_cache.get(store, key, cfg)
-    table = training.generate_round_rollouts(cfg, store, key, policy, log)
+    if cfg.num_processes > 1:
+        import polars as pl
+
+        child = _phase_in_subprocesses(context, cfg, store, key, log, "rollouts", policy_cache)
+        table = pl.read_parquet(store.round(key).rollouts_parquet)
+    else:
+        child = {}
+        policy = policy_cache.get(store, key, cfg)
+        table = training.generate_round_rollouts(cfg, store, key, policy, log)
     sample = table.head(3).select("question", "completion").to_dicts()
     return dg.MaterializeResult(metadata={
+        **child,
         "run_name": cfg.run_name,
+        "num_processes": cfg.num_processes,
         **_mlflow_link(mlflow, store),
         "num_rollouts": table.height,
         "mean_completion_length": float(table["completion_length"].mean()),
@@ -222,11 +231,21 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     log = _round_log(context, store, key)
     if training_config.reanalysis:
         log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
-    policy = policy_cache.get(store, key, cfg)
-    table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not training_config.reanalysis)
+    if cfg.num_processes > 1:
+        import polars as pl
+
+        child = _phase_in_subprocesses(context, cfg, store, key, log, "attention", policy_cache,
+                                       reanalysis=training_config.reanalysis)
+        table = pl.read_parquet(store.round(key).attention_parquet)
+    else:
+        child = {}
+        policy = policy_cache.get(store, key, cfg)
+        table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not training_config.reanalysis)
     return dg.MaterializeResult(metadata={
+        **child,
         "run_name": cfg.run_name,
         **_mlflow_link(mlflow, store),
+        "num_processes": cfg.num_processes,
         "reanalysis": training_config.reanalysis,
         "mdi_tolerance": cfg.mdi_tolerance,
         **{f"mdi_{stage}": training.nanmean(table[f"attn/{stage}/mdi"]) for stage in STAGES},
@@ -375,15 +394,28 @@ def pipes_client_for(deployment, launch) -> tuple[dg.PipesClient, dict]:
 
 def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, policy_cache: PolicyCache):
     """The update on `num_processes` processes: `accelerate launch` of `pipelines.pipes_update` through
-    Dagster Pipes. The children write ckpt-(k+1) and update.json as the in-process update does; rank 0
-    reports its logs and materialization metadata back. Returns (update record, the child's metadata)."""
+    Dagster Pipes. The children write ckpt-(k+1) and update.json as the in-process update does (and
+    evaluate it data-parallel under DDP); rank 0 reports its logs and materialization metadata back.
+    Returns (update record, the child's metadata)."""
+    from dapo_ops.round_files import read_update_record
+
+    metadata = _phase_in_subprocesses(context, cfg, store, key, log, "update", policy_cache)
+    record = read_update_record(store, key)
+    store.require_checkpoint(record.next_checkpoint)
+    return record, metadata
+
+
+def _phase_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, phase: str,
+                           policy_cache: PolicyCache, *, reanalysis: bool = False) -> dict:
+    """`phase` (rollouts, attention, update) on `num_processes` processes: `accelerate launch` of
+    `pipelines.pipes_update --phase` through Dagster Pipes, under the supervisor (no orphans, a dead rank
+    named). Rank 0 writes the phase's round files; returns the metadata it reported back."""
     import gc
     import warnings
 
     import torch
 
     from dapo_ops import distributed, process_hygiene
-    from dapo_ops.round_files import read_update_record
     from dapo_ops.update import NonFiniteUpdateError
 
     # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
@@ -392,8 +424,9 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    launch = distributed.prepare_launch(cfg, store, key)
-    log(f"launching the update on {cfg.num_processes} processes with accelerate ({launch.accelerate_config.name}) "
+    launch = distributed.prepare_launch(cfg, store, key, phase=phase, reanalysis=reanalysis)
+    what = "the update" if phase == distributed.UPDATE else phase
+    log(f"launching {what} on {cfg.num_processes} processes with accelerate ({launch.accelerate_config.name}) "
         f"through Dagster Pipes")
     try:
         with warnings.catch_warnings():  # Pipes' message reader flags a preview API on every launch
@@ -402,23 +435,21 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
             invocation = client.run(context=context, command=launch.supervised, env=launch.env, extras=launch.extras,
                                     **run_args)
     except Exception as error:
-        failure = distributed.read_failure(store, key)
+        failure = distributed.read_failure(store, key, phase)
         if failure and failure.get("kind") == distributed.NON_FINITE:
             raise NonFiniteUpdateError(failure["message"]) from error
         if failure and failure.get("kind") == process_hygiene.RANK_FAILED:
             log.error(failure["message"])
-            raise dg.Failure(description=failure["message"], metadata={"update_failure": failure["kind"]}) from error
+            raise dg.Failure(description=failure["message"], metadata={f"{phase}_failure": failure["kind"]}) from error
         raise
     finally:
         # However the call ended (interrupted, failed), nothing it started outlives it.
         process_hygiene.kill_supervisors()
-    record = read_update_record(store, key)
-    store.require_checkpoint(record.next_checkpoint)
     metadata: dict = {}
     for result in invocation.get_results():
         if isinstance(result, dg.MaterializeResult):
             metadata.update(result.metadata or {})
-    return record, metadata
+    return metadata
 
 
 def _check_result(finding) -> dg.AssetCheckResult:

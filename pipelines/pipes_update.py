@@ -1,10 +1,11 @@
-"""Child entry point of the multi-process policy update, one process per rank:
+"""Child entry point of the multi-process phases (rollouts, attention, the policy update), one process per rank:
 
     accelerate launch --config_file configs/accelerate/<x>.yaml --num_processes N \\
-        -m pipelines.pipes_update --data-root DIR --run-name NAME --checkpoint ckpt-NNNN --config FILE
+        -m pipelines.pipes_update --data-root DIR --run-name NAME --checkpoint ckpt-NNNN --config FILE \\
+        [--phase rollouts|attention|update] [--reanalysis]
 
-`pipelines.assets.policy_update` runs this through Dagster Pipes (`PipesSubprocessClient`) when
-`num_processes > 1`. Rank 0 opens the Pipes session: its round-log lines become Dagster logs, and it
+The `rollouts`, `attention_metrics` and `policy_update` assets run this through Dagster Pipes
+(`PipesSubprocessClient`) when `num_processes > 1`. Rank 0 opens the Pipes session: its round-log lines become Dagster logs, and it
 reports the materialization (metadata: next checkpoint, loss, eval accuracy...) back to the parent. It
 also runs without Dagster (no Pipes context in the environment), e.g. to redo one round's update by hand.
 Exit codes: 0 done, 3 update refused for a non-finite loss or gradient (nothing written), 1 other errors.
@@ -27,7 +28,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--run-name", required=True)
     parser.add_argument("--checkpoint", required=True, help="the round's checkpoint k (ckpt-NNNN)")
-    parser.add_argument("--config", required=True, type=Path, help="DapoConfig as JSON (update_config.json)")
+    parser.add_argument("--config", required=True, type=Path, help="DapoConfig as JSON (<phase>_config.json)")
+    parser.add_argument("--phase", default="update", choices=("rollouts", "attention", "update"))
+    parser.add_argument("--reanalysis", action="store_true", help="attention: keep the round's old log-probs")
     return parser.parse_args(argv)
 
 
@@ -59,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             log = training.round_log(store, key, echo=echo)
         else:
             log = distributed.SilentLog()
+        progress = distributed.RankLog(distributed.rank_log_dir(store, key, args.phase) / f"rank-{rank}.log")
+        if args.phase != distributed.UPDATE:
+            metadata = distributed.run_phase_distributed(args.phase, config, store, key, log,
+                                                         reanalysis=args.reanalysis, progress=progress)
+            if pipes is not None:
+                pipes.report_asset_materialization(metadata=metadata)
+            return 0
         try:
-            progress = distributed.RankLog(distributed.rank_log_dir(store, key) / f"rank-{rank}.log")
             record = distributed.run_update_distributed(config, store, key, log, progress=progress)
         except NonFiniteUpdateError as error:
             if rank == 0:

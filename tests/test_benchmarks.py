@@ -15,7 +15,7 @@ import pytest
 # `benchmarks/` sits beside the installed packages, not inside them: make it importable under plain `pytest` too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import attention, round_vs_trl, run_all, shared_prefix  # noqa: E402
+from benchmarks import attention, launch_overhead, round_vs_trl, run_all, shared_prefix  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,17 @@ def test_a_speedup_goal_is_met_from_above_and_a_ratio_goal_from_below():
     assert summary["goals"]["shared_prefix_update_speedup"]["met"]
     assert not summary["goals"]["shared_prefix_update_memory_ratio"]["met"]
     assert "| `shared_prefix_update_speedup` |" in run_all.summary_markdown(summary)
+
+
+def test_two_processes_pay_off_once_the_work_they_save_exceeds_the_launch_overhead():
+    # 10 s of work takes 6 s on 2 processes (ratio 0.6) after 8 s of launch: even at 20 s of work (2x the model).
+    point = launch_overhead.crossover(10.0, 6.0, 8.0)
+    assert point["work_ratio"] == 0.6
+    assert point["crossover_work_s"] == pytest.approx(20.0) and point["crossover_model_scale"] == pytest.approx(2.0)
+    work = point["crossover_work_s"]
+    assert 0.6 * work + 8.0 == pytest.approx(work)  # the break-even point itself
+    assert math.isinf(launch_overhead.crossover(1.0, 1.2, 8.0)["crossover_work_s"])  # 2 processes never win
+    assert "launch_overhead" in run_all.BENCHMARKS
 
 
 # ------------------------------------------------------------------------ the ablation's rows, cache, tables

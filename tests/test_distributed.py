@@ -130,6 +130,24 @@ def test_launch_command_uses_this_python_and_a_ready_accelerate_config(tmp_path:
     assert DapoConfig.from_dict(written) == CONFIG.replace(device="cpu")
 
 
+def test_each_phase_launches_the_child_with_its_own_config_failure_file_and_rank_logs(tmp_path: Path):
+    store = RunStore(tmp_path, "r")
+    for phase in ("rollouts", "attention"):
+        launch = distributed.prepare_launch(CONFIG.replace(device="cpu"), store, KEY, phase=phase, reanalysis=True)
+        command = launch.command
+        assert command[command.index("--phase") + 1] == phase and "--reanalysis" in command
+        config_file = Path(command[command.index("--config") + 1])
+        assert config_file == store.round_dir(KEY) / f"{phase}_config.json" and config_file.exists()
+        supervised = launch.supervised
+        assert supervised[supervised.index("--failure-file") + 1] == str(store.round_dir(KEY) / f"{phase}_failure.json")
+        assert supervised[supervised.index("--rank-logs") + 1] == str(store.round_dir(KEY) / f"{phase}_logs")
+        assert launch.extras["phase"] == phase
+    with pytest.raises(ValueError, match="num_processes=2 exceeds prompts_per_round=1"):
+        distributed.prepare_launch(CONFIG.replace(device="cpu", prompts_per_round=1), store, KEY, phase="rollouts")
+    with pytest.raises(ValueError, match="phase 'rewards'"):
+        distributed.prepare_launch(CONFIG, store, KEY, phase="rewards")
+
+
 @pytest.mark.parametrize("name", sorted(distributed.ACCELERATE_CONFIGS))
 def test_every_ready_accelerate_config_loads(name: str):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -192,12 +210,30 @@ def test_a_non_finite_loss_stops_every_process_and_writes_nothing(prepared: Path
     assert not (store.round_dir(KEY) / "update.json").exists()
 
 
+def _one_process_round(run: RunStore, root: Path) -> RunStore:
+    """The rollouts, teacher-forced pass and rewards of `run`'s round ckpt-0000 redone in this process,
+    with one process, from a copy of its data and ckpt-0000."""
+    store = RunStore(root, run.run_name)
+    shutil.copytree(run.data_dir, store.data_dir)
+    shutil.copytree(run.checkpoint_dir(KEY), store.checkpoint_dir(KEY))
+    config = DapoConfig.from_dict(json.loads(run.config_path.read_text())).replace(num_processes=1)
+    policy = models.load_policy(training.resolve_model_dir(store, KEY))
+    log = training.round_log(store, KEY)
+    training.generate_round_rollouts(config, store, KEY, policy, log)
+    training.compute_attention(config, store, KEY, policy, log)
+    training.compute_rewards(config, store, KEY, log)
+    return store
+
+
 @pytest.mark.slow
-def test_make_run_with_two_processes_updates_through_dagster_pipes(tmp_path: Path):
-    """`NUM_PROCESSES=2 make run ROUNDS=1` on a CI-sized run: the Dagster asset launches the update with
-    accelerate through Pipes, the child reports back, MLflow records the param num_processes."""
+def test_make_run_with_two_processes_runs_rollouts_attention_update_and_eval_through_dagster_pipes(tmp_path: Path):
+    """`NUM_PROCESSES=2 make run ROUNDS=1` on a CI-sized run: the rollouts, attention_metrics and policy_update
+    assets each launch their phase with accelerate through Pipes; the round's files are those of one process
+    (the same rollouts token for token, the same schemas and counts), and MLflow has each metric once."""
     import dagster as dg
     from mlflow.tracking import MlflowClient
+
+    from dapo_ops.reports import round_metric_names
 
     overrides = {"prompts_per_round": 8, "num_generations": 4, "max_completion_length": 16,
                  "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
@@ -212,9 +248,16 @@ def test_make_run_with_two_processes_updates_through_dagster_pipes(tmp_path: Pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     store = RunStore(tmp_path, "dist-run")
     assert store.complete_checkpoints() == [KEY, NEXT]
-    assert json.loads((store.round_dir(KEY) / "update.json").read_text())["num_processes"] == 2
-    assert "update on 2 processes" in (store.round_dir(KEY) / "terminal.log").read_text()
+    files = store.round(KEY)
+    for record in (files.rollouts_json, files.attention_json, files.update):
+        assert json.loads(record.read_text())["num_processes"] == 2, record.name
+    terminal = files.log.read_text()
+    for line in ("rollouts on 2 processes", "attention on 2 processes", "update on 2 processes"):
+        assert line in terminal
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster"))
+    for asset in ("rollouts", "attention_metrics"):
+        metadata = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+        assert metadata["num_processes"].value == 2, asset
     event = instance.get_latest_materialization_event(dg.AssetKey("policy_update"))
     metadata = event.asset_materialization.metadata
     assert metadata["num_processes"].value == 2 and metadata["next_checkpoint"].value == NEXT
@@ -222,6 +265,30 @@ def test_make_run_with_two_processes_updates_through_dagster_pipes(tmp_path: Pat
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("dapo-vlm").experiment_id])
     assert [run.data.params["num_processes"] for run in runs] == ["2"]
+    for name in (*round_metric_names(), "eval/accuracy"):
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, name)]
+        assert steps.count(2) == 1, name  # once, at the round's global step (ckpt-0000's eval is at step 0)
+
+    one = _one_process_round(store, tmp_path / "one")
+    single = one.round(KEY)
+    two_rollouts, one_rollouts = pl.read_parquet(files.rollouts_parquet), pl.read_parquet(single.rollouts_parquet)
+    assert two_rollouts.schema == one_rollouts.schema
+    assert two_rollouts["completion_ids"].to_list() == one_rollouts["completion_ids"].to_list()  # per-prompt seeds
+    assert two_rollouts.equals(one_rollouts)
+    for name in ("attention_parquet", "rewards"):
+        two_table, one_table = pl.read_parquet(getattr(files, name)), pl.read_parquet(getattr(single, name))
+        assert two_table.schema == one_table.schema and two_table.height == one_table.height, name
+    two_attention, one_attention = pl.read_parquet(files.attention_parquet), pl.read_parquet(single.attention_parquet)
+    for column in one_attention.columns:
+        assert torch.allclose(torch.tensor(two_attention[column].to_list(), dtype=torch.float64),
+                              torch.tensor(one_attention[column].to_list(), dtype=torch.float64),
+                              rtol=1e-4, atol=1e-5, equal_nan=True), column
+    two_old, one_old = (torch.load(f.old_logps, weights_only=True) for f in (files, single))
+    assert two_old["per_token_logps"].shape == one_old["per_token_logps"].shape
+    assert torch.allclose(two_old["per_token_logps"], one_old["per_token_logps"], atol=1e-5)
+    for name in ("rollouts_json", "attention_json"):
+        assert json.loads(getattr(files, name).read_text()).keys() == json.loads(getattr(single, name).read_text()).keys()
+    assert json.loads(single.rollouts_json.read_text())["num_processes"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the smoke script measures instead")
@@ -296,6 +363,8 @@ def test_torchruns_failure_summary_names_the_rank_and_its_last_log_line(tmp_path
     assert message.startswith("rank 1 of the update died (signal SIGKILL)")
     assert "'optimizer step 1: backward of micro-batch 1 done'" in message
     assert "exited with code 1 and named no failed rank" in process_hygiene.failure_message("boom\n", 1, tmp_path)
+    # Rollouts and the teacher-forced pass run on ranks too: the message names the phase that died.
+    assert process_hygiene.failure_message(summary, 1, tmp_path, "rollouts").startswith("rank 1 of the rollouts died")
 
 
 @pytest.mark.slow

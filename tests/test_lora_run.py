@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _restore_env, _set_env
+from tests.conftest import TINY_RUN, _restore_env, _set_env
 
 RUN = {
+    **TINY_RUN,
     "run_name": "lora-small",
-    "prompts_per_round": 4,
-    "num_generations": 2,
-    "max_completion_length": 8,
-    "steps_per_generation": 2,
-    "num_iterations": 1,
-    "num_train_examples": 32,
-    "num_eval_examples": 8,
-    "eval_subset_size": 8,
+    "eval_subset_size": 8,  # the greedy answers of the merged export are compared on every eval example
     "warmup_steps": 4,
     "use_peft": True,
     "lora_r": 8,

@@ -510,9 +510,10 @@ def _alive(processes: list) -> list:
 
 
 def kill_parent_during_distributed_update(root: Path, trace: Path, log: Path, rounds: int = ROUNDS,
-                                          delay: float = 0.0, extra_env: dict | None = None) -> tuple[Kill, list[str]]:
-    """kill -9 of `make run` once the update's ranks run (+ `delay` s); the command lines of its
-    descendants still alive 10 s later."""
+                                          delay: float = 0.0, extra_env: dict | None = None,
+                                          phase: str = "update") -> tuple[Kill, list[str]]:
+    """kill -9 of `make run` once the ranks of `phase` (rollouts, attention, update) run (+ `delay` s); the
+    command lines of its descendants still alive 10 s later."""
     import psutil
 
     process = start(run_args(RUN, rounds, *TWO), {**env_for(root, trace=trace), **(extra_env or {})}, log)
@@ -522,7 +523,9 @@ def kill_parent_during_distributed_update(root: Path, trace: Path, log: Path, ro
         assert time.monotonic() < deadline, "the update's ranks never started"
         with contextlib.suppress(psutil.Error):
             family = psutil.Process(process.pid).children(recursive=True)
-            if sum("pipelines.pipes_update" in " ".join(p.cmdline()) for p in _alive(family)) >= 2:
+            # Each multi-process phase launches ranks of its own: wait for those of `phase`.
+            if sum("pipelines.pipes_update" in (line := " ".join(p.cmdline())) and f"--phase {phase}" in line
+                   for p in _alive(family)) >= 2:
                 break
         time.sleep(0.05)
     time.sleep(delay)
@@ -537,15 +540,16 @@ def kill_parent_during_distributed_update(root: Path, trace: Path, log: Path, ro
     for p in _alive(family):
         with contextlib.suppress(psutil.Error):
             survivors.append(" ".join(p.cmdline()))
-    return Kill(f"kill -9 of make run during the 2-process update (+{delay:.2f} s)", process.pid, rc,
-                "distributed policy update"), survivors
+    return Kill(f"kill -9 of make run during the 2-process {phase} (+{delay:.2f} s)", process.pid, rc,
+                f"distributed {phase}"), survivors
 
 
 @pytest.mark.slow
-def test_kill_9_of_make_run_during_a_two_process_update_leaves_no_child_and_the_next_run_resumes(tmp_path: Path):
-    """The CI sample of the multi-process kills: one round, killed while its update runs on 2 ranks."""
+def test_kill_9_of_make_run_during_a_two_process_phase_leaves_no_child_and_the_next_run_resumes(tmp_path: Path):
+    """The CI sample of the multi-process kills: one round, killed while its rollouts run on 2 ranks (the
+    first launch: the cheapest; the full loop kills the update, `tests/test_distributed.py` a bare update)."""
     trace, log = tmp_path / "trace.txt", tmp_path / "runs.log"
-    kill, survivors = kill_parent_during_distributed_update(tmp_path, trace, log, rounds=1)
+    kill, survivors = kill_parent_during_distributed_update(tmp_path, trace, log, rounds=1, phase="rollouts")
     assert kill.rc == -signal.SIGKILL
     assert survivors == []
     store = RunStore(tmp_path, RUN)

@@ -1,14 +1,19 @@
-"""DAPO dynamic sampling: zero-variance groups are dropped and fresh prompts refill the batch."""
+"""DAPO dynamic sampling: zero-variance groups are dropped and fresh prompts refill the batch. Per-prompt
+seeding: a round's rollouts are the same whichever ranks sample which prompts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import polars as pl
+import pytest
 import torch
 
 from dapo_ops.config import DapoConfig
 from dapo_ops.inputs import VisionInputs
 from dapo_ops.rollout import RolloutBatch
 from dapo_ops.sampling import concat_rollouts, informative_groups, sample_with_refill
+from dapo_ops.shards import DataParallel
 
 G = 2
 PAD = 0
@@ -93,3 +98,85 @@ def test_refill_scores_the_default_rewards_without_the_attention_reward():
     # mdi_reward needs the teacher-forced pass; before it, the default config judges groups by the others.
     batch = _batch([RIGHT, WRONG, RIGHT, RIGHT], 3, 2)
     assert informative_groups(batch, _rows([0, 0]), DapoConfig()).tolist() == [True, False]
+
+
+# ------------------------------------------------------------------ per-prompt seeding and sharded phases
+
+
+@dataclass(frozen=True)
+class Loopback(DataParallel):
+    """Ranks run one after another in this process: each `gather` returns the values of the ranks that
+    already ran (and its own for the rest), so the last rank to run sees what the real collective gives."""
+
+    seen: dict = field(default_factory=dict, compare=False)
+
+    def gather(self, value):
+        self.seen[self.rank] = value
+        return [self.seen.get(r, value) for r in range(self.world_size)]
+
+
+def _ranks(world: int) -> list[Loopback]:
+    seen: dict = {}
+    return [Loopback(rank, world, seen) for rank in reversed(range(world))]  # rank 0 runs last
+
+
+@pytest.fixture(scope="module")
+def policy():
+    from dapo_ops.models import build_embedded_policy
+
+    return build_embedded_policy(["What color is the shape?", "Which shape is it?", "red green blue yellow"], seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts(policy):
+    from PIL import Image
+
+    from dapo_ops.inputs import encode_prompts
+
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (200, 100, 0)]
+    questions = ["What color is the shape?", "Which shape is it? Look closely.", "What color?", "Which?", "Shape?"]
+    images = [Image.new("RGB", (56 + 8 * i, 56), c) for i, c in enumerate(colors)]
+    return encode_prompts(policy, questions, [["red", "green", "blue", "yellow"]] * 5, images)
+
+
+SAMPLING = {"num_generations": 3, "max_completion_length": 6, "temperature": 1.0, "top_p": 1.0, "seed": 11}
+
+
+def test_each_rank_takes_a_contiguous_block_of_whole_groups_and_together_they_cover_the_round():
+    for groups in range(1, 12):
+        for world in (1, 2, 3, 4):
+            shares = [DataParallel(rank, world).share(groups) for rank in range(world)]
+            assert [g for share in shares for g in share] == list(range(groups))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            assert list(DataParallel(world - 1, world).rows(groups, 4)) == [
+                r for g in shares[-1] for r in range(4 * g, 4 * g + 4)]
+    with pytest.raises(ValueError, match="rank 2 of world size 2"):
+        DataParallel(2, 2)
+
+
+def test_a_prompts_rollouts_depend_on_its_round_index_not_on_the_prompts_beside_it(policy, prompts):
+    from dapo_ops.rollout import generate_rollouts
+
+    whole = generate_rollouts(policy, prompts, **SAMPLING)
+    alone = generate_rollouts(policy, prompts.select([2, 3]), prompt_offset=2, **SAMPLING)
+    g = SAMPLING["num_generations"]
+    width = alone.completion_ids.shape[1]
+    assert torch.equal(alone.completion_lengths, whole.completion_lengths[2 * g:4 * g])
+    assert torch.equal(alone.completion_ids, whole.completion_ids[2 * g:4 * g, :width])
+    unshifted = generate_rollouts(policy, prompts.select([2, 3]), **SAMPLING)
+    assert not torch.equal(unshifted.completion_ids, alone.completion_ids)  # the offset is what keeps them
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_generation_gathers_exactly_the_batch_of_one_process(policy, prompts, world: int):
+    from dapo_ops.engines import HFEngine
+    from dapo_ops.shards import SINGLE, generate_shared
+
+    engine = HFEngine(None, policy)
+    one = generate_shared(engine, prompts, SINGLE, pad_token_id=policy.pad_token_id, **SAMPLING)
+    gathered = [generate_shared(engine, prompts, dp, pad_token_id=policy.pad_token_id, **SAMPLING)
+                for dp in _ranks(world)][-1]
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "completion_lengths", "is_eos",
+                 "prompt_index", "prompt_vision_mask", "prompt_text_mask", "pixel_values", "image_grid_thw"):
+        assert torch.equal(getattr(gathered, name), getattr(one, name)), name
+    assert gathered.completions == one.completions

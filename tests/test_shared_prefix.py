@@ -195,3 +195,24 @@ def test_a_sliding_window_decoder_falls_back_to_the_unshared_forward(caplog: pyt
     assert "cannot share prompts" in caplog.text and "sliding-window" in caplog.text
     unshared = teacher_forced_pass(sliding, batch, shared_prefix=False)
     assert torch.equal(shared.per_token_logps, unshared.per_token_logps)
+
+
+def test_gradient_checkpointing_takes_the_unshared_forward_only_while_it_is_on(model, batch: RolloutBatch,
+                                                                               monkeypatch, caplog):
+    # transformers drops the KV cache inside checkpointed layers: the checkpointed update must take the
+    # unshared forward, and the model class must not be marked unable to share for later no-grad passes.
+    monkeypatch.setattr(shared_prefix, "_UNSUPPORTED", {})
+    monkeypatch.setattr(shared_prefix, "_CHECKPOINTING_LOGGED", set())
+    trained = copy.deepcopy(model).train()
+    trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls: list[bool] = []
+    real = shared_prefix._shared_forward
+    monkeypatch.setattr(shared_prefix, "_shared_forward", lambda *a, **k: calls.append(True) or real(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="dapo_ops.shared_prefix"):
+        logps, _ = completion_forward(trained, batch, shared_prefix=True)
+    (logps * batch.completion_mask).sum().backward()
+    assert calls == [] and "gradient checkpointing is on" in caplog.text
+    assert shared_prefix._UNSUPPORTED == {}
+    trained.gradient_checkpointing_disable()
+    teacher_forced_pass(trained.eval(), batch, shared_prefix=True)
+    assert calls == [True]
