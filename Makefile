@@ -75,10 +75,14 @@ sync-mlflow: install
 bench: install
 	$(BIN)/python -m benchmarks.run_all
 
-# Attention reward off / each MDI shaping x 3 seeds on the embedded default (~30 min on 2 cores):
-# writes benchmarks/ablation.{md,json,png}.
+# Attention reward off / each MDI shaping on the embedded default, and one row per RL objective on the embedded
+# default and an unseen dataset, 3 seeds each, two runs at a time (~30 min on 2 quiet cores); finished runs are
+# cached in benchmarks/.ablation-cache (a re-run resumes). Writes benchmarks/ablation.{md,json,png}.
+# `make ablation ROWS="dapo sapo" SEEDS="0 1" OBJECTIVE_ROUNDS=3 JOBS=2 ROUNDS=8` (all optional).
 ablation: install
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablation $(if $(ROUNDS),--rounds $(ROUNDS))
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablation $(if $(ROUNDS),--rounds $(ROUNDS)) \
+		$(if $(OBJECTIVE_ROUNDS),--objective-rounds $(OBJECTIVE_ROUNDS)) $(if $(ROWS),--rows $(ROWS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
 
 clean:
 	rm -rf var .pytest_cache

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dapo_ops.config import EMBEDDED, DapoConfig, data_root
-from dapo_ops.tracking import resolve_tracking_uri
+from dapo_ops.tracking import Tracker, resolve_tracking_uri
 
 DAGSTER_YAML = """\
 # Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
@@ -176,8 +176,8 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
         faults.point("run_start")
-        with _tracked_run(store, echo), _console_progress(live and echo is _progress):
-            home = _train_locked(config, rounds, store, echo=echo, live=live, started=started)
+        with _tracked_run(store, echo) as tracker, _console_progress(live and echo is _progress):
+            home = _train_locked(config, rounds, store, tracker, echo=echo, live=live, started=started)
     tracking_uri = resolve_tracking_uri(root)
     summary = {
         "run_name": config.run_name,
@@ -241,15 +241,13 @@ def _catch_termination() -> Iterator[list[int]]:
 
 
 @contextlib.contextmanager
-def _tracked_run(store, echo) -> Iterator[None]:
+def _tracked_run(store, echo) -> Iterator[Tracker]:
     """The MLflow run's lifecycle around one `make run`: RUNNING (the same run id when resumed) while it
     trains, then FINISHED when every round is done, FAILED when a round fails, KILLED on SIGTERM/SIGINT.
     The status goes through the journal, so one that MLflow misses now is sent by the next sync.
     (Rounds that `dagster dev`'s sensor launches leave the run RUNNING between rounds; the round that
-    reaches `max_rounds` ends it FINISHED in `training_report`.)"""
+    reaches `max_rounds` ends it FINISHED in `training_report`.) Yields the run's tracker."""
     import warnings
-
-    from dapo_ops.tracking import Tracker
 
     tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
                       data_root=store.root)
@@ -259,7 +257,7 @@ def _tracked_run(store, echo) -> Iterator[None]:
     status = "FAILED"
     with _catch_termination() as received:
         try:
-            yield
+            yield tracker
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -287,7 +285,8 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
              f"waits in {tracker.state_dir}; `make sync-mlflow` sends it.")
 
 
-def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, started: float) -> Path:
+def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, echo, live: bool,
+                  started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
     from dapo_ops import faults, retention, training
     from dapo_ops.store import checkpoint_key
@@ -313,20 +312,17 @@ def _train_locked(config: DapoConfig, rounds: int, store, *, echo, live: bool, s
         materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
     retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
-    with _system_metrics(store):
+    with _system_metrics(tracker):
         _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, started=started)
     return home
 
 
 @contextlib.contextmanager
-def _system_metrics(store) -> Iterator[None]:
-    """MLflow system metrics (CPU, memory, GPU when present) on the training run while rounds run."""
+def _system_metrics(tracker: Tracker) -> Iterator[None]:
+    """MLflow system metrics (CPU, memory, GPU when present) on the training run while rounds run (its id is
+    known by now: setup created the run, and `tracker` reads it from the journal's cache)."""
     import warnings
 
-    from dapo_ops.tracking import Tracker
-
-    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
-                      data_root=store.root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an outage is reported by the rounds themselves
         with tracker.system_metrics():

@@ -92,3 +92,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun
         yield TrainedRun(root=root, run_name=config.run_name, rounds=2, tracking_uri=uri)
     finally:
         _restore_env(previous)
+
+
+def use_global_mlflow_uri(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    """Point MLflow's process-global tracking URI at `uri` for one test. `mlflow.set_tracking_uri(previous)`
+    would not undo it: it pins MLflow's default `sqlite:///mlflow.db` (relative to the cwd) in the
+    environment, so every later subprocess would create a store in the working directory."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+

@@ -89,3 +89,116 @@ def test_two_processes_pay_off_once_the_work_they_save_exceeds_the_launch_overhe
     assert 0.6 * work + 8.0 == pytest.approx(work)  # the break-even point itself
     assert math.isinf(launch_overhead.crossover(1.0, 1.2, 8.0)["crossover_work_s"])  # 2 processes never win
     assert "launch_overhead" in run_all.BENCHMARKS
+
+
+# ------------------------------------------------------------------------ the ablation's rows, cache, tables
+
+
+def _ablation_run(seed: int, eval_accuracy: list[float], all_mdi: list[float], status: str = "ok", **extra) -> dict:
+    stages = [{"early": 0.1, "middle": 0.2, "late": 0.3, "all": m} for m in all_mdi]
+    return {"seed": seed, "status": status, "eval_accuracy": eval_accuracy, "train_accuracy": eval_accuracy[:-1],
+            "abs_log_mdi": stages, "chance": 0.25, **extra}
+
+
+def test_every_objective_row_is_a_valid_config_and_dapo_is_the_shaping_default():
+    from benchmarks import ablation
+    from dapo_ops.config import DapoConfig
+
+    rows = {r.name: r for r in ablation.objective_rows()}
+    assert {"dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "gspo", "delta_4", "top_entropy_0.2",
+            "normalize_then_sum", "mask_truncated", "entropy_coef_0.01"} <= set(rows)
+    configs = {name: DapoConfig(**row.overrides) for name, row in rows.items()}
+    assert configs["gspo"].importance_sampling_level == "sequence" and configs["sapo"].loss_type == "sapo"
+    assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for c in configs.values()}) == len(rows)
+    clip = next(r for r in ablation.default_rows() if r.name == DapoConfig().mdi_shaping)
+    key = ablation.job_key(rows["dapo"].overrides, 0, "embedded", "src")
+    assert key == ablation.job_key(clip.overrides, 0, "embedded", "src")  # trained once, read by both rows
+    assert len({key, ablation.job_key({}, 1, "embedded", "src"), ablation.job_key({}, 0, "unseen", "src"),
+                ablation.job_key({}, 0, "embedded", "changed")}) == 4
+
+
+def test_an_unknown_ablation_row_is_an_error_naming_it():
+    from benchmarks import ablation
+
+    with pytest.raises(ValueError, match="unknown ablation row.*lion.*known rows: dapo"):
+        ablation.select_rows(ablation.objective_rows(), ["sapo", "lion"], ["dapo", "sapo"])
+    assert [r.name for r in ablation.select_rows(ablation.objective_rows(), ["sapo"], ["sapo"])] == ["sapo"]
+
+
+def test_the_longest_of_two_jobs_with_one_config_is_trained_and_the_shorter_reads_its_prefix():
+    from benchmarks import ablation
+
+    short = ablation.Job("embedded", "dapo", 0, 2, {}, "k")
+    long = ablation.Job("embedded", "clip", 0, 3, {"mdi_shaping": "clip"}, "k")
+    assert ablation.unique_jobs([short, long]) == [long]
+    runs = ablation.collect([short, long], {"k": _ablation_run(0, [0.2, 0.4, 0.6, 0.8], [1.0, 0.9, 0.8, 0.7])})
+    assert runs["embedded"]["dapo"][0]["eval_accuracy"] == [0.2, 0.4, 0.6]
+    assert runs["embedded"]["dapo"][0]["train_accuracy"] == [0.2, 0.4]
+    assert len(runs["embedded"]["clip"][0]["abs_log_mdi"]) == 4
+
+
+def test_a_run_that_went_nan_after_the_asked_rounds_is_a_finished_run_of_those_rounds():
+    from benchmarks import ablation
+
+    nan_in_round_2 = _ablation_run(0, [0.2, 0.4, 0.5], [1.0, 0.9, 0.8], status="nan", error="round 2: loss nan")
+    assert ablation.truncate(nan_in_round_2, 2)["status"] == "ok"
+    assert ablation.truncate(nan_in_round_2, 3)["status"] == "nan"
+
+
+def test_cached_results_are_reused_unless_they_are_shorter_or_crashed(tmp_path):
+    from benchmarks import ablation
+
+    def cache(key: str, status: str, rounds: int) -> ablation.Job:
+        (tmp_path / f"{key}.json").write_text(json.dumps({**_ablation_run(0, [0.5] * (rounds + 1), [1.0] * (rounds + 1),
+                                                                          status=status), "rounds": rounds}))
+        return ablation.Job("embedded", key, 0, 4, {}, key)
+
+    assert ablation.cached_result(tmp_path, cache("long", "ok", 4))["rounds"] == 4
+    assert ablation.cached_result(tmp_path, cache("nan", "nan", 2))["status"] == "nan"  # NaN is NaN on a re-run
+    assert ablation.cached_result(tmp_path, cache("short", "ok", 2)) is None
+    assert ablation.cached_result(tmp_path, cache("crash", "crash", 4)) is None
+    assert ablation.cached_result(tmp_path, ablation.Job("embedded", "new", 0, 4, {}, "missing")) is None
+    lines: list[str] = []
+    jobs = [ablation.Job("embedded", "dapo", 0, 4, {}, "long"), ablation.Job("embedded", "sapo", 0, 2, {}, "nan")]
+    results = ablation.run_jobs(jobs, tmp_path, {"embedded": "embedded"}, parallel=2, echo=lines.append)
+    assert set(results) == {"long", "nan"} and lines == [f"2 run(s) cached in {tmp_path}, 0 to train, 2 at a time"]
+
+
+def test_objective_rows_report_nan_runs_beside_the_means_of_the_finished_seeds(tmp_path):
+    from benchmarks import ablation
+
+    objectives = {"embedded": {
+        "dapo": [_ablation_run(0, [0.2, 0.6], [1.0, 0.8]), _ablation_run(1, [0.4, 0.8], [0.6, 0.4])],
+        "sapo": [_ablation_run(0, [0.2, 0.7], [1.0, 0.5]),
+                 _ablation_run(1, [0.4], [0.6], status="nan", error="round 0: non-finite loss")],
+    }}
+    result = ablation.assemble({}, 0, "clip", 1.0, objectives, objective_rounds=1)
+    section = result["objectives"]["datasets"]["embedded"]
+    assert section["summary"]["dapo"]["eval_accuracy_last"] == pytest.approx((0.7, math.sqrt(0.02)))
+    assert section["summary"]["sapo"]["seeds_ok"] == 1 and section["summary"]["sapo"]["seeds_failed"] == 1
+    assert section["summary"]["sapo"]["abs_log_mdi_all_last"] == pytest.approx((0.5, 0.0))
+    assert section["failures"] == {"sapo": ["seed 1: nan (round 0: non-finite loss)"]}
+    table = ablation.markdown(result)
+    assert "| sapo | `loss_type=sapo` | 1 | seed 1: nan (round 0: non-finite loss) | 0.200 ± 0.000 | 0.700 ± 0.000 |" \
+        in table
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps(result))
+    merged = ablation.merge([path], "clip")
+    assert json.loads(json.dumps(merged["objectives"])) == json.loads(json.dumps(result["objectives"]))
+
+
+def test_objective_rows_of_one_dataset_and_seed_share_ckpt_0000_and_a_row_changing_the_warm_start_does_not():
+    from benchmarks import ablation
+
+    def job(row: ablation.Row, seed: int = 0, dataset: str = "embedded") -> ablation.Job:
+        return ablation.make_job(dataset, row, seed, 3, "src")
+
+    rows = ablation.objective_rows()
+    assert len({ablation.setup_key(job(r), "src") for r in [*rows, *ablation.default_rows()]}) == 1
+    assert ablation.setup_key(job(rows[0], seed=1), "src") != ablation.setup_key(job(rows[0]), "src")
+    assert ablation.setup_key(job(rows[0], dataset="unseen"), "src") != ablation.setup_key(job(rows[0]), "src")
+    own = job(ablation.Row("short_warmup", {"warmup_steps": 5}))
+    assert ablation.setup_key(own, "src") == own.key
+    planned = ablation.plan_jobs([], rows[:2], ["embedded", "unseen"], [0, 1], 8, 3, "src")
+    assert [(j.seed, j.row, j.dataset) for j in planned[:3]] == [(0, "dapo", "embedded"), (0, "dapo", "unseen"),
+                                                                (0, "grpo", "embedded")]

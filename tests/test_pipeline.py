@@ -1,4 +1,5 @@
-"""The Dagster pipeline end to end: 2 small rounds into a temporary data root (real instance, real MLflow)."""
+"""The Dagster pipeline end to end: 2 small rounds into a temporary data root (real instance, real MLflow), and 3
+tiny ones for the model URI of ckpt-0003."""
 
 from __future__ import annotations
 
@@ -197,7 +198,27 @@ def test_each_checkpoint_is_a_logged_model_of_the_run_at_its_step_with_its_eval_
     assert sorted(steps[m.model_id] for m in models) == [0, 2, 4]
 
 
-def test_a_checkpoint_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_directory(trained_run):
+@pytest.fixture(scope="module")
+def three_rounds(tmp_path_factory: pytest.TempPathFactory):
+    """`make run ROUNDS=3` of conftest's TINY_RUN (a few seconds a round), for ckpt-0003."""
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.tracking import default_tracking_uri
+    from pipelines.cli import run_training
+    from tests.conftest import TINY_RUN, TrainedRun, _restore_env, _set_env
+
+    root = tmp_path_factory.mktemp("three_rounds")
+    uri = default_tracking_uri(root)
+    previous = _set_env({"DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
+                         "MLFLOW_TRACKING_URI": uri})
+    try:
+        config = DapoConfig(run_name="three", **TINY_RUN)
+        run_training(config, rounds=3, root=root, echo=lambda _: None)
+    finally:
+        _restore_env(previous)
+    return TrainedRun(root=root, run_name=config.run_name, rounds=3, tracking_uri=uri)
+
+
+def test_ckpt_0003_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_directory(three_rounds, monkeypatch):
     import mlflow
     import polars as pl
 
@@ -206,22 +227,18 @@ def test_a_checkpoint_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_di
     from dapo_ops.engines import make_engine
     from dapo_ops.store import RunStore
     from dapo_ops.training import encode_rows
-    from tests.conftest import SMALL_RUN
+    from tests.conftest import TINY_RUN, use_global_mlflow_uri
 
-    client, run = _mlflow_run(trained_run)
-    model = next(m for m in _logged_models(client, run) if m.name == "ckpt-0002")
-    store = RunStore(trained_run.root, trained_run.run_name)
+    client, run = _mlflow_run(three_rounds)
+    model = next(m for m in _logged_models(client, run) if m.name == "ckpt-0003")
+    store = RunStore(three_rounds.root, three_rounds.run_name)
     rows = pl.read_parquet(store.data_dir / "eval.parquet").head(6)
-    policy = policies.load_policy(store.checkpoint_dir("ckpt-0002"))
-    direct = make_engine(DapoConfig(**SMALL_RUN), policy).generate(
-        encode_rows(policy, rows), num_generations=1, max_completion_length=SMALL_RUN["max_completion_length"],
+    policy = policies.load_policy(store.checkpoint_dir("ckpt-0003"))
+    direct = make_engine(DapoConfig(**TINY_RUN), policy).generate(
+        encode_rows(policy, rows), num_generations=1, max_completion_length=TINY_RUN["max_completion_length"],
         temperature=0.0, top_p=1.0, seed=0).completions
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(trained_run.tracking_uri)
-    try:
-        loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    use_global_mlflow_uri(monkeypatch, three_rounds.tracking_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     assert loaded.predict(rows.to_pandas()) == list(direct)
     # No second copy of the weights: the MLflow model is the wrapper, the checkpoint folder holds them.
     artifacts = Path(model.artifact_location.removeprefix("file://"))

@@ -143,13 +143,14 @@ def test_make_run_in_a_terminal_shows_progress_bars(tmp_path: Path):
 
 @pytest.mark.slow
 def test_make_run_piped_to_a_file_prints_plain_lines(tmp_path: Path):
-    log = tmp_path / "make-run.log"
-    # stdout only (`make run > log`): MLflow's own warnings on stderr come in ANSI colour, which is not ours.
-    with open(log, "wb") as out:
-        assert make_run(tmp_path, "piped", stdin=subprocess.DEVNULL, stdout=out,
-                        stderr=subprocess.DEVNULL).wait(timeout=600) == 0
+    log, errors = tmp_path / "make-run.log", tmp_path / "make-run.err"
+    # `make run > log 2> err`: neither stream has a control code, MLflow's warnings on stderr included.
+    with open(log, "wb") as out, open(errors, "wb") as err:
+        assert make_run(tmp_path, "piped", stdin=subprocess.DEVNULL, stdout=out, stderr=err).wait(timeout=600) == 0
     text = log.read_text()
     assert not CONTROL.search(text), CONTROL.search(text)
+    stderr = errors.read_text()
+    assert not CONTROL.search(stderr), stderr[max(0, CONTROL.search(stderr).start() - 300):][:600]
     assert re.search(r"^generation: \d+ tok in \d+:\d\d, [\d.]+ tok/s$", text, re.MULTILINE)
     assert re.search(r"^optimizer: 2 step in \d+:\d\d, [\d.]+ step/s$", text, re.MULTILINE)
     assert re.search(r"^teacher-forced: \d+ batch in ", text, re.MULTILINE)

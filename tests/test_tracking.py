@@ -360,10 +360,12 @@ def test_a_reanalysis_is_a_separate_tagged_run_that_leaves_training_alone(
     assert make_tracker(store, run_dir, "trained").start({"mdi_tolerance": 2.0}) == training_id
 
 
-def test_a_round_table_is_listed_once_in_the_ui_and_loads_back(store: tuple[Path, str], client, tmp_path: Path):
+def test_a_round_table_is_listed_once_in_the_ui_and_loads_back(store: tuple[Path, str], client, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
     from PIL import Image
 
     from dapo_ops.reports import mlflow_table_json
+    from tests.conftest import use_global_mlflow_uri
 
     run_dir = tmp_path / "runs" / "tabled"
     folder = run_dir / "reports" / "ckpt-0000"
@@ -382,12 +384,8 @@ def test_a_round_table_is_listed_once_in_the_ui_and_loads_back(store: tuple[Path
     listed = json.loads(client.get_run(run_id).data.tags["mlflow.loggedArtifacts"])
     assert listed == [{"path": "reports/ckpt-0000/rollout_table.json", "type": "table"}]
     experiment_id = client.get_run(run_id).info.experiment_id
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store[1])  # load_table searches the runs through the global tracking URI
-    try:
-        loaded = client.load_table(experiment_id, "reports/ckpt-0000/rollout_table.json", run_ids=[run_id])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    use_global_mlflow_uri(monkeypatch, store[1])  # load_table searches the runs through the global tracking URI
+    loaded = client.load_table(experiment_id, "reports/ckpt-0000/rollout_table.json", run_ids=[run_id])
     assert loaded["completion"].tolist() == ["a", "b"]  # not appended twice, as log_table would
     assert {a.path for a in client.list_artifacts(run_id, "reports/ckpt-0000/rollout_images")} == {
         cell["filepath"]}
