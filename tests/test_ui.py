@@ -409,9 +409,13 @@ def test_mlflow_shows_each_round_s_rollout_table_with_its_images(uis, page):
     open_training_run(page, uis)
     page.get_by_text("Artifacts", exact=True).first.click()
     page.get_by_text("reports", exact=True).click()
-    for key in ROUND_KEYS:  # in the tree's order: the round's table is the last one its opened folders list
+    for opened, key in enumerate(ROUND_KEYS, start=1):
         page.get_by_text(key, exact=True).click()
-        page.get_by_text("rollout_table.json", exact=True).last.click()
+        # In the tree's order the round's table is the last one its opened folders list, once the folder's
+        # listing has arrived (clicking before that would open the previous round's table again).
+        tables = page.get_by_text("rollout_table.json", exact=True)
+        expect(tables).to_have_count(opened)
+        tables.last.click()
         expect(page.get_by_text(f"reports/{key}/rollout_table.json", exact=True)).to_be_visible()
         expect(page.get_by_role("checkbox", name="View as table")).to_be_checked()
         headers = page.get_by_role("columnheader")
