@@ -434,12 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(device=args.device, lengths=lengths, quick=args.quick, batch_size=args.batch_size,
                  image_share=args.image_share, repeats=args.repeats, memory=not args.no_memory,
                  log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(markdown(result), file=sys.stderr)
-    text = json.dumps(result)
-    if args.json_out:
-        with open(args.json_out, "w") as handle:
-            handle.write(text)
-    print(text, flush=True)
+    common.emit(result, markdown(result), args.json_out)
     return 0
 
 

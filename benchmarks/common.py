@@ -143,6 +143,16 @@ def run_json_subprocess(module: str, args: Sequence[str], *, timeout: float, thr
     return json.loads(lines[-1])
 
 
+def emit(result: dict[str, Any], markdown_text: str, json_out: str | None) -> None:
+    """A benchmark module's CLI output: the markdown on stderr, the result as strict JSON on stdout and in
+    `json_out` (what `run_all` reads)."""
+    print(markdown_text, file=sys.stderr)
+    text = json.dumps(json_safe(result))
+    if json_out:
+        Path(json_out).write_text(text)
+    print(text, flush=True)
+
+
 def json_safe(value: Any) -> Any:
     """NaN and infinities as null, so results.json is strict JSON."""
     if isinstance(value, float):

@@ -21,7 +21,6 @@ how many times larger than the embedded model a model must be for 2 CPU processe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -142,11 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     result = run(device=args.device, quick=args.quick, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(markdown(result), file=sys.stderr)
-    text = json.dumps(common.json_safe(result))
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    print(text, flush=True)
+    common.emit(result, markdown(result), args.json_out)
     return 0
 
 

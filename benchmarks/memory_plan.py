@@ -316,10 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(measure_case(case, device)))
         return 0
     result = run(device, args.quick)
-    print(markdown(result), file=sys.stderr)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(common.json_safe(result), indent=2) + "\n")
-    print(json.dumps(common.json_safe(result)))
+    common.emit(result, markdown(result), args.json_out)
     return 0
 
 

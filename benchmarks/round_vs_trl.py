@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -607,11 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(device=args.device, quick=args.quick, rounds=args.rounds,
                  log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(markdown(result), file=sys.stderr)
-    text = json.dumps(result)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    print(text, flush=True)
+    common.emit(result, markdown(result), args.json_out)
     return 0
 
 

@@ -31,7 +31,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from benchmarks import common, round_vs_trl
@@ -485,11 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     result = run(device=args.device, quick=args.quick, repeats=args.repeats, rounds=args.rounds,
                  memory=not args.no_memory, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(markdown(result), file=sys.stderr)
-    text = json.dumps(common.json_safe(result))
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    print(text, flush=True)
+    common.emit(result, markdown(result), args.json_out)
     return 0
 
 
