@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dapo_ops.config import EMBEDDED, MDI_SHAPINGS, STAGES, DapoConfig
+from dapo_ops.mdi_pathwise import PER_ROLLOUT_SHAPINGS
 
 OUT_DIR = Path(__file__).resolve().parent
 REPO = OUT_DIR.parent
@@ -72,11 +73,27 @@ def attention_off(config: DapoConfig) -> list[float]:
     return weights
 
 
+PATHWISE = "+pathwise"
+# The pathwise rows' `mdi_pathwise_coef` when the default config has none (else the default's).
+PATHWISE_COEF = 0.1
+
+
+def shaping_row_name(config: DapoConfig) -> str:
+    """The shaping row a config trains: its `mdi_shaping`, with `+pathwise` when the pathwise term is on."""
+    return config.mdi_shaping + (PATHWISE if config.mdi_pathwise_coef > 0 else "")
+
+
 def default_rows(config: DapoConfig | None = None) -> list[Row]:
-    """Attention reward off, then one row per MDI shaping (named after it)."""
+    """Attention reward off, then one row per MDI shaping (named after it) and, for the per-rollout shapings,
+    one with the pathwise gradient as well (`<shaping>+pathwise`, the default's `mdi_pathwise_coef`)."""
     config = config or DapoConfig()
-    return [Row("off", {"reward_weights": attention_off(config)}),
-            *(Row(shaping, {"mdi_shaping": shaping}) for shaping in MDI_SHAPINGS)]
+    coef = config.mdi_pathwise_coef or PATHWISE_COEF
+    rows = [Row("off", {"reward_weights": attention_off(config)})]
+    for shaping in MDI_SHAPINGS:
+        rows.append(Row(shaping, {"mdi_shaping": shaping, "mdi_pathwise_coef": 0.0}))
+        if shaping in PER_ROLLOUT_SHAPINGS:
+            rows.append(Row(shaping + PATHWISE, {"mdi_shaping": shaping, "mdi_pathwise_coef": coef}))
+    return rows
 
 
 def objective_rows() -> list[Row]:
@@ -132,7 +149,7 @@ POST_SETUP_FIELDS = frozenset({
     "loss_type", "epsilon", "epsilon_high", "beta", "scale_rewards", "importance_sampling_level", "delta",
     "top_entropy_quantile", "sapo_temperature_pos", "sapo_temperature_neg", "mask_truncated_completions",
     "entropy_coef", "use_bias_correction_kl", "multi_objective_aggregation", "reward_weights", "mdi_tolerance",
-    "mdi_reward_stage", "mdi_shaping", "learning_rate", "max_grad_norm", "num_iterations", "steps_per_generation",
+    "mdi_reward_stage", "mdi_shaping", "mdi_pathwise_coef", "learning_rate", "max_grad_norm", "num_iterations", "steps_per_generation",
 })
 
 
@@ -688,7 +705,7 @@ def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int],
                            cached_only=cached_only, fingerprint=fingerprint)
     shaping_runs = collect(shaping_jobs, results).get(EMBEDDED, {})
     objective_runs = collect(objective_jobs, results)
-    result = assemble(shaping_runs, rounds, default_row or DapoConfig().mdi_shaping, time.perf_counter() - start,
+    result = assemble(shaping_runs, rounds, default_row or shaping_row_name(DapoConfig()), time.perf_counter() - start,
                       objective_runs, objective_rounds)
     result["command"] = command
     if note:
@@ -709,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="datasets of the objective rows")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="runs trained at a time (one per core)")
     parser.add_argument("--merge", type=Path, nargs="+", help="combine these ablation.json files instead of training")
-    parser.add_argument("--default-row", help="the row compared with off (default: the default mdi_shaping)")
+    parser.add_argument("--default-row", help="the row compared with off (default: the default config's shaping row)")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: write the tables from the runs already cached in --out-dir")
     parser.add_argument("--cache-dir", type=Path, help=f"the run cache (default: <out-dir>/{CACHE_DIR_NAME})")
@@ -719,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         sys.exit(worker(args.worker))
     if args.merge:
-        result = merge(args.merge, args.default_row or DapoConfig().mdi_shaping)
+        result = merge(args.merge, args.default_row or shaping_row_name(DapoConfig()))
         if args.note:
             result["note"] = args.note
         write_outputs(result, args.out_dir)

@@ -206,16 +206,20 @@ class ModalityMassRecorder:
     forward will see. Only the window from the first query column to the end is attended again, so
     completions right after left-padded prompts cost Tc rows, not T.
     After the forward, `vision_mass` / `text_mass` [B, L] (float32, CPU) hold m_V(l), m_T(l); rows without
-    query tokens, and layers the forward never reached, are NaN.
+    query tokens, and layers the forward never reached, are NaN. With `differentiable`, they stay on the
+    model's device with their autograd graph (when the forward runs with grad enabled).
     """
 
     def __init__(
-        self, query_mask: torch.Tensor, vision_mask: torch.Tensor, text_mask: torch.Tensor, num_layers: int
+        self, query_mask: torch.Tensor, vision_mask: torch.Tensor, text_mask: torch.Tensor, num_layers: int,
+        *, differentiable: bool = False,
     ) -> None:
         if not query_mask.shape == vision_mask.shape == text_mask.shape or query_mask.ndim != 2:
             raise ValueError("query_mask, vision_mask and text_mask must all be [B, T]")
         self.batch_size, self.seq_len = (int(s) for s in query_mask.shape)
         self.num_layers = int(num_layers)
+        # Masses that keep their graph to the queries and keys (the attention reward's pathwise gradient).
+        self.differentiable = bool(differentiable)
         columns = query_mask.bool().any(0).nonzero()
         self.window_start = int(columns[0]) if len(columns) else self.seq_len
         self.query_rows = query_mask.bool()[:, self.window_start :]  # [B, Tq]
@@ -242,9 +246,10 @@ class ModalityMassRecorder:
     def _masked(self, channel: int) -> torch.Tensor:
         if self._mass is None:
             return torch.full((self.batch_size, self.num_layers), math.nan)
-        mass = self._mass[:, :, channel].cpu()
-        mass[self.num_queries.cpu() == 0] = math.nan
-        return mass
+        mass = self._mass[:, :, channel]
+        empty = (self.num_queries == 0).to(mass.device)[:, None]  # [B, 1]
+        mass = torch.where(empty, torch.full_like(mass, math.nan), mass)  # out of place: keeps the graph
+        return mass if self.differentiable else mass.detach().cpu()
 
     def release(self) -> None:
         """Drop the per-forward caches (the folded mask references the model's [B, 1, T, T] mask)."""
@@ -299,7 +304,6 @@ class ModalityMassRecorder:
         self._mask_source, self._mask_key, self._folded_mask = attention_mask, key, folded
         return folded
 
-    @torch.no_grad()
     def accumulate(
         self,
         layer_idx: int,
@@ -313,8 +317,7 @@ class ModalityMassRecorder:
         Either one full forward (Tq = T) or, in the shared-prefix layout, a forward after a cached prompt:
         the queries are the last Tq positions and the keys the cached prompt plus those positions.
         """
-        batch, heads, q_len, head_dim = query.shape
-        kv_heads, kv_len = key.shape[1], key.shape[2]
+        batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
         offset = self.seq_len - q_len  # the sequence position of query row 0
         if kv_len != self.seq_len or batch != self.batch_size or not 0 <= offset <= self.window_start:
             raise ValueError(
@@ -326,6 +329,15 @@ class ModalityMassRecorder:
             )
         if self.window_start >= self.seq_len:
             return
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            self._accumulate(layer_idx, query, key, attention_mask, scaling, offset)
+
+    def _accumulate(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+        scaling: float | None, offset: int,
+    ) -> None:
+        batch, heads, _, head_dim = query.shape
+        kv_heads = key.shape[1]
         group = heads // kv_heads
         # GQA without repeat_kv: query heads r of kv head g become extra query rows of g, so keys are shared.
         rows = query[:, :, self.window_start - offset :, :]
@@ -440,6 +452,8 @@ def record_modality_mass(
     query_mask: torch.Tensor,
     vision_mask: torch.Tensor,
     text_mask: torch.Tensor,
+    *,
+    differentiable: bool = False,
 ) -> Iterator[ModalityMassRecorder]:
     """Measure m_V(l), m_T(l) during ONE forward of `model` over [B, T] inputs (no KV cache).
 
@@ -456,7 +470,9 @@ def record_modality_mass(
     if not modules:
         raise ValueError(f"{type(model).__name__} has no decoder attention with a layer_idx")
     configs = list({id(m.config): m.config for m in modules}.values())
-    recorder = ModalityMassRecorder(query_mask, vision_mask, text_mask, decoder_num_layers(model))
+    recorder = ModalityMassRecorder(
+        query_mask, vision_mask, text_mask, decoder_num_layers(model), differentiable=differentiable
+    )
     with _lean_attention_on(configs):
         token = _ACTIVE.set(recorder)
         try:
@@ -562,6 +578,7 @@ def completion_forward(
     temperature: float = 1.0,
     with_attention: bool = False,
     entropy_grad: bool = False,
+    attention_grad: bool = False,
     shared_prefix: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass]).
@@ -572,15 +589,16 @@ def completion_forward(
     per_token_logps is differentiable (run it under `torch.no_grad()` for scoring), entropy only with
     `entropy_grad` (an entropy bonus); both are [B, Tc] on the model's device. Logits are computed only for the last Tc+1 positions
     (`logits_to_keep`) and divided by the sampling temperature, as in TRL (temperature <= 0, i.e. greedy
-    sampling, scores the raw logits). With `with_attention`, also the [B, L] masses (no gradient, CPU)
-    from the lean path.
+    sampling, scores the raw logits). With `with_attention`, also the [B, L] masses from the lean path: no
+    gradient, on the CPU; with `attention_grad` as well, differentiable and on the model's device (the
+    attention reward's pathwise term, `dapo_ops.update`).
     """
     if shared_prefix:
         from dapo_ops.shared_prefix import shared_completion_forward  # it imports this module
 
         return shared_completion_forward(
             model, rollouts_slice, temperature=temperature, with_attention=with_attention,
-            entropy_grad=entropy_grad,
+            entropy_grad=entropy_grad, attention_grad=attention_grad,
         )
     model = _unwrap(model)
     device = next(model.parameters()).device
@@ -594,7 +612,8 @@ def completion_forward(
         query_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool, device=device)
         query_mask[:, seq_len - num_completion :] = rollouts_slice.completion_mask.to(device).bool()
         recording = record_modality_mass(
-            model, query_mask, rollouts_slice.vision_mask.to(device), rollouts_slice.text_mask.to(device)
+            model, query_mask, rollouts_slice.vision_mask.to(device), rollouts_slice.text_mask.to(device),
+            differentiable=attention_grad,
         )
     with recording as recorder:
         outputs = model(**inputs, use_cache=False, logits_to_keep=num_completion + 1)

@@ -314,12 +314,17 @@ def mdi_reward(
     num_generations: int | None = None,
     **kw: Any,
 ) -> list[float | None]:
-    """A reward in [−1, 1] for balanced modality attention, from each rollout's MDI (stage `mdi_reward_stage`).
+    """A reward for balanced modality attention, from each rollout's MDI (stage `mdi_reward_stage`); in [−1, 1]
+    except for `log_distance`.
 
     Shapings (`mdi_shaping`), with d = |ln mdi| and R = `mdi_tolerance`:
     - `clip` (default, docs/metrics.md): `2·mdi_balance − 1 = 2·clip(1 − d / ln R, 0, 1) − 1`. It is +1 at MDI = 1
       and saturates at −1 once MDI is a factor R or more off balance, so a group whose MDIs are all far
       from 1 (the seed's MDI 4–8) gets the same −1 everywhere: no learning signal.
+    - `log_distance`: `1 − 2·d / ln R`, the `clip` line without the clip: the same value inside the band, and
+      the same slope at any distance from balance. Unbounded below (MDI 4 off balance gives −3 at R = 2). Its
+      GRPO advantages equal `group_log_distance`'s up to that shaping's ±1 clip, and it is per-rollout, so it
+      has a pathwise gradient (`mdi_pathwise_coef`, dapo_ops.mdi_pathwise).
     - `group_log_distance`: `clip(2·(mean_g d − d_i) / ln R, −1, 1)`, where mean_g runs over the defined MDIs
       of rollout i's group (G = `num_generations` consecutive rows). Rewards a rollout for being closer to
       MDI = 1, on the log scale, than its siblings. Inside the clip band it equals the group-centred `clip`
@@ -349,8 +354,12 @@ def mdi_reward(
     shaping = _scalar(mdi_shaping)
     if shaping == "clip":
         return [None if v is None else 2.0 * mdi_balance(v, tolerance) - 1.0 for v in values]
+    if shaping == "log_distance":
+        return [None if v is None else 1.0 - 2.0 * abs(math.log(v)) / math.log(tolerance) for v in values]
     if shaping not in ("group_log_distance", "group_zscore"):
-        raise ValueError(f"mdi_shaping={shaping!r} is unknown; use 'clip', 'group_log_distance' or 'group_zscore'")
+        raise ValueError(
+            f"mdi_shaping={shaping!r} is unknown; use 'clip', 'log_distance', 'group_log_distance' or 'group_zscore'"
+        )
     group = int(_scalar(num_generations) or 0)
     if group < 1 or n % group:
         raise ValueError(

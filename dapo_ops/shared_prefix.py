@@ -262,6 +262,7 @@ def _shared_forward(
     temperature: float,
     with_attention: bool,
     entropy_grad: bool = False,
+    attention_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     completion_ids = rollouts_slice.completion_ids.to(device)  # [N, Tc]
@@ -280,7 +281,8 @@ def _shared_forward(
         query_mask = torch.zeros(num_rows, seq_len, dtype=torch.bool, device=device)
         query_mask[:, seq_len - num_completion :] = completion_mask.bool()
         recording = record_modality_mass(
-            model, query_mask, rollouts_slice.vision_mask.to(device), rollouts_slice.text_mask.to(device)
+            model, query_mask, rollouts_slice.vision_mask.to(device), rollouts_slice.text_mask.to(device),
+            differentiable=attention_grad,
         )
     else:
         recording = nullcontext()
@@ -328,7 +330,7 @@ def _shared_forward(
 
 def shared_completion_forward(
     model: Any, rollouts_slice: RolloutLike, *, temperature: float = 1.0, with_attention: bool = False,
-    entropy_grad: bool = False,
+    entropy_grad: bool = False, attention_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """`attention.completion_forward` with each prompt computed once (same outputs, same shapes).
 
@@ -343,7 +345,7 @@ def shared_completion_forward(
     def unshared() -> tuple[torch.Tensor, ...]:
         return completion_forward(
             model, rollouts_slice, temperature=temperature, with_attention=with_attention,
-            entropy_grad=entropy_grad, shared_prefix=False,
+            entropy_grad=entropy_grad, attention_grad=attention_grad, shared_prefix=False,
         )
 
     if name in _UNSUPPORTED or int(rollouts_slice.completion_ids.shape[1]) == 0:
@@ -364,7 +366,7 @@ def shared_completion_forward(
         _static_check(model)
         return _shared_forward(
             model, rollouts_slice, groups, temperature=temperature, with_attention=with_attention,
-            entropy_grad=entropy_grad,
+            entropy_grad=entropy_grad, attention_grad=attention_grad,
         )
     except SharingUnsupported as reason:
         _UNSUPPORTED[name] = str(reason)

@@ -21,6 +21,7 @@ from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
 from dapo_ops.loss import policy_loss
+from dapo_ops.mdi_pathwise import pathwise_loss
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -165,7 +166,14 @@ def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *,
 
 
 # Per-step sums reduced across processes in one call.
-_LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE, _CISPO = range(9)
+_LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE, _CISPO, _MDI_REWARD, _MDI_ROWS = range(11)
+
+
+def pathwise_weight(config: DapoConfig) -> float:
+    """`mdi_pathwise_coef` times the weight of `mdi_reward` (0: no term, no differentiable attention)."""
+    if not config.mdi_pathwise_coef or "mdi_reward" not in config.reward_funcs:
+        return 0.0
+    return config.mdi_pathwise_coef * float(config.reward_weights[config.reward_funcs.index("mdi_reward")])
 
 
 def policy_update(
@@ -212,6 +220,7 @@ def policy_update(
     # Clip shares are over sequences when the importance weight is one per sequence (TRL's metrics).
     per_sequence = config.importance_sampling_level == "sequence"
     needs_entropies = config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0
+    attention_weight = pathwise_weight(config)
     # Whole groups per step and micro-batch, so that each prompt's forward is shared by its rollouts.
     group_ids = getattr(rollouts, "prompt_index", None)
     group_ids = None if group_ids is None else group_ids.cpu()
@@ -223,16 +232,18 @@ def policy_update(
             optimizer.zero_grad(set_to_none=True)
             # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
             num_items = int(completion_mask[chunk].sum().item())
-            sums = torch.zeros(9, dtype=torch.float64)
+            sums = torch.zeros(11, dtype=torch.float64)
             for position, idx in enumerate(micro_batches):
                 placeholder = len(idx) == 0  # keeps this rank's collectives in step; contributes nothing
                 rows = chunk[:1] if placeholder else idx
                 batch = rollouts.select(rows)
                 with collective.sync_context(model, sync=position == len(micro_batches) - 1):
                     with precision.autocast(config, model):  # bf16: autocast forward, fp32 master weights
-                        logps, entropy = completion_forward(model, batch, temperature=config.temperature,
-                                                            entropy_grad=config.entropy_coef != 0.0,
-                                                            shared_prefix=config.shared_prefix)
+                        logps, entropy, *masses = completion_forward(
+                            model, batch, temperature=config.temperature, entropy_grad=config.entropy_coef != 0.0,
+                            with_attention=attention_weight != 0.0, attention_grad=attention_weight != 0.0,
+                            shared_prefix=config.shared_prefix,
+                        )
                     logps = logps.float()  # [B, Tc] the loss in fp32 whatever the forward's precision
                     mask = completion_mask[rows]
                     loss, stats = policy_loss(
@@ -260,6 +271,15 @@ def policy_update(
                         gradient_accumulation_steps=len(micro_batches),
                         num_processes=world,
                     )
+                    if masses:
+                        # The attention reward's pathwise term, a mean over the step's rollouts; DDP averages
+                        # the ranks' gradients, so each rank's share is scaled by the world size.
+                        attention_loss, mdi_values = pathwise_loss(
+                            *masses, batch.vision_mask.sum(-1), batch.text_mask.sum(-1), weight=attention_weight,
+                            shaping=config.mdi_shaping, tolerance=config.mdi_tolerance,
+                            stage=config.mdi_reward_stage, denominator=len(chunk),
+                        )
+                        loss = loss + world * attention_loss.to(loss.dtype)
                     if placeholder:
                         loss = loss * 0.0
                     # A non-finite loss is only flagged here: every rank must finish the same backward
@@ -283,6 +303,9 @@ def policy_update(
                 sums[_KL] += weight * float(stats.get("kl", 0.0))
                 sums[_ENTROPY] += float((entropy.detach().double().cpu() * mask).sum())
                 sums[_TOKENS] += tokens
+                if masses:
+                    sums[_MDI_REWARD] += float(mdi_values.double().sum())
+                    sums[_MDI_ROWS] += len(idx)
             sums = collective.sum(sums)
             step_loss = float(sums[_LOSS]) / world
             if sums[_NONFINITE] > 0:
@@ -317,6 +340,9 @@ def policy_update(
                 record["kl"] = float(sums[_KL])
             if config.loss_type == "cispo":
                 record["cispo_clip_ratio"] = float(sums[_CISPO])
+            if attention_weight:
+                # The attention reward of the update's own forward, before this step (the pathwise term's r).
+                record["mdi_reward_pathwise"] = float(sums[_MDI_REWARD]) / max(float(sums[_MDI_ROWS]), 1.0)
             result.steps.append(record)
             log(
                 f"step {result.global_step}: epoch {epoch} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.4f} "

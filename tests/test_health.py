@@ -48,7 +48,7 @@ def test_zero_variance_groups_are_flagged():
 def test_saturated_attention_reward_is_flagged_only_when_it_is_weighted():
     saturated = {**HEALTHY, "rewards/mdi_reward/std": 0.0, "rewards/mdi_reward/mean": -1.0, "attention/all/mdi": 38.0}
     finding = health.attention_reward_saturated(saturated, mdi_weight=1.0)
-    assert not finding.passed and "group_log_distance" in finding.remedy
+    assert not finding.passed and "log_distance" in finding.remedy
     assert health.attention_reward_saturated(saturated, mdi_weight=0.0).passed
 
 
