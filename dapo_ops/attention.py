@@ -234,6 +234,7 @@ class ModalityMassRecorder:
         self._mask_source: torch.Tensor | None = None
         self._mask_key: tuple[Any, ...] | None = None
         self._folded_mask: torch.Tensor | None = None
+        self._pending: list[tuple[Any, ...]] = []
 
     @property
     def vision_mass(self) -> torch.Tensor:
@@ -255,6 +256,7 @@ class ModalityMassRecorder:
         """Drop the per-forward caches (the folded mask references the model's [B, 1, T, T] mask)."""
         self._values = self._row_weights = self._mask_source = self._folded_mask = None
         self._mask_key = None
+        self._pending = []
 
     def _indicator_values(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[B, 1, T, head_dim]: channel 0 = 1[k∈V], channel 1 = 1[k∈T], zeros elsewhere.
@@ -329,8 +331,19 @@ class ModalityMassRecorder:
             )
         if self.window_start >= self.seq_len:
             return
-        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+        if self.differentiable and torch.is_grad_enabled():
+            # Deferred to `finish`, after the forward: inside a gradient-checkpointed layer, extra autograd ops
+            # would break its recomputation (which runs plain SDPA); q and k themselves stay in the graph.
+            self._pending.append((layer_idx, query, key, attention_mask, scaling, offset))
+            return
+        with torch.no_grad():
             self._accumulate(layer_idx, query, key, attention_mask, scaling, offset)
+
+    def finish(self) -> None:
+        """Compute the deferred (differentiable) layers; a no-op for the no-grad path."""
+        pending, self._pending = self._pending, []
+        for args in pending:
+            self._accumulate(*args)
 
     def _accumulate(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -477,6 +490,7 @@ def record_modality_mass(
         token = _ACTIVE.set(recorder)
         try:
             yield recorder
+            recorder.finish()
         finally:
             _ACTIVE.reset(token)
             recorder.release()

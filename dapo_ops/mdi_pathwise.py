@@ -76,13 +76,18 @@ def pathwise_loss(
     tolerance: float,
     stage: str,
     denominator: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, rewards): `−weight · Σ_i r(θ, y_i) / denominator` over a micro-batch's defined rows, and r [B].
+    include: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, rewards, entered): `−weight · Σ_i r(θ, y_i) / denominator` over a micro-batch's defined rows, r [B]
+    (0 for rows left out) and which rows entered [B] bool.
 
     `denominator` is the number of rollouts in the whole optimizer step (all micro-batches and ranks), so that
-    the micro-batch losses add up to the step mean, like the token-normalized policy loss.
+    the micro-batch losses add up to the step mean, like the token-normalized policy loss. `include` [B] bool:
+    the rows that enter (default: all).
     """
     log_mdi, defined = stage_log_mdi(vision_mass, text_mass, num_vision, num_text, stage)  # [B], [B]
+    if include is not None:
+        defined = defined & include.to(defined.device)
     reward = shaped_reward(log_mdi, shaping, tolerance)  # [B]
     reward = torch.where(defined, reward, torch.zeros_like(reward))
-    return -weight * reward.sum() / max(int(denominator), 1), reward.detach()
+    return -weight * reward.sum() / max(int(denominator), 1), reward.detach(), defined

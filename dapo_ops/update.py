@@ -274,10 +274,12 @@ def policy_update(
                     if masses:
                         # The attention reward's pathwise term, a mean over the step's rollouts; DDP averages
                         # the ranks' gradients, so each rank's share is scaled by the world size.
-                        attention_loss, mdi_values = pathwise_loss(
+                        # Rollouts without a loss token (mask_truncated_completions) leave this term too.
+                        attention_loss, mdi_values, mdi_rows = pathwise_loss(
                             *masses, batch.vision_mask.sum(-1), batch.text_mask.sum(-1), weight=attention_weight,
                             shaping=config.mdi_shaping, tolerance=config.mdi_tolerance,
                             stage=config.mdi_reward_stage, denominator=len(chunk),
+                            include=mask.to(masses[0].device).bool().any(-1),
                         )
                         loss = loss + world * attention_loss.to(loss.dtype)
                     if placeholder:
@@ -305,7 +307,7 @@ def policy_update(
                 sums[_TOKENS] += tokens
                 if masses:
                     sums[_MDI_REWARD] += float(mdi_values.double().sum())
-                    sums[_MDI_ROWS] += len(idx)
+                    sums[_MDI_ROWS] += float(mdi_rows.sum())
             sums = collective.sum(sums)
             step_loss = float(sums[_LOSS]) / world
             if sums[_NONFINITE] > 0:

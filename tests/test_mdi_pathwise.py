@@ -112,9 +112,10 @@ def test_log_distance_keeps_its_slope_where_clip_is_flat() -> None:
 def test_rows_without_image_add_nothing_and_no_nan() -> None:
     vision = torch.tensor([[0.2, 0.3], [0.0, 0.0]], requires_grad=True)
     text = torch.tensor([[0.5, 0.4], [0.9, 0.8]], requires_grad=True)
-    loss, reward = pathwise_loss(vision, text, torch.tensor([4, 0]), torch.tensor([10, 10]), weight=1.0,
-                                 shaping="log_distance", tolerance=2.0, stage="all", denominator=2)
+    loss, reward, entered = pathwise_loss(vision, text, torch.tensor([4, 0]), torch.tensor([10, 10]), weight=1.0,
+                                          shaping="log_distance", tolerance=2.0, stage="all", denominator=2)
     loss.backward()
+    assert entered.tolist() == [True, False]
     assert reward[1] == 0 and torch.isfinite(vision.grad).all() and vision.grad[1].abs().sum() == 0
     assert vision.grad[0].abs().sum() > 0
 
@@ -163,3 +164,21 @@ def test_the_pathwise_term_alone_moves_attention_towards_balance() -> None:
     unchanged, moved = _steps(batch, pathwise=False), _steps(batch, pathwise=True)
     assert unchanged == pytest.approx(float(before.abs().mean()), abs=1e-5)  # zero advantages: no step moves it
     assert moved < 0.6 * unchanged  # 0.32 -> 0.14 in 12 steps
+
+
+def test_gradient_checkpointing_gives_the_same_attention_gradient() -> None:
+    """The differentiable masses are computed after the forward: a checkpointed layer recomputes plain SDPA."""
+    model, batch = attention_model(seed=3), rollout_batch()
+    grads = []
+    for checkpointing in (False, True):
+        trained = copy.deepcopy(model).train()
+        if checkpointing:
+            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _, _, vision, text = completion_forward(trained, batch, with_attention=True, attention_grad=True)
+        log_mdi, _ = stage_log_mdi(vision, text, batch.vision_mask.sum(-1), batch.text_mask.sum(-1), "all")
+        log_mdi.square().sum().backward()
+        grads.append({n: p.grad for n, p in trained.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((grads[1][name] - grad).abs().max()) <= 1e-5 * scale + 1e-7, name
