@@ -118,11 +118,7 @@ def make_run(root: Path, run_name: str, **streams) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, **streams)
 
 
-@pytest.mark.slow
-def test_make_run_in_a_terminal_shows_progress_bars(tmp_path: Path):
-    primary, secondary = pty.openpty()
-    process = make_run(tmp_path, "in-a-pty", stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary)
-    os.close(secondary)
+def _read_terminal(primary: int) -> bytes:
     chunks = []
     while True:
         try:
@@ -133,8 +129,31 @@ def test_make_run_in_a_terminal_shows_progress_bars(tmp_path: Path):
             break
         chunks.append(chunk)
     os.close(primary)
-    assert process.wait(timeout=600) == 0
-    text = b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str]]:
+    """The same `make run` under a pty and piped to files, side by side (one thread each, two cores):
+    {"terminal": (rc, output, ""), "piped": (rc, stdout, stderr)}."""
+    terminal_root, piped_root = tmp_path_factory.mktemp("in-a-pty"), tmp_path_factory.mktemp("piped")
+    log, errors = piped_root / "make-run.log", piped_root / "make-run.err"
+    primary, secondary = pty.openpty()
+    in_pty = make_run(terminal_root, "in-a-pty", stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    # `make run > log 2> err`: neither stream may get a control code, MLflow's warnings on stderr included.
+    with open(log, "wb") as out, open(errors, "wb") as err:
+        piped = make_run(piped_root, "piped", stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        text = _read_terminal(primary).decode(errors="replace")  # until the pty child closes it
+        results = {"terminal": (in_pty.wait(timeout=600), text, ""), "piped": (piped.wait(timeout=600), "", "")}
+    results["piped"] = (results["piped"][0], log.read_text(), errors.read_text())
+    return results
+
+
+@pytest.mark.slow
+def test_make_run_in_a_terminal_shows_progress_bars(two_runs):
+    rc, text, _ = two_runs["terminal"]
+    assert rc == 0, text[-3000:]
     for phase, unit in (("generation", "tok"), ("teacher-forced", "batch"), ("optimizer", "step")):
         assert re.search(rf"{phase}: .*\d+/\d+ .*{unit}/s", text), phase
     assert "\r" in text
@@ -142,14 +161,10 @@ def test_make_run_in_a_terminal_shows_progress_bars(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_make_run_piped_to_a_file_prints_plain_lines(tmp_path: Path):
-    log, errors = tmp_path / "make-run.log", tmp_path / "make-run.err"
-    # `make run > log 2> err`: neither stream has a control code, MLflow's warnings on stderr included.
-    with open(log, "wb") as out, open(errors, "wb") as err:
-        assert make_run(tmp_path, "piped", stdin=subprocess.DEVNULL, stdout=out, stderr=err).wait(timeout=600) == 0
-    text = log.read_text()
+def test_make_run_piped_to_a_file_prints_plain_lines(two_runs):
+    rc, text, stderr = two_runs["piped"]
+    assert rc == 0, stderr[-3000:]
     assert not CONTROL.search(text), CONTROL.search(text)
-    stderr = errors.read_text()
     assert not CONTROL.search(stderr), stderr[max(0, CONTROL.search(stderr).start() - 300):][:600]
     assert re.search(r"^generation: \d+ tok in \d+:\d\d, [\d.]+ tok/s$", text, re.MULTILINE)
     assert re.search(r"^optimizer: 2 step in \d+:\d\d, [\d.]+ step/s$", text, re.MULTILINE)

@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,22 @@ def _no_process_outlives_the_tests():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _side_by_side(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  _no_process_outlives_the_tests):
+    """Scenarios that depend on nothing else start with the module (when a selected test needs them), one at a
+    time beside the other tests: their `make run` processes are single-threaded, and the first tests (the kill
+    sample) keep only one of the two cores busy."""
+    wanted = {"nan_run": nan_scenario}
+    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ()) if name in wanted}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield {name: pool.submit(wanted[name], tmp_path_factory.mktemp(name)) for name in sorted(needed)}
+
+
+def _result(future: Future):
+    return future.result(timeout=2 * PROCESS_TIMEOUT)
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -872,9 +889,12 @@ def test_an_mlflow_outage_loses_no_round_and_duplicates_none(tmp_path: Path, mlf
 
 
 @pytest.fixture(scope="module")
-def nan_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def nan_run(_side_by_side) -> dict:
+    return _result(_side_by_side["nan_run"])
+
+
+def nan_scenario(root: Path) -> dict:
     """Round 0 of a run with one NaN advantage (a real NaN loss), then the same command without the fault."""
-    root = tmp_path_factory.mktemp("nan")
     rc, text = cli(run_args(RUN, 1), env_for(root, fault="nan:advantages"), root / "run.log")
     store = RunStore(root, RUN)
     seen = {
