@@ -116,7 +116,7 @@ def _side_by_side(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     """Scenarios that depend on nothing else start with the module (when a selected test needs them), one at a
     time beside the other tests: their `make run` processes are single-threaded, and the first tests (the kill
     sample) keep only one of the two cores busy."""
-    wanted = {"nan_run": nan_scenario}
+    wanted = {"nan_run": nan_scenario, "bad_data_run": bad_data_scenario, "unusable_data_run": unusable_data_scenario}
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ()) if name in wanted}
     with ThreadPoolExecutor(max_workers=1) as pool:
         yield {name: pool.submit(wanted[name], tmp_path_factory.mktemp(name)) for name in sorted(needed)}
@@ -666,11 +666,25 @@ def _bad_rows_parquet(path: Path, *, all_bad: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_data_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
-    root = tmp_path_factory.mktemp("bad_data")
+def bad_data_run(_side_by_side) -> tuple[Path, int, str]:
+    return _result(_side_by_side["bad_data_run"])
+
+
+def bad_data_scenario(root: Path) -> tuple[Path, int, str]:
     source = _bad_rows_parquet(root / "vqa_with_bad_rows.parquet")
     rc, text = cli(run_args("bad", 1, "--dataset", str(source)), env_for(root), root / "run.log")
     return root, rc, text
+
+
+@pytest.fixture(scope="module")
+def unusable_data_run(_side_by_side) -> tuple[Path, Path, int, str]:
+    return _result(_side_by_side["unusable_data_run"])
+
+
+def unusable_data_scenario(root: Path) -> tuple[Path, Path, int, str]:
+    source = _bad_rows_parquet(root / "all_bad.parquet", all_bad=True)
+    rc, text = cli(run_args("empty", 1, "--dataset", str(source)), env_for(root), root / "run.log")
+    return root, source, rc, text
 
 
 @pytest.mark.slow
@@ -702,12 +716,11 @@ def test_quarantine_counts_reach_the_dataset_asset_and_the_report(bad_data_run):
 
 
 @pytest.mark.slow
-def test_a_dataset_without_a_usable_row_stops_before_training_and_names_the_file(tmp_path: Path):
-    source = _bad_rows_parquet(tmp_path / "all_bad.parquet", all_bad=True)
-    rc, text = cli(run_args("empty", 1, "--dataset", str(source)), env_for(tmp_path), tmp_path / "run.log")
+def test_a_dataset_without_a_usable_row_stops_before_training_and_names_the_file(unusable_data_run):
+    root, source, rc, text = unusable_data_run
     assert rc != 0
     assert f"{source}: no usable rows" in text
-    assert not (tmp_path / "runs" / "empty" / "checkpoints").exists()
+    assert not (root / "runs" / "empty" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(("setting", "message"), [
