@@ -331,13 +331,17 @@ class ModalityMassRecorder:
             )
         if self.window_start >= self.seq_len:
             return
+        # The query window: the rows from the first query column on.
+        rows = query[:, :, self.window_start - offset :, :]
         if self.differentiable and torch.is_grad_enabled():
             # Deferred to `finish`, after the forward: inside a gradient-checkpointed layer, extra autograd ops
-            # would break its recomputation (which runs plain SDPA); q and k themselves stay in the graph.
-            self._pending.append((layer_idx, query, key, attention_mask, scaling, offset))
+            # would break its recomputation (which runs plain SDPA); q and k themselves stay in the graph. The
+            # window is copied (an op that saves nothing for the backward) so that the layer's full queries
+            # can be freed.
+            self._pending.append((layer_idx, rows.contiguous(), key, attention_mask, scaling, offset))
             return
         with torch.no_grad():
-            self._accumulate(layer_idx, query, key, attention_mask, scaling, offset)
+            self._accumulate(layer_idx, rows, key, attention_mask, scaling, offset)
 
     def finish(self) -> None:
         """Compute the deferred (differentiable) layers; a no-op for the no-grad path."""
@@ -346,24 +350,23 @@ class ModalityMassRecorder:
             self._accumulate(*args)
 
     def _accumulate(
-        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+        self, layer_idx: int, rows: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
         scaling: float | None, offset: int,
     ) -> None:
-        batch, heads, _, head_dim = query.shape
+        """One layer's masses from its query window rows [B, H, Tq, D] (`offset`: see `_rows_mask`)."""
+        batch, heads, tq, head_dim = rows.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
         # GQA without repeat_kv: query heads r of kv head g become extra query rows of g, so keys are shared.
-        rows = query[:, :, self.window_start - offset :, :]
-        tq = rows.shape[2]
         rows = rows.reshape(batch, kv_heads, group * tq, head_dim)
-        values = self._indicator_values(head_dim, query.dtype, query.device).expand(batch, kv_heads, -1, -1)
-        mask = self._rows_mask(attention_mask, group, query.device, offset)
+        values = self._indicator_values(head_dim, rows.dtype, rows.device).expand(batch, kv_heads, -1, -1)
+        mask = self._rows_mask(attention_mask, group, rows.device, offset)
         out = F.scaled_dot_product_attention(rows, key, values, attn_mask=mask, scale=scaling)
         mass = out[..., :2].reshape(batch, heads, tq, 2).float()
         if self._mass is None:
-            self._mass = torch.full((batch, self.num_layers, 2), math.nan, device=query.device)
+            self._mass = torch.full((batch, self.num_layers, 2), math.nan, device=rows.device)
         # Σ over heads and weighted query rows: [B, 2] = mean over heads and the rollout's completion rows.
-        self._mass[:, layer_idx, :] = torch.einsum("bhqc,bq->bc", mass, self._weights(heads, query.device))
+        self._mass[:, layer_idx, :] = torch.einsum("bhqc,bq->bc", mass, self._weights(heads, rows.device))
 
 
 _ACTIVE: contextvars.ContextVar[ModalityMassRecorder | None] = contextvars.ContextVar(

@@ -10,24 +10,36 @@ the pathwise term. The first only re-weights completions whose attention happene
 one image and differ little), the second moves the attention itself. With `mdi_pathwise_coef` c > 0 the update
 adds `−c · w · mean_i r(θ, y_i)` over the step's rollouts to the loss, with r computed by the same shaping from
 differentiable modality masses of the update's own forward (docs/metrics.md, "The attention reward's
-gradient"). c = 1 is the exact gradient of the expected reward; it is a knob because the policy-gradient
-term is a normalized estimate (advantages divided by the group's reward std, clipped ratios), so the two
-terms' exact proportion is not the one that learns the task best.
+gradient"). c = 1 weights the two terms as the gradient of the expected reward does (estimated, like the
+policy-gradient term, on the step's rollouts, without importance weights); it is a knob because the
+policy-gradient term is a normalized estimate (advantages divided by the group's reward std, clipped ratios),
+so the two terms' exact proportion is not the one that learns the task best.
 
 Only per-rollout shapings have this term. A group-relative reward (`group_log_distance`, `group_zscore`)
-sums to zero over every group by construction, so its pathwise term is identically zero.
+sums to zero over every group by construction (exactly inside its ±1 clip), so its pathwise term is zero.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from dapo_ops.attention import stage_layers
 
+if TYPE_CHECKING:
+    from dapo_ops.config import DapoConfig
+
 # Shapings whose reward is a function of one rollout's MDI (see `rewards.mdi_reward`).
 PER_ROLLOUT_SHAPINGS: frozenset[str] = frozenset({"clip", "log_distance"})
+
+
+def pathwise_weight(config: DapoConfig) -> float:
+    """`mdi_pathwise_coef` times the weight of `mdi_reward` (0: no term, no differentiable attention)."""
+    if not config.mdi_pathwise_coef or "mdi_reward" not in config.reward_funcs:
+        return 0.0
+    return config.mdi_pathwise_coef * float(config.reward_weights[config.reward_funcs.index("mdi_reward")])
 
 
 def stage_log_mdi(
@@ -38,11 +50,12 @@ def stage_log_mdi(
 
     ln MDI = ln(M_T/|T|) − ln(M_V/|V|) with M the stage's mean over layers, as `attention.metrics_from_masses`;
     rows without image or text keys, query rows or a positive mass are undefined (their ln MDI is 0 and has
-    no gradient, so a NaN never reaches the backward).
+    no gradient, so a NaN never reaches the backward), and so is every row of an empty stage (L < 3).
     """
     layers = stage_layers(int(vision_mass.shape[1]))[stage]
-    if not len(layers):
-        raise ValueError(f"stage {stage!r} has no layers in a {vision_mass.shape[1]}-layer decoder")
+    if not len(layers):  # as `metrics_from_masses`: NaN metrics, here no term
+        zeros = vision_mass.new_zeros(vision_mass.shape[0]).float()
+        return zeros, torch.zeros_like(zeros, dtype=torch.bool)
     m_v = vision_mass[:, layers.start : layers.stop].float().mean(1)  # [B]
     m_t = text_mass[:, layers.start : layers.stop].float().mean(1)  # [B]
     n_v = num_vision.to(m_v.device, torch.float32)  # [B]

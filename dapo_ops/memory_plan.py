@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dapo_ops.config import EMBEDDED, DapoConfig
+from dapo_ops.mdi_pathwise import pathwise_weight
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -230,6 +231,14 @@ def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | N
         vh, vi = vision.hidden_size, vision.intermediate_size
         vision_layers = 1 if config.gradient_checkpointing else vision.depth
         stored += update_prompts * patches * _stored_per_token(vh, vi, vh) * act * vision_layers
+    if pathwise_weight(config):
+        # The attention reward's pathwise term (dapo_ops.mdi_pathwise): per layer, the completion rows' queries
+        # and the extra SDPA's output kept for its backward, its fp32 probabilities when SDPA takes the math
+        # kernel, and, under checkpointing, the keys the deferred call holds until after the forward.
+        rows = micro * heads * tc
+        stored += layers * (2 * rows * head_dim * act + rows * seq * 4)
+        if config.gradient_checkpointing:
+            stored += layers * micro * kv * seq * act
     update_activations = stored + logits(micro, 3)
     # Generation: the KV cache of the round's N sequences, twice (each decoding step concatenates a layer's
     # grown cache while the old one is alive, and freed blocks of the old size cannot hold the next), the

@@ -21,7 +21,7 @@ from dapo_ops.advantages import truncated_completions_mask
 from dapo_ops.attention import completion_forward
 from dapo_ops.config import DapoConfig
 from dapo_ops.loss import policy_loss
-from dapo_ops.mdi_pathwise import pathwise_loss
+from dapo_ops.mdi_pathwise import pathwise_loss, pathwise_weight
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -167,13 +167,6 @@ def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *,
 
 # Per-step sums reduced across processes in one call.
 _LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE, _CISPO, _MDI_REWARD, _MDI_ROWS = range(11)
-
-
-def pathwise_weight(config: DapoConfig) -> float:
-    """`mdi_pathwise_coef` times the weight of `mdi_reward` (0: no term, no differentiable attention)."""
-    if not config.mdi_pathwise_coef or "mdi_reward" not in config.reward_funcs:
-        return 0.0
-    return config.mdi_pathwise_coef * float(config.reward_weights[config.reward_funcs.index("mdi_reward")])
 
 
 def policy_update(

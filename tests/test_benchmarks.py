@@ -110,9 +110,9 @@ def test_every_objective_row_is_a_valid_config_and_dapo_is_the_shaping_default()
     configs = {name: DapoConfig(**row.overrides) for name, row in rows.items()}
     assert configs["gspo"].importance_sampling_level == "sequence" and configs["sapo"].loss_type == "sapo"
     assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for c in configs.values()}) == len(rows)
-    clip = next(r for r in ablation.default_rows() if r.name == DapoConfig().mdi_shaping)
+    default = next(r for r in ablation.default_rows() if r.name == ablation.shaping_row_name(DapoConfig()))
     key = ablation.job_key(rows["dapo"].overrides, 0, "embedded", "src")
-    assert key == ablation.job_key(clip.overrides, 0, "embedded", "src")  # trained once, read by both rows
+    assert key == ablation.job_key(default.overrides, 0, "embedded", "src")  # trained once, read by both rows
     assert len({key, ablation.job_key({}, 1, "embedded", "src"), ablation.job_key({}, 0, "unseen", "src"),
                 ablation.job_key({}, 0, "embedded", "changed")}) == 4
 
