@@ -76,7 +76,7 @@ bench: install
 	$(BIN)/python -m benchmarks.run_all
 
 # Attention reward off / each MDI shaping on the embedded default, and one row per RL objective on the embedded
-# default and an unseen dataset, 3 seeds each, two runs at a time (~30 min on 2 quiet cores); finished runs are
+# default and an unseen dataset, 3 seeds each, two runs at a time (~45 min on 2 cores); finished runs are
 # cached in benchmarks/.ablation-cache (a re-run resumes). Writes benchmarks/ablation.{md,json,png}.
 # `make ablation ROWS="dapo sapo" SEEDS="0 1" OBJECTIVE_ROUNDS=3 JOBS=2 ROUNDS=8` (all optional).
 ablation: install
