@@ -75,7 +75,7 @@ def attention_off(config: DapoConfig) -> list[float]:
 
 PATHWISE = "+pathwise"
 # The pathwise rows' `mdi_pathwise_coef` when the default config has none (else the default's).
-PATHWISE_COEF = 0.1
+PATHWISE_COEF = 0.01
 
 
 def shaping_row_name(config: DapoConfig) -> str:
