@@ -103,13 +103,14 @@ class DapoConfig:
     reward_weights: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])
     mdi_tolerance: float = 2.0
     mdi_reward_stage: Stage = "all"
-    mdi_shaping: MdiShaping = "clip"
+    mdi_shaping: MdiShaping = "log_distance"
     # The attention reward reads the policy's own attention, so its exact gradient has a pathwise term beside
     # the policy-gradient one (dapo_ops.mdi_pathwise): the update adds -coef * w * mean r(theta). 0: off; 1: the
-    # exact gradient. Per-rollout shapings only (clip, log_distance). With log_distance, 0.01 balances the embedded
-    # default's attention (|ln MDI| 0.02x that of weight 0 at the same eval accuracy, README), but it is off by
-    # default: in `make bench`'s round comparison (EOS suppressed) and with cispo/sapo it broke the answer format.
-    mdi_pathwise_coef: float = 0.0
+    # exact gradient. Per-rollout shapings only (clip, log_distance). 0.01: the ablation's choice (README):
+    # |ln MDI| 0.02x that of weight 0 at the same eval accuracy; 0.03 and more cost accuracy on some seeds. It
+    # leans on the loss's trust region: with loss_type cispo or sapo (no clip that stops a token's gradient) it
+    # sped up their collapse in the ablation, so set it to 0 there.
+    mdi_pathwise_coef: float = 0.01
 
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
     # Four question types (dapo_ops.synthetic): the color task alone is learned by round 6, this mix (yes/no with

@@ -99,8 +99,8 @@ def attention_reward_saturated(metrics: dict[str, float], *, mdi_weight: float,
         "attention_reward_no_variance", passed, "WARN",
         f"mdi_reward has std {std:.2e} across the batch (mean {mean:.3f}, MDI "
         f"{metrics.get('attention/all/mdi', float('nan')):.2f}): it adds no learning signal",
-        "with mdi_shaping='clip' (the default) the balance saturates once MDI is far outside the tolerance: use "
-        "'log_distance' (never flat) or a group shaping, raise mdi_tolerance, or set its weight to 0",
+        "with mdi_shaping='clip' the balance saturates once MDI is far outside the tolerance: use 'log_distance' "
+        "(the default, never flat) or a group shaping, raise mdi_tolerance, or set its weight to 0",
         float(std),
     )
 

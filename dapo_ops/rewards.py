@@ -318,10 +318,10 @@ def mdi_reward(
     except for `log_distance`.
 
     Shapings (`mdi_shaping`), with d = |ln mdi| and R = `mdi_tolerance`:
-    - `clip` (default, the classic formula): `2·mdi_balance − 1 = 2·clip(1 − d / ln R, 0, 1) − 1`. It is +1 at MDI = 1
+    - `clip` (this function's default, the classic formula): `2·mdi_balance − 1 = 2·clip(1 − d / ln R, 0, 1) − 1`. It is +1 at MDI = 1
       and saturates at −1 once MDI is a factor R or more off balance, so a group whose MDIs are all far
       from 1 (the seed's MDI 4–8) gets the same −1 everywhere: no learning signal.
-    - `log_distance`: `1 − 2·d / ln R`, the `clip` line without the clip: the same value inside the band, and
+    - `log_distance` (`DapoConfig`'s default): `1 − 2·d / ln R`, the `clip` line without the clip: the same value inside the band, and
       the same slope at any distance from balance. Unbounded below (MDI 4 off balance gives −3 at R = 2). Its
       GRPO advantages equal `group_log_distance`'s up to that shaping's ±1 clip, and it is per-rollout, so it
       has a pathwise gradient (`mdi_pathwise_coef`, dapo_ops.mdi_pathwise).
