@@ -225,6 +225,9 @@ def policy_update(
             optimizer.zero_grad(set_to_none=True)
             # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
             num_items = int(completion_mask[chunk].sum().item())
+            # The pathwise term's mean runs over the step's rollouts that keep loss tokens (all ranks), like
+            # num_items: a rollout masked out of the policy loss leaves it too.
+            pathwise_rows = int(completion_mask[chunk].any(-1).sum().item())
             sums = torch.zeros(11, dtype=torch.float64)
             for position, idx in enumerate(micro_batches):
                 placeholder = len(idx) == 0  # keeps this rank's collectives in step; contributes nothing
@@ -271,7 +274,7 @@ def policy_update(
                         attention_loss, mdi_values, mdi_rows = pathwise_loss(
                             *masses, batch.vision_mask.sum(-1), batch.text_mask.sum(-1), weight=attention_weight,
                             shaping=config.mdi_shaping, tolerance=config.mdi_tolerance,
-                            stage=config.mdi_reward_stage, denominator=len(chunk),
+                            stage=config.mdi_reward_stage, denominator=pathwise_rows,
                             include=mask.to(masses[0].device).bool().any(-1),
                         )
                         loss = loss + world * attention_loss.to(loss.dtype)

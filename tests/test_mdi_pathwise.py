@@ -182,3 +182,19 @@ def test_gradient_checkpointing_gives_the_same_attention_gradient() -> None:
     for name, grad in grads[0].items():
         scale = float(grad.abs().max()) + 1e-12
         assert float((grads[1][name] - grad).abs().max()) <= 1e-5 * scale + 1e-7, name
+
+
+def test_the_pathwise_term_is_the_mean_over_the_rollouts_that_keep_loss_tokens() -> None:
+    """With zero advantages a step's loss is the term alone, −c·w·mean r over the rollouts it enters: truncated
+    completions under mask_truncated_completions leave the numerator and the count, as in the policy loss."""
+    batch, model = rollout_batch(), sharp_model()
+    assert 0 < int(batch.is_eos.sum()) < len(batch)
+    config = DapoConfig(prompts_per_round=len(PROMPTS), num_generations=G, steps_per_generation=1,
+                        num_iterations=1, mdi_shaping="log_distance", mdi_pathwise_coef=0.5,
+                        mask_truncated_completions=True)
+    with torch.no_grad():
+        old = completion_forward(model, batch)[0]
+    result = policy_update(model, make_optimizer(model, config), batch, old, torch.zeros(len(batch)),
+                           torch.ones(len(batch), dtype=bool), config, global_step=0, seed=0)
+    step = result.steps[0]
+    assert step["loss"] == pytest.approx(-0.5 * step["mdi_reward_pathwise"], rel=1e-5)
