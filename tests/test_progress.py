@@ -145,9 +145,8 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, s
     with open(log, "wb") as out, open(errors, "wb") as err:
         piped = make_run(piped_root, "piped", stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         text = _read_terminal(primary).decode(errors="replace")  # until the pty child closes it
-        results = {"terminal": (in_pty.wait(timeout=600), text, ""), "piped": (piped.wait(timeout=600), "", "")}
-    results["piped"] = (results["piped"][0], log.read_text(), errors.read_text())
-    return results
+        terminal_rc, piped_rc = in_pty.wait(timeout=600), piped.wait(timeout=600)
+    return {"terminal": (terminal_rc, text, ""), "piped": (piped_rc, log.read_text(), errors.read_text())}
 
 
 @pytest.mark.slow
