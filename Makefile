@@ -10,6 +10,8 @@ export DAGSTER_HOME ?= $(DAPO_VLM_HOME)/dagster
 
 ROUNDS ?=
 DATASET ?=
+# VERBOSE=1: `make run` also prints every round-log line (each optimizer step) and each phase's timing.
+VERBOSE ?=
 RUN_NAME ?=
 MODEL ?=
 CHECKPOINT ?=
@@ -21,7 +23,7 @@ SET ?=
 
 RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(DATASET),--dataset $(DATASET)) \
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
-	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
+	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(if $(filter-out 0,$(VERBOSE)),--verbose)
 
 .PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation clean
 

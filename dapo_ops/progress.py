@@ -5,12 +5,14 @@ The phases call `begin(phase, total, unit)` once and `advance(phase, n)` as they
 the tests and Dagster's own runs pay nothing. A phase ends when it reaches its total, when another phase
 begins (generation stops early at EOS, below its upper bound) or at `finish_all`.
 
-Two renderers: `TqdmBars` (a bar per phase with rate and ETA, for a terminal) and `PlainLines` (a line per
-phase when it ends and every `interval_s` while it runs, without control codes: CI, logs, pipes).
+Two renderers: `LiveLine` (one status line per round on a terminal, redrawn in place: phase, rate, ETA) and
+`PlainLines` (a line per phase when it ends and every `interval_s` while it runs, without control codes: CI
+logs, pipes; `make run --verbose` only).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,9 +54,13 @@ _open: dict[str, PhaseProgress] = {}
 
 
 def set_progress(renderer: Renderer | None) -> None:
-    """Show progress with `renderer` from now on (None: stop; open phases end first)."""
+    """Show progress with `renderer` from now on (None: stop; open phases end first, and the previous
+    renderer's `close()`, when it has one, clears what it drew)."""
     global _renderer
     finish_all()
+    close = getattr(_renderer, "close", None)
+    if close is not None:
+        close()
     _renderer = renderer
 
 
@@ -93,7 +99,7 @@ def _end(phase: str) -> None:
 
 
 def echo(line: str) -> None:
-    """Print a line to the console without breaking the bars (through the renderer while one is set)."""
+    """Print a line to the console without breaking the status line (through the renderer while one is set)."""
     if _renderer is None:
         print(line, flush=True)
     else:
@@ -135,52 +141,90 @@ class PlainLines:
 
     def end(self, state: PhaseProgress) -> None:
         self._last.pop(state.phase, None)
-        self.emit(f"{state.phase}: {state.done} {state.unit} in {_seconds(state.seconds)}, "
-                  f"{state.rate:.1f} {state.unit}/s")
+        self.emit(_phase_line(state))
 
     def write(self, line: str) -> None:
         self.emit(line)
 
 
-class TqdmBars:
-    """A tqdm bar per phase on `file` (a terminal): count, rate and ETA; a phase that ends below its total
-    (generation stopped at EOS) shows as complete at what it did."""
+class LiveLine:
+    """One status line on a terminal for one round, redrawn in place: the label, the phase, its count, rate
+    and ETA (`[round 2/5] ckpt-0001  generation 48/64 tok  1216 tok/s  ETA 0:01`; the ETA is the round's when
+    `expected_s`, the previous round's duration, is known, else the phase's). Lines written meanwhile go above
+    it; with `phase_lines` each phase's timing line too. `close()` clears it for the round's summary line."""
 
-    def __init__(self, file: TextIO | None = None) -> None:
-        self.file = file or sys.stdout
-        self._bars: dict[str, Any] = {}
+    def __init__(self, file: TextIO, label: str, *, expected_s: float | None = None, phase_lines: bool = False,
+                 clock: Callable[[], float] = time.monotonic, min_interval_s: float = 0.1) -> None:
+        self.file, self.label, self.expected_s, self.phase_lines = file, label, expected_s, phase_lines
+        self.clock, self.min_interval_s = clock, min_interval_s
+        self.started = clock()
+        self._status = ""
+        self._drawn = -float("inf")
+
+    def status(self, state: PhaseProgress) -> str:
+        line = f"{self.label}  {state.phase} {state.done}"
+        line += f"/{state.total} {state.unit}" if state.total else f" {state.unit}"
+        if state.rate > 0:
+            line += f"  {state.rate:.1f} {state.unit}/s"
+        if self.expected_s is not None:
+            line += f"  ETA {_seconds(max(self.expected_s - (self.clock() - self.started), 0.0))}"
+        elif state.total and state.rate > 0:
+            line += f"  ETA {_seconds((state.total - state.done) / state.rate)}"
+        return line
 
     def update(self, state: PhaseProgress, delta: int) -> None:
-        bar = self._bars.get(state.phase)
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = self._bars[state.phase] = tqdm(total=state.total or None, desc=state.phase, unit=state.unit,
-                                                 file=self.file, dynamic_ncols=True, leave=True, mininterval=0.2)
-        if delta:
-            bar.update(delta)
+        now = self.clock()
+        if delta and now - self._drawn < self.min_interval_s:
+            return
+        self._drawn = now
+        self._draw(self.status(state))
 
     def end(self, state: PhaseProgress) -> None:
-        bar = self._bars.pop(state.phase, None)
-        if bar is None:
-            return
-        if bar.total is not None and bar.n < bar.total:
-            bar.total = bar.n
-        bar.refresh()
-        bar.close()
+        if self.phase_lines:
+            self.write(_phase_line(state))
 
     def write(self, line: str) -> None:
-        from tqdm import tqdm
+        self.file.write(f"{CLEAR_LINE}{line}\n")
+        self._draw(self._status)
 
-        tqdm.write(line, file=self.file)
+    def close(self) -> None:
+        """Clear the status line (the cursor stays at the start of that empty line)."""
+        if self._status:
+            self.file.write(CLEAR_LINE)
+            self.file.flush()
+        self._status = ""
+
+    def _draw(self, status: str) -> None:
+        width = _terminal_width(self.file)
+        self._status = status[: max(width - 1, 1)]  # a wrapped line could not be redrawn in place
+        self.file.write(f"{CLEAR_LINE}{self._status}")
         self.file.flush()
 
 
-def console_renderer(file: TextIO | None = None, *, interval_s: float = 10.0) -> Renderer:
-    """Bars when `file` (default stdout) is a terminal, plain lines otherwise."""
+CLEAR_LINE = "\r\x1b[K"  # to the line's start, erase to its end
+
+
+def _terminal_width(file: TextIO) -> int:
+    try:
+        return os.get_terminal_size(file.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def _phase_line(state: PhaseProgress) -> str:
+    return f"{state.phase}: {state.done} {state.unit} in {_seconds(state.seconds)}, {state.rate:.1f} {state.unit}/s"
+
+
+def console_renderer(file: TextIO | None = None, *, label: str = "", verbose: bool = False,
+                     expected_s: float | None = None, interval_s: float = 10.0) -> Renderer | None:
+    """What `make run` shows of a round on `file` (default stdout): on a terminal a `LiveLine` (with each
+    phase's timing line too when `verbose`); piped, no progress display: `PlainLines` when `verbose`, else
+    None (nothing)."""
     file = file or sys.stdout
     if file.isatty():
-        return TqdmBars(file)
+        return LiveLine(file, label, expected_s=expected_s, phase_lines=verbose)
+    if not verbose:
+        return None
 
     def emit(line: str) -> None:
         print(line, file=file, flush=True)

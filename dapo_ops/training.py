@@ -86,6 +86,8 @@ class RoundLog:
 
 
 _console_echo: Callable[[str], None] | None = None
+# "0": the processes of a multi-process phase print no round-log lines (`make run` without --verbose).
+CONSOLE_ECHO_ENV = "DAPO_VLM_CONSOLE_ECHO"
 
 
 def set_console_echo(echo: Callable[[str], None] | None) -> None:

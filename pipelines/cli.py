@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -160,10 +161,12 @@ def _progress(message: str) -> None:
 
 
 def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, echo=_progress,
-                 live: bool = False) -> dict:
-    """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist.
-    With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too, and the
-    progress of each long phase: bars on a terminal, plain lines otherwise (`dapo_ops.progress`).
+                 live: bool = False, verbose: bool = False) -> dict:
+    """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist, printing
+    (through `echo`) one summary line per finished round. With `live`, the console (stdout) shows each round's
+    progress: on a terminal one status line, redrawn in place (phase, rate, ETA). With `verbose`, also every
+    line of the rounds' logs (generation, each optimizer step, MDI) and each phase's timing, which
+    run_terminal.md holds either way.
 
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
     rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
@@ -173,11 +176,12 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     root = root or data_root()
     store = RunStore(root, config.run_name)
     started = time.perf_counter()
+    console = Console(live=live and echo is _progress, verbose=verbose)
     # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
         faults.point("run_start")
-        with _tracked_run(store, echo) as tracker, _console_progress(live and echo is _progress):
-            home = _train_locked(config, rounds, store, tracker, echo=echo, live=live, started=started)
+        with _tracked_run(store, echo) as tracker, console.attached():
+            home = _train_locked(config, rounds, store, tracker, echo=echo, console=console, started=started)
     tracking_uri = resolve_tracking_uri(root)
     summary = {
         "run_name": config.run_name,
@@ -195,19 +199,67 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     return summary
 
 
-@contextlib.contextmanager
-def _console_progress(show: bool) -> Iterator[None]:
-    """Progress of generation, teacher-forced passes and optimizer steps on stdout while rounds run."""
-    from dapo_ops import progress
+class Console:
+    """What `make run` prints while rounds run besides their summary lines. `live`: progress on stdout (a
+    status line per round on a terminal; each phase's timing line when piped and `verbose`). `verbose` (with
+    `live`): the rounds' log lines too (the multi-process phases' children read `CONSOLE_ECHO_ENV`)."""
 
-    if not show:
-        yield
-        return
-    progress.set_progress(progress.console_renderer(sys.stdout))
-    try:
-        yield
-    finally:
-        progress.set_progress(None)
+    def __init__(self, *, live: bool, verbose: bool, file=None) -> None:
+        self.live, self.verbose, self.file = live, verbose, file or sys.stdout
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """The round logs' console echo (verbose), and on a terminal the library's warnings above the status
+        line (elsewhere Python's last-resort handler prints them on stderr)."""
+        from dapo_ops import training
+
+        echo_logs = self.live and self.verbose
+        previous_env = os.environ.get(training.CONSOLE_ECHO_ENV)
+        os.environ[training.CONSOLE_ECHO_ENV] = "1" if echo_logs else "0"
+        if echo_logs:
+            training.set_console_echo(lambda line: _progress(f"    {line}"))
+        handler = _WarningsAboveStatus(shown=not echo_logs) if self.live and self.file.isatty() else None
+        if handler is not None:
+            training.logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            if handler is not None:
+                training.logger.removeHandler(handler)
+            training.set_console_echo(None)
+            if previous_env is None:
+                os.environ.pop(training.CONSOLE_ECHO_ENV, None)
+            else:
+                os.environ[training.CONSOLE_ECHO_ENV] = previous_env
+
+    @contextlib.contextmanager
+    def showing(self, label: str, expected_s: float | None = None) -> Iterator[None]:
+        """The progress of one round (or the setup) while it runs, cleared before its summary line."""
+        from dapo_ops import progress
+
+        renderer = progress.console_renderer(self.file, label=label, verbose=self.verbose,
+                                             expected_s=expected_s) if self.live else None
+        if renderer is None:
+            yield
+            return
+        progress.set_progress(renderer)
+        try:
+            yield
+        finally:
+            progress.set_progress(None)
+
+
+class _WarningsAboveStatus(logging.Handler):
+    """The library's warnings printed above the status line (when `shown`; otherwise the verbose round log
+    prints them), instead of Python's last-resort handler writing them into it on stderr."""
+
+    def __init__(self, *, shown: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.shown = shown
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.shown:
+            _progress(f"WARNING {record.getMessage()}")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -285,10 +337,10 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
              f"waits in {tracker.state_dir}; `make sync-mlflow` sends it.")
 
 
-def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, echo, live: bool,
+def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, echo, console: Console,
                   started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
-    from dapo_ops import faults, retention, training
+    from dapo_ops import faults, retention
     from dapo_ops.store import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
     from pipelines.config import TrainingConfig
@@ -297,11 +349,10 @@ def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, e
     instance = open_instance(home)
     run_config = config.replace(max_rounds=rounds)
     tconfig = TrainingConfig.from_dapo(run_config)
-    # The whole config once per `make run` (the rounds log only what a resumed run changes; MLflow has params).
-    echo(f"config of {config.run_name}: {json.dumps(run_config.to_dict(), sort_keys=True)}")
+    if console.verbose:
+        # The whole config once per `make run` (the rounds log only what a resumed run changes; MLflow has params).
+        echo(f"config of {config.run_name}: {json.dumps(run_config.to_dict(), sort_keys=True)}")
     tags = {"dapo/run_name": config.run_name, CLI_PID_TAG: str(os.getpid())}
-    if live:
-        training.set_console_echo(lambda line: echo(f"    {line}"))
     removed = store.remove_temporaries()
     if removed:
         echo(f"removed {len(removed)} leftover temporary file(s) of an interrupted write")
@@ -309,11 +360,12 @@ def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, e
     if not (store.is_complete_checkpoint(checkpoint_key(0)) and store.setup_marker.exists()):
         echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
         faults.point("before_setup")
-        materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
+        with console.showing(f"[setup] {config.run_name}"):
+            materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
     retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
     with _system_metrics(tracker):
-        _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, started=started)
+        _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, console=console, started=started)
     return home
 
 
@@ -329,14 +381,17 @@ def _system_metrics(tracker: Tracker) -> Iterator[None]:
             yield
 
 
-def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, started: float) -> None:
-    """The rounds of `run_training` that are not DONE yet, in order."""
-    from dapo_ops import faults, progress, retention, training
+def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, console: Console,
+                  started: float) -> None:
+    """The rounds of `run_training` that are not DONE yet, in order: a progress display while each runs (the
+    previous whole round's duration gives the ETA), then its summary line."""
+    from dapo_ops import faults, retention, training
     from dapo_ops import store as store_io
     from dapo_ops.store import checkpoint_key
     from pipelines.config import ROUND_ASSETS
 
     run_config = config.replace(max_rounds=rounds)
+    last_round_s: float | None = None
     for k in range(rounds):
         key = checkpoint_key(k)
         files = store.round(key)
@@ -355,12 +410,16 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
             # Stop before the round, never halfway through writing its checkpoint.
             retention.check_disk_space(store, key, run_config)
         round_start = time.perf_counter()
-        echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
+        if console.verbose:
+            echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
         faults.point("before_round")
-        materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
+        with console.showing(f"[round {k + 1}/{rounds}] {key}", expected_s=last_round_s if selection is None else None):
+            materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
         metrics = store_io.read_json(files.metrics)
-        progress.finish_all()
-        echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
+        seconds = time.perf_counter() - round_start
+        if selection is None:
+            last_round_s = seconds
+        echo(f"[round {k + 1}/{rounds}] done in {seconds:.1f}s "
              f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
              f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
              f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
@@ -447,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dataset", default=None, help=f"dataset (default {EMBEDDED})")
     run.add_argument("--model", default=None, help=f"model_name_or_path (default {EMBEDDED})")
     run.add_argument("--num-processes", type=int, default=None)
-    run.add_argument("--quiet", action="store_true", help="only one line per round")
+    run.add_argument("--quiet", action="store_true", help="no progress display: only one line per round")
+    run.add_argument("--verbose", action="store_true",
+                     help="also every round-log line (each optimizer step) and each phase's timing")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="override any DapoConfig field, e.g. --set learning_rate=1e-4 (after --config)")
     plan = sub.add_parser("plan", help="estimate peak accelerator memory per process before the first round")
@@ -495,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
             return 2
         try:
-            run_training(config, config.max_rounds, live=not args.quiet)
+            run_training(config, config.max_rounds, live=not args.quiet, verbose=args.verbose)
         except KeyboardInterrupt as error:
             print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
                   file=sys.stderr)

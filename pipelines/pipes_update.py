@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     in_pipes = rank == 0 and bool(os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR))
     with open_dagster_pipes() if in_pipes else contextlib.nullcontext() as pipes:
         if rank == 0:
+            printed = os.environ.get(training.CONSOLE_ECHO_ENV) != "0"
+
             def echo(line: str) -> None:
-                print(f"    {line}", flush=True)  # the parent forwards stdout: live progress on `make run`
+                if printed:  # the parent forwards stdout: the round log on `make run --verbose`
+                    print(f"    {line}", flush=True)
                 if pipes is not None:
                     pipes.log.info(line)
 
