@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +105,23 @@ def use_global_mlflow_uri(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_args(target: str, **variables: object) -> list[str]:
+    """`make <target> NAME=value...` as a user types it, with this interpreter's environment and without `make
+    install`, which may reach the package index (the test session's environment is installed already)."""
+    stamp = ".venv/.installed"
+    return ["make", "--no-print-directory", "-o", stamp, f"STAMP={stamp}", f"BIN={Path(sys.executable).parent}",
+            target, *(f"{name}={value}" for name, value in variables.items())]
+
+
+def run_make(target: str, root: Path, *, timeout: float = 300, **variables: object) -> subprocess.CompletedProcess:
+    """`make <target> NAME=value...` with only DAPO_VLM_HOME=`root` set, as after `make run` (the Makefile and
+    the CLI find its Dagster instance and MLflow store), stdout and stderr captured as text."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+    env.update(DAPO_VLM_HOME=str(root), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(make_args(target, **variables), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_RUN, _restore_env, _set_env
+from tests.conftest import TINY_RUN, _restore_env, _set_env, run_make
 
 RUN = {
     **TINY_RUN,
@@ -101,18 +101,19 @@ def test_pruned_partitions_show_in_dagster_as_not_reanalysable(lora_run):
     assert observed == {"ckpt-0001": False, "ckpt-0002": False, "ckpt-0003": False}
 
 
-def test_export_merge_writes_a_model_transformers_loads_with_the_same_greedy_answers(lora_run, tmp_path):
+def test_make_export_merge_writes_a_model_transformers_loads_with_the_same_greedy_answers(lora_run, tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText
 
     from dapo_ops import models, training
     from dapo_ops.checkpoint_policy import load_checkpoint_policy
     from dapo_ops.engines import make_engine
-    from pipelines import cli
 
     store, config = lora_run
     out = tmp_path / "merged"
-    assert cli.export(store.run_name, "ckpt-0005", merge=True, out=out, root=store.root) == 0
+    done = run_make("export", store.root, CHECKPOINT="ckpt-0005", RUN_NAME=store.run_name, MERGE=1, OUT=out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith(f"exported ckpt-0005 of {store.run_name} (LoRA merged): {out}")
     assert not any("lora_" in k for k in AutoModelForImageTextToText.from_pretrained(out).state_dict())
     assert {"chat_template.json", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
 

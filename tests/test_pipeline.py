@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 
 from dapo_ops.reports import ROUND_METRIC_NAMES
+from tests.conftest import run_make
 
 pytestmark = pytest.mark.slow
 
@@ -91,9 +92,7 @@ def _digest(paths: list[Path]) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
-def test_reanalysis_touches_only_the_attention_analysis(trained_run):
-    from pipelines.cli import reanalyze
-
+def test_make_reanalyze_touches_only_the_attention_analysis(trained_run):
     client, run = _mlflow_run(trained_run)
     run_dir = trained_run.root / "runs" / trained_run.run_name
     protected = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and (
@@ -103,19 +102,10 @@ def test_reanalysis_touches_only_the_attention_analysis(trained_run):
     metrics_before = {name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
                       for name in ("attention/all/mdi", "reward")}
     report = run_dir / "reports" / "ckpt-0001" / "attention_diagnostics.md"
-    import os
-
-    previous = {k: os.environ.get(k) for k in ("DAPO_VLM_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ.update({"DAPO_VLM_HOME": str(trained_run.root), "DAGSTER_HOME": str(trained_run.root / "dagster"),
-                       "MLFLOW_TRACKING_URI": trained_run.tracking_uri})
-    try:
-        reanalyze(trained_run.run_name, "ckpt-0001", mdi_tolerance=4.0, root=trained_run.root)
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    done = run_make("reanalyze", trained_run.root, CHECKPOINT="ckpt-0001", RUN_NAME=trained_run.run_name,
+                    MDI_TOLERANCE="4.0")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"re-analysed ckpt-0001 of {trained_run.run_name}: {report}" in done.stdout
     assert _digest(protected) == before
     assert {name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
             for name in metrics_before} == metrics_before
@@ -124,6 +114,29 @@ def test_reanalysis_touches_only_the_attention_analysis(trained_run):
     reanalysis = client.search_runs([experiment.experiment_id], filter_string="tags.`dapo.checkpoint` = 'ckpt-0001'")
     tagged = [r for r in reanalysis if r.data.tags.get("dapo.reanalysis_of")]
     assert tagged and tagged[0].info.run_id != run.info.run_id
+
+
+def test_make_reanalyze_and_make_export_without_a_checkpoint_print_their_usage(trained_run):
+    for target in ("reanalyze", "export"):
+        done = run_make(target, trained_run.root)
+        assert done.returncode == 2 and f"usage: make {target} CHECKPOINT=ckpt-NNNN" in done.stdout
+
+
+def test_make_export_writes_a_model_directory_transformers_loads(trained_run, tmp_path):
+    import json
+
+    out = tmp_path / "ckpt-0002"
+    done = run_make("export", trained_run.root, CHECKPOINT="ckpt-0002", RUN_NAME=trained_run.run_name, OUT=out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith(f"exported ckpt-0002 of {trained_run.run_name}: {out}")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert {"model.safetensors", "tokenizer.json", "chat_template.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_make_sync_mlflow_finds_nothing_left_to_send_after_make_run(trained_run):
+    done = run_make("sync-mlflow", trained_run.root, RUN_NAME=trained_run.run_name)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{trained_run.run_name}: sent 0 journaled round(s) to sqlite:///" in done.stdout
 
 
 def test_sensor_requests_the_next_round_until_max_rounds(trained_run):

@@ -1,5 +1,5 @@
-"""The Dagster and MLflow UIs in a real browser (headless Debian Chromium via Playwright), started with
-`make ui` and `make mlflow-ui` on the 2-round data root of `trained_run`: what a person looks for.
+"""The Dagster and MLflow UIs started with `make ui` and `make mlflow-ui` on the 2-round data root of
+`trained_run`, and in a real browser (headless Debian Chromium via Playwright): what a person looks for.
 
 Screenshots go to tests/screenshots/; DAPO_VLM_UPDATE_DOCS=1 also copies the README's two to docs/.
 """
@@ -26,8 +26,6 @@ from ui_support import (
     make_command,
     mlflow_ids,
 )
-
-pytestmark = pytest.mark.browser
 
 # Playwright drives the system Chromium; its own browser download must never run.
 os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
@@ -62,7 +60,7 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def uis(chromium: str, trained_run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uis]:
+def uis(trained_run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uis]:
     """`make ui` and `make mlflow-ui` with only DAPO_VLM_HOME set, as after `make run`: both must find the
     data root's Dagster instance and MLflow store by themselves."""
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
@@ -177,6 +175,14 @@ def choose_partition(page, dialog, key: str) -> None:
 # ----------------------------------------------------------------------------------------------- Dagster
 
 
+@pytest.mark.slow
+def test_make_ui_and_make_mlflow_ui_start_on_the_data_root_of_make_run(uis):
+    """Both servers answer, Dagster with the code location loaded and MLflow with the run (no browser needed)."""
+    assert loaded_code_location(uis.dagster) == uis.location
+    assert mlflow_ids(uis.mlflow, "dapo-vlm", uis.run_name)
+
+
+@pytest.mark.browser
 def test_asset_graph_shows_the_eight_assets_with_partitions_and_checks(uis, page):
     from playwright.sync_api import expect
 
@@ -200,6 +206,7 @@ def test_asset_graph_shows_the_eight_assets_with_partitions_and_checks(uis, page
     save(page, "dagster_asset_graph.png", clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize(("asset", "upstream", "downstream"), [
     ("rollouts", "base_checkpoint", "attention_metrics"),
     ("rewards", "attention_metrics", "policy_update"),
@@ -218,6 +225,7 @@ def test_asset_page_shows_its_upstream_and_downstream_assets(uis, page, asset, u
         assert downstream in sections.get("Downstream", "").split(), text
 
 
+@pytest.mark.browser
 def test_checkpoints_partitions_show_their_materialization_status(uis, page):
     from playwright.sync_api import expect
 
@@ -232,6 +240,7 @@ def test_checkpoints_partitions_show_their_materialization_status(uis, page):
     save(page, "dagster_rollouts_partitions.png")
 
 
+@pytest.mark.browser
 def test_attention_report_renders_as_markdown_with_tables_and_chart(uis, page):
     from playwright.sync_api import expect
 
@@ -252,6 +261,7 @@ def test_attention_report_renders_as_markdown_with_tables_and_chart(uis, page):
          clip={"x": box["x"], "y": box["y"], "width": box["width"], "height": bottom - box["y"]})
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize(("entry", "heading", "text"), [
     ("rollout_results", "Rollout results", "Accuracy Mean"),
     ("run_terminal", "Run terminal", "attention/all/mdi"),
@@ -265,6 +275,7 @@ def test_training_report_renders_the_other_two_reports(uis, page, entry, heading
     save(page, f"dagster_{entry}.png")
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize(("asset", "checks"), [
     ("rewards", ("attention_reward_no_variance", "clipped_completions", "format_collapse",
                  "zero_variance_groups")),
@@ -311,6 +322,7 @@ def open_training_run(page, uis: Uis) -> None:
     close_assistant(page)
 
 
+@pytest.mark.browser
 def test_mlflow_run_charts_attention_mdi(uis, page):
     from playwright.sync_api import expect
 
@@ -321,6 +333,7 @@ def test_mlflow_run_charts_attention_mdi(uis, page):
     save(page, "mlflow_attention_mdi.png")
 
 
+@pytest.mark.browser
 def test_mlflow_run_has_the_reports_as_artifacts(uis, page):
     from playwright.sync_api import expect
 
@@ -357,6 +370,7 @@ MODEL_ROWS_JS = """() => {
 }"""
 
 
+@pytest.mark.browser
 def test_mlflow_run_is_finished_and_lists_a_logged_model_per_checkpoint(uis, page):
     from playwright.sync_api import expect
 
@@ -368,6 +382,7 @@ def test_mlflow_run_is_finished_and_lists_a_logged_model_per_checkpoint(uis, pag
     save(page, "mlflow_run_overview.png", full_page=True)
 
 
+@pytest.mark.browser
 def test_mlflow_models_tab_shows_each_checkpoint_with_its_eval_accuracy(uis, trained_run, page):
     """The experiment's Models tab: one row per checkpoint with the eval/accuracy of its state.json, and the
     chart view's eval/accuracy bars to compare them. (MLflow 3.17's Models tab sorts by creation time only: its
@@ -403,6 +418,7 @@ def test_mlflow_models_tab_shows_each_checkpoint_with_its_eval_accuracy(uis, tra
     save(page, "mlflow_logged_models_chart.png")
 
 
+@pytest.mark.browser
 def test_mlflow_shows_each_round_s_rollout_table_with_its_images(uis, page):
     from playwright.sync_api import expect
 
@@ -428,6 +444,7 @@ def test_mlflow_shows_each_round_s_rollout_table_with_its_images(uis, page):
         save(page, f"mlflow_rollout_table_{key}.png")
 
 
+@pytest.mark.browser
 def test_mlflow_run_charts_its_system_metrics(uis, page):
     from playwright.sync_api import expect
 
@@ -444,6 +461,7 @@ def test_mlflow_run_charts_its_system_metrics(uis, page):
     save(page, "mlflow_system_metrics.png")
 
 
+@pytest.mark.browser
 def test_reanalysis_launched_from_the_launchpad_rewrites_the_report(uis, page):
     """Jobs → reanalysis → Open launchpad, partition ckpt-0000, config with another MDI tolerance →
     Materialize; the run succeeds and the report shows the new tolerance. (Runs last: it adds a
