@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dapo_ops.config import EMBEDDED, DapoConfig, data_root
-from dapo_ops.tracking import Tracker, resolve_tracking_uri
+from dapo_ops.config.dapo import EMBEDDED, DapoConfig, data_root
+from dapo_ops.tracking.facade import Tracker, resolve_tracking_uri
 
 DAGSTER_YAML = """\
 # Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
@@ -40,7 +40,7 @@ def prepare_instance(root: Path | None = None) -> Path:
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
-        from dapo_ops.store import write_text_atomic
+        from dapo_ops.store.layout import write_text_atomic
 
         write_text_atomic(home / "dagster.yaml", DAGSTER_YAML)  # never a torn file after a crash
     return home
@@ -155,7 +155,7 @@ def _root_cause(error) -> str:
 
 
 def _progress(message: str) -> None:
-    from dapo_ops import progress
+    from dapo_ops.common import progress
 
     progress.echo(message)  # above the progress bars while they show
 
@@ -169,9 +169,9 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     run_terminal.md holds either way.
 
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
-    rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
-    from dapo_ops import faults
-    from dapo_ops.store import RunStore
+    rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking.facade)."""
+    from dapo_ops.common import faults
+    from dapo_ops.store.layout import RunStore
 
     root = root or data_root()
     store = RunStore(root, config.run_name)
@@ -211,7 +211,7 @@ class Console:
     def attached(self) -> Iterator[None]:
         """The round logs' console echo (verbose), and on a terminal the library's warnings above the status
         line (elsewhere Python's last-resort handler prints them on stderr)."""
-        from dapo_ops import training
+        from dapo_ops.run import phases as training
 
         echo_logs = self.live and self.verbose
         previous_env = os.environ.get(training.CONSOLE_ECHO_ENV)
@@ -235,7 +235,7 @@ class Console:
     @contextlib.contextmanager
     def showing(self, label: str, expected_s: float | None = None) -> Iterator[None]:
         """The progress of one round (or the setup) while it runs, cleared before its summary line."""
-        from dapo_ops import progress
+        from dapo_ops.common import progress
 
         renderer = progress.console_renderer(self.file, label=label, verbose=self.verbose,
                                              expected_s=expected_s) if self.live else None
@@ -326,7 +326,7 @@ def _tracked_run(store, echo) -> Iterator[Tracker]:
 
 def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
     """Say so when rounds or the run's end wait in the journal (MLflow unreachable)."""
-    from dapo_ops.tracking import redact_uri
+    from dapo_ops.tracking.facade import redact_uri
 
     left = tracker.pending()
     if left:
@@ -340,8 +340,9 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
 def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, echo, console: Console,
                   started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
-    from dapo_ops import faults, retention
-    from dapo_ops.store import checkpoint_key
+    from dapo_ops.common import faults
+    from dapo_ops.run import retention
+    from dapo_ops.store.layout import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
     from pipelines.config import TrainingConfig
 
@@ -385,9 +386,11 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
                   started: float) -> None:
     """The rounds of `run_training` that are not DONE yet, in order: a progress display while each runs (the
     previous whole round's duration gives the ETA), then its summary line."""
-    from dapo_ops import faults, retention, training
-    from dapo_ops import store as store_io
-    from dapo_ops.store import checkpoint_key
+    from dapo_ops.common import faults
+    from dapo_ops.run import phases as training
+    from dapo_ops.run import retention
+    from dapo_ops.store import layout as store_io
+    from dapo_ops.store.layout import checkpoint_key
     from pipelines.config import ROUND_ASSETS
 
     run_config = config.replace(max_rounds=rounds)
@@ -455,8 +458,8 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
               num_processes: int | None = None) -> None:
     import dagster as dg
 
-    from dapo_ops import retention
-    from dapo_ops.store import RunStore, read_json
+    from dapo_ops.run import retention
+    from dapo_ops.store.layout import RunStore, read_json
     from pipelines.config import TrainingConfig
 
     root = root or data_root()
@@ -480,9 +483,9 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
 
 def export(run_name: str, checkpoint: str, *, merge: bool, out: Path | None, root: Path | None = None) -> int:
     """`make export`: checkpoint -> a directory `AutoModelForImageTextToText.from_pretrained` loads."""
-    from dapo_ops import export as export_ops
-    from dapo_ops.retention import PrunedCheckpointError
-    from dapo_ops.store import RunStore
+    from dapo_ops.run import export as export_ops
+    from dapo_ops.run.retention import PrunedCheckpointError
+    from dapo_ops.store.layout import RunStore
 
     store = RunStore(root or data_root(), run_name)
     target = out or export_ops.default_out(store, checkpoint, merge=merge)
@@ -541,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return memory_plan_command(args)
     if args.command == "launchpad-config":
-        from dapo_ops.runconfig import RunConfigError, launchpad_yaml
+        from dapo_ops.config.runconfig import RunConfigError, launchpad_yaml
 
         try:
             print(launchpad_yaml(args.config), end="")
@@ -562,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 128 + getattr(error, "signum", signal.SIGINT)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
-            from dapo_ops.store import RunLockedError
+            from dapo_ops.store.layout import RunLockedError
             from pipelines.checks import EvalDropError
 
             if isinstance(error, EvalDropError):
@@ -572,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3 if isinstance(error, RunLockedError) else 1
         return 0
     if args.command == "reanalyze":
-        from dapo_ops.retention import PrunedCheckpointError
+        from dapo_ops.run.retention import PrunedCheckpointError
 
         try:
             reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance,
@@ -592,14 +595,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def memory_plan_command(args: argparse.Namespace) -> int:
     """`make plan`: the memory estimate of a run config (paths need only hold a config.json)."""
-    from dapo_ops import memory_plan
-    from dapo_ops.runconfig import RunConfigError, coerce, read_yaml
+    from dapo_ops.config.runconfig import RunConfigError, coerce, read_yaml
+    from dapo_ops.train import memory_plan
 
     values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
     model = args.model or values.get("model_name_or_path", EMBEDDED)
     values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
     try:
-        from dapo_ops.runconfig import load_run_config
+        from dapo_ops.config.runconfig import load_run_config
 
         config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
         plan = memory_plan.estimate(model, config)
@@ -614,7 +617,7 @@ def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
     """Defaults < --config FILE < the explicit flags (--run-name, --dataset, --model, --num-processes,
     --rounds: what `make run RUN_NAME=... ROUNDS=...` passes) < --set overrides; raises `RunConfigError`
     naming the key and the file."""
-    from dapo_ops.runconfig import load_run_config
+    from dapo_ops.config.runconfig import load_run_config
 
     flags = {"run_name": args.run_name, "dataset": args.dataset, "model_name_or_path": args.model,
              "num_processes": args.num_processes, "max_rounds": args.rounds}
@@ -624,7 +627,7 @@ def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
 def sync_mlflow(run_name: str | None) -> int:
     """Send every run's journaled rounds and run status; 1 when something could not be sent (MLflow
     unreachable: it stays journaled), 2 when `run_name` has no run directory, else 0."""
-    from dapo_ops.tracking import Tracker, redact_uri
+    from dapo_ops.tracking.facade import Tracker, redact_uri
 
     root = data_root()
     if run_name and not (root / "runs" / run_name).is_dir():

@@ -2,8 +2,10 @@
 
 import pytest
 
-from dapo_ops import lora, memory_plan, models
-from dapo_ops.config import DapoConfig
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models import loading as models
+from dapo_ops.models import lora
+from dapo_ops.train import memory_plan
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_the_meta_model_is_built_once_per_model_directory(saved, monkeypatch):
 def test_the_shipped_3b_config_fits_an_80_gib_gpu():
     from pathlib import Path
 
-    from dapo_ops.runconfig import coerce, read_yaml
+    from dapo_ops.config.runconfig import coerce, read_yaml
 
     values = coerce(read_yaml(Path("configs/runs/qwen2_5_vl_3b_aokvqa.yaml")), "qwen2_5_vl_3b_aokvqa")
     config = DapoConfig(**{**values, "model_name_or_path": "embedded", "dataset": "embedded"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_ops import progress
+from dapo_ops.common import progress
 
 CONTROL = re.compile(r"\r|\x1b\[")
 
@@ -215,7 +215,7 @@ def _verbose_round_2(root: Path, run_name: str, in_pty: bool) -> str:
     import contextlib
     import threading
 
-    from dapo_ops.config import DapoConfig
+    from dapo_ops.config.dapo import DapoConfig
     from pipelines.cli import run_training
     from tests.conftest import _restore_env, _set_env
 
