@@ -192,8 +192,12 @@ def train_one(config: DapoConfig, work_dir: Path, rounds: int, setup_dir: Path |
     With `setup_dir`, ckpt-0000 comes from there (`shared_setup`) and is loaded from disk, as `make run` does.
 
     A non-finite update ends the run with status "nan" and the curves measured so far."""
+    import polars as pl
+
     from dapo_ops.run import phases as training
+    from dapo_ops.run import round as dapo_round
     from dapo_ops.run.checkpoint_policy import load_checkpoint_policy
+    from dapo_ops.run.policy_cache import PolicyCache
     from dapo_ops.store.layout import RunStore, checkpoint_key
     from dapo_ops.train.update import NonFiniteUpdateError
 
@@ -210,19 +214,23 @@ def train_one(config: DapoConfig, work_dir: Path, rounds: int, setup_dir: Path |
     optimizer = training.load_optimizer(store, checkpoint_key(0), policy, config)
     out: dict[str, Any] = {"status": "ok", "chance": chance, "eval_accuracy": [first_eval], "train_accuracy": [],
                            "abs_log_mdi": []}
-    for k in range(rounds + 1):
-        key = checkpoint_key(k)
-        training.generate_round_rollouts(config, store, key, policy, log)
-        out["abs_log_mdi"].append(_attention_summary(training.compute_attention(config, store, key, policy, log)))
-        if k == rounds:
-            break  # the final checkpoint's attention only
-        table = training.compute_rewards(config, store, key, log)
-        out["train_accuracy"].append(float(table["mc_idx_reward"].mean()))
+    for k in range(rounds):
+        files = store.round(checkpoint_key(k))
         try:
-            record = training.run_update(config, store, key, policy, optimizer, log)
-        except NonFiniteUpdateError as error:
-            return {**out, "status": "nan", "error": f"round {k}: {error}"}
-        out["eval_accuracy"].append(float(record.eval["eval/accuracy"]))
+            result, failure = dapo_round.run_round(config, store, checkpoint_key(k), policy, optimizer, log), None
+        except NonFiniteUpdateError as error:  # its rollouts, attention and rewards were measured
+            result, failure = None, f"round {k}: {error}"
+        out["abs_log_mdi"].append(_attention_summary(pl.read_parquet(files.attention_parquet)))
+        out["train_accuracy"].append(float(pl.read_parquet(files.rewards)["mc_idx_reward"].mean()))
+        if result is None:
+            return {**out, "status": "nan", "error": failure}
+        out["eval_accuracy"].append(float(result.record.eval["eval/accuracy"]))
+    # The final checkpoint's attention: the first two phases of its round.
+    policies = PolicyCache()
+    policies.put(store, checkpoint_key(rounds), policy, optimizer)
+    dapo_round.rollouts_phase(config, store, checkpoint_key(rounds), log, policies)
+    final = dapo_round.attention_phase(config, store, checkpoint_key(rounds), log, policies).table
+    out["abs_log_mdi"].append(_attention_summary(final))
     return out
 
 

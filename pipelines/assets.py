@@ -10,30 +10,44 @@ import re
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from dapo_ops.common import faults
 from dapo_ops.common.names import EVAL_ACCURACY, attn_column
 from dapo_ops.run import round as dapo_round
+from dapo_ops.run.policy_cache import PolicyCache
+from dapo_ops.run.resume import EVAL_DROP_CHECK
 from dapo_ops.store.layout import (
     checkpoint_index,
     checkpoint_key,
     write_json_atomic,
     write_text_atomic,
 )
-from pipelines.checks import EVAL_DROP_CHECK, eval_drop_finding
 from pipelines.config import TrainingConfig
-from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
+from pipelines.resources import MlflowResource, RunStoreResource
+
+if TYPE_CHECKING:
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.run.phases import RoundLog
+    from dapo_ops.run.round import Launch
+    from dapo_ops.store.layout import RunStore
 
 GROUP = "dapo"
 checkpoints = dg.DynamicPartitionsDefinition(name="checkpoints")
 
 
-def _round_log(context: dg.AssetExecutionContext, store, key: str):
+def _open(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
+          key: str | None = None) -> "tuple[DapoConfig, RunStore, str, RoundLog]":
+    """What every asset starts from: the run's validated config, its store, the asset's checkpoint (its
+    partition, or `key`) and that round's log."""
     from dapo_ops.run.phases import round_log
 
-    return round_log(store, key, echo=None)
+    cfg = training_config.to_dapo()
+    store = run_store.for_run(cfg.run_name)
+    key = key or context.partition_key
+    return cfg, store, key, round_log(store, key, echo=None)
 
 
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)")
@@ -99,9 +113,8 @@ def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
     from dapo_ops.run import phases as training
 
-    cfg = training_config.to_dapo()
-    store = run_store.for_run(cfg.run_name)
-    dapo_round.record_config(cfg, store, _round_log(context, store, checkpoint_key(0)))
+    cfg, store, _, log = _open(context, training_config, run_store, checkpoint_key(0))
+    dapo_round.record_config(cfg, store, log)
     summary = training.prepare_dataset(cfg, store)
     faults.point("after_dataset")
     reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
@@ -112,7 +125,7 @@ def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
     if summary.num_quarantined:
         counts = ", ".join(f"{n}x {reason}" for reason, n in sorted(summary.quarantine_reasons.items()))
         line += f" ({counts}; rows and reasons in {quarantine_path})"
-    _round_log(context, store, checkpoint_key(0))(line)
+    log(line)
     # The MLflow run exists from the first asset on, so every materialization can link it.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an outage: base_checkpoint and the rounds report and journal it
@@ -140,10 +153,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
     setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
     from dapo_ops.run import phases as training
 
-    cfg = training_config.to_dapo()
-    store = run_store.for_run(cfg.run_name)
-    key = checkpoint_key(0)
-    log = _round_log(context, store, key)
+    cfg, store, key, log = _open(context, training_config, run_store, checkpoint_key(0))
     if store.is_complete_checkpoint(key):
         log(f"run {cfg.run_name}: {key} is complete; finishing the setup with it")
         policy = policy_cache.get(store, key, cfg)
@@ -184,31 +194,15 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
 def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
              mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """G completions per prompt sampled from checkpoint k (KV cache, batched, left padding)."""
-    from dapo_ops.run import phases as training
-
-    cfg = training_config.to_dapo()
-    key = context.partition_key
-    store = run_store.for_run(cfg.run_name)
+    cfg, store, key, log = _open(context, training_config, run_store)
     store.require_checkpoint(key)
-    log = _round_log(context, store, key)
     # A journal left by an MLflow outage is sent before new work (no duplicates: see dapo_ops.tracking.facade).
     sent = mlflow.tracker(store).sync()
     if sent:
         log(f"sent {sent} journaled round(s) to MLflow")
-    log(f"round {checkpoint_index(key)} of run {cfg.run_name}")
-    dapo_round.record_config(cfg, store, log)
-    from dapo_ops.run import retention
-
-    retention.check_disk_space(store, key, cfg)  # stop before the round, never halfway through its checkpoint
-    if cfg.num_processes > 1:
-        import polars as pl
-
-        child = _phase_in_subprocesses(context, cfg, store, key, log, "rollouts", policy_cache)
-        table = pl.read_parquet(store.round(key).rollouts_parquet)
-    else:
-        child = {}
-        policy = policy_cache.get(store, key, cfg)
-        table = training.generate_round_rollouts(cfg, store, key, policy, log)
+    result = dapo_round.rollouts_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, cfg, store, key,
+                                                                                            log))
+    child, table = result.launched, result.table
     sample = table.head(3).select("question", "completion").to_dicts()
     return dg.MaterializeResult(metadata={
         **child,
@@ -231,22 +225,11 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     from dapo_ops.config.dapo import STAGES
     from dapo_ops.run import phases as training
 
-    cfg = training_config.to_dapo()
-    key = context.partition_key
-    store = run_store.for_run(cfg.run_name)
-    log = _round_log(context, store, key)
-    if training_config.reanalysis:
-        log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
-    if cfg.num_processes > 1:
-        import polars as pl
-
-        child = _phase_in_subprocesses(context, cfg, store, key, log, "attention", policy_cache,
-                                       reanalysis=training_config.reanalysis)
-        table = pl.read_parquet(store.round(key).attention_parquet)
-    else:
-        child = {}
-        policy = policy_cache.get(store, key, cfg)
-        table = training.compute_attention(cfg, store, key, policy, log, write_old_logps=not training_config.reanalysis)
+    cfg, store, key, log = _open(context, training_config, run_store)
+    result = dapo_round.attention_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, cfg, store, key,
+                                                                                            log),
+                                        reanalysis=training_config.reanalysis)
+    child, table = result.launched, result.table
     return dg.MaterializeResult(metadata={
         **child,
         "run_name": cfg.run_name,
@@ -271,15 +254,9 @@ def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, 
     weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
     values it used."""
     from dapo_ops.reporting.reports import reward_label
-    from dapo_ops.run import phases as training
 
-    cfg = training_config.to_dapo()
-    key = context.partition_key
-    store = run_store.for_run(cfg.run_name)
-    log = _round_log(context, store, key)
-    training.compute_rewards(cfg, store, key, log)
-    metrics = training.batch_metrics(cfg, training.round_table(store, key))
-    findings = dapo_round.reward_health(cfg, store, key, log, metrics)
+    cfg, store, key, log = _open(context, training_config, run_store)
+    metrics, findings = dapo_round.rewards_phase(cfg, store, key, log)
     yield dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         **_mlflow_link(mlflow, store),
@@ -296,7 +273,7 @@ def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, 
               dg.AssetCheckSpec("entropy_collapse", asset="policy_update"),
               dg.AssetCheckSpec("non_finite", asset="policy_update"),
               # Blocking: a failed eval check skips the round's reports (the round stays undone), and the
-              # next-round sensor and `make run` refuse to continue from the checkpoint (pipelines.checks).
+              # next-round sensor and `make run` refuse to continue from the checkpoint (dapo_ops.run.resume).
               dg.AssetCheckSpec(EVAL_DROP_CHECK, asset="policy_update", blocking=True,
                                 description="eval accuracy did not fall by more than max_eval_drop from the "
                                             "previous checkpoint"),
@@ -305,43 +282,17 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
                   mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]):
     """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
     registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
-    from dapo_ops.run import phases as training
-    from dapo_ops.train.update import NonFiniteUpdateError
-
-    cfg = training_config.to_dapo()
-    key = context.partition_key
-    store = run_store.for_run(cfg.run_name)
-    log = _round_log(context, store, key)
-    child_metadata: dict = {}
+    cfg, store, key, log = _open(context, training_config, run_store)
     try:
-        if cfg.num_processes > 1:
-            record, child_metadata = _update_in_subprocesses(context, cfg, store, key, log, policy_cache)
-        else:
-            policy = policy_cache.get(store, key, cfg)
-            optimizer = policy_cache.optimizer(store, key, cfg)
-            ref_policy = None
-            if cfg.beta > 0 and not cfg.use_peft:  # LoRA: the reference is the adapter-disabled policy
-                from dapo_ops.models import loading as models
-
-                ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
-            record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
-            policy_cache.put(store, record.next_checkpoint, policy, optimizer)
-    except NonFiniteUpdateError as error:
-        policy_cache.invalidate()
-        finding = dapo_round.non_finite_health(store, key, log, error)
-        yield _check_result(finding)  # the failed health check is recorded with the failed round
+        result = dapo_round.update_phase(cfg, store, key, log, policy_cache,
+                                         launch=_launcher(context, cfg, store, key, log))
+    except dapo_round.NonFiniteRoundError as error:
+        yield _check_result(error.finding)  # the failed health check is recorded with the failed round
         raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
-    except BaseException:
-        policy_cache.invalidate()
-        raise
+    record, child_metadata = result.record, result.launched
     next_key = record.next_checkpoint
     add_checkpoint_partitions(context.instance, [next_key])
     _observe_pruned(context, store)
-    metrics = {**record.summary, **record.eval}
-    findings = dapo_round.update_health(store, key, log, metrics)
-    eval_finding = eval_drop_finding(cfg, store, next_key)
-    assert eval_finding is not None  # next_key is past ckpt-0000
-    dapo_round.log_findings(log, [eval_finding])
     yield dg.MaterializeResult(metadata={
         **child_metadata,
         "run_name": cfg.run_name,
@@ -355,7 +306,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
         "eval_accuracy": record.eval_accuracy,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(next_key))),
     })
-    for finding in [*findings, eval_finding]:
+    for finding in result.findings:
         yield _check_result(finding)
 
 
@@ -398,66 +349,47 @@ def pipes_client_for(deployment, launch) -> tuple[dg.PipesClient, dict]:
     return cls(), dict(deployment.run_args)
 
 
-def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, policy_cache: PolicyCache):
-    """The update on `num_processes` processes: `accelerate launch` of `pipelines.pipes_update` through
-    Dagster Pipes. The children write ckpt-(k+1) and update.json as the in-process update does (and
-    evaluate it data-parallel under DDP); rank 0 reports its logs and materialization metadata back.
-    Returns (update record, the child's metadata)."""
-    from dapo_ops.run.round_files import read_update_record
+def _launcher(context: dg.AssetExecutionContext, cfg, store, key: str, log) -> "Launch":
+    """The round's `Launch` (see dapo_ops.run.round): a phase (rollouts, attention, update) on `num_processes`
+    processes, `accelerate launch` of `pipelines.pipes_update --phase` through Dagster Pipes under the
+    supervisor (no orphans, a dead rank named). Rank 0 writes the phase's round files and reports its logs and
+    metadata back; the launch returns that metadata."""
 
-    metadata = _phase_in_subprocesses(context, cfg, store, key, log, "update", policy_cache)
-    record = read_update_record(store, key)
-    store.require_checkpoint(record.next_checkpoint)
-    return record, metadata
+    def launch(phase: str, *, reanalysis: bool = False) -> dict:
+        from dapo_ops.distributed import launch as distributed
+        from dapo_ops.distributed import process_hygiene
+        from dapo_ops.train.update import NonFiniteUpdateError
 
+        launch = distributed.prepare_launch(cfg, store, key, phase=phase, reanalysis=reanalysis,
+                                            child_module="pipelines.pipes_update")
+        what = "the update" if phase == distributed.UPDATE else phase
+        log(f"launching {what} on {cfg.num_processes} processes with accelerate ({launch.accelerate_config.name}) "
+            f"through Dagster Pipes")
+        try:
+            with warnings.catch_warnings():  # Pipes' message reader flags a preview API on every launch
+                warnings.simplefilter("ignore", dg.PreviewWarning)
+                client, run_args = pipes_client_for(distributed.deployment(), launch)
+                invocation = client.run(context=context, command=launch.supervised, env=launch.env,
+                                        extras=launch.extras, **run_args)
+        except Exception as error:
+            failure = distributed.read_failure(store, key, phase)
+            if failure and failure.get("kind") == distributed.NON_FINITE:
+                raise NonFiniteUpdateError(failure["message"]) from error
+            if failure and failure.get("kind") == process_hygiene.RANK_FAILED:
+                log.error(failure["message"])
+                raise dg.Failure(description=failure["message"],
+                                 metadata={f"{phase}_failure": failure["kind"]}) from error
+            raise
+        finally:
+            # However the call ended (interrupted, failed), nothing it started outlives it.
+            process_hygiene.kill_supervisors()
+        metadata: dict = {}
+        for result in invocation.get_results():
+            if isinstance(result, dg.MaterializeResult):
+                metadata.update(result.metadata or {})
+        return metadata
 
-def _phase_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: str, log, phase: str,
-                           policy_cache: PolicyCache, *, reanalysis: bool = False) -> dict:
-    """`phase` (rollouts, attention, update) on `num_processes` processes: `accelerate launch` of
-    `pipelines.pipes_update --phase` through Dagster Pipes, under the supervisor (no orphans, a dead rank
-    named). Rank 0 writes the phase's round files; returns the metadata it reported back."""
-    import gc
-    import warnings
-
-    import torch
-
-    from dapo_ops.distributed import launch as distributed
-    from dapo_ops.distributed import process_hygiene
-    from dapo_ops.train.update import NonFiniteUpdateError
-
-    # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
-    # its GPU), and after the update it is stale (the next asset reloads ckpt-(k+1) from disk).
-    policy_cache.invalidate()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    launch = distributed.prepare_launch(cfg, store, key, phase=phase, reanalysis=reanalysis,
-                                        child_module="pipelines.pipes_update")
-    what = "the update" if phase == distributed.UPDATE else phase
-    log(f"launching {what} on {cfg.num_processes} processes with accelerate ({launch.accelerate_config.name}) "
-        f"through Dagster Pipes")
-    try:
-        with warnings.catch_warnings():  # Pipes' message reader flags a preview API on every launch
-            warnings.simplefilter("ignore", dg.PreviewWarning)
-            client, run_args = pipes_client_for(distributed.deployment(), launch)
-            invocation = client.run(context=context, command=launch.supervised, env=launch.env, extras=launch.extras,
-                                    **run_args)
-    except Exception as error:
-        failure = distributed.read_failure(store, key, phase)
-        if failure and failure.get("kind") == distributed.NON_FINITE:
-            raise NonFiniteUpdateError(failure["message"]) from error
-        if failure and failure.get("kind") == process_hygiene.RANK_FAILED:
-            log.error(failure["message"])
-            raise dg.Failure(description=failure["message"], metadata={f"{phase}_failure": failure["kind"]}) from error
-        raise
-    finally:
-        # However the call ended (interrupted, failed), nothing it started outlives it.
-        process_hygiene.kill_supervisors()
-    metadata: dict = {}
-    for result in invocation.get_results():
-        if isinstance(result, dg.MaterializeResult):
-            metadata.update(result.metadata or {})
-    return metadata
+    return launch
 
 
 def _check_result(finding) -> dg.AssetCheckResult:
@@ -477,9 +409,7 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
     from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
     from dapo_ops.config.dapo import STAGES
 
-    cfg = training_config.to_dapo()
-    key = context.partition_key
-    store = run_store.for_run(cfg.run_name)
+    cfg, store, key, _ = _open(context, training_config, run_store)
     report = dapo_round.write_attention_report(store, key)
     if training_config.reanalysis:
         tracker = mlflow.tracker(store)
@@ -507,10 +437,7 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     from dapo_ops.reporting import reports
     from dapo_ops.run.round_files import read_update_record
 
-    cfg = training_config.to_dapo()
-    key = context.partition_key
-    store = run_store.for_run(cfg.run_name)
-    log = _round_log(context, store, key)
+    cfg, store, key, log = _open(context, training_config, run_store)
     update = read_update_record(store, key)
     written = dapo_round.write_round_reports(cfg, store, key, log, update)
     metrics, table, curves, out = written.metrics, written.table, written.curves, store.reports_dir(key)

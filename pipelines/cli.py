@@ -14,13 +14,14 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from dapo_ops.config.dapo import EMBEDDED, DapoConfig, data_root
+from dapo_ops.run.resume import EvalDropError
 from dapo_ops.tracking.facade import Tracker, resolve_tracking_uri
+from dapo_ops.tracking.lifecycle import RunInterrupted, sync_runs, system_metrics, tracked_run
 
 DAGSTER_YAML = """\
 # Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
@@ -106,8 +107,6 @@ def materialize(job_name: str, config, *, selection=None, partition_key: str | N
             raise RunInterrupted(signal.SIGINT)
         blocked = _failed_blocking_checks(result.all_events)
         if blocked:
-            from pipelines.checks import EvalDropError
-
             raise EvalDropError("\n".join(blocked))
         messages = []
         for event in result.all_events:
@@ -180,7 +179,7 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     # The lock comes first, before seconds of imports: a second `make run` of this run is refused at once.
     with store.lock():
         faults.point("run_start")
-        with _tracked_run(store, echo) as tracker, console.attached():
+        with tracked_run(store, echo) as tracker, console.attached():
             home = _train_locked(config, rounds, store, tracker, echo=echo, console=console, started=started)
     tracking_uri = resolve_tracking_uri(root)
     summary = {
@@ -262,81 +261,6 @@ class _WarningsAboveStatus(logging.Handler):
             _progress(f"WARNING {record.getMessage()}")
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT reached `make run`: its MLflow run ends KILLED (kill -9 cannot be caught: the
-    run then stays RUNNING until the next `make run` of the same RUN_NAME continues it)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _catch_termination() -> Iterator[list[int]]:
-    """SIGTERM/SIGINT raise `RunInterrupted` in the main thread; yields the signals received so far
-    (Dagster may turn the exception into a step failure: the list still says it was a kill)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def interrupt(signum: int, _frame) -> None:
-        received.append(signum)
-        raise RunInterrupted(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _tracked_run(store, echo) -> Iterator[Tracker]:
-    """The MLflow run's lifecycle around one `make run`: RUNNING (the same run id when resumed) while it
-    trains, then FINISHED when every round is done, FAILED when a round fails, KILLED on SIGTERM/SIGINT.
-    The status goes through the journal, so one that MLflow misses now is sent by the next sync.
-    (Rounds that `dagster dev`'s sensor launches leave the run RUNNING between rounds; the round that
-    reaches `max_rounds` ends it FINISHED in `training_report`.) Yields the run's tracker."""
-    import warnings
-
-    tracker = Tracker(store.run_dir, store.run_name, tracking_uri=resolve_tracking_uri(store.root),
-                      data_root=store.root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an outage here is reported by the rounds themselves
-        tracker.set_status("RUNNING")
-    status = "FAILED"
-    with _catch_termination() as received:
-        try:
-            yield tracker
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        except BaseException:
-            status = "KILLED" if received else "FAILED"
-            raise
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                shown = tracker.end(status)
-            _report_unsent(tracker, status, shown, echo)
-
-
-def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
-    """Say so when rounds or the run's end wait in the journal (MLflow unreachable)."""
-    from dapo_ops.tracking.facade import redact_uri
-
-    left = tracker.pending()
-    if left:
-        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: {len(left)} round(s) wait in "
-             f"{tracker.journal_path}; the next round or `make sync-mlflow` sends them, each metric once.")
-    elif not shown and tracker.last_error is not None:
-        echo(f"WARNING: MLflow at {redact_uri(tracker.tracking_uri)} is unreachable: the run's end ({status}) "
-             f"waits in {tracker.state_dir}; `make sync-mlflow` sends it.")
-
-
 def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, echo, console: Console,
                   started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
@@ -365,78 +289,35 @@ def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, e
             materialize(SETUP_JOB, tconfig, instance=instance, tags=tags)
     add_checkpoint_partitions(instance, store.complete_checkpoints())
     retention.catch_up(store, run_config)  # a kill between a round's update.json and its pruning
-    with _system_metrics(tracker):
+    with system_metrics(tracker):
         _train_rounds(config, rounds, store, instance, tconfig, tags, echo=echo, console=console, started=started)
     return home
 
 
-@contextlib.contextmanager
-def _system_metrics(tracker: Tracker) -> Iterator[None]:
-    """MLflow system metrics (CPU, memory, GPU when present) on the training run while rounds run (its id is
-    known by now: setup created the run, and `tracker` reads it from the journal's cache)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an outage is reported by the rounds themselves
-        with tracker.system_metrics():
-            yield
-
-
 def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, console: Console,
                   started: float) -> None:
-    """The rounds of `run_training` that are not DONE yet, in order: a progress display while each runs (the
-    previous whole round's duration gives the ETA), then its summary line."""
+    """The rounds of `run_training` that are not DONE yet (`resume.pending_rounds`), each materialized with a
+    progress display (the previous whole round's duration gives the ETA), then its summary line."""
     from dapo_ops.common import faults
-    from dapo_ops.run import phases as training
-    from dapo_ops.run import retention
-    from dapo_ops.store import layout as store_io
-    from dapo_ops.store.layout import checkpoint_key
-    from pipelines.config import ROUND_ASSETS
+    from dapo_ops.reporting.reports import round_summary
+    from dapo_ops.run.resume import pending_rounds
+    from dapo_ops.store.layout import read_json
 
-    run_config = config.replace(max_rounds=rounds)
     last_round_s: float | None = None
-    for k in range(rounds):
-        key = checkpoint_key(k)
-        files = store.round(key)
-        if files.done.exists():
-            continue
-        selection = None  # the whole training_round job
-        # update.json is written right after ckpt-(k+1): with both, only the reports and MLflow are missing;
-        # otherwise the round runs again from ckpt-k (rounds are deterministic: the same result).
-        if store.is_complete_checkpoint(checkpoint_key(k + 1)) and files.update.exists():
-            selection = ("attention_report", "training_report")
-            _require_eval_check(run_config, store, checkpoint_key(k + 1))
-        assets = ", ".join(selection or ROUND_ASSETS)
-        if files.dir.exists() and any(p != files.log for p in files.dir.iterdir()):
-            training.round_log(store, key)(f"resuming {key} after an interruption: {assets}")
-        if selection is None:
-            # Stop before the round, never halfway through writing its checkpoint.
-            retention.check_disk_space(store, key, run_config)
+    for pending in pending_rounds(config.replace(max_rounds=rounds), store):
+        label = f"[round {pending.index + 1}/{rounds}]"
         round_start = time.perf_counter()
         if console.verbose:
-            echo(f"[round {k + 1}/{rounds}] {key}: {assets}")
+            echo(f"{label} {pending.key}: {', '.join(pending.phases)}")
         faults.point("before_round")
-        with console.showing(f"[round {k + 1}/{rounds}] {key}", expected_s=last_round_s if selection is None else None):
-            materialize(ROUND_JOB, tconfig, selection=selection, partition_key=key, instance=instance, tags=tags)
-        metrics = store_io.read_json(files.metrics)
+        with console.showing(f"{label} {pending.key}", expected_s=last_round_s if pending.whole else None):
+            materialize(ROUND_JOB, tconfig, selection=None if pending.whole else pending.phases,
+                        partition_key=pending.key, instance=instance, tags=tags)
         seconds = time.perf_counter() - round_start
-        if selection is None:
+        if pending.whole:
             last_round_s = seconds
-        echo(f"[round {k + 1}/{rounds}] done in {seconds:.1f}s "
-             f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
-             f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
-             f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
-             f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
-
-
-def _require_eval_check(config: DapoConfig, store, key: str) -> None:
-    """Refuse to finish a round whose checkpoint failed the blocking eval check (asked again with today's
-    `max_eval_drop`, so `--set max_eval_drop=...` accepts it)."""
-    from pipelines.checks import EvalDropError, blocked_message, eval_drop_finding
-
-    finding = eval_drop_finding(config, store, key)
-    if finding is not None and not finding.passed:
-        raise EvalDropError(f"policy_update: {blocked_message(finding)}")
+        echo(f"{label} done in {seconds:.1f}s (elapsed {time.perf_counter() - started:.0f}s): "
+             f"{round_summary(read_json(store.round(pending.key).metrics))}")
 
 
 def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
@@ -566,8 +447,6 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + getattr(error, "signum", signal.SIGINT)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
             from dapo_ops.store.layout import RunLockedError
-            from pipelines.checks import EvalDropError
-
             if isinstance(error, EvalDropError):
                 print(f"\nmake run stopped: {error}", file=sys.stderr)
                 return 4
@@ -627,26 +506,17 @@ def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
 def sync_mlflow(run_name: str | None) -> int:
     """Send every run's journaled rounds and run status; 1 when something could not be sent (MLflow
     unreachable: it stays journaled), 2 when `run_name` has no run directory, else 0."""
-    from dapo_ops.tracking.facade import Tracker, redact_uri
-
-    root = data_root()
-    if run_name and not (root / "runs" / run_name).is_dir():
-        print(f"no run {run_name!r} under {root / 'runs'}", file=sys.stderr)
+    try:
+        results = sync_runs(data_root(), run_name)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
         return 2
-    runs = [root / "runs" / run_name] if run_name else sorted((root / "runs").glob("*"))
-    uri = resolve_tracking_uri(root)
-    unsent: list[str] = []
-    for run_dir in runs:
-        if run_dir.is_dir():
-            tracker = Tracker(run_dir, run_dir.name, tracking_uri=uri, data_root=root)
-            sent = tracker.sync()
-            print(f"{run_dir.name}: sent {sent} journaled round(s) to {redact_uri(uri)}")
-            left = tracker.pending()
-            if left or tracker.last_error is not None:
-                unsent.append(run_dir.name)
-                print(f"{run_dir.name}: NOT sent: {len(left)} round(s) stay in {tracker.journal_path}"
-                      f"{'' if left else ' (and the run status)'}: {tracker.last_error}", file=sys.stderr)
-    return 1 if unsent else 0
+    for result in results:
+        print(f"{result.run_name}: sent {result.sent} journaled round(s) to {result.uri}")
+        if not result.complete:
+            print(f"{result.run_name}: NOT sent: {result.left} round(s) stay in {result.journal}"
+                  f"{'' if result.left else ' (and the run status)'}: {result.error}", file=sys.stderr)
+    return 0 if all(result.complete for result in results) else 1
 
 
 def mlflow_ui(port: int) -> int:

@@ -11,8 +11,8 @@ stop conditions (`max_rounds`, the blocking eval check) are run state, not parti
 
 import dagster as dg
 
+from dapo_ops.run.resume import blocked_message, eval_drop_finding
 from dapo_ops.store.layout import checkpoint_index
-from pipelines.checks import blocked_message, eval_drop_finding
 from pipelines.config import TrainingConfig, run_config_for
 from pipelines.jobs import training_round_job
 from pipelines.resources import RunStoreResource

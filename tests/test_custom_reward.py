@@ -12,6 +12,7 @@ import pytest
 from dapo_ops.config.dapo import DapoConfig
 from dapo_ops.reporting import reports
 from dapo_ops.run import phases as training
+from dapo_ops.run.round import run_round
 from dapo_ops.store.layout import RunStore, checkpoint_key
 
 CUSTOM = "tests.custom_rewards:length_penalty"
@@ -33,7 +34,7 @@ TINY_RUN = {
 
 @pytest.fixture(scope="module")
 def custom_round(tmp_path_factory):
-    """One round through the phase functions, scored with the three built-in rewards and `length_penalty`."""
+    """One round (`run_round`), scored with the three built-in rewards and `length_penalty`."""
     config = DapoConfig(**TINY_RUN)
     root = tmp_path_factory.mktemp("custom_reward")
     store = RunStore(root, config.run_name)
@@ -42,12 +43,8 @@ def custom_round(tmp_path_factory):
     policy = training.build_base_checkpoint(config, store, log)["policy"]
     optimizer = training.load_optimizer(store, checkpoint_key(0), policy, config)
     key = checkpoint_key(0)
-    training.generate_round_rollouts(config, store, key, policy, log)
-    training.compute_attention(config, store, key, policy, log)
-    training.compute_rewards(config, store, key, log)
-    record = training.run_update(config, store, key, policy, optimizer, log)
-    table = training.round_table(store, key)
-    return config, table, training.round_metrics(config, table, record), log
+    metrics = run_round(config, store, key, policy, optimizer, log).metrics
+    return config, training.round_table(store, key), metrics, log
 
 
 def test_the_custom_reward_is_scored_from_the_round_columns_and_weighted_into_the_total(custom_round):

@@ -307,7 +307,7 @@ def test_gpu_smoke_script_says_no_gpu_is_present_and_exits_0_or_3_when_a_gpu_is_
 
 # ------------------------------------------------------------------------------------ process hygiene
 
-# A stand-in for the Dagster process: it starts the supervised launch as `_update_in_subprocesses` does.
+# A stand-in for the Dagster process: it starts the supervised launch as `pipelines.assets._launcher` does.
 PARENT = ("import os, subprocess, sys; from dapo_ops import process_hygiene as h; "
           "os.environ[h.PARENT_PID_ENV] = str(os.getpid()); sys.exit(subprocess.run(sys.argv[1:]).returncode)")
 

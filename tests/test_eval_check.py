@@ -44,8 +44,8 @@ def eval_drop_run(tmp_path_factory: pytest.TempPathFactory):
     """Setup + round 0 of a tiny run whose evaluation is forced to fall from 0.75 (ckpt-0000) to 0.25."""
     from dapo_ops.config.dapo import DapoConfig
     from dapo_ops.run import phases as training
+    from dapo_ops.run.resume import EvalDropError
     from dapo_ops.tracking.facade import default_tracking_uri
-    from pipelines.checks import EvalDropError
     from pipelines.cli import run_training
 
     root = tmp_path_factory.mktemp("eval_drop")

@@ -27,6 +27,7 @@ LEARNING_ROUNDS = 8
 @pytest.mark.slow
 def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
     from dapo_ops.run import phases as training
+    from dapo_ops.run.round import run_round
 
     config = DapoConfig(**LEARNING_RUN)
     store = RunStore(tmp_path, config.run_name)
@@ -37,12 +38,7 @@ def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
     optimizer = training.load_optimizer(store, checkpoint_key(0), policy, config)
     accuracy, evals = [], []
     for k in range(LEARNING_ROUNDS):
-        key = checkpoint_key(k)
-        training.generate_round_rollouts(config, store, key, policy, log)
-        training.compute_attention(config, store, key, policy, log)
-        training.compute_rewards(config, store, key, log)
-        record = training.run_update(config, store, key, policy, optimizer, log)
-        metrics = training.round_metrics(config, training.round_table(store, key), record)
+        metrics = run_round(config, store, checkpoint_key(k), policy, optimizer, log).metrics
         accuracy.append(metrics["rewards/mc_idx_reward/mean"])
         evals.append(metrics["eval/accuracy"])
     # Seen on this config (seed 0, the same numbers as `make run`): eval 0.328 (ckpt-0000) -> 0.555 (ckpt-0008) with

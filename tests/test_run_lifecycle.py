@@ -75,14 +75,14 @@ def test_a_sigterm_during_make_run_ends_its_run_killed(store: tuple[Path, str], 
     import signal
 
     from dapo_ops.store.layout import RunStore
-    from pipelines.cli import RunInterrupted, _tracked_run
+    from dapo_ops.tracking.lifecycle import RunInterrupted, tracked_run
 
     root, uri = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     run_store = RunStore(root, "terminated")
     run_id = Tracker(run_store.run_dir, "terminated", tracking_uri=uri, data_root=root).start({"seed": 0})
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(RunInterrupted, match="SIGTERM"), _tracked_run(run_store, echo=lambda _: None):
+    with pytest.raises(RunInterrupted, match="SIGTERM"), tracked_run(run_store, echo=lambda _: None):
         os.kill(os.getpid(), signal.SIGTERM)
     assert status_of(uri, run_id) == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the run

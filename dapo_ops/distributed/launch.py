@@ -335,7 +335,7 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
     (rank 0: with eval, after writing ckpt-(k+1) and update.json; other ranks: without)."""
     from dapo_ops.models import loading as models
     from dapo_ops.run import phases as training
-    from dapo_ops.store.layout import checkpoint_key
+    from dapo_ops.run.round import reference_policy
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
@@ -370,10 +370,7 @@ def run_update_distributed(config: DapoConfig, run_store: RunStore, key: str, lo
             f"device {accelerator.device}, mixed precision {accelerator.mixed_precision})")
         if getattr(collective, "sharded", False):
             log.warning("sharded optimizer state is not saved with the checkpoint; the next round restarts AdamW")
-    ref_policy = None
-    if config.beta > 0 and not config.use_peft:  # LoRA: the reference is the adapter-disabled policy
-        ref_policy = models.load_policy(training.resolve_model_dir(run_store, checkpoint_key(0)),
-                                        device=accelerator.device, torch_dtype=config.torch_dtype)
+    ref_policy = reference_policy(config, run_store, device=accelerator.device, torch_dtype=config.torch_dtype)
     record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy,
                                  collective=collective, model=model)
     progress(f"rank {accelerator.process_index}: update done after {collective.steps_done} optimizer steps")

@@ -24,7 +24,7 @@ import polars as pl
 
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
 from dapo_ops.attention.metrics import METRIC_NAMES as ATTENTION_NAMES
-from dapo_ops.common.names import attention_metric, attn_column, reward_metric
+from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column, reward_metric
 from dapo_ops.config.dapo import STAGES
 from dapo_ops.rl.rewards import DEFAULT_REWARD_FUNCS
 
@@ -731,3 +731,14 @@ def render_run_terminal(
         ]
     parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode, reward_names=reward_names), "text")]
     return "\n\n".join(parts) + "\n"
+
+
+# The round's figures on the console's summary line (`make run`), as (label, metric key, decimals).
+SUMMARY_FIGURES = (("reward", "reward", 3), ("accuracy", reward_metric("mc_idx_reward", "mean"), 3),
+                   ("eval", EVAL_ACCURACY, 3), ("format", reward_metric("think_format_reward", "mean"), 3),
+                   ("MDI", attention_metric("all", "mdi"), 2), ("entropy", "entropy", 3))
+
+
+def round_summary(metrics: Mapping[str, float]) -> str:
+    """`reward 0.975  accuracy 0.000  eval 0.000  format 0.000  MDI 1.00  entropy 5.994` of a round's metrics."""
+    return "  ".join(f"{label} {metrics[key]:.{decimals}f}" for label, key, decimals in SUMMARY_FIGURES)

@@ -20,8 +20,8 @@ from typing import Any
 import polars as pl
 import torch
 
-from dapo_ops.attention.teacher_forced.forward import TeacherForcedOutputs
-from dapo_ops.attention.teacher_forced.metrics import LOGGED_METRIC_NAMES, METRIC_NAMES
+from dapo_ops.attention.forward import TeacherForcedOutputs
+from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES, METRIC_NAMES
 from dapo_ops.attention.teacher_forced import rollout_attention_metrics, teacher_forced_pass
 from dapo_ops.common import faults
 from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column

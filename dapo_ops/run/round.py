@@ -1,11 +1,13 @@
-"""The round as Dagster runs it, without Dagster: the phases after each library step (health findings and
-their files, reports, the DONE marker, the run's config record) and `run_round`, which calls every
-phase in the order of the asset graph. The assets call these functions one each; the GPU script, the
-benchmark and the tests call `run_round`, so all of them run the same round.
+"""The round, without an orchestrator: one function per phase (`rollouts_phase` ... `update_phase`, the reports
+and the DONE marker), each with what goes around its library step (the config record, health findings and
+their files, the reference policy, in this process or on `num_processes` ranks through the caller's launcher),
+and `run_round`, which runs them in the order of the asset graph. Each Dagster asset calls one phase; the
+GPU script, the benchmarks and the tests call `run_round`, so all of them run the same round.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -14,17 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
 
 from dapo_ops.common import faults
 from dapo_ops.config.dapo import DapoConfig
 from dapo_ops.data import loading as data
+from dapo_ops.models import loading as models
 from dapo_ops.reporting import charts, health, reports
 from dapo_ops.reporting.health import Finding
 from dapo_ops.rollout.engines import RolloutEngine
 from dapo_ops.run import phases as training
-from dapo_ops.run.round_files import UpdateRecord
+from dapo_ops.run import resume, retention
+from dapo_ops.run.policy_cache import PolicyCache
+from dapo_ops.run.round_files import UpdateRecord, read_update_record
 from dapo_ops.store import layout as store
-from dapo_ops.store.layout import RunStore, checkpoint_index, checkpoint_key
+from dapo_ops.store.layout import RunStore, checkpoint_index, checkpoint_key, resolve_model_dir
+from dapo_ops.train.update import NonFiniteUpdateError
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -287,6 +294,125 @@ def is_done(run_store: RunStore, key: str) -> bool:
     return run_store.round(key).done.exists()
 
 
+# ------------------------------------------------------------------------------- phases, one per asset
+
+Launch = Callable[..., dict[str, Any]]
+"""`launch(phase, reanalysis=False)`: runs `phase` ("rollouts", "attention" or "update") of the round on
+`config.num_processes` processes and returns the metadata rank 0 reported. The orchestrator supplies it (the
+Dagster assets start the ranks through Pipes); with num_processes 1 a phase runs in this process."""
+
+
+class NonFiniteRoundError(NonFiniteUpdateError):
+    """The update stopped on a NaN/Inf loss or gradient and wrote nothing; `finding` is its failed check."""
+
+    def __init__(self, message: str, finding: Finding) -> None:
+        super().__init__(message)
+        self.finding = finding
+
+
+def reference_policy(config: DapoConfig, run_store: RunStore, **load: Any) -> Any:
+    """The frozen reference policy of the KL term: None without the term (`beta` 0) or with LoRA, whose
+    reference is the policy itself with its adapter disabled; else the base checkpoint ckpt-0000, loaded with
+    `load` (device, torch_dtype)."""
+    if config.beta <= 0 or config.use_peft:
+        return None
+    return models.load_policy(resolve_model_dir(run_store, checkpoint_key(0)), **load)
+
+
+def _launched(config: DapoConfig, policies: PolicyCache, launch: Launch | None, phase: str,
+              **kwargs: Any) -> dict[str, Any] | None:
+    """The metadata of `phase` run on num_processes > 1 processes; None: it runs in this process."""
+    if config.num_processes <= 1:
+        return None
+    if launch is None:
+        raise ValueError(f"num_processes={config.num_processes}: the {phase} phase needs a launcher")
+    # The ranks load checkpoint k themselves: this process's copy would only hold memory (rank 0 shares its
+    # GPU), and after the update it is stale (the next phase reloads ckpt-(k+1) from disk).
+    policies.invalidate()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return launch(phase, **kwargs)
+
+
+@dataclass
+class PhaseResult:
+    table: pl.DataFrame  # what the phase wrote: the round's rollouts or attention table
+    launched: dict[str, Any]  # the metadata the ranks reported; empty in this process
+
+
+def rollouts_phase(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
+                   policies: PolicyCache, *, launch: Launch | None = None,
+                   engine: RolloutEngine | None = None) -> PhaseResult:
+    """The round's config record and disk-space check (stop before the round, never halfway through its
+    checkpoint), then G completions per prompt sampled from checkpoint `key`."""
+    log(f"round {checkpoint_index(key)} of run {config.run_name}")
+    record_config(config, run_store, log)
+    retention.check_disk_space(run_store, key, config)
+    launched = _launched(config, policies, launch, "rollouts")
+    if launched is not None:
+        return PhaseResult(pl.read_parquet(run_store.round(key).rollouts_parquet), launched)
+    policy = policies.get(run_store, key, config)
+    return PhaseResult(training.generate_round_rollouts(config, run_store, key, policy, log, engine=engine), {})
+
+
+def attention_phase(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
+                    policies: PolicyCache, *, launch: Launch | None = None, reanalysis: bool = False) -> PhaseResult:
+    """The teacher-forced pass with checkpoint `key`: old log-probs, entropy and the attention metrics (a
+    `reanalysis` of a stored round keeps the round's old log-probs)."""
+    if reanalysis:
+        log(f"re-analysis of {key} with mdi_tolerance {config.mdi_tolerance}")
+    launched = _launched(config, policies, launch, "attention", reanalysis=reanalysis)
+    if launched is not None:
+        return PhaseResult(pl.read_parquet(run_store.round(key).attention_parquet), launched)
+    policy = policies.get(run_store, key, config)
+    return PhaseResult(training.compute_attention(config, run_store, key, policy, log,
+                                                  write_old_logps=not reanalysis), {})
+
+
+def rewards_phase(config: DapoConfig, run_store: RunStore, key: str,
+                  log: training.RoundLog) -> tuple[dict[str, float], list[Finding]]:
+    """The rewards, their total and the group advantages; returns the batch metrics and the reward checks."""
+    training.compute_rewards(config, run_store, key, log)
+    metrics = training.batch_metrics(config, training.round_table(run_store, key))
+    return metrics, reward_health(config, run_store, key, log, metrics)
+
+
+@dataclass
+class UpdateResult:
+    record: UpdateRecord
+    findings: list[Finding]  # the update checks, then the blocking eval check of the new checkpoint
+    launched: dict[str, Any]
+
+
+def update_phase(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
+                 policies: PolicyCache, *, launch: Launch | None = None) -> UpdateResult:
+    """The policy update from checkpoint `key` to ckpt-(k+1), which `policies` then holds, and its checks. A
+    NaN/Inf loss or gradient writes only its failed check and raises `NonFiniteRoundError`."""
+    try:
+        launched = _launched(config, policies, launch, "update")
+        if launched is not None:
+            record = read_update_record(run_store, key)
+            run_store.require_checkpoint(record.next_checkpoint)
+        else:
+            policy = policies.get(run_store, key, config)
+            optimizer = policies.optimizer(run_store, key, config)
+            record = training.run_update(config, run_store, key, policy, optimizer, log,
+                                         ref_policy=reference_policy(config, run_store))
+            policies.put(run_store, record.next_checkpoint, policy, optimizer)
+    except NonFiniteUpdateError as error:
+        policies.invalidate()  # the policy in memory matches no checkpoint any more
+        raise NonFiniteRoundError(str(error), non_finite_health(run_store, key, log, error)) from error
+    except BaseException:
+        policies.invalidate()
+        raise
+    findings = update_health(run_store, key, log, {**record.summary, **record.eval})
+    eval_finding = resume.eval_drop_finding(config, run_store, record.next_checkpoint)
+    assert eval_finding is not None  # the next checkpoint is past ckpt-0000
+    log_findings(log, [eval_finding])
+    return UpdateResult(record, [*findings, eval_finding], launched or {})
+
+
 # -------------------------------------------------------------------------------------------- round
 
 
@@ -299,14 +425,15 @@ class RoundResult:
 
 
 def run_round(config: DapoConfig, run_store: RunStore, key: str, policy: Any, optimizer: Any,
-              log: training.RoundLog, *, engine: RolloutEngine | None = None, ref_policy: Any = None,
+              log: training.RoundLog, *, engine: RolloutEngine | None = None,
               clock: Callable[[], float] = time.perf_counter) -> RoundResult:
-    """Round `key` from checkpoint k to ckpt-(k+1) and its reports, phase by phase as the assets run it
-    (rollouts, attention_metrics, rewards, policy_update, attention_report, training_report), minus
-    MLflow. `seconds` times each phase by `clock` (on a GPU, one that synchronises). A NaN/Inf update
-    writes its failed check and re-raises."""
-    from dapo_ops.train.update import NonFiniteUpdateError
-
+    """Round `key` from checkpoint k (`policy`, `optimizer`) to ckpt-(k+1) and its reports: the phases of the
+    assets in their order (rollouts, attention_metrics, rewards, policy_update, attention_report,
+    training_report) in this process, minus MLflow. `policy` and `optimizer` are trained in place. `seconds`
+    times each phase by `clock` (on a GPU, one that synchronises). A NaN/Inf update writes its failed check
+    and raises `NonFiniteRoundError`."""
+    policies = PolicyCache()
+    policies.put(run_store, key, policy, optimizer)
     seconds: dict[str, float] = {}
     last = clock()
 
@@ -316,20 +443,13 @@ def run_round(config: DapoConfig, run_store: RunStore, key: str, policy: Any, op
         seconds[phase] = now - last
         last = now
 
-    record_config(config, run_store, log)
-    training.generate_round_rollouts(config, run_store, key, policy, log, engine=engine)
+    rollouts_phase(config, run_store, key, log, policies, engine=engine)
     lap("rollouts")
-    training.compute_attention(config, run_store, key, policy, log)
+    attention_phase(config, run_store, key, log, policies)
     lap("attention_metrics")
-    training.compute_rewards(config, run_store, key, log)
-    reward_health(config, run_store, key, log, training.batch_metrics(config, training.round_table(run_store, key)))
+    rewards_phase(config, run_store, key, log)
     lap("rewards")
-    try:
-        record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy)
-    except NonFiniteUpdateError as error:
-        non_finite_health(run_store, key, log, error)
-        raise
-    update_health(run_store, key, log, {**record.summary, **record.eval})
+    record = update_phase(config, run_store, key, log, policies).record
     lap("policy_update")
     write_attention_report(run_store, key)
     lap("attention_report")
