@@ -552,3 +552,11 @@ def test_attention_balance_png_replaces_an_existing_file(tmp_path):
     path.write_bytes(b"old")
     means = {s: {"text_ratio": 0.5, "vision_ratio": 0.5, "mdi": 1.0} for s in STAGES}
     assert_png(attention_balance_png(means, path, tolerance=2.0))
+
+
+def test_the_round_summary_line_names_the_six_figures_of_a_round():
+    from dapo_ops.reporting.reports import round_summary
+
+    metrics = {"reward": 0.9751, "rewards/mc_idx_reward/mean": 0.5, "eval/accuracy": 0.25,
+               "rewards/think_format_reward/mean": 1.0, "attention/all/mdi": 1.004, "entropy": 5.99412}
+    assert round_summary(metrics) == "reward 0.975  accuracy 0.500  eval 0.250  format 1.000  MDI 1.00  entropy 5.994"

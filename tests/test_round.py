@@ -14,7 +14,7 @@ from dapo_ops.config.dapo import DapoConfig
 from dapo_ops.rollout.engines import HFEngine, RolloutEngine, make_engine
 from dapo_ops.run import phases as training
 from dapo_ops.run import round as dapo_round
-from dapo_ops.store.layout import RunStore, checkpoint_key
+from dapo_ops.store.layout import RunStore, checkpoint_key, write_parquet_atomic
 from dapo_ops.train.update import NonFiniteUpdateError
 
 KEY = checkpoint_key(0)
@@ -163,3 +163,73 @@ def test_report_samples_zero_writes_every_rollout_but_no_table(store: RunStore):
         training.load_split(store, "train"), [0.0, 1.0]))
     assert sample.table_path is None and sample.table.height == 0
     assert pl.read_parquet(sample.all_rollouts).height == 2
+
+
+# ------------------------------------------------------------------------------ the round's rules, once
+
+
+def test_the_reference_policy_is_the_base_checkpoint_only_with_beta_and_without_lora(store: RunStore, monkeypatch):
+    from dapo_ops.run.round import models
+
+    monkeypatch.setattr(dapo_round, "resolve_model_dir", lambda run_store, key: Path("/models") / key)
+    monkeypatch.setattr(models, "load_policy", lambda path, **load: (path, load))
+    assert dapo_round.reference_policy(DapoConfig(beta=0.0), store) is None
+    assert dapo_round.reference_policy(DapoConfig(beta=0.04, use_peft=True), store) is None  # the adapter disabled
+    assert dapo_round.reference_policy(DapoConfig(beta=0.04), store, device="cpu") == (Path("/models/ckpt-0000"),
+                                                                                        {"device": "cpu"})
+
+
+def test_a_phase_on_several_processes_runs_through_the_launcher_without_the_policy_in_memory(store: RunStore):
+    from dapo_ops.run.policy_cache import PolicyCache
+
+    config = DapoConfig(run_name="round-test", num_processes=2)
+    policies = PolicyCache()
+    policies.put(store, KEY, "policy of ckpt-0000", None)
+    calls = []
+
+    def launch(phase: str, **kwargs) -> dict:
+        calls.append((phase, kwargs))
+        write_parquet_atomic(store.round(KEY).attention_parquet, pl.DataFrame({"entropy": [1.0]}))  # rank 0's file
+        return {"num_processes": 2}
+
+    store.round_dir(KEY).mkdir(parents=True)
+    log = training.round_log(store, KEY)
+    result = dapo_round.attention_phase(config, store, KEY, log, policies, launch=launch, reanalysis=True)
+    assert calls == [("attention", {"reanalysis": True})]
+    assert result.launched == {"num_processes": 2} and result.table["entropy"].to_list() == [1.0]
+    assert policies._entry is None  # the ranks load the checkpoint; this process's copy is dropped
+    with pytest.raises(ValueError, match="num_processes=2: the attention phase needs a launcher"):
+        dapo_round.attention_phase(config, store, KEY, log, policies)
+
+
+def _round_files(store: RunStore, evals: dict[str, float]) -> None:
+    """ckpt-0000 .. ckpt-0002 complete with their eval accuracy; round 0 DONE; round 1 lost only its reports."""
+    for key, accuracy in evals.items():
+        path = store.checkpoint_dir(key)
+        path.mkdir(parents=True)
+        (path / "state.json").write_text(json.dumps({"eval": {"eval/accuracy": accuracy}}))
+        (path / "optimizer.pt").write_bytes(b"x")
+        (path / "COMPLETE").write_text("")
+    for key in ("ckpt-0000", "ckpt-0001"):
+        store.round_dir(key).mkdir(parents=True)
+    store.round("ckpt-0000").done.write_text("1.0\n")
+    store.round("ckpt-0001").update.write_text("{}")
+
+
+def test_pending_rounds_skip_done_rounds_and_finish_one_that_lost_only_its_reports(store: RunStore):
+    from dapo_ops.run.resume import REPORT_PHASES, ROUND_PHASES, PendingRound, pending_rounds
+
+    _round_files(store, {"ckpt-0000": 0.5, "ckpt-0001": 0.5, "ckpt-0002": 0.5})
+    assert list(pending_rounds(DapoConfig(max_rounds=3), store)) == [
+        PendingRound(1, "ckpt-0001", REPORT_PHASES), PendingRound(2, "ckpt-0002", ROUND_PHASES)]
+    assert "resuming ckpt-0001 after an interruption: attention_report, training_report" in \
+        store.round("ckpt-0001").log.read_text()
+
+
+def test_pending_rounds_refuse_to_continue_from_a_checkpoint_that_failed_the_eval_check(store: RunStore):
+    from dapo_ops.run.resume import EvalDropError, pending_rounds
+
+    _round_files(store, {"ckpt-0000": 0.5, "ckpt-0001": 0.9, "ckpt-0002": 0.1})
+    with pytest.raises(EvalDropError, match="fell from 0.900 \\(ckpt-0001\\) to 0.100 \\(ckpt-0002\\)"):
+        list(pending_rounds(DapoConfig(max_rounds=3, max_eval_drop=0.2), store))
+    assert list(pending_rounds(DapoConfig(max_rounds=3, max_eval_drop=1.0), store))[0].key == "ckpt-0001"
