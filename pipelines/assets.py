@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from dapo_ops.common import faults
 from dapo_ops.common.names import EVAL_ACCURACY, attn_column
 from dapo_ops.run import round as dapo_round
 from dapo_ops.run.policy_cache import PolicyCache
@@ -22,7 +21,6 @@ from dapo_ops.run.resume import EVAL_DROP_CHECK
 from dapo_ops.store.layout import (
     checkpoint_index,
     checkpoint_key,
-    write_json_atomic,
     write_text_atomic,
 )
 from pipelines.config import TrainingConfig
@@ -111,21 +109,10 @@ def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None 
 def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
             run_store: RunStoreResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
-    from dapo_ops.run import phases as training
-
     cfg, store, _, log = _open(context, training_config, run_store, checkpoint_key(0))
-    dapo_round.record_config(cfg, store, log)
-    summary = training.prepare_dataset(cfg, store)
-    faults.point("after_dataset")
+    summary = dapo_round.dataset_phase(cfg, store, log)
     reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
     quarantine_path = store.data_dir / "quarantine.parquet"
-    # Into ckpt-0000's round log too, so the count reaches run_terminal.md, not only the Dagster UI.
-    line = (f"dataset: {summary.num_train} train, {summary.num_eval} eval, {summary.num_quarantined} quarantined "
-            f"rows from {summary.source}")
-    if summary.num_quarantined:
-        counts = ", ".join(f"{n}x {reason}" for reason, n in sorted(summary.quarantine_reasons.items()))
-        line += f" ({counts}; rows and reasons in {quarantine_path})"
-    log(line)
     # The MLflow run exists from the first asset on, so every materialization can link it.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an outage: base_checkpoint and the rounds report and journal it
@@ -151,26 +138,8 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
     """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
     real model directory. Registers the `ckpt-0000` partition. A complete ckpt-0000 (left by an interrupted
     setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
-    from dapo_ops.run import phases as training
-
     cfg, store, key, log = _open(context, training_config, run_store, checkpoint_key(0))
-    if store.is_complete_checkpoint(key):
-        log(f"run {cfg.run_name}: {key} is complete; finishing the setup with it")
-        policy = policy_cache.get(store, key, cfg)
-        state = training.checkpoint_state(store, key)
-    else:
-        log(f"run {cfg.run_name}: building {key} from {cfg.model_name_or_path}")
-        built = training.build_base_checkpoint(cfg, store, log)
-        policy, state = built["policy"], built["state"]
-        faults.point("after_base_checkpoint")
-    from dapo_ops.run.checkpoint_policy import configure
-
-    policy = configure(policy, cfg)  # the adapter (use_peft), frozen vision tower, fp32 master weights
-    evaluation = training.evaluate(cfg, store, policy)
-    state = {**state, "eval": evaluation}
-    write_json_atomic(store.checkpoint_dir(key) / training.STATE_FILE, state)
-    log(f"{key}: eval accuracy {evaluation['eval/accuracy']:.3f}, format {evaluation['eval/format']:.3f}")
-    policy_cache.put(store, key, policy, None)
+    evaluation = dapo_round.base_checkpoint_phase(cfg, store, log, policy_cache)
     add_checkpoint_partitions(context.instance, [key])
     tracker = mlflow.tracker(store)
     tracker.start(params=cfg.to_dict(), tags=_run_tags(context, cfg.run_name, key))

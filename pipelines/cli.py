@@ -339,22 +339,17 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
               num_processes: int | None = None) -> None:
     import dagster as dg
 
-    from dapo_ops.run import retention
-    from dapo_ops.store.layout import RunStore, read_json
+    from dapo_ops.run.resume import reanalysis_config
+    from dapo_ops.store.layout import RunStore
     from pipelines.config import TrainingConfig
 
     root = root or data_root()
     prepare_instance(root)
     store = RunStore(root, run_name)
-    if not store.config_path.exists():
-        raise SystemExit(f"no run {run_name!r} under {root / 'runs'}; pass RUN_NAME=<an existing run>")
-    values = read_json(store.config_path)
-    store.require_checkpoint(checkpoint)
-    retention.require_weights(store, checkpoint)  # a pruned checkpoint: say so before Dagster starts
-    if mdi_tolerance is not None:
-        values["mdi_tolerance"] = mdi_tolerance
-    if num_processes is not None:  # the teacher-forced pass on this many ranks (default: the run's own)
-        values["num_processes"] = num_processes
+    try:  # a pruned checkpoint: say so before Dagster starts
+        values = reanalysis_config(store, checkpoint, mdi_tolerance=mdi_tolerance, num_processes=num_processes)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from error
     config = TrainingConfig(**values, reanalysis=True)
     instance = dg.DagsterInstance.get()
     materialize(REANALYSIS_JOB, config, partition_key=checkpoint, instance=instance,

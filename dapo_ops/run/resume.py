@@ -1,5 +1,6 @@
-"""Which rounds of a run are left and where each continues (the resume rule of `make run`), and the blocking
-eval check that it and the next-round sensor ask before continuing from a checkpoint.
+"""Which rounds of a run are left and where each continues (the resume rule of `make run`), the blocking eval
+check that it and the next-round sensor ask before continuing from a checkpoint, and the config of a
+re-analysis of a stored checkpoint.
 
 A round is DONE once its marker exists. A round whose next checkpoint and update.json exist lost only its
 reports (and MLflow); any other unfinished round runs again from its checkpoint (rounds are deterministic
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from dapo_ops.common.names import EVAL_ACCURACY
 from dapo_ops.config.dapo import DapoConfig
@@ -93,3 +95,21 @@ def pending_rounds(config: DapoConfig, store: RunStore) -> Iterator[PendingRound
         if phases == ROUND_PHASES:
             retention.check_disk_space(store, key, config)
         yield PendingRound(k, key, phases)
+
+
+def reanalysis_config(store: RunStore, checkpoint: str, *, mdi_tolerance: float | None = None,
+                      num_processes: int | None = None) -> dict[str, Any]:
+    """The config values of a re-analysis of `checkpoint`: the run's own (config.json) with another
+    `mdi_tolerance` and the teacher-forced pass on `num_processes` ranks when given. Refuses, saying why, a run
+    that does not exist (FileNotFoundError), a missing checkpoint, or one whose weights were pruned."""
+    if not store.config_path.exists():
+        raise FileNotFoundError(f"no run {store.run_name!r} under {store.root / 'runs'}; pass RUN_NAME=<an existing "
+                                f"run>")
+    values = read_json(store.config_path)
+    store.require_checkpoint(checkpoint)
+    retention.require_weights(store, checkpoint)
+    if mdi_tolerance is not None:
+        values["mdi_tolerance"] = mdi_tolerance
+    if num_processes is not None:
+        values["num_processes"] = num_processes
+    return values

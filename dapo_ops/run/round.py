@@ -19,6 +19,7 @@ import polars as pl
 import torch
 
 from dapo_ops.common import faults
+from dapo_ops.common.names import EVAL_ACCURACY, EVAL_FORMAT
 from dapo_ops.config.dapo import DapoConfig
 from dapo_ops.data import loading as data
 from dapo_ops.models import loading as models
@@ -292,6 +293,49 @@ def mark_done(run_store: RunStore, key: str, started: float) -> Path:
 
 def is_done(run_store: RunStore, key: str) -> bool:
     return run_store.round(key).done.exists()
+
+
+# -------------------------------------------------------------------------------------------- setup
+
+
+def dataset_phase(config: DapoConfig, run_store: RunStore, log: training.RoundLog) -> training.DatasetSummary:
+    """The run's config record and its validated train/eval splits (the embedded dataset generated), with the
+    counts in ckpt-0000's round log so that they reach run_terminal.md too."""
+    record_config(config, run_store, log)
+    summary = training.prepare_dataset(config, run_store)
+    faults.point("after_dataset")
+    line = (f"dataset: {summary.num_train} train, {summary.num_eval} eval, {summary.num_quarantined} quarantined "
+            f"rows from {summary.source}")
+    if summary.num_quarantined:
+        counts = ", ".join(f"{n}x {reason}" for reason, n in sorted(summary.quarantine_reasons.items()))
+        line += f" ({counts}; rows and reasons in {run_store.data_dir / 'quarantine.parquet'})"
+    log(line)
+    return summary
+
+
+def base_checkpoint_phase(config: DapoConfig, run_store: RunStore, log: training.RoundLog,
+                          policies: PolicyCache) -> dict[str, float]:
+    """ckpt-0000 (the embedded tiny model with its warm start, or the model directory), configured for training
+    and evaluated; `policies` then holds it. A complete ckpt-0000 (left by an interrupted setup) is kept, never
+    rebuilt under checkpoints trained from it. Returns its evaluation (also in its state.json)."""
+    from dapo_ops.run.checkpoint_policy import configure
+
+    key = checkpoint_key(0)
+    if run_store.is_complete_checkpoint(key):
+        log(f"run {config.run_name}: {key} is complete; finishing the setup with it")
+        policy = policies.get(run_store, key, config)
+        state = training.checkpoint_state(run_store, key)
+    else:
+        log(f"run {config.run_name}: building {key} from {config.model_name_or_path}")
+        built = training.build_base_checkpoint(config, run_store, log)
+        policy, state = built["policy"], built["state"]
+        faults.point("after_base_checkpoint")
+    policy = configure(policy, config)  # the adapter (use_peft), frozen vision tower, fp32 master weights
+    evaluation = training.evaluate(config, run_store, policy)
+    store.write_json_atomic(run_store.checkpoint_dir(key) / training.STATE_FILE, {**state, "eval": evaluation})
+    log(f"{key}: eval accuracy {evaluation[EVAL_ACCURACY]:.3f}, format {evaluation[EVAL_FORMAT]:.3f}")
+    policies.put(run_store, key, policy, None)
+    return evaluation
 
 
 # ------------------------------------------------------------------------------- phases, one per asset
