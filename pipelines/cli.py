@@ -266,7 +266,7 @@ def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, e
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
     from dapo_ops.common import faults
     from dapo_ops.run import retention
-    from dapo_ops.store.layout import checkpoint_key
+    from dapo_ops.run.resume import needs_setup
     from pipelines.assets import add_checkpoint_partitions
     from pipelines.config import TrainingConfig
 
@@ -282,7 +282,7 @@ def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, e
     if removed:
         echo(f"removed {len(removed)} leftover temporary file(s) of an interrupted write")
     _fail_orphaned_runs(instance, config.run_name, echo)
-    if not (store.is_complete_checkpoint(checkpoint_key(0)) and store.setup_marker.exists()):
+    if needs_setup(store):
         echo(f"[setup] {config.run_name}: dataset + ckpt-0000 ({config.model_name_or_path})")
         faults.point("before_setup")
         with console.showing(f"[setup] {config.run_name}"):

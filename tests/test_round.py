@@ -233,3 +233,13 @@ def test_pending_rounds_refuse_to_continue_from_a_checkpoint_that_failed_the_eva
     with pytest.raises(EvalDropError, match="fell from 0.900 \\(ckpt-0001\\) to 0.100 \\(ckpt-0002\\)"):
         list(pending_rounds(DapoConfig(max_rounds=3, max_eval_drop=0.2), store))
     assert list(pending_rounds(DapoConfig(max_rounds=3, max_eval_drop=1.0), store))[0].key == "ckpt-0001"
+
+
+def test_the_setup_is_to_do_until_ckpt_0000_is_complete_and_the_setup_marked_done(store: RunStore):
+    from dapo_ops.run.resume import needs_setup
+
+    assert needs_setup(store)
+    _round_files(store, {"ckpt-0000": 0.5})
+    assert needs_setup(store)  # complete, but its evaluation may not have reached the journal
+    store.setup_marker.write_text("ckpt-0000\n")
+    assert not needs_setup(store)

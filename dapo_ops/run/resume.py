@@ -63,6 +63,11 @@ def require_eval_check(config: DapoConfig, store: RunStore, key: str) -> None:
         raise EvalDropError(f"policy_update: {blocked_message(finding)}")
 
 
+def needs_setup(store: RunStore) -> bool:
+    """Whether the run's setup (dataset, ckpt-0000, its evaluation journaled for MLflow) is still to do."""
+    return not (store.is_complete_checkpoint(checkpoint_key(0)) and store.setup_marker.exists())
+
+
 @dataclass(frozen=True)
 class PendingRound:
     index: int  # k: the round trains ckpt-k into ckpt-(k+1)
