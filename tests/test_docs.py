@@ -1,4 +1,4 @@
-"""The README stays a five-minute read, and the docs' links and commands point at things that exist."""
+"""The README stays a five-minute read, and the docs' links, commands and module table match the code."""
 
 from __future__ import annotations
 
@@ -78,3 +78,29 @@ def test_link_check_reports_a_missing_file_and_ignores_urls_anchors_and_code(tmp
 def test_make_commands_are_read_from_code_only():
     text = "To make sure it works:\n```bash\nNUM_PROCESSES=2 make run ROUNDS=2\n```\nthen `make ui` or `make plan`."
     assert make_commands(text) == {"run", "ui", "plan"}
+
+
+def architecture_module_table() -> set[str]:
+    """`subpackage.module` for each row of docs/architecture.md's module table, whose module cells are in
+    backticks (a blank subpackage cell continues the row group above it)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules, group = set(), None
+    for row in re.findall(r"^\|(.+)\|\s*$", text, re.M):
+        cells = [cell.strip() for cell in row.split("|")]
+        if len(cells) != 3 or not re.fullmatch(r"`[a-z_]+`", cells[1]):
+            continue  # another table, the header or the separator
+        group = cells[0].strip("`") or group
+        modules.add(f"{group}.{cells[1].strip('`')}")
+    return modules
+
+
+def test_architecture_module_table_lists_every_library_module():
+    package = ROOT / "dapo_ops"
+    on_disk = {
+        ".".join(path.relative_to(package).with_suffix("").parts)
+        for path in package.glob("*/*.py") if path.name != "__init__.py"
+    }
+    assert on_disk, "dapo_ops has no subpackage modules"
+    listed = architecture_module_table()
+    assert not on_disk - listed, f"modules missing from docs/architecture.md: {sorted(on_disk - listed)}"
+    assert not listed - on_disk, f"docs/architecture.md lists modules that do not exist: {sorted(listed - on_disk)}"
