@@ -340,6 +340,7 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     import dagster as dg
 
     from dapo_ops.run.resume import reanalysis_config
+    from dapo_ops.run.retention import PrunedCheckpointError
     from dapo_ops.store.layout import RunStore
     from pipelines.config import TrainingConfig
 
@@ -348,7 +349,9 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
     store = RunStore(root, run_name)
     try:  # a pruned checkpoint: say so before Dagster starts
         values = reanalysis_config(store, checkpoint, mdi_tolerance=mdi_tolerance, num_processes=num_processes)
-    except FileNotFoundError as error:
+    except PrunedCheckpointError:
+        raise  # `main` prints it and exits 2
+    except FileNotFoundError as error:  # no such run or checkpoint
         raise SystemExit(str(error)) from error
     config = TrainingConfig(**values, reanalysis=True)
     instance = dg.DagsterInstance.get()
