@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, common, launch_overhead, memory_plan, round_vs_trl, shared_prefix
+from benchmarks import attention, common, launch_overhead, memory_plan, roofline, round_vs_trl, shared_prefix
 from dapo_ops.store import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "shared_prefix": ("benchmarks.shared_prefix", shared_prefix.markdown,
                       "Realistic VLM shapes: each prompt computed once (shared prefix) vs once per rollout, "
                       "and a round vs TRL"),
+    "roofline": ("benchmarks.roofline", roofline.markdown,
+                 "Rollouts with the preallocated KV cache, and each phase against the machine's peak"),
     "launch_overhead": ("benchmarks.launch_overhead", launch_overhead.markdown,
                         "What a process costs: 2-process accelerate launch overhead vs the phase's work"),
     "memory_plan": ("benchmarks.memory_plan", memory_plan.markdown,
@@ -49,11 +51,17 @@ GOALS: dict[str, tuple[float, str]] = {
     "shared_prefix_update_memory_ratio": (0.5, "extra peak memory of the shared update / unshared, realistic shape"),
     "round_time_ratio_vs_trl_realistic": (0.5, "dapo-vlm round (with attention metrics) / TRL round, realistic shape"),
     "shared_prefix_max_logp_diff": (1e-5, "max |log-prob| difference shared vs unshared, realistic shape"),
+    "static_cache_generation_speedup": (2.0, "today's / the static cache's generation time, realistic shape (wall)"),
+    "update_fraction_of_peak": (0.7, "update's executed matmul FLOP/s / the fp32 matmul peak, realistic shape"),
+    "teacher_forced_fraction_of_peak": (0.7, "teacher-forced pass's matmul FLOP/s / the matmul peak, realistic shape"),
+    "decode_fraction_of_bandwidth": (0.5, "decoding's roofline bound max(FLOPs/peak, bytes/bandwidth) / its time"),
     "memory_plan_error_embedded": (memory_plan.GOAL, "worst |plan − measured| / measured peak of a phase, embedded"),
     "memory_plan_error_realistic": (memory_plan.GOAL, "the same, a Qwen2.5-VL-shaped model with 256 image tokens"),
 }
 # Goals met from above (value >= goal); every other goal is met from below (value <= goal).
-AT_LEAST: frozenset[str] = frozenset({"shared_prefix_update_speedup"})
+AT_LEAST: frozenset[str] = frozenset({"shared_prefix_update_speedup", "static_cache_generation_speedup",
+                                      "update_fraction_of_peak", "teacher_forced_fraction_of_peak",
+                                      "decode_fraction_of_bandwidth"})
 
 
 # Secondary summary values: the same questions asked in ways less sensitive to a busy machine.
@@ -67,6 +75,11 @@ SECONDARY: dict[str, str] = {
     "shared_prefix_update_speedup_cpu": "unshared / shared update step process CPU time, realistic shape",
     "shared_prefix_teacher_forced_speedup_cpu": "unshared / shared teacher-forced pass process CPU time",
     "round_cpu_time_ratio_vs_trl_realistic": "dapo-vlm / TRL round process CPU time, realistic shape",
+    "static_cache_generation_speedup_cpu": "today's / the static cache's generation process CPU time, realistic",
+    "static_cache_generation_speedup_embedded": "today's / the static cache's generation time, embedded size",
+    "prefill_fraction_of_peak": "prefill's matmul FLOP/s / the fp32 matmul peak, realistic shape",
+    "matmul_peak_gflops": "fp32 matmul peak of one thread (process CPU time), GFLOP/s",
+    "copy_bandwidth_gbs": "256 MiB copy, (bytes read + written) / CPU time, GB/s",
     "launch_overhead_s": "2-process rollouts launch: wall minus the phase's work (start, imports, model load), s",
     "phase_work_s": "the rollouts phase's work in one process at the embedded size, s",
     "launch_crossover_model_scale": "model size (x embedded) above which 2 CPU processes beat one for rollouts",

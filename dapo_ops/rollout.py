@@ -238,12 +238,16 @@ def sample_tokens(
     return _multinomial(probs, generator, noise)
 
 
+FIXED = False
+
+
 @dataclass
 class _Prefilled:
     """A chunk's prompts after the prefill, expanded to their N = P * G decoding rows."""
 
     logits: torch.Tensor  # [N, V] next-token logits
-    cache: Any  # the KV cache: P rows (static: expanded by `kv_cache.preallocate`) or N rows (dynamic)
+    cache: Any  # the KV cache of the N rows (static: `kv_cache.preallocate`d, dynamic: repeated)
+    buffers: kv_cache.DecodeBuffers | None  # static: the preallocated attention mask (and write position)
     attention_mask: torch.Tensor  # [N, Tp]
     next_position: torch.Tensor  # [N] position of the first completion token
     leading: tuple[int, ...]  # the position layout's leading axes: () for 1D, (3,) for mRoPE
@@ -254,24 +258,29 @@ class _Prefilled:
         return (self.next_position + step).view(shape).expand(*self.leading, rows, 1)
 
 
-def _prefill(model: torch.nn.Module, prompts: PromptBatch, group: int, *, static_tokens: int | None) -> _Prefilled:
+def _prefill(model: torch.nn.Module, prompts: PromptBatch, group: int, *, static_tokens: int | None,
+             fixed: bool = False) -> _Prefilled:
     """One forward over each prompt (vision tower included), its cache expanded to the G rows of its group:
-    preallocated with room for `static_tokens` more positions (`kv_cache.preallocate`), or repeated (None)."""
+    preallocated with room for `static_tokens` more positions (`kv_cache.preallocate`; `fixed`: shape-static
+    decoding steps, for CUDA graphs), or repeated (None)."""
     inputs = prompts.model_inputs()
     # The family's own positions (Qwen: text 1D, image tokens 3D over the grid; others 1D over attended
     # tokens), honouring left padding; the teacher-forced pass recomputes exactly these.
     position_ids = prompt_position_ids(model, inputs)
     outputs = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = _output_cache(outputs)
+    attention_mask = inputs["attention_mask"].repeat_interleave(group, dim=0)
+    buffers = None
     if static_tokens is None:
         cache.batch_repeat_interleave(group)
     else:
-        kv_cache.preallocate(cache, group=group, extra_tokens=static_tokens)
+        buffers = kv_cache.DecodeBuffers(attention_mask, static_tokens, fixed=fixed)
+        kv_cache.preallocate(cache, group=group, extra_tokens=static_tokens, position=buffers.position if fixed else None)
     # Next text position of each row: one past its largest prompt position (the image may span several).
     # position_ids is [B, T] or [k, B, T] (k = 3 mRoPE axes); decoding steps use the same layout.
     per_row = position_ids.reshape(-1, *position_ids.shape[-2:]).amax(dim=(0, 2))  # [B]
-    return _Prefilled(logits=outputs.logits[:, -1].repeat_interleave(group, dim=0), cache=cache,
-                      attention_mask=inputs["attention_mask"].repeat_interleave(group, dim=0),
+    return _Prefilled(logits=outputs.logits[:, -1].repeat_interleave(group, dim=0), cache=cache, buffers=buffers,
+                      attention_mask=attention_mask,
                       next_position=(per_row + 1).repeat_interleave(group, dim=0),
                       leading=tuple(position_ids.shape[:-2]))
 
@@ -296,10 +305,9 @@ def _sample_chunk(
     cache_kwarg = _cache_kwarg(model)
     static = rollout_cache == "static"
     state = _prefill(model, prompts.trim_padding(), num_generations,
-                     static_tokens=max_completion_length if static else None)
-    logits, cache, attention_mask = state.logits, state.cache, state.attention_mask
+                     static_tokens=max_completion_length if static else None, fixed=FIXED)
+    logits, cache, attention_mask, masks = state.logits, state.cache, state.attention_mask, state.buffers
     rows, device = logits.shape[0], logits.device
-    masks = kv_cache.DecodeBuffers(attention_mask, max_completion_length) if static else None
     noise = torch.empty_like(logits, dtype=torch.float32) if generators is not None else None
     eos, pad = policy.eos_token_id, policy.pad_token_id
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -320,6 +328,8 @@ def _sample_chunk(
                         position_ids=state.step_positions(step), use_cache=True, **{cache_kwarg: cache})
         cache = _output_cache(outputs)
         logits = outputs.logits[:, -1]
+        if masks is not None and masks.fixed:
+            masks.advance()
     return tokens[:, : step + 1], lengths, finished
 
 

@@ -15,7 +15,7 @@ import pytest
 # `benchmarks/` sits beside the installed packages, not inside them: make it importable under plain `pytest` too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import attention, launch_overhead, round_vs_trl, run_all, shared_prefix  # noqa: E402
+from benchmarks import attention, launch_overhead, roofline, round_vs_trl, run_all, shared_prefix  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,30 @@ def test_shared_prefix_benchmark_batch_has_groups_and_its_forwards_agree():
     batch = shared_prefix.fixed_rollouts(policy, shared_prefix.QUICK)
     assert batch.prompt_index.tolist() == [0, 0, 1, 1] and bool(batch.prompt_vision_mask.any())
     assert shared_prefix.max_logp_diff(policy, batch)["logp"] < 1e-5
+
+
+def test_roofline_benchmark_compares_the_caches_on_identical_tokens_and_puts_each_phase_under_its_peak():
+    result = roofline.run(quick=True, log=lambda _: None)
+    assert result["generation"]["realistic"]["token_identical"] and result["generation"]["embedded"]["token_identical"]
+    phases = result["phases"]
+    for name in ("update", "teacher_forced", "prefill"):
+        assert phases[name]["flops"] > 0 and 0 < phases[name]["fraction_of_peak"]["cpu"]
+    # The update runs forward + backward over the teacher-forced pass's tokens: about 3x its matmul FLOPs.
+    assert 2.0 < phases["update"]["flops"] / phases["teacher_forced"]["flops"] < 4.0
+    assert phases["decode"]["roofline_seconds"]["cpu"] <= phases["decode"]["seconds"]["cpu"]
+    assert set(run_all.GOALS) >= {"static_cache_generation_speedup", "update_fraction_of_peak",
+                                  "teacher_forced_fraction_of_peak", "decode_fraction_of_bandwidth"}
+    assert "| static |" in roofline.markdown(result)
+
+
+def test_the_work_counter_adds_the_sdpa_kernels_flop_counter_mode_misses_on_the_cpu():
+    import torch
+
+    q = torch.randn(2, 4, 8, 16)
+    with roofline.WorkCounter().count() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        torch.mm(torch.ones(3, 5), torch.ones(5, 7))
+    assert counter.sdpa_flops == 4 * 2 * 4 * 8 * 8 * 16 and counter.flops == counter.sdpa_flops + 2 * 3 * 5 * 7
 
 
 def test_a_speedup_goal_is_met_from_above_and_a_ratio_goal_from_below():
