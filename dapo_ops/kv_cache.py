@@ -9,9 +9,10 @@ tokens, are the same as `DynamicCache`'s (tests/test_rollout.py compares both to
 away is the per-step `torch.cat` of every layer's whole cache (a fresh allocation that grows every step; on
 the CPU large ones are fresh pages, page faults included: ~30 % of generation time at the realistic shape).
 
-`fixed=True` is the shape-static variant for CUDA graphs / `torch.compile`: `update` writes at a position held
-in a device tensor (`DecodeBuffers.position`) and returns the whole buffers, which the attention mask
-(`DecodeBuffers.mask`, zeros past the written part) limits to the filled positions.
+The shape-static variant for CUDA graphs / `torch.compile` (`compiled_decoder`): `update` writes at a position
+held in a device tensor (`DecodeBuffers.position`) and returns the whole buffers, which a 4D boolean attention
+mask (`DecodeBuffers.mask`, False past the written part; transformers passes a 4D mask through unchanged)
+limits to the filled positions. Every decoding step then has the same shapes and the same tensor addresses.
 
 Sliding-window layers (Gemma 3) keep transformers' own dynamic layer (repeated to G rows): their cache is
 a window, not a prefix, and stays small.
@@ -43,6 +44,9 @@ class PreallocatedLayer(DynamicLayer):
         self.device = keys.device
         self.is_initialized = True
         self._expose()
+        if position is not None:  # CUDA graphs replay in-place writes only to tensors at fixed addresses
+            for tensor in (keys, values, position):
+                torch._dynamo.mark_static_address(tensor)
 
     @property
     def capacity(self) -> int:
@@ -64,7 +68,6 @@ class PreallocatedLayer(DynamicLayer):
             index = self.position + torch.arange(new, device=self.device)
             self.key_buffer.index_copy_(2, index, key_states)
             self.value_buffer.index_copy_(2, index, value_states)
-            self.length += new
             return self.keys, self.values
         end = self.length + new
         if end > self.capacity:
@@ -76,8 +79,8 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
         return self.keys, self.values
 
-    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
-        return self.length
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> Any:
+        return self.length if self.position is None else self.position[0]
 
     def get_mask_sizes(self, query_length: Any = 1, *args: Any, **kwargs: Any) -> tuple[int, int]:
         """(kv_length, kv_offset); `query_length` an int (transformers >= 5.2x) or the cache positions."""
@@ -115,24 +118,38 @@ class DecodeBuffers:
     """The attention mask of a decoding batch, preallocated: [N, Tp + extra], the prompt's mask then ones.
 
     `mask(step)` is the mask of decoding step `step` (0: the forward that feeds the first sampled token): a
-    view of the first Tp + step + 1 columns, or, with `fixed`, the whole buffer with the unwritten columns 0
-    (and `position` the cache's write position, a one-element device tensor that `advance` moves)."""
+    view of the first Tp + step + 1 columns, or, with `fixed`, a [N, 1, 1, Tp + extra] boolean mask over the
+    whole buffer, False where nothing is written yet (and `position` the cache's write position, a
+    one-element device tensor that `advance` moves)."""
 
     def __init__(self, prompt_mask: torch.Tensor, extra_tokens: int, *, fixed: bool = False) -> None:
         rows, self.prompt_length = prompt_mask.shape
-        self.buffer = prompt_mask.new_zeros(rows, self.prompt_length + extra_tokens)
-        self.buffer[:, : self.prompt_length] = prompt_mask
         self.fixed = fixed
         self.position = torch.full((1,), self.prompt_length, dtype=torch.long, device=prompt_mask.device)
-        if not fixed:
-            self.buffer[:, self.prompt_length :] = 1
+        if fixed:
+            self.buffer = torch.zeros(rows, 1, 1, self.prompt_length + extra_tokens, dtype=torch.bool,
+                                      device=prompt_mask.device)
+            self.buffer[:, 0, 0, : self.prompt_length] = prompt_mask.bool()
+            torch._dynamo.mark_static_address(self.buffer)
+        else:
+            self.buffer = prompt_mask.new_ones(rows, self.prompt_length + extra_tokens)
+            self.buffer[:, : self.prompt_length] = prompt_mask
 
     def mask(self, step: int) -> torch.Tensor:
         end = self.prompt_length + step + 1
         if not self.fixed:
             return self.buffer[:, :end]
-        self.buffer[:, end - 1] = 1
+        self.buffer[..., end - 1] = True
         return self.buffer
 
     def advance(self) -> None:
         self.position.add_(1)
+
+
+def compiled_decoder(model: torch.nn.Module, *, backend: str = "inductor", mode: str | None = None) -> Any:
+    """`model` compiled for the shape-static decoding steps of `generate_rollouts(..., decoder=...)`; keep it
+    and pass it to every call (compiling happens at its first step).
+
+    `mode="reduce-overhead"` (inductor on CUDA) replays each step as a CUDA graph. The steps of one generation
+    share every shape and address, so it is captured once; another batch size or length compiles again."""
+    return torch.compile(model, backend=backend, mode=mode, dynamic=False)

@@ -238,9 +238,6 @@ def sample_tokens(
     return _multinomial(probs, generator, noise)
 
 
-FIXED = False
-
-
 @dataclass
 class _Prefilled:
     """A chunk's prompts after the prefill, expanded to their N = P * G decoding rows."""
@@ -297,15 +294,17 @@ def _sample_chunk(
     generators: Sequence[torch.Generator] | None,
     suppressed: torch.Tensor,
     rollout_cache: str = "static",
+    decoder: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens [P*G, steps], lengths [P*G], is_eos [P*G]) for one chunk of prompts, group p sampled from
     `generators[p]` (None: greedy). `rollout_cache` "static": the KV cache and the attention mask are
-    preallocated and written in place (`kv_cache`); "dynamic": both grow by concatenation at every step."""
+    preallocated and written in place (`kv_cache`); "dynamic": both grow by concatenation at every step.
+    `decoder` (static only): what runs the decoding forwards, shape-static (`kv_cache.compiled_decoder`)."""
     model = policy.model
     cache_kwarg = _cache_kwarg(model)
-    static = rollout_cache == "static"
+    static = rollout_cache == "static" or decoder is not None
     state = _prefill(model, prompts.trim_padding(), num_generations,
-                     static_tokens=max_completion_length if static else None, fixed=FIXED)
+                     static_tokens=max_completion_length if static else None, fixed=decoder is not None)
     logits, cache, attention_mask, masks = state.logits, state.cache, state.attention_mask, state.buffers
     rows, device = logits.shape[0], logits.device
     noise = torch.empty_like(logits, dtype=torch.float32) if generators is not None else None
@@ -324,11 +323,11 @@ def _sample_chunk(
         if bool(finished.all()) or step == max_completion_length - 1:
             break
         attention_mask = masks.mask(step) if masks is not None else torch.cat([attention_mask, ones], dim=1)
-        outputs = model(input_ids=token[:, None], attention_mask=attention_mask,
-                        position_ids=state.step_positions(step), use_cache=True, **{cache_kwarg: cache})
+        outputs = (model if decoder is None else decoder)(input_ids=token[:, None], attention_mask=attention_mask,
+                                     position_ids=state.step_positions(step), use_cache=True, **{cache_kwarg: cache})
         cache = _output_cache(outputs)
         logits = outputs.logits[:, -1]
-        if masks is not None and masks.fixed:
+        if decoder is not None:
             masks.advance()
     return tokens[:, : step + 1], lengths, finished
 
@@ -377,6 +376,44 @@ def decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids[: len(ids) - cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def _assemble(policy: Policy, prompts: PromptBatch, num_generations: int, token_chunks: list[torch.Tensor],
+              length_chunks: list[torch.Tensor], eos_chunks: list[torch.Tensor]) -> RolloutBatch:
+    """The chunks' sampled tokens as one group-major RolloutBatch on the CPU (completions padded after EOS)."""
+    num_prompts = len(prompts)
+    lengths = torch.cat(length_chunks)
+    width = int(lengths.max())
+    pad = policy.pad_token_id
+    completion_ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    row = 0
+    for tokens in token_chunks:
+        take = min(width, tokens.shape[1])
+        completion_ids[row : row + len(tokens), :take] = tokens[:, :take]
+        row += len(tokens)
+    completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    completions = [decode_whole_characters(policy.tokenizer, ids[:n].tolist())
+                   for ids, n in zip(completion_ids, lengths.tolist(), strict=True)]
+
+    prompt_index = torch.arange(num_prompts).repeat_interleave(num_generations)
+    return RolloutBatch(
+        prompt_ids=prompts.input_ids.repeat_interleave(num_generations, dim=0).cpu(),
+        prompt_mask=prompts.attention_mask.repeat_interleave(num_generations, dim=0).cpu(),
+        vision=prompts.vision.to("cpu").select(prompt_index),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        completion_lengths=lengths,
+        is_eos=torch.cat(eos_chunks),
+        completions=completions,
+        prompt_index=prompt_index,
+        num_generations=num_generations,
+        prompt_vision_mask=prompts.vision_mask.repeat_interleave(num_generations, dim=0).cpu(),
+        prompt_text_mask=prompts.text_mask.repeat_interleave(num_generations, dim=0).cpu(),
+        prompt_token_inputs={
+            k: v.repeat_interleave(num_generations, dim=0).cpu() for k, v in prompts.token_inputs.items()
+        },
+    )
+
+
 def generate_rollouts(
     policy: Policy,
     prompts: PromptBatch,
@@ -389,6 +426,7 @@ def generate_rollouts(
     batch_size: int | None = None,
     prompt_offset: int = 0,
     rollout_cache: str = "static",
+    decoder: Any = None,
 ) -> RolloutBatch:
     """Sample `num_generations` completions per prompt (group-major) with the KV cache.
 
@@ -399,7 +437,8 @@ def generate_rollouts(
     stops at the family's end of turn (`<|im_end|>` for Qwen), which counts in its length and mask. `temperature=0` is greedy decoding.
     `batch_size` caps the rollouts decoded together (whole prompt groups; at least one group).
     `rollout_cache`: "static" preallocates the KV cache (`dapo_ops.kv_cache`), "dynamic" grows it by
-    concatenation; both sample the same tokens.
+    concatenation; both sample the same tokens. `decoder`: `kv_cache.compiled_decoder(policy.model)` runs the
+    decoding steps compiled (CUDA graphs with mode="reduce-overhead"), on the static cache with a 4D mask.
     """
     if num_generations < 1 or max_completion_length < 1:
         raise ValueError("num_generations and max_completion_length must be at least 1")
@@ -435,6 +474,7 @@ def generate_rollouts(
                 generators=None if generators is None else generators[start:end],
                 suppressed=suppressed,
                 rollout_cache=rollout_cache,
+                decoder=decoder,
             )
             token_chunks.append(tokens.cpu())
             length_chunks.append(lengths.cpu())
@@ -442,35 +482,4 @@ def generate_rollouts(
     finally:
         model.train(was_training)
 
-    lengths = torch.cat(length_chunks)
-    width = int(lengths.max())
-    pad = policy.pad_token_id
-    completion_ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    row = 0
-    for tokens in token_chunks:
-        take = min(width, tokens.shape[1])
-        completion_ids[row : row + len(tokens), :take] = tokens[:, :take]
-        row += len(tokens)
-    completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
-    completions = [decode_whole_characters(policy.tokenizer, ids[:n].tolist())
-                   for ids, n in zip(completion_ids, lengths.tolist(), strict=True)]
-
-    prompt_index = torch.arange(num_prompts).repeat_interleave(num_generations)
-    return RolloutBatch(
-        prompt_ids=prompts.input_ids.repeat_interleave(num_generations, dim=0).cpu(),
-        prompt_mask=prompts.attention_mask.repeat_interleave(num_generations, dim=0).cpu(),
-        vision=prompts.vision.to("cpu").select(prompt_index),
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        completion_lengths=lengths,
-        is_eos=torch.cat(eos_chunks),
-        completions=completions,
-        prompt_index=prompt_index,
-        num_generations=num_generations,
-        prompt_vision_mask=prompts.vision_mask.repeat_interleave(num_generations, dim=0).cpu(),
-        prompt_text_mask=prompts.text_mask.repeat_interleave(num_generations, dim=0).cpu(),
-        prompt_token_inputs={
-            k: v.repeat_interleave(num_generations, dim=0).cpu() for k, v in prompts.token_inputs.items()
-        },
-    )
+    return _assemble(policy, prompts, num_generations, token_chunks, length_chunks, eos_chunks)

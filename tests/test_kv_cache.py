@@ -111,13 +111,15 @@ def test_fixed_mode_writes_at_the_position_tensor_and_masks_the_rest(policy: Pol
     cache, _ = _prefilled(policy, group=1, extra=3)
     layer = kv_cache.PreallocatedLayer(cache.layers[0].key_buffer, cache.layers[0].value_buffer, tp,
                                        position=buffers.position)
-    mask = buffers.mask(0)
-    assert mask.shape[-1] == tp + 3 and mask[:, : tp + 1].all() and not mask[:, tp + 1 :].any()
+    mask = buffers.mask(0)  # 4D, passed through unchanged by transformers' mask creation
+    assert mask.shape == (2, 1, 1, tp + 3) and mask.dtype == torch.bool
+    assert mask[..., : tp + 1].all() and not mask[..., tp + 1 :].any()
     new = torch.ones(2, layer.key_buffer.shape[1], 1, layer.key_buffer.shape[-1])
     keys, _ = layer.update(new, new)
     assert keys.shape[-2] == tp + 3 and torch.equal(keys[:, :, tp], new[:, :, 0])
     buffers.advance()
-    assert int(buffers.position) == tp + 1 and layer.get_mask_sizes(1) == (tp + 3, 0)
+    assert int(buffers.position) == tp + 1 and int(layer.get_seq_length()) == tp + 1
+    assert layer.get_mask_sizes(1) == (tp + 3, 0)
 
 
 def test_batched_draws_equal_one_multinomial_per_group() -> None:
@@ -138,3 +140,19 @@ def test_config_offers_the_caches_the_rollouts_know() -> None:
     assert ROLLOUT_CACHES == kv_cache.ROLLOUT_CACHES and DapoConfig().rollout_cache == "static"
     with pytest.raises(ValueError, match="rollout_cache='paged' is unknown"):
         DapoConfig(rollout_cache="paged")
+
+
+def test_a_compiled_shape_static_decoder_samples_the_same_tokens_from_one_graph(policy: Policy) -> None:
+    import torch._dynamo
+
+    prompts = _prompts(policy, 2)
+    reference = generate_rollouts(policy, prompts, num_generations=2, max_completion_length=5, seed=0,
+                                  rollout_cache="dynamic")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    decoder = kv_cache.compiled_decoder(policy.model, backend="eager")  # dynamo's capture without a compiler
+    for _ in range(2):  # a second generation reuses the captured graph
+        compiled = generate_rollouts(policy, prompts, num_generations=2, max_completion_length=5, seed=0,
+                                     decoder=decoder)
+        assert torch.equal(compiled.completion_ids, reference.completion_ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
