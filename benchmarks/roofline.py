@@ -203,11 +203,39 @@ def _fraction(flops: float, seconds: dict[str, float], peak: dict[str, float]) -
     return {clock: flops / seconds[clock] / peak[clock] for clock in ("wall", "cpu")}
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-    """Median wall and CPU seconds of `fn` after a warm-up."""
+class PeakProbe:
+    """The machine's matmul and copy rates measured right before each timed repeat (a ~0.1 s burst each), so
+    that a phase is divided by the peak of the same moment: on a shared machine the load changes between the
+    start of the benchmark and a phase, and wall-time fractions against an earlier peak mean nothing."""
+
+    def __init__(self, quick: bool) -> None:
+        import torch
+
+        n = 128 if quick else 1024
+        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        elements = (COPY_BYTES // 64 if quick else COPY_BYTES) // 4
+        self.src, self.dst = torch.ones(elements), torch.empty(elements)
+        self.samples: list[dict[str, dict[str, float]]] = []
+
+    def __call__(self) -> None:
+        import torch
+
+        n = self.a.shape[0]
+        matmul = _median_rate(lambda: torch.mm(self.a, self.b, out=self.out), 2 * n**3, 1, min_seconds=0.1)
+        copy = _median_rate(lambda: self.dst.copy_(self.src), 2 * self.src.numel() * 4, 1, min_seconds=0.05)
+        self.samples.append({"matmul": matmul, "copy": copy})
+
+    def peak(self, what: str = "matmul") -> dict[str, float]:
+        return {c: common.median(s[what][c] for s in self.samples) for c in ("wall", "cpu")}
+
+
+def _timed(fn: Callable[[], Any], repeats: int, probe: PeakProbe | None = None) -> dict[str, float]:
+    """Median wall and CPU seconds of `fn` after a warm-up (the probe measuring the peak before each repeat)."""
     fn()
     wall, cpu = [], []
     for _ in range(repeats):
+        if probe is not None:
+            probe()
         w0, c0 = time.perf_counter(), time.process_time()
         fn()
         wall.append(time.perf_counter() - w0)
@@ -215,7 +243,7 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     return {"wall": common.median(wall), "cpu": common.median(cpu)}
 
 
-def trained_phases(policy, shape, peak: dict[str, float], repeats: int) -> dict[str, Any]:
+def trained_phases(policy, shape, repeats: int, quick: bool) -> dict[str, Any]:
     """The update and the teacher-forced pass (shared prefix, the defaults), FLOPs counted while they run."""
     batch = shared_prefix.fixed_rollouts(policy, shape)
     phases: dict[str, Any] = {}
@@ -224,14 +252,16 @@ def trained_phases(policy, shape, peak: dict[str, float], repeats: int) -> dict[
         fn()  # warm-up (the optimizer's state) before counting
         with WorkCounter().count() as counter:
             fn()
-        seconds = _timed(fn, repeats)
+        probe = PeakProbe(quick)
+        seconds = _timed(fn, repeats, probe)
         phases[name] = {"flops": counter.flops, "sdpa_flops": counter.sdpa_flops, "seconds": seconds,
+                        "peak_flops_per_second": probe.peak(),
                         "flops_per_second": {c: counter.flops / s for c, s in seconds.items()},
-                        "fraction_of_peak": _fraction(counter.flops, seconds, peak)}
+                        "fraction_of_peak": _fraction(counter.flops, seconds, probe.peak())}
     return phases
 
 
-def generation_phases(policy, prompts, shape, machine: dict[str, Any], repeats: int) -> dict[str, Any]:
+def generation_phases(policy, prompts, shape, repeats: int, quick: bool) -> dict[str, Any]:
     """Prefill against the matmul peak, the decoding steps against their roofline bound (static cache)."""
     from dapo_ops import rollout
 
@@ -256,7 +286,8 @@ def generation_phases(policy, prompts, shape, machine: dict[str, Any], repeats: 
             batch = run()
         total_flops, prefill_flops = counter.flops, record["prefill"][0]["flops"]
         counting, record["prefill"] = False, []
-        seconds = _timed(run, repeats)
+        probe = PeakProbe(quick)
+        seconds = _timed(run, repeats, probe)
     finally:
         rollout._prefill = original
     prefill_seconds = {c: common.median(r[c] for r in record["prefill"]) for c in ("wall", "cpu")}
@@ -265,19 +296,51 @@ def generation_phases(policy, prompts, shape, machine: dict[str, Any], repeats: 
     rows, prompt_length = len(batch), record["prefill"][0]["prompt_length"]
     step_bytes, weight_bytes = decode_bytes(policy, rows, prompt_length, steps)
     decode_flops = total_flops - prefill_flops
-    peak, bandwidth = machine["matmul_peak_flops_per_second"], machine["copy"]["bytes_per_second"]
+    peak, bandwidth = probe.peak("matmul"), probe.peak("copy")
     bound = {c: sum(max(decode_flops / steps / peak[c], b / bandwidth[c]) for b in step_bytes) for c in ("wall", "cpu")}
     return {
-        "prefill": {"flops": prefill_flops, "seconds": prefill_seconds,
+        "prefill": {"flops": prefill_flops, "seconds": prefill_seconds, "peak_flops_per_second": peak,
                     "flops_per_second": {c: prefill_flops / s for c, s in prefill_seconds.items()},
                     "fraction_of_peak": _fraction(prefill_flops, prefill_seconds, peak)},
         "decode": {"flops": decode_flops, "steps": steps, "rows": rows, "prompt_length": prompt_length,
                    "bytes": sum(step_bytes), "weight_bytes_per_step": weight_bytes, "seconds": decode_seconds,
+                   "peak_flops_per_second": peak, "bandwidth_bytes_per_second": bandwidth,
                    "roofline_seconds": bound,
                    "compute_bound_seconds": {c: decode_flops / peak[c] for c in ("wall", "cpu")},
                    "memory_bound_seconds": {c: sum(step_bytes) / bandwidth[c] for c in ("wall", "cpu")},
                    "fraction_of_roofline": {c: bound[c] / decode_seconds[c] for c in ("wall", "cpu")}},
     }
+
+
+def _self_cpu_by_op(fn: Callable[[], Any]) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+
+
+def decode_profile(policy, prompts, shape, top: int = 10) -> dict[str, Any]:
+    """torch.profiler's self CPU time per op of the static cache's decoding steps: a whole generation minus a
+    prefill alone (the same call), the largest first, with Python and framework time as the rest."""
+    import torch
+
+    from dapo_ops import rollout
+
+    run = generation_functions(policy, prompts, generations=shape.num_generations,
+                               completion_length=shape.completion_length)["static"]
+    with torch.no_grad():
+        prefill = _self_cpu_by_op(lambda: rollout._prefill(policy.model, prompts.trim_padding(), shape.num_generations,
+                                                           static_tokens=shape.completion_length))
+    start = time.process_time()
+    whole = _self_cpu_by_op(run)
+    total = time.process_time() - start
+    decode = {op: seconds - prefill.get(op, 0.0) for op, seconds in whole.items()}
+    ops = sum(decode.values())
+    rows = sorted(((s, op) for op, s in decode.items() if s > 0), reverse=True)[:top]
+    return {"ops": [{"op": op, "self_cpu_seconds": s, "share": s / ops} for s, op in rows],
+            "ops_seconds": ops, "generation_cpu_seconds_profiled": total,
+            "prefill_ops_seconds": sum(prefill.values())}
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -318,8 +381,9 @@ def run(*, quick: bool = False, repeats: int | None = None, log: Callable[[str],
         embedded = compare_generation(small, small_prompts, generations=2 if quick else 8,
                                       completion_length=4 if quick else 24, repeats=repeats)
         log(f"  generation, embedded: static / today {embedded['speedup']:.2f}x (CPU {embedded['speedup_cpu']:.2f}x)")
-        phases = {**trained_phases(policy, shape, peak, repeats), **generation_phases(policy, prompts, shape, machine,
-                                                                                    repeats)}
+        phases = {**trained_phases(policy, shape, repeats, quick),
+                  **generation_phases(policy, prompts, shape, repeats, quick)}
+        profile = decode_profile(policy, prompts, shape)
     finally:
         undo()
     for name in ("update", "teacher_forced", "prefill"):
@@ -338,7 +402,7 @@ def run(*, quick: bool = False, repeats: int | None = None, log: Callable[[str],
     }
     return {"name": "roofline", "device": "cpu", "threads": THREADS, "model": shape.describe(), "shape": asdict(shape),
             "repeats": repeats, "machine_peak": machine, "generation": {"realistic": realistic, "embedded": embedded},
-            "phases": phases, "summary": summary, "seconds": time.perf_counter() - started}
+            "phases": phases, "decode_profile": profile, "summary": summary, "seconds": time.perf_counter() - started}
 
 
 def _gen_rows(result: dict[str, Any]) -> list[list[Any]]:
@@ -383,11 +447,18 @@ def markdown(result: dict[str, Any]) -> str:
     phase_table = common.markdown_table(
         ["phase (realistic shape)", "GFLOP executed", "CPU s", "GFLOP/s", "fraction of peak (CPU)",
          "fraction of peak (wall)"], rows)
-    note = (f"Matmul peak {peak['cpu'] / 1e9:.0f} GFLOP/s; decoding reads {d['weight_bytes_per_step'] / 2**20:.0f} MiB "
+    prof = result["decode_profile"]
+    profile_table = ("Where the decoding steps' time goes (torch.profiler, self CPU time per op of a static-cache "
+                     "generation minus its prefill; the profiler slows small ops, so shares are indicative):\n\n"
+                     + common.markdown_table(["op", "self CPU s", "share of the ops' time"],
+                                             [[f"`{r['op']}`", r["self_cpu_seconds"], f"{r['share']:.0%}"]
+                                              for r in prof["ops"]]))
+    note = (f"Fractions divide by the peak measured right before each timed repeat (a short matmul and copy burst). "
+            f"Matmul peak {peak['cpu'] / 1e9:.0f} GFLOP/s; decoding reads {d['weight_bytes_per_step'] / 2**20:.0f} MiB "
             f"of weights per step plus the KV cache ({d['bytes'] / 2**30:.2f} GiB over the decode); its row is "
             f"against the roofline bound sum over steps of max(FLOPs / peak, bytes / bandwidth). Summary: "
             + ", ".join(f"`{k}` {v:.3g}" for k, v in summary.items()))
-    return "\n\n".join([head, *tables, phase_table, note])
+    return "\n\n".join([head, *tables, phase_table, note, profile_table])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
