@@ -120,19 +120,6 @@ class WorkCounter:
         return int(self.mode.get_total_flops()) + self.sdpa_flops
 
 
-def decode_bytes(policy, rows: int, prompt_length: int, steps: int) -> tuple[list[int], int]:
-    """Bytes each decoding forward reads: the text decoder's and LM head's weights (the embedding table is
-    gathered, not read whole) and every layer's keys and values so far; returns (per step, weight bytes)."""
-    model = policy.model
-    text = model.config.get_text_config()
-    language = model.model.language_model
-    weights = sum(p.numel() * p.element_size() for n, p in language.named_parameters() if "embed_tokens" not in n)
-    weights += sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_position = 2 * text.num_hidden_layers * rows * text.num_key_value_heads * head_dim * 4
-    return [weights + per_position * (prompt_length + s + 1) for s in range(steps)], weights
-
-
 # -------------------------------------------------------------------------------------------- generation
 
 
@@ -263,7 +250,7 @@ def trained_phases(policy, shape, repeats: int, quick: bool) -> dict[str, Any]:
 
 def generation_phases(policy, prompts, shape, repeats: int, quick: bool) -> dict[str, Any]:
     """Prefill against the matmul peak, the decoding steps against their roofline bound (static cache)."""
-    from dapo_ops import rollout
+    from dapo_ops import kv_cache, rollout
 
     original = rollout._prefill
     record: dict[str, Any] = {"prefill": []}
@@ -294,7 +281,7 @@ def generation_phases(policy, prompts, shape, repeats: int, quick: bool) -> dict
     decode_seconds = {c: seconds[c] - prefill_seconds[c] for c in ("wall", "cpu")}
     steps = int(batch.completion_ids.shape[1]) - 1  # decoding forwards: the last sampled token is not fed back
     rows, prompt_length = len(batch), record["prefill"][0]["prompt_length"]
-    step_bytes, weight_bytes = decode_bytes(policy, rows, prompt_length, steps)
+    step_bytes, weight_bytes = kv_cache.decode_read_bytes(policy.model, rows, prompt_length, steps)
     decode_flops = total_flops - prefill_flops
     peak, bandwidth = probe.peak("matmul"), probe.peak("copy")
     bound = {c: sum(max(decode_flops / steps / peak[c], b / bandwidth[c]) for b in step_bytes) for c in ("wall", "cpu")}

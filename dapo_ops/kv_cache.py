@@ -153,3 +153,22 @@ def compiled_decoder(model: torch.nn.Module, *, backend: str = "inductor", mode:
     `mode="reduce-overhead"` (inductor on CUDA) replays each step as a CUDA graph. The steps of one generation
     share every shape and address, so it is captured once; another batch size or length compiles again."""
     return torch.compile(model, backend=backend, mode=mode, dynamic=False)
+
+
+def decode_read_bytes(model: torch.nn.Module, rows: int, prompt_length: int, steps: int) -> tuple[list[int], int]:
+    """Bytes each of `steps` decoding forwards of `rows` rows reads at least: the text decoder's and the LM head's
+    weights (the embedding table is gathered row by row, not read whole; the vision tower does not run) and every
+    layer's keys and values so far (prompt_length + step + 1 positions). Returns (per step, weight bytes)."""
+    text = model.config.get_text_config()
+    head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    skip = {id(p) for p in embeddings.parameters()} - {id(p) for p in head.parameters()}  # tied: read once
+    vision = getattr(getattr(model, "model", model), "visual", None) or getattr(model, "vision_tower", None)
+    skip |= {id(p) for p in vision.parameters()} if vision is not None else set()
+    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    skip |= {id(p) for p in projector.parameters()} if projector is not None else set()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    per_position = 2 * text.num_hidden_layers * rows * text.num_key_value_heads * head_dim * itemsize
+    return [weights + per_position * (prompt_length + s + 1) for s in range(steps)], weights
