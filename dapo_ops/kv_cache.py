@@ -114,31 +114,44 @@ def preallocate(cache: Any, *, group: int, extra_tokens: int, position: torch.Te
     return cache
 
 
+def takes_4d_mask(model: torch.nn.Module, cache: Any) -> bool:
+    """Whether decoding steps may pass a ready 4D boolean mask (transformers passes one through unchanged): SDPA
+    attention (eager adds the mask, so it must be additive) and every layer preallocated (a sliding-window layer
+    needs its own mask)."""
+    attention = getattr(model.config.get_text_config(), "_attn_implementation", None)
+    return attention == "sdpa" and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+
+
 class DecodeBuffers:
-    """The attention mask of a decoding batch, preallocated: [N, Tp + extra], the prompt's mask then ones.
+    """The attention mask of a decoding batch, preallocated over Tp + extra columns: the prompt's mask, then the
+    completion positions.
 
-    `mask(step)` is the mask of decoding step `step` (0: the forward that feeds the first sampled token): a
-    view of the first Tp + step + 1 columns, or, with `fixed`, a [N, 1, 1, Tp + extra] boolean mask over the
-    whole buffer, False where nothing is written yet (and `position` the cache's write position, a
-    one-element device tensor that `advance` moves)."""
+    `mask(step)` is the mask of decoding step `step` (0: the forward that feeds the first sampled token): a view
+    of its first Tp + step + 1 columns, [N, Tp + step + 1] (or, `four_d`, a [N, 1, 1, ...] boolean view, which
+    spares transformers building the mask at every step). With `position` (the cache's write position, a
+    one-element device tensor that `advance` moves; shape-static decoding) it is the whole [N, 1, 1, Tp + extra]
+    boolean buffer, False where nothing is written yet."""
 
-    def __init__(self, prompt_mask: torch.Tensor, extra_tokens: int, *, fixed: bool = False) -> None:
+    def __init__(self, prompt_mask: torch.Tensor, extra_tokens: int, *, four_d: bool = False,
+                 position: torch.Tensor | None = None) -> None:
         rows, self.prompt_length = prompt_mask.shape
-        self.fixed = fixed
-        self.position = torch.full((1,), self.prompt_length, dtype=torch.long, device=prompt_mask.device)
-        if fixed:
-            self.buffer = torch.zeros(rows, 1, 1, self.prompt_length + extra_tokens, dtype=torch.bool,
-                                      device=prompt_mask.device)
+        self.position = position
+        self.fixed = position is not None
+        if self.fixed or four_d:
+            self.buffer = torch.ones(rows, 1, 1, self.prompt_length + extra_tokens, dtype=torch.bool,
+                                     device=prompt_mask.device)
             self.buffer[:, 0, 0, : self.prompt_length] = prompt_mask.bool()
-            torch._dynamo.mark_static_address(self.buffer)
         else:
             self.buffer = prompt_mask.new_ones(rows, self.prompt_length + extra_tokens)
             self.buffer[:, : self.prompt_length] = prompt_mask
+        if self.fixed:
+            self.buffer[..., self.prompt_length :] = False
+            torch._dynamo.mark_static_address(self.buffer)
 
     def mask(self, step: int) -> torch.Tensor:
         end = self.prompt_length + step + 1
         if not self.fixed:
-            return self.buffer[:, :end]
+            return self.buffer[..., :end]
         self.buffer[..., end - 1] = True
         return self.buffer
 

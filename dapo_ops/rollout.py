@@ -271,8 +271,12 @@ def _prefill(model: torch.nn.Module, prompts: PromptBatch, group: int, *, static
     if static_tokens is None:
         cache.batch_repeat_interleave(group)
     else:
-        buffers = kv_cache.DecodeBuffers(attention_mask, static_tokens, fixed=fixed)
-        kv_cache.preallocate(cache, group=group, extra_tokens=static_tokens, position=buffers.position if fixed else None)
+        position = torch.full((1,), attention_mask.shape[1], device=attention_mask.device) if fixed else None
+        kv_cache.preallocate(cache, group=group, extra_tokens=static_tokens, position=position)
+        four_d = kv_cache.takes_4d_mask(model, cache)
+        if fixed and not four_d:
+            raise ValueError("a compiled decoder needs SDPA attention and no sliding-window layers (a 4D mask)")
+        buffers = kv_cache.DecodeBuffers(attention_mask, static_tokens, four_d=four_d, position=position)
     # Next text position of each row: one past its largest prompt position (the image may span several).
     # position_ids is [B, T] or [k, B, T] (k = 3 mRoPE axes); decoding steps use the same layout.
     per_row = position_ids.reshape(-1, *position_ids.shape[-2:]).amax(dim=(0, 2))  # [B]

@@ -107,7 +107,7 @@ def test_preallocated_cache_refuses_to_overflow(policy: Policy) -> None:
 def test_fixed_mode_writes_at_the_position_tensor_and_masks_the_rest(policy: Policy) -> None:
     cache, _ = _prefilled(policy, group=1, extra=3)
     tp = cache.layers[0].get_seq_length()
-    buffers = kv_cache.DecodeBuffers(torch.ones(2, tp, dtype=torch.long), 3, fixed=True)
+    buffers = kv_cache.DecodeBuffers(torch.ones(2, tp, dtype=torch.long), 3, position=torch.full((1,), tp))
     cache, _ = _prefilled(policy, group=1, extra=3)
     layer = kv_cache.PreallocatedLayer(cache.layers[0].key_buffer, cache.layers[0].value_buffer, tp,
                                        position=buffers.position)
@@ -120,6 +120,27 @@ def test_fixed_mode_writes_at_the_position_tensor_and_masks_the_rest(policy: Pol
     buffers.advance()
     assert int(buffers.position) == tp + 1 and int(layer.get_seq_length()) == tp + 1
     assert layer.get_mask_sizes(1) == (tp + 3, 0)
+
+
+def test_decoding_masks_are_views_of_one_buffer_the_prompts_padding_then_ones() -> None:
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    flat = kv_cache.DecodeBuffers(prompt_mask, 4)
+    assert flat.mask(1).tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    four_d = kv_cache.DecodeBuffers(prompt_mask, 4, four_d=True)
+    mask = four_d.mask(0)
+    assert mask.shape == (2, 1, 1, 4) and mask.dtype == torch.bool and mask.data_ptr() == four_d.buffer.data_ptr()
+    assert mask[:, 0, 0].tolist() == [[False, True, True, True], [True, True, True, True]]
+
+
+def test_sdpa_models_without_sliding_layers_take_a_ready_4d_mask(policy: Policy) -> None:
+    cache, _ = _prefilled(policy, group=1, extra=2)
+    assert kv_cache.takes_4d_mask(policy.model, cache)
+    gemma = build_tiny_family("gemma3", CORPUS, seed=0)  # sliding-window layers keep their own mask
+    inputs = _prompts(gemma, 1).model_inputs()
+    with torch.no_grad():
+        out = gemma.model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = kv_cache.preallocate(out.past_key_values, group=1, extra_tokens=2)
+    assert not kv_cache.takes_4d_mask(gemma.model, cache)
 
 
 def test_batched_draws_equal_one_multinomial_per_group() -> None:
@@ -142,6 +163,7 @@ def test_config_offers_the_caches_the_rollouts_know() -> None:
         DapoConfig(rollout_cache="paged")
 
 
+@pytest.mark.slow
 def test_a_compiled_shape_static_decoder_samples_the_same_tokens_from_one_graph(policy: Policy) -> None:
     import torch._dynamo
 
