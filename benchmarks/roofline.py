@@ -134,7 +134,7 @@ def _legacy_multinomial(probs, generator, noise=None):
 
 
 def generation_functions(policy, prompts, *, generations: int, completion_length: int) -> dict[str, Callable]:
-    from dapo_ops import rollout
+    from dapo_ops.rollout import generate as rollout
 
     kwargs = {"num_generations": generations, "max_completion_length": completion_length, "seed": 0}
 
@@ -250,7 +250,8 @@ def trained_phases(policy, shape, repeats: int, quick: bool) -> dict[str, Any]:
 
 def generation_phases(policy, prompts, shape, repeats: int, quick: bool) -> dict[str, Any]:
     """Prefill against the matmul peak, the decoding steps against their roofline bound (static cache)."""
-    from dapo_ops import kv_cache, rollout
+    from dapo_ops.rollout import generate as rollout
+    from dapo_ops.rollout import kv_cache
 
     original = rollout._prefill
     record: dict[str, Any] = {"prefill": []}
@@ -312,7 +313,7 @@ def decode_profile(policy, prompts, shape, top: int = 10) -> dict[str, Any]:
     prefill alone (the same call), the largest first, with Python and framework time as the rest."""
     import torch
 
-    from dapo_ops import rollout
+    from dapo_ops.rollout import generate as rollout
 
     run = generation_functions(policy, prompts, generations=shape.num_generations,
                                completion_length=shape.completion_length)["static"]
@@ -335,7 +336,8 @@ def decode_profile(policy, prompts, shape, top: int = 10) -> dict[str, Any]:
 
 def embedded_inputs(prompts: int, quick: bool):
     """The embedded model (make run's size) and `prompts` small-image prompts."""
-    from dapo_ops import models, training
+    from dapo_ops.models import loading as models
+    from dapo_ops.run import phases as training
 
     shape = shared_prefix.Shape(image_side=56, question_words=6, prompts=prompts)
     policy = models.build_embedded_policy([" ".join(shared_prefix._WORDS)], 0)
@@ -345,7 +347,7 @@ def embedded_inputs(prompts: int, quick: bool):
 def run(*, quick: bool = False, repeats: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
-    from dapo_ops import training
+    from dapo_ops.run import phases as training
 
     common.set_threads(THREADS)
     hf_logging.set_verbosity_error()

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops import kv_cache
-from dapo_ops.inputs import PromptBatch, encode_prompts, prompt_position_ids
-from dapo_ops.models import Policy, build_embedded_policy
-from dapo_ops.rollout import _multinomial, generate_rollouts
-from dapo_ops.tiny_families import BUILDERS, build_tiny_family
+from dapo_ops.models.inputs import PromptBatch, encode_prompts, prompt_position_ids
+from dapo_ops.models.loading import Policy, build_embedded_policy
+from dapo_ops.models.tiny_families import BUILDERS, build_tiny_family
+from dapo_ops.rollout import kv_cache
+from dapo_ops.rollout.generate import _multinomial, generate_rollouts
 
 COLORS = ["red", "green", "blue", "yellow"]
 CORPUS = ["What color is the shape?", "red green blue yellow", "The shape is red.", "<think>blue</think> Answer: C"]
@@ -156,7 +156,7 @@ def test_batched_draws_equal_one_multinomial_per_group() -> None:
 
 
 def test_config_offers_the_caches_the_rollouts_know() -> None:
-    from dapo_ops.config import ROLLOUT_CACHES, DapoConfig
+    from dapo_ops.config.dapo import ROLLOUT_CACHES, DapoConfig
 
     assert ROLLOUT_CACHES == kv_cache.ROLLOUT_CACHES and DapoConfig().rollout_cache == "static"
     with pytest.raises(ValueError, match="rollout_cache='paged' is unknown"):
