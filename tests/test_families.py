@@ -73,6 +73,27 @@ def test_text_keys_leave_out_specials_boundaries_and_padding(family: tuple[str, 
     assert "Look very closely at the picture." in text and "Think inside" in text
 
 
+# The tokens sampling never draws: padding and every token the family's processor inserts around or for an image
+# (derived from the processor, `Policy.image_token_ids`; InternVL's <img>/</img> and PaliGemma's <bos> included).
+SUPPRESSED = {
+    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+                    {"<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"}),
+    "idefics3": {"<|endoftext|>", "<fake_token_around_image>", "<image>", "<global-img>"},
+    "gemma3": {"<pad>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"},
+    "llava": {"<pad>", "<image>"},
+    "paligemma": {"<pad>", "<bos>", "<image>"},
+    "internvl": {"<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"},
+}
+
+
+def test_sampling_blocks_every_token_the_processor_inserts_around_images(family: tuple[str, Policy]) -> None:
+    name, policy = family
+    suppressed = policy.suppressed_token_ids
+    tokens = set(policy.tokenizer.convert_ids_to_tokens([i for i in suppressed if i < len(policy.tokenizer)]))
+    assert tokens == SUPPRESSED[name]
+    assert BOUNDARIES[name] <= tokens and policy.eos_token_id not in suppressed
+
+
 def test_lean_attention_masses_equal_the_eager_oracle(family: tuple[str, Policy]) -> None:
     _, policy = family
     rollouts = generate_rollouts(policy, _prompts(policy), num_generations=2, max_completion_length=6, seed=0)
