@@ -435,9 +435,9 @@ def _decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     candidates = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "config")]
     root = getattr(unwrapped(model), "config", None)
     text_type = None if root is None else _model_type(root)
-    if text_type is None:
-        return candidates
-    return [m for m in candidates if _model_type(m.config) == text_type]
+    decoder = [m for m in candidates if text_type is not None and _model_type(m.config) == text_type]
+    # A decoder whose modules hold some other config: fall back to the causal ones (what vision towers are not).
+    return decoder or [m for m in candidates if getattr(m, "is_causal", False)]
 
 
 def decoder_num_layers(model: torch.nn.Module) -> int:

@@ -5,7 +5,8 @@ family's image tokens and returns whatever its forward needs (Qwen: `pixel_value
 `image_grid_thw`, `mm_token_type_ids`; Idefics3: `pixel_values` [B, images, C, H, W] and
 `pixel_attention_mask`; Gemma 3: `pixel_values` and `token_type_ids`; LLaVA: `pixel_values`). Those outputs
 are kept per prompt (`VisionInputs`) so that any subset or repetition of prompts is again a model input.
-What each output means, and what its value is over generated text, is decided in one place: `ProcessorOutputs`.
+Which outputs are model inputs (`split_processor_outputs`: never `labels`) and what a per-token input's value is
+over generated text (`completion_values`: PaliGemma's causal suffix) are decided in one place each.
 """
 
 from __future__ import annotations
@@ -393,16 +394,6 @@ def render_prompt(policy: Policy, messages: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- what the processor's outputs mean
-#
-# Per-token inputs a processor returns beside `input_ids` / `attention_mask`, by family:
-#
-# | input               | family              | over the prompt                                | generated text |
-# | `mm_token_type_ids` | Qwen2/2.5/3-VL      | 0 text, 1 image, 2 video (builds the 3D mRoPE positions) | 0 |
-# | `token_type_ids`    | Gemma 3             | 1 image tokens (an image's tokens see each other both ways), 0 text | 0 |
-# | `token_type_ids`    | PaliGemma (prefix-LM) | 0 the prefix: image + prompt, attended both ways | 1: the causal suffix |
-#
-# None of these values is written down per family below: `completion_values` derives them from the family's
-# own mask code and tokenizer, so a family no line names (a PaliGemma 2, a Gemma 3 fine-tune) gets its own.
 
 
 def is_target(name: str) -> bool:
@@ -481,9 +472,20 @@ def generated_tokens_causal(model: torch.nn.Module, name: str, prompt_value: int
 
 def completion_values(policy: Policy, token_inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """The value each per-token input takes over generated text (the completion), from one prompt's [1, T]
-    columns: what the processor gives the prompt's last token (text: the assistant header), unless the
-    family's mask would then let a generated token see later ones (a prefix-LM's prefix); then the value that
-    keeps generated tokens causal, tried first as the tokenizer's suffix value (`_pair_value`)."""
+    columns. This is the one place that decides what these inputs mean. The known ones:
+
+    | input               | family                | over the prompt                                   | generated |
+    |---------------------|-----------------------|---------------------------------------------------|-----------|
+    | `mm_token_type_ids` | Qwen2/2.5/3-VL        | 0 text, 1 image, 2 video: builds the 3D mRoPE positions | 0   |
+    | `token_type_ids`    | Gemma 3               | 1 image tokens (an image's tokens see each other both ways), 0 text | 0 |
+    | `token_type_ids`    | PaliGemma (prefix-LM) | 0: the prefix (image + prompt), attended both ways | 1: the causal suffix |
+
+    No family is named here: the value is what the processor gives the prompt's last token (text: the
+    assistant header), unless the family's own mask (`generated_tokens_causal`) would then let a generated
+    token see later ones, as in a prefix-LM's prefix; then it is the value that keeps generated tokens causal,
+    tried first as the tokenizer's suffix value (`_pair_value`). `input_ids` / `attention_mask` are not
+    per-token inputs here, and targets (`is_target`) never get this far (`split_processor_outputs`).
+    """
     values: dict[str, int] = {}
     for name, column in token_inputs.items():
         text_value = int(column[0, -1])

@@ -7,8 +7,10 @@ family's special tokens and chat template, and the family's real processor class
     python -m dapo_ops.tiny_families gemma3 /tmp/tiny-gemma3
 
 Families: qwen2_vl, qwen2_5_vl (the embedded default), qwen3_vl, idefics3 (SmolVLM's architecture),
-gemma3 (sliding-window layers, bidirectional attention among image tokens) and llava (CLIP vision tower +
-Llama decoder: a family the pipeline has no line of code for).
+gemma3 (sliding-window layers, bidirectional attention among image tokens), llava (CLIP vision tower +
+Llama decoder: a family the pipeline has no line of code for), paligemma (SigLIP tower + Gemma decoder, a
+prefix-LM: the image and prompt attend both ways, the answer causally) and internvl (InternViT tower + Qwen2
+decoder, `<img>`/`</img>` around the image tokens).
 """
 
 from __future__ import annotations
