@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dapo_ops import progress
 from dapo_ops.config import STAGES
-from dapo_ops.inputs import forward_position_ids, unwrapped, uses_rope_index
+from dapo_ops.inputs import completion_values, forward_position_ids, pad_columns, unwrapped, uses_rope_index
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
 
 # Per-rollout metrics of each stage: the measurements, then the balance derived from the MDI. Columns
@@ -580,6 +580,13 @@ def _model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devi
     """The family's forward kwargs over prompt + completion, with the positions generation used."""
     model_inputs = getattr(batch, "model_inputs", None)
     raw = model_inputs() if callable(model_inputs) else _legacy_model_inputs(model, batch)
+    prompt_columns = dict(getattr(batch, "token_inputs", None) or {})
+    known = getattr(batch, "completion_values", None) or {}
+    missing = {k: v for k, v in prompt_columns.items() if k not in known and k in raw}
+    if missing:  # a batch built by hand: the completion's values from the family's own mask
+        width = int(raw["input_ids"].shape[1])
+        for name, value in completion_values(model, missing).items():
+            raw[name] = pad_columns(missing[name], width, value)
     inputs: dict[str, Any] = {k: v.to(device) for k, v in raw.items()}
     input_ids = inputs["input_ids"]
     if uses_rope_index(model) and "pixel_values" in inputs:

@@ -470,9 +470,11 @@ def generated_tokens_causal(model: torch.nn.Module, name: str, prompt_value: int
     return not any(bool(m[0, 0, 2, 3] if m.dtype == torch.bool else m[0, 0, 2, 3] == 0) for m in masks)
 
 
-def completion_values(policy: Policy, token_inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """The value each per-token input takes over generated text (the completion), from one prompt's [1, T]
-    columns. This is the one place that decides what these inputs mean. The known ones:
+def completion_values(
+    model: torch.nn.Module, token_inputs: Mapping[str, torch.Tensor], tokenizer: Any = None
+) -> dict[str, int]:
+    """The value each per-token input takes over generated text (the completion), from left-padded prompt
+    columns [B, T] (row 0 is read). This is the one place that decides what these inputs mean. The known ones:
 
     | input               | family                | over the prompt                                   | generated |
     |---------------------|-----------------------|---------------------------------------------------|-----------|
@@ -483,27 +485,29 @@ def completion_values(policy: Policy, token_inputs: Mapping[str, torch.Tensor]) 
     No family is named here: the value is what the processor gives the prompt's last token (text: the
     assistant header), unless the family's own mask (`generated_tokens_causal`) would then let a generated
     token see later ones, as in a prefix-LM's prefix; then it is the value that keeps generated tokens causal,
-    tried first as the tokenizer's suffix value (`_pair_value`). `input_ids` / `attention_mask` are not
+    tried first as the `tokenizer`'s suffix value (`_pair_value`, when given). `input_ids` / `attention_mask` are not
     per-token inputs here, and targets (`is_target`) never get this far (`split_processor_outputs`).
     """
     values: dict[str, int] = {}
     for name, column in token_inputs.items():
         text_value = int(column[0, -1])
-        candidates = dict.fromkeys([text_value, _pair_value(policy.tokenizer), *column.unique().tolist(), 0, 1])
         try:
-            causal = {int(v): generated_tokens_causal(policy.model, name, text_value, int(v))
-                      for v in candidates if v is not None}
+            causal = {text_value: generated_tokens_causal(model, name, text_value, text_value)}
         except Exception as error:  # noqa: BLE001 - a mask builder that does not take this input
             logger.warning("%s: the family's mask builder does not take %r (%s); generated tokens get the prompt "
-                           "text's value %d", type(policy.model).__name__, name, error, text_value)
+                           "text's value %d", type(_hf_model(model)).__name__, name, error, text_value)
             causal = {text_value: None}
         if causal[text_value] is not False:
             values[name] = text_value
             continue
+        suffix = None if tokenizer is None else _pair_value(tokenizer)
+        for value in dict.fromkeys([suffix, *column.unique().tolist(), 0, 1]):
+            if value is not None and int(value) not in causal:
+                causal[int(value)] = generated_tokens_causal(model, name, text_value, int(value))
         chosen = [v for v, ok in causal.items() if ok]
         if not chosen:
             raise ValueError(
-                f"{type(policy.model).__name__}: no value of the per-token input {name!r} keeps generated tokens "
+                f"{type(_hf_model(model)).__name__}: no value of the per-token input {name!r} keeps generated tokens "
                 f"causal in the family's attention mask (tried {sorted(causal)}); the completion cannot be scored"
             )
         values[name] = chosen[0]
@@ -556,7 +560,7 @@ def encode_prompts(
     columns = {k: _left_pad([o[k] for o in outputs], pad if k == "input_ids" else 0) for k in token_names}
     input_ids = columns.pop("input_ids").to(torch.long)
     attention_mask = columns.pop("attention_mask").to(torch.long)
-    fill = completion_values(policy, {k: outputs[0][k] for k in columns})
+    fill = completion_values(policy.model, {k: outputs[0][k] for k in columns}, policy.tokenizer)
     vision = VisionInputs.from_items([{k: v for k, v in o.items() if k not in token_names} for o in outputs])
     if "pixel_values" in vision:
         vision.tensors["pixel_values"] = vision.tensors["pixel_values"].to(torch.float32)

@@ -145,6 +145,17 @@ def _fixed_completions(policy: Policy) -> RolloutBatch:
     return dataclasses.replace(batch, prompt_index=torch.tensor([0, 0, 1, 1]), num_generations=2)
 
 
+def test_a_batch_built_without_completion_values_is_scored_the_same(family: tuple[str, Policy]) -> None:
+    """A RolloutBatch assembled by hand from a PromptBatch's fields: the teacher-forced pass derives the values
+    from the family's own mask."""
+    _, policy = family
+    rollouts = _fixed_completions(policy)
+    bare = dataclasses.replace(rollouts, completion_values={})
+    scored = teacher_forced_pass(policy, rollouts, with_attention=False, shared_prefix=False).per_token_logps
+    assert torch.equal(teacher_forced_pass(policy, bare, with_attention=False, shared_prefix=False).per_token_logps,
+                       scored)
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["unshared", "shared-prefix"])
 def test_changing_the_last_completion_token_leaves_every_earlier_log_prob_unchanged(
     family: tuple[str, Policy], shared: bool
