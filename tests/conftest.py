@@ -54,16 +54,16 @@ FAMILY_CORPUS = ["What color is the shape?", "red green blue yellow", "The shape
 
 
 def _family_names() -> list[str]:
-    from dapo_ops.tiny_families import BUILDERS
+    from dapo_ops.models.tiny_families import BUILDERS
 
     return sorted(BUILDERS)
 
 
 @pytest.fixture(scope="session", params=_family_names())
-def tiny_family(request: pytest.FixtureRequest):  # noqa: ANN201 - (name, dapo_ops.models.Policy)
-    """(name, policy) of each family `dapo_ops.tiny_families` builds, built once per test session and shared by
+def tiny_family(request: pytest.FixtureRequest):  # noqa: ANN201 - (name, dapo_ops.models.loading.Policy)
+    """(name, policy) of each family `dapo_ops.models.tiny_families` builds, built once per test session and shared by
     every test that takes it: copy the policy before changing it."""
-    from dapo_ops.tiny_families import build_tiny_family
+    from dapo_ops.models.tiny_families import build_tiny_family
 
     return request.param, build_tiny_family(request.param, FAMILY_CORPUS, seed=0)
 
@@ -95,8 +95,8 @@ def _restore_env(previous: dict[str, str | None]) -> None:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun]:
     """Two rounds of the embedded default, small, through `pipelines.cli.run_training` (real Dagster
     instance on SQLite, real MLflow SQLite store)."""
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.tracking import default_tracking_uri
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.tracking.facade import default_tracking_uri
     from pipelines.cli import run_training
 
     root = tmp_path_factory.mktemp("data_root")
