@@ -362,7 +362,7 @@ BUILDERS: dict[str, Callable[[Iterable[str], int], Policy]] = {
     "paligemma": build_paligemma,
     "internvl": build_internvl,
 }
-# The families named in the README table; llava stands for "a family the code does not name".
+# The families named in docs/models.md's table; llava stands for "a family the code does not name".
 NAMED_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3")
 
 
