@@ -97,6 +97,7 @@ def learning_curves_png(history: pl.DataFrame, path: str | os.PathLike[str]) -> 
         "Accuracy and format",
         [
             ("rewards/mc_idx_reward/mean", "train accuracy"),
+            ("rewards/accuracy_reward/mean", "train accuracy (free form)"),
             ("eval/accuracy", "eval accuracy"),
             ("rewards/think_format_reward/mean", "format"),
         ],

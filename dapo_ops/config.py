@@ -19,6 +19,8 @@ ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "log_distance", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
+DatasetLayout = Literal["auto", "aokvqa", "trl", "verl", "easyr1"]
+DATASET_LAYOUTS: tuple[str, ...] = get_args(DatasetLayout)
 WarmupTarget = Literal["task", "format"]
 WarmupAnswer = Literal["letter", "choice"]
 WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
@@ -50,6 +52,14 @@ class DapoConfig:
     run_name: str = "embedded-demo"
     model_name_or_path: str = EMBEDDED
     dataset: str = EMBEDDED
+    # The dataset's layout (dapo_ops.layouts, docs/data.md): "auto" tells it from the columns. EasyR1's keys name
+    # the columns holding the prompt, the answer and the images (None: the layout's own names).
+    dataset_layout: DatasetLayout = "auto"
+    prompt_key: str | None = None
+    answer_key: str | None = None
+    image_key: str | None = None
+    # Images per prompt for `make plan` when no dataset says it (None: the dataset's largest, else 1).
+    images_per_prompt: int | None = None
     seed: int = 0
     max_rounds: int = 8
 
@@ -178,6 +188,10 @@ class DapoConfig:
             problems.append(f"warmup_target={self.warmup_target!r} is unknown; use one of {', '.join(WARMUP_TARGETS)}")
         if self.warmup_answer not in WARMUP_ANSWERS:
             problems.append(f"warmup_answer={self.warmup_answer!r} is unknown; use one of {', '.join(WARMUP_ANSWERS)}")
+        if self.dataset_layout not in DATASET_LAYOUTS:
+            problems.append(f"dataset_layout={self.dataset_layout!r} is unknown; use one of {', '.join(DATASET_LAYOUTS)}")
+        if self.images_per_prompt is not None and self.images_per_prompt < 1:
+            problems.append(f"images_per_prompt={self.images_per_prompt} must be at least 1 (or null)")
         if self.vllm_mode not in VLLM_MODES:
             problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
         engine = engine_problem(self)
@@ -244,8 +258,8 @@ class DapoConfig:
             )
         if self.dataset != EMBEDDED and not Path(self.dataset).exists():
             problems.append(
-                f"dataset={self.dataset!r} does not exist; give a parquet file, a folder of parquet files or a "
-                f"datasets.save_to_disk folder, or {EMBEDDED!r} for the synthetic data"
+                f"dataset={self.dataset!r} does not exist; give a parquet file, a folder of parquet files, a "
+                f"datasets.save_to_disk folder or a JSONL file, or {EMBEDDED!r} for the synthetic data"
             )
         if not self.run_name or any(c in self.run_name for c in "/\\ ") or self.run_name.startswith("."):
             problems.append(f"run_name={self.run_name!r} must be a plain name (no slashes or spaces)")
@@ -292,6 +306,18 @@ class DapoConfig:
                 f"entry ({', '.join(names)})"
             )
         return problems
+
+    def for_answer_kinds(self, kinds: set[str]) -> DapoConfig:
+        """This config with the default `reward_funcs` following the data's answers (`kinds`: "choice" and/or
+        "free"): `accuracy_reward` in place of `mc_idx_reward` for free-form data, both (weight 3 each) for a
+        mix. Configured rewards other than the default stay as they are."""
+        defaults = list(rewards.DEFAULT_REWARD_FUNCS)
+        if list(self.reward_funcs) != defaults or "free" not in kinds:
+            return self
+        accuracy = ["accuracy_reward"] if "choice" not in kinds else ["mc_idx_reward", "accuracy_reward"]
+        weight = self.reward_weights[0]
+        return self.replace(reward_funcs=[*accuracy, *defaults[1:]],
+                            reward_weights=[weight] * len(accuracy) + list(self.reward_weights[1:]))
 
     @property
     def reward_names(self) -> list[str]:

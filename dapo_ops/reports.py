@@ -22,15 +22,17 @@ from typing import Any
 
 import polars as pl
 
+from dapo_ops.answers import final_answer
 from dapo_ops.attention import LOGGED_METRIC_NAMES
 from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
 from dapo_ops.config import STAGES
-from dapo_ops.rewards import DEFAULT_REWARD_FUNCS
+from dapo_ops.rewards import ACCURACY_REWARDS, DEFAULT_REWARD_FUNCS, accuracy_reward_name
 
 # How the built-in rewards are labelled in the reports (JSON key, overall-table row); any other reward is
 # shown under its own name.
 REWARD_LABELS: dict[str, tuple[str, str]] = {
     "mc_idx_reward": ("accuracy", "Accuracy Mean"),
+    "accuracy_reward": ("accuracy_reward", "Free-form Accuracy Mean"),
     "think_format_reward": ("format", "Format Mean"),
     "mdi_reward": ("mdi_reward", "MDI Reward Mean"),
 }
@@ -39,6 +41,12 @@ REWARD_LABELS: dict[str, tuple[str, str]] = {
 def reward_label(name: str) -> str:
     """The short label of reward `name` in report JSON and asset metadata (`accuracy` for mc_idx_reward)."""
     return REWARD_LABELS.get(name, (name, ""))[0]
+
+
+def accuracy_metric(reward_names: Sequence[str]) -> str | None:
+    """`rewards/<name>/mean` of the run's accuracy reward (mc_idx_reward, else accuracy_reward), if any."""
+    name = next((n for n in ACCURACY_REWARDS if n in reward_names), None)
+    return None if name is None else f"rewards/{name}/mean"
 
 
 def _reward_row_title(name: str) -> str:
@@ -339,7 +347,15 @@ _ROLLOUT_OPTIONAL = (
     "is_eos",
     "advantage",
     "kept",
+    "num_images",
 )
+
+
+def _answer_text(row: Mapping[str, Any], index_column: str = "correct_choice_idx") -> str | None:
+    """The right answer shown for a row: `B. red` for multiple choice, the `solution` of a free-form row."""
+    if row.get("choices") is None:
+        return row.get("solution") if index_column == "correct_choice_idx" else None
+    return format_answer(row["choices"], row.get(index_column))
 
 
 def _with_mdi(reward_names: Sequence[str]) -> list[str | None]:
@@ -370,8 +386,10 @@ def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str, reward_names:
     choices = row["choices"]
     record["question"] = row["question"]
     record["choices"] = choices
-    record["answer"] = format_answer(choices, row["correct_choice_idx"])
-    if "predicted_choice_idx" in row:
+    record["answer"] = _answer_text(row)
+    if choices is None:
+        record["predicted_answer"] = final_answer(str(row["completion"])) or None
+    elif "predicted_choice_idx" in row:
         record["predicted_answer"] = format_answer(choices, row["predicted_choice_idx"])
     record["completion"] = row["completion"]
     return record
@@ -467,15 +485,22 @@ def rollout_sample_columns(
                       *reward_names, "total_reward", "advantage", *(_attn_col(s, "mdi") for s in STAGES)],
              "rollout_sample_columns")
     rows = list(sample.iter_rows(named=True))
+    cells = {p: list(c) if isinstance(c, list) else [c] for p, c in image_cells.items()}
+    most = max((len(cells[int(r["prompt_index"])]) for r in rows), default=1)
     columns: dict[str, list[Any]] = {
-        "image": [image_cells[int(r["prompt_index"])] for r in rows],
+        # One column per image of the prompt with the most: image, image_2, ... (None where a prompt has fewer).
+        ("image" if k == 0 else f"image_{k + 1}"): [
+            cells[int(r["prompt_index"])][k] if k < len(cells[int(r["prompt_index"])]) else None for r in rows]
+        for k in range(most)
+    }
+    columns.update({
         "rollout_index": [r["rollout_index"] for r in rows],
         "prompt_index": [r["prompt_index"] for r in rows],
         "question": [r["question"] for r in rows],
         "choices": [_choices_text(r["choices"]) for r in rows],
-        "answer": [format_answer(r["choices"], r["correct_choice_idx"]) for r in rows],
+        "answer": [_answer_text(r) for r in rows],
         "completion": [r["completion"] for r in rows],
-    }
+    })
     for name in reward_names:
         columns[reward_label(name)] = [_json_value(r[name]) for r in rows]
     columns["total"] = [_json_value(r["total_reward"]) for r in rows]
@@ -660,13 +685,15 @@ def _display_order(reward_names: Sequence[str]) -> dict[str, int]:
 
 
 def format_metrics_block(
-    metrics: Mapping[str, float], mode: str = "train", reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS
+    metrics: Mapping[str, float], mode: str = "train", reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
+    *, accuracy_line: bool = False,
 ) -> str:
     """The terminal block `📊 Logging N metrics for <mode> mode`, one `   name: value` line per metric.
 
     N counts the round metrics (`round_metric_names(reward_names)`, 44 for the default rewards) present in
     `metrics`. Within a section those come in the metrics table's order (`rewards/total_reward` right after
     the per-function rewards), then the other metrics in the order given. Empty sections are left out.
+    With `accuracy_line`, a last line names the accuracy reward that ran (`🎯 Accuracy reward: ...`).
     """
     order = _display_order(reward_names)
     count = sum(1 for name in metrics if name in order)
@@ -681,6 +708,8 @@ def format_metrics_block(
         # Stable sort: the round metrics first in table order, the rest keep the caller's order.
         for name in sorted(names, key=lambda n: order.get(n, len(order))):
             lines.append(f"   {name}: {float(metrics[name]):.4f}")
+    if accuracy_line:
+        lines.append(f"🎯 Accuracy reward: {accuracy_reward_name(reward_names) or 'none (no built-in accuracy reward)'}")
     return "\n".join(lines)
 
 
@@ -728,5 +757,6 @@ def render_run_terminal(
             f"{len(health) - failed} of {len(health)} checks passed.",
             _health_table(health),
         ]
-    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode, reward_names=reward_names), "text")]
+    block = format_metrics_block(metrics, mode=mode, reward_names=reward_names, accuracy_line=True)
+    parts += ["## Metrics", _fence(block, "text")]
     return "\n\n".join(parts) + "\n"

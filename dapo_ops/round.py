@@ -151,21 +151,25 @@ class RolloutSample:
         return None if self.table_path is None else f"reports/{key}/{self.table_path.name}"
 
 
-def _image_name(prompt_index: int) -> str:
-    return f"prompt-{prompt_index:04d}"
+def _image_name(prompt_index: int, k: int = 0) -> str:
+    """`prompt-0003` for a prompt's first image, `prompt-0003-2` for its second, ..."""
+    return f"prompt-{prompt_index:04d}" + (f"-{k + 1}" if k else "")
 
 
-def _prompt_images(run_store: RunStore, sample: pl.DataFrame) -> dict[int, Any]:
-    """The sampled prompts' images (PIL), by `prompt_index`, from the train split the round drew them from."""
+def _prompt_images(run_store: RunStore, sample: pl.DataFrame) -> dict[int, list[Any]]:
+    """The sampled prompts' images (PIL, every image in prompt order), by `prompt_index`, from the train split
+    the round drew them from."""
     prompts = sample.unique("prompt_index", keep="first", maintain_order=True)
     wanted = dict(zip(prompts["question_id"].to_list(), prompts["prompt_index"].to_list(), strict=True))
     train = training.load_split(run_store, "train").filter(pl.col("question_id").is_in(list(wanted)))
-    found = dict(zip(train["question_id"].to_list(), train["image"].to_list(), strict=True))
+    column = "images" if "images" in train.columns else "image"
+    found = dict(zip(train["question_id"].to_list(), train[column].to_list(), strict=True))
     missing = [q for q in wanted if q not in found]
     if missing:
         raise ValueError(f"question_id(s) {', '.join(map(str, missing))} of the rollout sample are not in "
                          f"{run_store.data_dir / 'train.parquet'}")
-    return {int(p): data.decode_image(found[q]) for q, p in wanted.items()}
+    return {int(p): [data.decode_image(b) for b in (found[q] if column == "images" else [found[q]])]
+            for q, p in wanted.items()}
 
 
 def _encoded(image: Any, fmt: str) -> bytes:
@@ -185,26 +189,29 @@ def write_rollout_sample(config: DapoConfig, run_store: RunStore, key: str, tabl
     images_dir = out / ROLLOUT_IMAGES
     images = _prompt_images(run_store, sample) if sample.height else {}
     keep: set[str] = set()
-    for prompt, image in images.items():
-        name = _image_name(prompt)
-        scale = _THUMBNAIL_PX / max(image.size)
-        thumbnail = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-        store.write_bytes_atomic(images_dir / f"{name}.png", _encoded(image, "PNG"))
-        store.write_bytes_atomic(images_dir / f"{name}.webp", _encoded(thumbnail, "WEBP"))
-        keep |= {f"{name}.png", f"{name}.webp"}
+    for prompt, prompt_images in images.items():
+        for k, image in enumerate(prompt_images):
+            name = _image_name(prompt, k)
+            scale = _THUMBNAIL_PX / max(image.size)
+            thumbnail = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+            store.write_bytes_atomic(images_dir / f"{name}.png", _encoded(image, "PNG"))
+            store.write_bytes_atomic(images_dir / f"{name}.webp", _encoded(thumbnail, "WEBP"))
+            keep |= {f"{name}.png", f"{name}.webp"}
     for stale in images_dir.glob("*") if images_dir.is_dir() else []:
         if stale.name not in keep:  # a sample of another report_samples
             stale.unlink()
     artifact_dir = f"reports/{key}/{ROLLOUT_IMAGES}"
-    cells = {p: {"type": "image", "filepath": f"{artifact_dir}/{_image_name(p)}.png",
-                 "compressed_filepath": f"{artifact_dir}/{_image_name(p)}.webp"} for p in images}
+    cells = {p: [{"type": "image", "filepath": f"{artifact_dir}/{_image_name(p, k)}.png",
+                  "compressed_filepath": f"{artifact_dir}/{_image_name(p, k)}.webp"} for k in range(len(ims))]
+             for p, ims in images.items()}
     table_path = None
     if sample.height:
         columns = reports.rollout_sample_columns(sample, cells, reward_names=config.reward_names)
         table_path = store.write_text_atomic(out / ROLLOUT_TABLE, reports.mlflow_table_json(columns))
     else:
         (out / ROLLOUT_TABLE).unlink(missing_ok=True)
-    links = {p: f"![prompt {p}]({ROLLOUT_IMAGES}/{_image_name(p)}.png)" for p in images}
+    links = {p: [f"![prompt {p}{f' image {k + 1}' if k else ''}]({ROLLOUT_IMAGES}/{_image_name(p, k)}.png)"
+                 for k in range(len(ims))] for p, ims in images.items()}
     markdown = reports.render_rollout_sample(reports.rollout_sample_columns(sample, links,
                                                                             reward_names=config.reward_names))
     return RolloutSample(sample, table_path, images_dir, all_rollouts, markdown)
@@ -257,8 +264,9 @@ def write_round_reports(config: DapoConfig, run_store: RunStore, key: str, log: 
     store.write_text_atomic(out / "rollout_results.md", rollout_md)
     faults.point("mid_report_write")
     findings = round_findings(run_store, key)
+    accuracy = metrics.get(reports.accuracy_metric(config.reward_names) or "", float("nan"))
     log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
-        f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
+        f"{accuracy:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
         f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
     result = RoundReports(metrics, table, findings, curves, "", out / "run_terminal.md", started, sample)
     rewrite_terminal(config, key, log, result)

@@ -21,7 +21,19 @@ import polars as pl
 import torch
 
 from dapo_ops import advantages as adv
-from dapo_ops import data, faults, inputs, models, rewards, rollout, sampling, store, synthetic, warmstart
+from dapo_ops import (
+    data,
+    faults,
+    inputs,
+    models,
+    rewards,
+    rldata,
+    rollout,
+    sampling,
+    store,
+    synthetic,
+    warmstart,
+)
 from dapo_ops.attention import (
     LOGGED_METRIC_NAMES,
     METRIC_NAMES,
@@ -108,6 +120,8 @@ class DatasetSummary:
     num_eval: int
     num_quarantined: int
     quarantine_reasons: dict[str, int]
+    layout: str = "aokvqa"
+    answer_kinds: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -123,9 +137,14 @@ def prepare_dataset(config: DapoConfig, run_store: RunStore) -> DatasetSummary:
         )
     else:
         source = Path(config.dataset)
-    splits = data.load_mc_splits(source)
+    keys = {"layout": config.dataset_layout, "prompt_key": config.prompt_key, "answer_key": config.answer_key,
+            "image_key": config.image_key}
+    layout = rldata.source_layout(source, **keys)
+    splits = rldata.load_rl_splits(source, **keys)
     train, train_q = splits["train"]
     evaluation, eval_q = splits["eval"]
+    kinds = train["answer_kind"].value_counts(sort=True).rows()
+    rldata.check_rewards_fit(config.reward_names, {kind for kind, _ in kinds}, str(source))
     quarantine = pl.concat(
         [train_q.with_columns(pl.lit("train").alias("split")), eval_q.with_columns(pl.lit("eval").alias("split"))],
         how="diagonal_relaxed",
@@ -136,7 +155,23 @@ def prepare_dataset(config: DapoConfig, run_store: RunStore) -> DatasetSummary:
     reasons: dict[str, int] = {}
     for kind in quarantine.get_column("kind").to_list() if quarantine.height else []:
         reasons[kind] = reasons.get(kind, 0) + 1
-    return DatasetSummary(str(source), train.height, evaluation.height, quarantine.height, reasons)
+    return DatasetSummary(str(source), train.height, evaluation.height, quarantine.height, reasons, layout,
+                          {kind: int(count) for kind, count in kinds})
+
+
+def corpus_texts(rows: pl.DataFrame) -> list[str]:
+    """Texts of data rows a tokenizer trained for them should cover: questions (without image marks),
+    choices, solutions, rationales, system prompts and the free-form instruction."""
+    texts = [q.replace(inputs.IMAGE_MARK, " ") for q in rows["question"].to_list()]
+    texts += [" ".join(c) for c in rows["choices"].to_list() if c is not None]
+    texts += [r for rs in rows["rationales"].to_list() for r in rs]
+    if "solution" in rows.columns:
+        solutions = [s for s in rows["solution"].to_list() if s is not None]
+        texts += solutions + [f"Answer: {s}" for s in solutions]
+        texts += [s for s in rows["system_prompt"].to_list() if s]
+        if solutions:
+            texts.append(inputs.FREE_FORM_SYSTEM_PROMPT)
+    return texts
 
 
 def load_split(run_store: RunStore, split: str) -> pl.DataFrame:
@@ -168,10 +203,9 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
     state: dict[str, Any] = {"checkpoint": key, "round": 0, "global_step": 0, "num_tokens": 0,
                              "source_model": config.model_name_or_path}
     if config.model_name_or_path == EMBEDDED:
-        corpus = list(synthetic.corpus())
+        corpus = list(synthetic.corpus()) + synthetic.opt_in_corpus(config.synthetic_tasks)
         if config.dataset != EMBEDDED:  # a real dataset with the embedded model: its words join the vocabulary
-            corpus += train["question"].to_list() + [" ".join(c) for c in train["choices"].to_list()]
-            corpus += [r for rs in train["rationales"].to_list() for r in rs]
+            corpus += corpus_texts(train)
         torch.manual_seed(config.seed)
         policy = models.build_embedded_policy(corpus, seed=config.seed)
         log(f"built the embedded tiny Qwen2.5-VL: {sum(p.numel() for p in policy.model.parameters()):,} parameters, "
@@ -258,9 +292,15 @@ def select_prompts(train: pl.DataFrame, config: DapoConfig, round_index: int) ->
 
 
 def encode_rows(policy: models.Policy, rows: pl.DataFrame) -> inputs.PromptBatch:
-    images = [data.decode_image(b) for b in rows.get_column("image").to_list()]
+    """The prompts of data rows: every image of a row (`images`, else `image`), free-form rows (no `choices`)
+    with the free-form instruction, and a row's own system prompt where it has one."""
+    if "images" in rows.columns:
+        images = [[data.decode_image(b) for b in row] for row in rows.get_column("images").to_list()]
+    else:
+        images = [data.decode_image(b) for b in rows.get_column("image").to_list()]
+    system = rows.get_column("system_prompt").to_list() if "system_prompt" in rows.columns else None
     return inputs.encode_prompts(policy, rows.get_column("question").to_list(),
-                                 rows.get_column("choices").to_list(), images)
+                                 rows.get_column("choices").to_list(), images, system_prompts=system)
 
 
 def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFrame:
@@ -269,20 +309,25 @@ def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFra
     prompt_index = batch.prompt_index.tolist()
     lengths = batch.completion_lengths.tolist()
     ids = [batch.completion_ids[i, : lengths[i]].tolist() for i in range(n)]
-    return pl.DataFrame({
+    columns: dict[str, list[Any]] = {
         "rollout_index": list(range(n)),
         "prompt_index": prompt_index,
         "generation_index": [i % g for i in range(n)],
         "question_id": [rows["question_id"][p] for p in prompt_index],
         "question": [rows["question"][p] for p in prompt_index],
-        "choices": [rows["choices"][p].to_list() for p in prompt_index],
-        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in prompt_index],
+        "choices": [None if rows["choices"][p] is None else rows["choices"][p].to_list() for p in prompt_index],
+        "correct_choice_idx": [rows["correct_choice_idx"][p] for p in prompt_index],
+        **({"solution": [rows["solution"][p] for p in prompt_index],
+            "num_images": [int(rows["num_images"][p]) for p in prompt_index]} if "solution" in rows.columns else {}),
         "completion": batch.completions,
         "completion_ids": ids,
         "completion_length": lengths,
         "is_eos": batch.is_eos.tolist(),
         "prompt_tokens": batch.prompt_mask.sum(dim=1).tolist(),
-    }, schema_overrides={"completion_ids": pl.List(pl.Int64)})
+    }
+    types = {"completion_ids": pl.List(pl.Int64), "choices": pl.List(pl.String), "correct_choice_idx": pl.Int64,
+             "solution": pl.String, "num_images": pl.Int64}
+    return pl.DataFrame(columns, schema_overrides={k: v for k, v in types.items() if k in columns})
 
 
 def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
@@ -435,7 +480,7 @@ def reward_table(config: DapoConfig, table: pl.DataFrame, attention: pl.DataFram
     else:
         keep = torch.ones_like(total, dtype=torch.bool)  # [N]
     predicted = [
-        rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
+        None if ch is None else rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
         for c, ch in zip(table["completion"].to_list(), table["choices"].to_list(), strict=True)
     ]
     result = pl.DataFrame({
@@ -558,8 +603,7 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
     prompts = encode_rows(policy, rows)
     batch = generate_shared(engine, prompts, dp, pad_token_id=policy.pad_token_id, num_generations=1,
                             max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
-    correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
-                                    choices=[list(c) for c in rows["choices"].to_list()])
+    correct = rewards.answer_correct(batch.completions, rows)
     fmt = rewards.think_format_reward(batch.completions)
     return {"eval/accuracy": sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
 

@@ -15,6 +15,7 @@ import dagster as dg
 
 from dapo_ops import faults
 from dapo_ops import round as dapo_round
+from dapo_ops.rewards import ACCURACY_REWARDS
 from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
 from pipelines.checks import EVAL_DROP_CHECK, eval_drop_finding
 from pipelines.config import TrainingConfig
@@ -523,8 +524,9 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     terminal = written.terminal
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
-            "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",
-            "attention/all/mdi", "entropy", "completions/mean_length")))
+            "reward", *[f"rewards/{n}/mean" for n in ACCURACY_REWARDS if n in cfg.reward_names], "eval/accuracy",
+            "rewards/think_format_reward/mean", "attention/all/mdi", "entropy", "completions/mean_length")
+        if name in metrics))
     dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,

@@ -167,9 +167,11 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
 
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
     rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
-    from dapo_ops import faults
+    from dapo_ops import faults, rldata
     from dapo_ops.store import RunStore
 
+    # The data decides the default accuracy reward; an unknown layout stops here, before anything is written.
+    config = rldata.config_for_dataset(config)
     root = root or data_root()
     store = RunStore(root, config.run_name)
     started = time.perf_counter()
@@ -333,6 +335,7 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
     """The rounds of `run_training` that are not DONE yet, in order."""
     from dapo_ops import faults, progress, retention, training
     from dapo_ops import store as store_io
+    from dapo_ops.reports import accuracy_metric
     from dapo_ops.store import checkpoint_key
     from pipelines.config import ROUND_ASSETS
 
@@ -362,7 +365,8 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
         progress.finish_all()
         echo(f"[round {k + 1}/{rounds}] done in {time.perf_counter() - round_start:.1f}s "
              f"(elapsed {time.perf_counter() - started:.0f}s): reward {metrics['reward']:.3f}  "
-             f"accuracy {metrics['rewards/mc_idx_reward/mean']:.3f}  eval {metrics['eval/accuracy']:.3f}  "
+             f"accuracy {metrics.get(accuracy_metric(config.reward_names) or '', float('nan')):.3f}  "
+             f"eval {metrics['eval/accuracy']:.3f}  "
              f"format {metrics['rewards/think_format_reward/mean']:.3f}  "
              f"MDI {metrics['attention/all/mdi']:.2f}  entropy {metrics['entropy']:.3f}")
 
