@@ -589,6 +589,19 @@ def _vision_bin_table(table: pl.DataFrame) -> str | None:
     )
 
 
+def _image_share_table(table: pl.DataFrame) -> str | None:
+    """Image k's mean share per stage, one row per (images in the prompt, image k); None without prompts of
+    several images."""
+    if f"image_share/{STAGES[0]}" not in table.columns:
+        return None
+    from dapo_ops.image_shares import mean_image_shares
+
+    means = {stage: mean_image_shares(table[f"image_share/{stage}"].to_list()) for stage in STAGES}
+    rows = [[f"{count} images: image {k + 1}", *(_fmt(means[s][count][k]) for s in STAGES)]
+            for count, values in means[STAGES[-1]].items() for k in range(len(values))]
+    return _table(["Image", *(_STAGE_TITLES[s] for s in STAGES)], rows) if rows else None
+
+
 def render_attention_diagnostics(
     table: pl.DataFrame,
     *,
@@ -653,6 +666,15 @@ def render_attention_diagnostics(
             " sizes. Each row is the mean over the rollouts whose image-token count (the image-token mask of"
             " the attention pass) falls in that power-of-two bin; `pooled` is every rollout with image tokens.",
             by_bin,
+        ]
+    shares = _image_share_table(table)
+    if shares is not None:
+        parts += [
+            "## Image shares",
+            "Prompts with several images: each image's share of the vision attention (the attention mass on its"
+            " tokens over the mass on all images' tokens; the vision keys above are all images' tokens). Each"
+            " cell is the mean over the rollouts whose prompt has that many images.",
+            shares,
         ]
     if chart_file is not None:
         parts.append(f"![Attention balance per stage]({chart_file})")

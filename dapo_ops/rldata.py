@@ -216,3 +216,27 @@ def check_rewards_fit(reward_names: list[str], kinds: set[str], source: str) -> 
             "mc_idx_reward only, which reads choice letters; add accuracy_reward to reward_funcs (with a weight)"
         )
 
+
+
+def images_per_prompt(config: DapoConfig) -> tuple[int, str]:
+    """(the most images a prompt of the run has, where that number comes from): `images_per_prompt` when set,
+    else the dataset's image column (lists counted, no image decoded), else the synthetic tasks' (2 with
+    `two_image_color`)."""
+    if config.images_per_prompt is not None:
+        return config.images_per_prompt, "images_per_prompt"
+    if config.dataset == EMBEDDED:
+        return (2 if "two_image_color" in config.synthetic_tasks else 1), "the synthetic tasks"
+    path = Path(config.dataset)
+    keys = Keys(config.prompt_key, config.answer_key, config.image_key)
+    most = 1
+    for parts in data._discover(path).values():
+        for part in parts:
+            kinds = part.kinds()
+            layout = detect_layout(kinds, keys, forced=config.dataset_layout, label=part.label)
+            columns = [c for c in ("images", layout.image_column(kinds, layout.keys(keys))) if c and c in kinds]
+            for records in part.records(columns[:1]):
+                for record in records:
+                    value = record.get(columns[0]) if columns else None
+                    if isinstance(value, list | tuple):
+                        most = max(most, len(value))
+    return most, str(path)

@@ -410,6 +410,22 @@ def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, 
     }).with_columns(pl.lit(tolerance).alias("mdi_tolerance"))
 
 
+def _with_image_shares(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
+                       batch: rollout.RolloutBatch, table: pl.DataFrame) -> pl.DataFrame:
+    """`table` plus `image_share/<stage>` (each image's share of the vision attention, per rollout) when some
+    prompt of the round has several images; unchanged otherwise (no extra pass)."""
+    rollouts = pl.read_parquet(run_store.round(key).rollouts_parquet, columns=None)
+    if "num_images" not in rollouts.columns or int(rollouts["num_images"].max() or 1) < 2:
+        return table
+    from dapo_ops.image_shares import rollout_image_shares
+
+    shares = rollout_image_shares(policy, batch, rollouts["num_images"].to_list(), temperature=config.temperature,
+                                  batch_size=config.local_rollout_forward_batch_size,
+                                  shared_prefix=config.shared_prefix)
+    return table.with_columns(pl.Series(f"image_share/{stage}", shares[stage], dtype=pl.List(pl.Float64))
+                              for stage in STAGES)
+
+
 def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
                       mdi_tolerance: float | None = None, write_old_logps: bool = True,
                       dp: DataParallel = SINGLE) -> pl.DataFrame:
@@ -429,6 +445,9 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
                                       shared_prefix=config.shared_prefix)
     seconds = time.perf_counter() - start
     table = attention_table(outputs, batch, tolerance=tolerance)
+    if dp.world_size == 1:
+        with precision.autocast(config, policy.model):
+            table = _with_image_shares(config, run_store, key, policy, batch, table)
     per_token_logps, entropy = outputs.per_token_logps, outputs.entropy
     if dp.world_size > 1:
         table, per_token_logps, entropy = gather_attention(dp, table, per_token_logps, entropy)

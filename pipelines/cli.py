@@ -540,13 +540,18 @@ def memory_plan_command(args: argparse.Namespace) -> int:
 
     values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
     model = args.model or values.get("model_name_or_path", EMBEDDED)
-    values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
+    # The plan reads no weights; of the data only the images per prompt, when the dataset is on this machine.
+    dataset = values.get("dataset", EMBEDDED)
+    values = {**values, "model_name_or_path": EMBEDDED, "dataset": dataset if Path(dataset).exists() else EMBEDDED}
     try:
+        from dapo_ops.rldata import images_per_prompt
         from dapo_ops.runconfig import load_run_config
 
         config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
-        plan = memory_plan.estimate(model, config)
-    except (RunConfigError, FileNotFoundError) as error:
+        images, source = images_per_prompt(config)
+        print(f"images per prompt: {images} (from {source})")
+        plan = memory_plan.estimate(model, config, images_per_prompt=images)
+    except (RunConfigError, FileNotFoundError, ValueError) as error:
         print(error, file=sys.stderr)
         return 2
     print(memory_plan.render(plan, config, args.gpu_memory))
