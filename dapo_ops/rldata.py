@@ -11,7 +11,9 @@ particular a row whose image placeholders (or image parts) and images disagree n
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,3 +242,84 @@ def images_per_prompt(config: DapoConfig) -> tuple[int, str]:
                     if isinstance(value, list | tuple):
                         most = max(most, len(value))
     return most, str(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# make check-data
+
+ANSWER_KIND_NAMES = {"choice": "choice letter", "number": "number", "formula": "formula", "word": "word"}
+
+
+@dataclass
+class DataCheck:
+    """What `make check-data` reports about a source, without training."""
+
+    source: str
+    layout: str
+    splits: dict[str, tuple[int, int]]  # split -> (usable rows, quarantined rows)
+    quarantine_kinds: dict[str, int]  # problem kind -> rows with it
+    quarantine_examples: dict[str, str]  # problem kind -> the first reason naming it
+    images_per_prompt: dict[int, int]  # images -> usable rows
+    answer_kinds: dict[str, int]  # choice letter / number / formula / word -> usable rows
+    prompt_tokens: dict[str, float] | None = None  # min/mean/max/rows, in the model's tokens
+
+    @property
+    def usable(self) -> int:
+        return sum(kept for kept, _ in self.splits.values())
+
+    def render(self) -> str:
+        lines = [f"dataset: {self.source}", f"layout: {self.layout}", "splits:"]
+        lines += [f"  {name}: {kept} usable, {quarantined} quarantined" for name, (kept, quarantined) in self.splits.items()]
+        lines.append("quarantined by kind:" if self.quarantine_kinds else "quarantined by kind: none")
+        for kind, count in self.quarantine_kinds.items():
+            lines.append(f"  {kind}: {count}  (e.g. {self.quarantine_examples[kind]})")
+        lines.append("images per prompt: " + ", ".join(f"{n}: {c}" for n, c in self.images_per_prompt.items()))
+        lines.append("answer kinds: " + ", ".join(f"{k}: {c}" for k, c in self.answer_kinds.items()))
+        if self.prompt_tokens is not None:
+            t = self.prompt_tokens
+            lines.append(f"prompt tokens (model): min {t['min']:.0f}, mean {t['mean']:.1f}, max {t['max']:.0f} "
+                         f"over {t['rows']:.0f} rows")
+        lines.append(f"usable rows: {self.usable}" + ("" if self.usable else " -- nothing to train on"))
+        return "\n".join(lines)
+
+
+def check_dataset(
+    source: str | os.PathLike[str], *, layout: str = AUTO, prompt_key: str | None = None,
+    answer_key: str | None = None, image_key: str | None = None,
+    count_prompt_tokens: Callable[[pl.DataFrame], list[int]] | None = None,
+) -> DataCheck:
+    """Load and validate every split of `source` (nothing is written) into a `DataCheck`. With
+    `count_prompt_tokens` (rows -> each prompt's length in a model's tokens) the prompt lengths too.
+    Raises ValueError when the source cannot be read or its layout cannot be told."""
+    path = Path(source)
+    keys = Keys(prompt_key, answer_key, image_key)
+    found = data._discover(path)
+    first = next(iter(found.values()))[0]
+    detected = detect_layout(first.kinds(), keys, forced=layout, label=first.label)
+    splits: dict[str, tuple[int, int]] = {}
+    kept_frames: list[pl.DataFrame] = []
+    kinds: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for name, parts in found.items():
+        validator = _RowValidator(path, len(parts) > 1, detected, keys)
+        for part in parts:
+            validator.add_part(part)
+        kept = pl.concat(validator.kept) if validator.kept else pl.DataFrame(schema=RL_SCHEMA)
+        kept_frames.append(kept)
+        splits[name or "all"] = (kept.height, len(validator.quarantined))
+        for row in validator.quarantined:
+            for kind in row["kind"].split("; "):
+                kinds[kind] += 1
+                examples.setdefault(kind, row["reason"])
+    kept = pl.concat(kept_frames)
+    tokens = None
+    if count_prompt_tokens is not None and kept.height:
+        counts = count_prompt_tokens(kept)
+        tokens = {"min": min(counts), "mean": sum(counts) / len(counts), "max": max(counts), "rows": len(counts)}
+    return DataCheck(
+        source=str(path), layout=detected.name, splits=splits, quarantine_kinds=dict(kinds.most_common()),
+        quarantine_examples=examples,
+        images_per_prompt=dict(sorted(Counter(kept["num_images"].to_list()).items())),
+        answer_kinds={ANSWER_KIND_NAMES[k]: c for k, c in Counter(kept["answer_kind"].to_list()).most_common()},
+        prompt_tokens=tokens,
+    )

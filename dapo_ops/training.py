@@ -303,6 +303,14 @@ def encode_rows(policy: models.Policy, rows: pl.DataFrame) -> inputs.PromptBatch
                                  rows.get_column("choices").to_list(), images, system_prompts=system)
 
 
+def prompt_token_counts(policy: models.Policy, rows: pl.DataFrame, *, batch_size: int = 32) -> list[int]:
+    """Each row's prompt length in `policy`'s tokens, image tokens included, as the rollouts encode it."""
+    counts: list[int] = []
+    for start in range(0, rows.height, batch_size):
+        counts += encode_rows(policy, rows.slice(start, batch_size)).attention_mask.sum(1).tolist()
+    return counts
+
+
 def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFrame:
     g = batch.num_generations
     n = len(batch.completions)

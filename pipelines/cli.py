@@ -476,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("mlflow-ui", help="start the MLflow UI on the data root's store")
     ui.add_argument("--port", type=int, default=5000)
     sub.add_parser("prepare-instance", help="create DAGSTER_HOME and its dagster.yaml")
+    check = sub.add_parser("check-data", help="load and validate a dataset without training (layout, splits, "
+                                              "quarantine reasons, images per prompt, answer kinds)")
+    check.add_argument("--dataset", required=True)
+    check.add_argument("--model", default=None, help="a model directory: prompt lengths in its tokens")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="dataset_layout, prompt_key, answer_key, image_key")
     args = parser.parse_args(argv)
 
     if args.command == "prepare-instance":
@@ -483,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return memory_plan_command(args)
+    if args.command == "check-data":
+        return check_data_command(args)
     if args.command == "launchpad-config":
         from dapo_ops.runconfig import RunConfigError, launchpad_yaml
 
@@ -556,6 +564,28 @@ def memory_plan_command(args: argparse.Namespace) -> int:
         return 2
     print(memory_plan.render(plan, config, args.gpu_memory))
     return 0 if args.gpu_memory is None or plan.peak <= args.gpu_memory * memory_plan.GIB else 1
+
+
+def check_data_command(args: argparse.Namespace) -> int:
+    """`make check-data`: the data check's report; 1 when no row is usable, 2 when the source cannot be read."""
+    from dapo_ops.rldata import check_dataset
+    from dapo_ops.runconfig import RunConfigError, load_run_config
+
+    try:
+        config = load_run_config(None, args.set, flags={"dataset": args.dataset})
+        counter = None
+        if args.model:
+            from dapo_ops import models, training
+
+            policy = models.load_policy(Path(args.model))
+            counter = lambda rows: training.prompt_token_counts(policy, rows)  # noqa: E731
+        report = check_dataset(config.dataset, layout=config.dataset_layout, prompt_key=config.prompt_key,
+                               answer_key=config.answer_key, image_key=config.image_key, count_prompt_tokens=counter)
+    except (RunConfigError, ValueError, FileNotFoundError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(report.render())
+    return 0 if report.usable else 1
 
 
 def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
