@@ -123,8 +123,13 @@ class Layout:
 
     name: ClassVar[str]
     defaults: ClassVar[Keys]
+    # Whether prompts place images with `<image>` placeholders in their text (verl, EasyR1). A source whose
+    # prompts hold none at all gets its images before the text; once a source uses them, every row must
+    # have one per image (a row that lost one, e.g. to truncation, is quarantined).
+    text_marks: ClassVar[bool] = False
 
-    def keys(self, given: Keys) -> Keys:
+    def keys(self, given: Keys, kinds: Mapping[str, str] | None = None) -> Keys:
+        """The columns read: the given keys, else the layout's own names."""
         return Keys(
             prompt_key=given.prompt_key or self.defaults.prompt_key,
             answer_key=given.answer_key or self.defaults.answer_key,
@@ -136,7 +141,7 @@ class Layout:
 
     def matches(self, kinds: Mapping[str, str], given: Keys) -> bool:
         """True when columns (name -> kind) hold this layout's prompt, answer and images."""
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         return (keys.prompt_key in kinds and keys.answer_key in kinds
                 and self.image_column(kinds, keys) is not None and self._kinds_fit(kinds, keys))
 
@@ -145,7 +150,7 @@ class Layout:
 
     def columns(self, kinds: Mapping[str, str], given: Keys) -> list[str]:
         """The columns to read (the layout's own plus any id column)."""
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         wanted = [keys.prompt_key, keys.answer_key, self.image_column(kinds, keys), *self.extra, *ID_COLUMNS]
         return [c for c in dict.fromkeys(wanted) if c and c in kinds]
 
@@ -164,12 +169,12 @@ class AOKVQA(Layout):
     extra = ("choices", "label_idx", "rationales", "images", "solution")
 
     def matches(self, kinds: Mapping[str, str], given: Keys) -> bool:
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         has_index = keys.answer_key in kinds or (given.answer_key is None and "label_idx" in kinds)
         return keys.prompt_key in kinds and "choices" in kinds and has_index and keys.image_key in kinds
 
     def row(self, record: Mapping[str, Any], kinds: Mapping[str, str], given: Keys) -> RawRow:
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         index = record.get(keys.answer_key)
         if index is None and given.answer_key is None:
             index = record.get("label_idx")
@@ -191,7 +196,7 @@ class TRL(Layout):
         return kinds[keys.prompt_key] == "list"  # TRL's VLM prompts are conversational
 
     def row(self, record: Mapping[str, Any], kinds: Mapping[str, str], given: Keys) -> RawRow:
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         system, text, marks, problem = _messages_text(record.get(keys.prompt_key), parts_mark=True)
         images = _as_list(record.get(self.image_column(kinds, keys) or ""))
         # TRL's prepare_multimodal_messages puts the images first when the prompt has no image part.
@@ -205,6 +210,7 @@ class TRL(Layout):
 class Verl(Layout):
     name = "verl"
     defaults = Keys("prompt", "reward_model", "images")
+    text_marks = True
     extra = ("data_source", "extra_info")
 
     def _kinds_fit(self, kinds: Mapping[str, str], keys: Keys) -> bool:
@@ -212,7 +218,7 @@ class Verl(Layout):
                                                               or kinds[keys.answer_key] == "struct")
 
     def row(self, record: Mapping[str, Any], kinds: Mapping[str, str], given: Keys) -> RawRow:
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         system, text, marks, problem = _messages_text(record.get(keys.prompt_key), parts_mark=False)
         answer = record.get(keys.answer_key)
         if isinstance(answer, Mapping):
@@ -229,14 +235,32 @@ class Verl(Layout):
 
 
 class EasyR1(Layout):
+    """EasyR1's plain-text prompts. Auto-detection also takes the names other free-form VLM datasets use
+    (R1-V / open-r1 multimodal `problem, solution, image`; ChartQA `query, label`; VQA `question, answer`)."""
+
     name = "easyr1"
     defaults = Keys("problem", "answer", "images")
+    text_marks = True
+    synonyms: ClassVar[dict[str, tuple[str, ...]]] = {
+        "prompt_key": ("problem", "question", "query", "prompt"),
+        "answer_key": ("answer", "solution", "ground_truth", "label", "answers"),
+        "image_key": ("images", "image"),
+    }
+
+    def keys(self, given: Keys, kinds: Mapping[str, str] | None = None) -> Keys:
+        def pick(name: str) -> str | None:
+            explicit = getattr(given, name)
+            if explicit or kinds is None:
+                return explicit or getattr(self.defaults, name)
+            return next((c for c in self.synonyms[name] if c in kinds), getattr(self.defaults, name))
+
+        return Keys(pick("prompt_key"), pick("answer_key"), pick("image_key"))
 
     def _kinds_fit(self, kinds: Mapping[str, str], keys: Keys) -> bool:
         return kinds[keys.prompt_key] in ("str", "null")
 
     def row(self, record: Mapping[str, Any], kinds: Mapping[str, str], given: Keys) -> RawRow:
-        keys = self.keys(given)
+        keys = self.keys(given, kinds)
         text = record.get(keys.prompt_key)
         marks = text.count(IMAGE_MARK) if isinstance(text, str) else 0
         return RawRow(text=text, images=_as_list(record.get(keys.image_key)), marks=marks,
@@ -253,7 +277,7 @@ def detect_layout(kinds: Mapping[str, str], given: Keys, *, forced: str = AUTO, 
         if forced not in LAYOUTS:
             raise ValueError(f"dataset_layout={forced!r} is unknown; use auto or one of {', '.join(LAYOUT_NAMES)}")
         layout = LAYOUTS[forced]
-        keys = layout.keys(given)
+        keys = layout.keys(given, kinds)
         missing = [k for k in (keys.prompt_key, keys.answer_key) if k not in kinds]
         if layout.image_column(kinds, keys) is None:
             missing.append(keys.image_key or "image")

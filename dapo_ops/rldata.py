@@ -11,6 +11,7 @@ particular a row whose image placeholders (or image parts) and images disagree n
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,13 +44,19 @@ RL_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
 def _solution(value: Any) -> tuple[str | None, tuple[str, str] | None]:
-    """The answer as text: a number is written out, a list gives its first entry (VQA-style answer lists)."""
+    """The answer as text: a number is written out, a list gives its first entry (VQA-style answer lists),
+    `<answer> 3 </answer>` (R1-V's solutions) its content."""
     if isinstance(value, list | tuple):
         value = next((v for v in value if v is not None and str(v).strip()), None)
     if value is None or isinstance(value, bool | Mapping):
         return None, ("empty answer", "answer is missing" if value is None else f"answer {value!r} is not text")
     text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    tagged = _ANSWER_TAG_RE.search(text)
+    text = tagged.group(1) if tagged else text
     return (text.strip(), None) if text.strip() else (None, ("empty answer", "answer is empty"))
 
 
@@ -63,9 +70,15 @@ class _RowValidator(data._Validator):
         self.layout = layout
         self.keys = keys
 
+    def _uses_marks(self, part: data._Part, kinds: Mapping[str, str]) -> bool:
+        """Whether any prompt of `part` holds an `<image>` placeholder (reads the prompt column only)."""
+        column = self.layout.keys(self.keys, kinds).prompt_key
+        return any(IMAGE_MARK in str(record.get(column)) for records in part.records([column]) for record in records)
+
     def add_part(self, part: data._Part) -> None:
         kinds = part.kinds()
         detect_layout(kinds, self.keys, forced=self.layout.name, label=part.label)  # every part has the columns
+        self.marks_used = self.layout.text_marks and self._uses_marks(part, kinds)
         local = 0
         for records in part.records(self.layout.columns(kinds, self.keys)):
             out: dict[str, list[Any]] = {k: [] for k in RL_SCHEMA}
@@ -100,6 +113,8 @@ class _RowValidator(data._Validator):
             self.quarantine(f"{part.stem}-{local}", None, row, local, part, [("unreadable row", record["__error__"])])
             return
         raw = self.layout.row(record, kinds, self.keys)
+        if self.layout.text_marks and not self.marks_used:
+            raw.marks = None  # no placeholders anywhere in this source: the images go first
         qid = str(raw.question_id) if raw.question_id is not None and str(raw.question_id).strip() else f"{part.stem}-{local}"
         problems = list(raw.problems)
         text = raw.text
@@ -235,7 +250,7 @@ def images_per_prompt(config: DapoConfig) -> tuple[int, str]:
         for part in parts:
             kinds = part.kinds()
             layout = detect_layout(kinds, keys, forced=config.dataset_layout, label=part.label)
-            columns = [c for c in ("images", layout.image_column(kinds, layout.keys(keys))) if c and c in kinds]
+            columns = [c for c in ("images", layout.image_column(kinds, layout.keys(keys, kinds))) if c and c in kinds]
             for records in part.records(columns[:1]):
                 for record in records:
                     value = record.get(columns[0]) if columns else None

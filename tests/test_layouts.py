@@ -130,3 +130,22 @@ def test_aokvqa_rows_load_as_before_and_load_mc_dataset_keeps_its_schema(tmp_pat
     assert rl_kept["answer_kind"].unique().to_list() == ["choice"]
     splits = load_rl_splits(tmp_path)
     assert (splits["train"][0].height, splits["eval"][0].height) == (12, 4)
+
+
+def test_free_form_datasets_named_otherwise_load_as_easyr1_with_their_images_first(tmp_path: Path) -> None:
+    # R1-V / open-r1 multimodal: image, problem, solution with <answer> tags; no placeholders anywhere.
+    rows = [{"image": {"bytes": _png(c), "path": None}, "problem": "How many shapes?",
+             "solution": f"<answer> {c} </answer>"} for c in (1, 2, 3)]
+    pl.DataFrame(rows).write_parquet(tmp_path / "r1v.parquet")
+    kept, quarantined = load_rl_dataset(tmp_path / "r1v.parquet")
+    assert source_layout(tmp_path / "r1v.parquet") == "easyr1" and quarantined.height == 0
+    assert kept["solution"].to_list() == ["1", "2", "3"]
+
+
+def test_once_a_source_uses_placeholders_a_row_without_one_is_quarantined(tmp_path: Path) -> None:
+    rows = [{"problem": p, "answer": "2", "images": [{"bytes": _png(2), "path": None}]}
+            for p in ("<image>How many?", "How many?")]
+    pl.DataFrame(rows).write_parquet(tmp_path / "easy.parquet")
+    kept, quarantined = load_rl_dataset(tmp_path / "easy.parquet")
+    assert kept.height == 1
+    assert "0 image placeholder(s) in the prompt for 1 image(s)" in quarantined["reason"][0]
