@@ -188,10 +188,6 @@ class DapoConfig:
             problems.append(f"warmup_target={self.warmup_target!r} is unknown; use one of {', '.join(WARMUP_TARGETS)}")
         if self.warmup_answer not in WARMUP_ANSWERS:
             problems.append(f"warmup_answer={self.warmup_answer!r} is unknown; use one of {', '.join(WARMUP_ANSWERS)}")
-        if self.dataset_layout not in DATASET_LAYOUTS:
-            problems.append(f"dataset_layout={self.dataset_layout!r} is unknown; use one of {', '.join(DATASET_LAYOUTS)}")
-        if self.images_per_prompt is not None and self.images_per_prompt < 1:
-            problems.append(f"images_per_prompt={self.images_per_prompt} must be at least 1 (or null)")
         if self.vllm_mode not in VLLM_MODES:
             problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
         engine = engine_problem(self)
@@ -267,8 +263,12 @@ class DapoConfig:
             raise ValueError("Invalid dapo-vlm configuration:\n  - " + "\n  - ".join(problems))
 
     def _scale_problems(self) -> list[str]:
-        """dtype, LoRA and retention settings."""
+        """dtype, LoRA, retention and data-layout settings."""
         problems: list[str] = []
+        if self.dataset_layout not in DATASET_LAYOUTS:
+            problems.append(f"dataset_layout={self.dataset_layout!r} is unknown; use one of {', '.join(DATASET_LAYOUTS)}")
+        if self.images_per_prompt is not None and self.images_per_prompt < 1:
+            problems.append(f"images_per_prompt={self.images_per_prompt} must be at least 1 (or null)")
         if self.torch_dtype not in TORCH_DTYPES:
             problems.append(f"torch_dtype={self.torch_dtype!r} is unknown; use one of {', '.join(TORCH_DTYPES)}")
         if self.use_peft:

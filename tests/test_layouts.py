@@ -149,3 +149,19 @@ def test_once_a_source_uses_placeholders_a_row_without_one_is_quarantined(tmp_pa
     kept, quarantined = load_rl_dataset(tmp_path / "easy.parquet")
     assert kept.height == 1
     assert "0 image placeholder(s) in the prompt for 1 image(s)" in quarantined["reason"][0]
+
+
+def test_default_rewards_follow_the_data_and_configured_ones_stay(tmp_path: Path) -> None:
+    from dapo_ops.config import DapoConfig
+    from dapo_ops.rldata import config_for_dataset
+
+    verl = L.write("verl", tmp_path / "verl.parquet", n=4)
+    assert config_for_dataset(DapoConfig(dataset=str(verl))).reward_funcs == [
+        "accuracy_reward", "think_format_reward", "mdi_reward"]
+    assert config_for_dataset(DapoConfig()).reward_funcs == ["mc_idx_reward", "think_format_reward", "mdi_reward"]
+    mixed = config_for_dataset(DapoConfig(synthetic_tasks=["color", "shape_count"]))
+    assert (mixed.reward_funcs[:2], mixed.reward_weights) == (["mc_idx_reward", "accuracy_reward"], [3.0, 3.0, 1.0, 1.0])
+    custom = DapoConfig(dataset=str(verl), reward_funcs=["accuracy_reward"], reward_weights=[1.0])
+    assert config_for_dataset(custom) is custom
+    with pytest.raises(ValueError, match="dataset_layout='geo'"):
+        DapoConfig(dataset_layout="geo")
