@@ -559,7 +559,7 @@ def score_rollouts(
     funcs = {reward_name(entry): resolve_reward(entry) for entry in config.reward_funcs}
     if attention is None:
         funcs = {name: f for name, f in funcs.items() if not needs_attention(f)}
-    columns: dict[str, Any] = {c: table.get_column(c).to_list() for c in table.columns if c != "image"}
+    columns: dict[str, Any] = {c: table.get_column(c).to_list() for c in table.columns if c not in ("image", "images")}
     completions = columns.pop("completion")
     n = len(completions)
     if attention is not None:

@@ -299,8 +299,9 @@ def encode_rows(policy: models.Policy, rows: pl.DataFrame) -> inputs.PromptBatch
     else:
         images = [data.decode_image(b) for b in rows.get_column("image").to_list()]
     system = rows.get_column("system_prompt").to_list() if "system_prompt" in rows.columns else None
-    return inputs.encode_prompts(policy, rows.get_column("question").to_list(),
-                                 rows.get_column("choices").to_list(), images, system_prompts=system)
+    choices = rows.get_column("choices").to_list() if "choices" in rows.columns else [None] * rows.height
+    return inputs.encode_prompts(policy, rows.get_column("question").to_list(), choices, images,
+                                 system_prompts=system)
 
 
 def prompt_token_counts(policy: models.Policy, rows: pl.DataFrame, *, batch_size: int = 32) -> list[int]:
