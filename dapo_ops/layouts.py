@@ -168,6 +168,14 @@ class AOKVQA(Layout):
     defaults = Keys("question", "correct_choice_idx", "image")
     extra = ("choices", "label_idx", "rationales", "images", "solution")
 
+    def keys(self, given: Keys, kinds: Mapping[str, str] | None = None) -> Keys:
+        keys = super().keys(given, kinds)
+        if (given.answer_key is None and kinds is not None and keys.answer_key not in kinds
+                and "label_idx" not in kinds and kinds.get("answer") == "other"):
+            # ScienceQA-style multiple choice: `choices` and an integer `answer` (the right index).
+            return Keys(keys.prompt_key, "answer", keys.image_key)
+        return keys
+
     def matches(self, kinds: Mapping[str, str], given: Keys) -> bool:
         keys = self.keys(given, kinds)
         has_index = keys.answer_key in kinds or (given.answer_key is None and "label_idx" in kinds)
@@ -244,7 +252,7 @@ class EasyR1(Layout):
     synonyms: ClassVar[dict[str, tuple[str, ...]]] = {
         "prompt_key": ("problem", "question", "query", "prompt"),
         "answer_key": ("answer", "solution", "ground_truth", "label", "answers"),
-        "image_key": ("images", "image"),
+        "image_key": ("images", "image", "decoded_image"),
     }
 
     def keys(self, given: Keys, kinds: Mapping[str, str] | None = None) -> Keys:
@@ -252,7 +260,10 @@ class EasyR1(Layout):
             explicit = getattr(given, name)
             if explicit or kinds is None:
                 return explicit or getattr(self.defaults, name)
-            return next((c for c in self.synonyms[name] if c in kinds), getattr(self.defaults, name))
+            present = [c for c in self.synonyms[name] if c in kinds]
+            if name == "image_key":  # MathVista: `image` holds a path string, `decoded_image` the image
+                present = [c for c in present if kinds[c] != "str"] or present
+            return next(iter(present), getattr(self.defaults, name))
 
         return Keys(pick("prompt_key"), pick("answer_key"), pick("image_key"))
 

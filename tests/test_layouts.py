@@ -165,3 +165,15 @@ def test_default_rewards_follow_the_data_and_configured_ones_stay(tmp_path: Path
     assert config_for_dataset(custom) is custom
     with pytest.raises(ValueError, match="dataset_layout='geo'"):
         DapoConfig(dataset_layout="geo")
+
+
+def test_scienceqa_and_mathvista_style_columns_are_read_as_they_are_meant(tmp_path: Path) -> None:
+    # ScienceQA: choices and an integer answer index; MathVista: `image` a path string, `decoded_image` the image.
+    pl.DataFrame([{"question": "Which is a mammal?", "choices": ["cat", "trout"], "answer": 0,
+                   "image": {"bytes": _png(), "path": None}}] * 2).write_parquet(tmp_path / "sqa.parquet")
+    kept, _ = load_rl_dataset(tmp_path / "sqa.parquet")
+    assert source_layout(tmp_path / "sqa.parquet") == "aokvqa" and kept["correct_choice_idx"].to_list() == [0, 0]
+    pl.DataFrame([{"question": "What is x?", "answer": "3", "image": "images/1.jpg",
+                   "decoded_image": {"bytes": _png(), "path": None}}] * 2).write_parquet(tmp_path / "mv.parquet")
+    kept, quarantined = load_rl_dataset(tmp_path / "mv.parquet")
+    assert (kept.height, quarantined.height) == (2, 0) and kept["solution"].to_list() == ["3", "3"]
