@@ -61,3 +61,11 @@ def test_it_is_registered_under_its_name_and_exported_from_the_package() -> None
 def test_answer_kinds() -> None:
     assert [answer_kind(s) for s in ("3", "1/2", "0.25", "x^2+1", "\\frac{\\pi}{3}", "red", "New York")] == [
         "number", "number", "number", "formula", "formula", "word", "word"]
+
+
+def test_the_warm_start_teaches_a_free_form_row_its_solution_after_answer() -> None:
+    from dapo_ops.warmstart import target_completion
+
+    target = target_completion({"choices": None, "solution": "3", "rationales": ["There are 3 shapes."]})
+    assert target == "<think>There are 3 shapes.</think> Answer: 3"
+    assert accuracy_reward([target], solution=["3"]) == [1.0]

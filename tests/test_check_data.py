@@ -46,3 +46,12 @@ def test_prompt_lengths_in_a_models_tokens_and_exit_codes(tmp_path: Path, capsys
     pl.DataFrame({"text": ["a"]}).write_parquet(tmp_path / "odd.parquet")
     assert main(["check-data", "--dataset", str(tmp_path / "odd.parquet")]) == 2
     assert "cannot tell the dataset layout" in capsys.readouterr().err
+
+
+def test_make_plan_counts_the_images_per_prompt_of_the_dataset(tmp_path: Path, capsys) -> None:
+    source = L.write("easyr1", tmp_path / "easy.parquet", n=6)
+    assert main(["plan", "--set", f"dataset={source}"]) == 0
+    out = capsys.readouterr().out
+    assert f"images per prompt: 2 (from {source})" in out and "(8 image tokens a prompt)" in out
+    assert main(["plan", "--set", "images_per_prompt=3"]) == 0
+    assert "(12 image tokens a prompt)" in capsys.readouterr().out
