@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import attention, common, launch_overhead, memory_plan, round_vs_trl, shared_prefix
-from dapo_ops.store import write_text_atomic
+from dapo_ops.store.layout import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 

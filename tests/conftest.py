@@ -75,8 +75,8 @@ def _restore_env(previous: dict[str, str | None]) -> None:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun]:
     """Two rounds of the embedded default, small, through `pipelines.cli.run_training` (real Dagster
     instance on SQLite, real MLflow SQLite store)."""
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.tracking import default_tracking_uri
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.tracking.facade import default_tracking_uri
     from pipelines.cli import run_training
 
     root = tmp_path_factory.mktemp("data_root")

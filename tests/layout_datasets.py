@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from dapo_ops import synthetic
+from dapo_ops.data import synthetic
 
 COLORS = list(synthetic.COLORS)
 INSTRUCTION = " You FIRST think about the reasoning process as an internal monologue and then provide the final " \

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dapo_ops import accuracy_reward as exported
-from dapo_ops.answers import answer_kind, final_answer
-from dapo_ops.rewards import REWARD_FUNCTIONS, accuracy_reward, resolve_reward
+from dapo_ops.data.answers import answer_kind, final_answer
+from dapo_ops.rl.rewards import REWARD_FUNCTIONS, accuracy_reward, resolve_reward
 
 
 def _score(completion: str, solution: str) -> float | None:
@@ -64,7 +64,7 @@ def test_answer_kinds() -> None:
 
 
 def test_the_warm_start_teaches_a_free_form_row_its_solution_after_answer() -> None:
-    from dapo_ops.warmstart import target_completion
+    from dapo_ops.train.warmstart import target_completion
 
     target = target_completion({"choices": None, "solution": "3", "rationales": ["There are 3 shapes."]})
     assert target == "<think>There are 3 shapes.</think> Answer: 3"

@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.reports import round_metric_names
-from dapo_ops.rewards import accuracy_reward_name
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.reporting.reports import round_metric_names
+from dapo_ops.rl.rewards import accuracy_reward_name
 from tests import layout_datasets as L
 from tests.conftest import TINY_RUN, _restore_env, _set_env
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
-from dapo_ops import synthetic
-from dapo_ops.rldata import check_dataset
-from dapo_ops.tiny_families import save_tiny_family
+from dapo_ops.data import synthetic
+from dapo_ops.data.rl_loading import check_dataset
+from dapo_ops.models.tiny_families import save_tiny_family
 from pipelines.cli import main
 from tests import layout_datasets as L
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dapo_ops import synthetic
-from dapo_ops.data import load_mc_dataset
-from dapo_ops.rldata import RL_SCHEMA, load_rl_dataset, load_rl_splits, source_layout
+from dapo_ops.data import synthetic
+from dapo_ops.data.loading import load_mc_dataset
+from dapo_ops.data.rl_loading import RL_SCHEMA, load_rl_dataset, load_rl_splits, source_layout
 from tests import layout_datasets as L
 
 
@@ -152,8 +152,8 @@ def test_once_a_source_uses_placeholders_a_row_without_one_is_quarantined(tmp_pa
 
 
 def test_default_rewards_follow_the_data_and_configured_ones_stay(tmp_path: Path) -> None:
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.rldata import config_for_dataset
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.data.rl_loading import config_for_dataset
 
     verl = L.write("verl", tmp_path / "verl.parquet", n=4)
     assert config_for_dataset(DapoConfig(dataset=str(verl))).reward_funcs == [

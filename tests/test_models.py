@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 
-from dapo_ops.inputs import build_messages, encode_prompts
-from dapo_ops.models import (
+from dapo_ops.models.inputs import build_messages, encode_prompts
+from dapo_ops.models.loading import (
     IM_END,
     IMAGE_PAD,
     PAD_TOKEN,

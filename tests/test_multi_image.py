@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops.attention import teacher_forced_pass
-from dapo_ops.image_shares import image_token_ids, mean_image_shares, rollout_image_shares
-from dapo_ops.inputs import build_messages, encode_prompts
-from dapo_ops.models import Policy
-from dapo_ops.rollout import generate_rollouts
-from dapo_ops.tiny_families import build_tiny_family
-from dapo_ops.tokens import FREE_FORM_SYSTEM_PROMPT, SYSTEM_PROMPT
+from dapo_ops.attention.image_shares import image_token_ids, mean_image_shares, rollout_image_shares
+from dapo_ops.attention.teacher_forced import teacher_forced_pass
+from dapo_ops.models.inputs import build_messages, encode_prompts
+from dapo_ops.models.loading import Policy
+from dapo_ops.models.tiny_families import build_tiny_family
+from dapo_ops.models.tokens import FREE_FORM_SYSTEM_PROMPT, SYSTEM_PROMPT
+from dapo_ops.rollout.generate import generate_rollouts
 
 CORPUS = ["Which image shows more shapes?", "How many shapes?", "red green blue", "<think>two</think> Answer: 2"]
 # Image tokens of one 56x56 image per tiny family (test_families.IMAGE_TOKENS).

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_ops import models, training
-from dapo_ops.config import DapoConfig
-from dapo_ops.round_files import load_old_logps, load_rollout_batch
-from dapo_ops.store import RunStore, UnsafeFileError, checkpoint_key, write_torch_atomic
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models import loading as models
+from dapo_ops.run import phases as training
+from dapo_ops.run.round_files import load_old_logps, load_rollout_batch
+from dapo_ops.store.layout import RunStore, UnsafeFileError, checkpoint_key, write_torch_atomic
 from pipelines.resources import PolicyCache
 
 REPO = Path(__file__).resolve().parents[1]

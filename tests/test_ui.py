@@ -375,7 +375,7 @@ def test_mlflow_models_tab_shows_each_checkpoint_with_its_eval_accuracy(uis, tra
     sort would send.)"""
     from playwright.sync_api import expect
 
-    from dapo_ops.store import RunStore, read_json
+    from dapo_ops.store.layout import RunStore, read_json
 
     # Wide enough that the grid draws its metric columns, which start right of the attributes.
     page.set_viewport_size({"width": 2000, "height": 800})

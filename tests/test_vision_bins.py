@@ -7,10 +7,13 @@ import polars as pl
 import pytest
 from transformers import Qwen2VLImageProcessorPil
 
-from dapo_ops import models, rollout, synthetic, training
-from dapo_ops.attention import teacher_forced_pass
-from dapo_ops.config import STAGES
-from dapo_ops.reports import render_attention_diagnostics
+from dapo_ops.attention.teacher_forced import teacher_forced_pass
+from dapo_ops.config.dapo import STAGES
+from dapo_ops.data import synthetic
+from dapo_ops.models import loading as models
+from dapo_ops.reporting.reports import render_attention_diagnostics
+from dapo_ops.rollout import generate as rollout
+from dapo_ops.run import phases as training
 
 SIZES = {56: 4, 112: 16}  # image side (px) -> image tokens: (side / 14)^2 patches, merged 2x2
 
