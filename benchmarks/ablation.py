@@ -598,7 +598,7 @@ def objectives_markdown(section: dict[str, Any], shaping_rounds: int | None = No
 
 def objectives_overview(section: dict[str, Any]) -> list[str]:
     """One line per objective, every dataset side by side: eval accuracy ckpt-0 -> last (mean over seeds),
-    last-round |ln MDI| (stage all) and the seeds that went NaN or crashed (the README's table)."""
+    last-round |ln MDI| (stage all) and the seeds that went NaN or crashed (docs/results.md's table)."""
     datasets = list(section["datasets"])
     rounds = section["rounds"]
     head = "| objective | " + " | ".join(

@@ -219,6 +219,7 @@ def inline_attention_timing(args: argparse.Namespace, device: str, lengths: list
             completion_lengths=torch.tensor([tc]), is_eos=torch.tensor([False]), completions=[""],
             prompt_index=torch.tensor([0]), num_generations=1, prompt_vision_mask=prompt.vision_mask,
             prompt_text_mask=prompt.text_mask, prompt_token_inputs=dict(prompt.token_inputs),
+            completion_values=dict(prompt.completion_values),
         ).to(device)
         times: dict[str, list[float]] = {"plain": [], "lean": []}
         peaks: dict[str, float] = {}

@@ -1,9 +1,11 @@
-"""Shared fixtures: a small 2-round training run materialized through Dagster into a temporary data root."""
+"""Shared fixtures: the embedded policy (built once per corpus and seed), and a small 2-round training run
+materialized through Dagster into a temporary data root."""
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,54 @@ SMALL_RUN = {
     "eval_subset_size": 16,
     "warmup_steps": 20,
 }
+
+
+# The texts the embedded tokenizer of the unit tests is trained on (questions, colors, a rationale).
+UNIT_CORPUS = ("What color is the shape?", "Which shape is it?", "red green blue yellow",
+               "The shape is red.")
+
+
+@pytest.fixture(scope="session")
+def embedded_policy_for() -> Callable[..., object]:
+    """`embedded_policy_for(corpus=UNIT_CORPUS, seed=0)`: the embedded tiny Qwen2.5-VL, built once per session
+    for each corpus and seed; every call returns its own deep copy, so a test may train or wrap it."""
+    from dapo_ops.models.loading import build_embedded_policy
+
+    built: dict[tuple[tuple[str, ...], int], object] = {}
+
+    def get(corpus: Sequence[str] = UNIT_CORPUS, seed: int = 0) -> object:
+        key = (tuple(corpus), seed)
+        if key not in built:
+            built[key] = build_embedded_policy(list(corpus), seed=seed)
+        return copy.deepcopy(built[key])
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def embedded_policy(embedded_policy_for):
+    """The unit tests' embedded policy, shared by the whole session: read it, do not change its weights."""
+    return embedded_policy_for()
+
+
+# The texts the tiny families' tokenizers are trained on (tests/test_families.py).
+FAMILY_CORPUS = ["What color is the shape?", "red green blue yellow", "The shape is red.",
+                 "<think>blue</think> Answer: C"]
+
+
+def _family_names() -> list[str]:
+    from dapo_ops.models.tiny_families import BUILDERS
+
+    return sorted(BUILDERS)
+
+
+@pytest.fixture(scope="session", params=_family_names())
+def tiny_family(request: pytest.FixtureRequest):  # noqa: ANN201 - (name, dapo_ops.models.loading.Policy)
+    """(name, policy) of each family `dapo_ops.models.tiny_families` builds, built once per test session and shared by
+    every test that takes it: copy the policy before changing it."""
+    from dapo_ops.models.tiny_families import build_tiny_family
+
+    return request.param, build_tiny_family(request.param, FAMILY_CORPUS, seed=0)
 
 
 @dataclass

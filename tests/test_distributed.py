@@ -308,7 +308,7 @@ def test_gpu_smoke_script_says_no_gpu_is_present_and_exits_0_or_3_when_a_gpu_is_
 # ------------------------------------------------------------------------------------ process hygiene
 
 # A stand-in for the Dagster process: it starts the supervised launch as `_update_in_subprocesses` does.
-PARENT = ("import os, subprocess, sys; from dapo_ops import process_hygiene as h; "
+PARENT = ("import os, subprocess, sys; from dapo_ops.distributed import process_hygiene as h; "
           "os.environ[h.PARENT_PID_ENV] = str(os.getpid()); sys.exit(subprocess.run(sys.argv[1:]).returncode)")
 
 
@@ -333,7 +333,7 @@ def test_a_parent_death_signal_kills_the_child_when_its_parent_is_killed(tmp_pat
     import psutil
 
     # parent -> child (asks for SIGKILL at its parent's death, then sleeps); kill -9 the parent.
-    child = "from dapo_ops import process_hygiene as h; import time; h.set_parent_death_signal(); time.sleep(60)"
+    child = "from dapo_ops.distributed import process_hygiene as h; import time; h.set_parent_death_signal(); time.sleep(60)"
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
                                f"'-c', {child!r}]); time.sleep(60)"], cwd=distributed.REPO_ROOT,
                               env={**os.environ, "PYTHONPATH": str(distributed.REPO_ROOT)})

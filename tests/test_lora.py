@@ -13,8 +13,8 @@ CONFIG = DapoConfig(use_peft=True, lora_r=4, lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def base() -> models.Policy:
-    return models.build_embedded_policy(["a red square", "a blue circle"], seed=0)
+def base(embedded_policy_for) -> models.Policy:
+    return embedded_policy_for(["a red square", "a blue circle"], seed=0)
 
 
 def _fresh(base: models.Policy, config: DapoConfig = CONFIG) -> models.Policy:
@@ -44,8 +44,8 @@ def test_only_the_adapter_of_the_language_model_is_trainable(base):
     assert not any(".visual." in n for n, _ in policy.model.named_modules() if "lora_A" in n)
 
 
-def test_a_fresh_adapter_leaves_the_outputs_unchanged(base):
-    policy = models.build_embedded_policy(["a red square", "a blue circle"], seed=0)
+def test_a_fresh_adapter_leaves_the_outputs_unchanged(base, embedded_policy_for):
+    policy = embedded_policy_for(["a red square", "a blue circle"], seed=0)
     before = _logits(policy)
     lora.add_adapter(policy.model, CONFIG)
     assert torch.allclose(_logits(policy), before, atol=1e-6)

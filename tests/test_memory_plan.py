@@ -9,8 +9,8 @@ from dapo_ops.train import memory_plan
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    policy = models.build_embedded_policy(["a red square"], seed=0)
+def saved(tmp_path_factory, embedded_policy_for):
+    policy = embedded_policy_for(["a red square"], seed=0)
     return models.save_policy(policy, tmp_path_factory.mktemp("m") / "model"), policy
 
 

@@ -39,8 +39,8 @@ COLORS = ["red", "green", "blue", "yellow"]
 
 
 @pytest.fixture(scope="module")
-def policy() -> Policy:
-    return build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy_for) -> Policy:
+    return embedded_policy_for(CORPUS, seed=0)
 
 
 def _images() -> list[Image.Image]:

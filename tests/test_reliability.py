@@ -961,19 +961,18 @@ def test_after_a_nan_the_next_run_continues_as_if_nothing_happened(nan_run, refe
     assert history == {k: [(s, v) for s, v in values if s <= 2] for k, values in reference.history.items()}
 
 
-def test_a_non_finite_gradient_skips_the_optimizer_step():
+def test_a_non_finite_gradient_skips_the_optimizer_step(embedded_policy_for):
     """In process: a gradient hook turns one gradient into Inf; the step must not touch any weight."""
     import torch
 
     from dapo_ops.config.dapo import DapoConfig
     from dapo_ops.data import synthetic
     from dapo_ops.models.inputs import encode_prompts
-    from dapo_ops.models.loading import build_embedded_policy
     from dapo_ops.rollout.generate import generate_rollouts
     from dapo_ops.train.update import NonFiniteUpdateError, make_optimizer, policy_update
 
     torch.manual_seed(0)
-    policy = build_embedded_policy(list(synthetic.corpus())[:200], seed=0)
+    policy = embedded_policy_for(list(synthetic.corpus())[:200], seed=0)
     rows = synthetic.generate_rows(2, seed=0)
     from dapo_ops.data.loading import decode_image
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dapo_ops.models.inputs import PromptBatch, encode_prompts, select_pixel_values
-from dapo_ops.models.loading import Policy, build_embedded_policy
+from dapo_ops.models.loading import Policy
 from dapo_ops.rollout.generate import (
     RolloutBatch,
     from_per_prompt_state,
@@ -23,13 +23,12 @@ from dapo_ops.run.round_files import load_rollout_batch, save_rollout_batch
 from dapo_ops.store.layout import RunStore
 
 COLORS = ["red", "green", "blue", "yellow"]
-CORPUS = ["What color is the shape?", "Which shape is it?", " ".join(COLORS), "The shape is red."]
 P, G, MAX_LEN = 3, 4, 8
 
 
 @pytest.fixture(scope="module")
-def policy() -> Policy:
-    return build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy) -> Policy:
+    return embedded_policy
 
 
 @pytest.fixture(scope="module")

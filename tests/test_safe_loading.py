@@ -32,8 +32,8 @@ class _TouchOnLoad:
 
 
 @pytest.fixture(scope="module")
-def policy() -> models.Policy:
-    return models.build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy_for) -> models.Policy:
+    return embedded_policy_for(CORPUS, seed=0)
 
 
 @pytest.fixture

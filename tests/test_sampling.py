@@ -121,10 +121,8 @@ def _ranks(world: int) -> list[Loopback]:
 
 
 @pytest.fixture(scope="module")
-def policy():
-    from dapo_ops.models.loading import build_embedded_policy
-
-    return build_embedded_policy(["What color is the shape?", "Which shape is it?", "red green blue yellow"], seed=0)
+def policy(embedded_policy_for):
+    return embedded_policy_for(["What color is the shape?", "Which shape is it?", "red green blue yellow"], seed=0)
 
 
 @pytest.fixture(scope="module")

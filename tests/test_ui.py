@@ -1,7 +1,7 @@
 """The Dagster and MLflow UIs in a real browser (headless Debian Chromium via Playwright), started with
 `make ui` and `make mlflow-ui` on the 2-round data root of `trained_run`: what a person looks for.
 
-Screenshots go to tests/screenshots/; DAPO_VLM_UPDATE_DOCS=1 also copies the README's two to docs/.
+Screenshots go to tests/screenshots/; DAPO_VLM_UPDATE_DOCS=1 also copies the two the docs show to docs/.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def mixed_round() -> tuple[models.Policy, rollout.RolloutBatch, pl.DataFrame]:
-    policy = models.build_embedded_policy(synthetic.corpus(("color",)), seed=0)
+def mixed_round(embedded_policy_for) -> tuple[models.Policy, rollout.RolloutBatch, pl.DataFrame]:
+    policy = embedded_policy_for(synthetic.corpus(("color",)), seed=0)
     # The embedded processor resizes every image to 56x56; this one keeps each image's own size.
     policy.processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
                                                                 temporal_patch_size=2, merge_size=2)

@@ -50,8 +50,8 @@ def rows() -> pl.DataFrame:
 
 
 @pytest.fixture
-def policy(rows: pl.DataFrame) -> Policy:
-    return build_embedded_policy(corpus_from_rows(rows), seed=0)
+def policy(rows: pl.DataFrame, embedded_policy_for) -> Policy:
+    return embedded_policy_for(corpus_from_rows(rows), seed=0)
 
 
 def test_target_is_the_first_rationale_in_think_tags_then_the_letter() -> None:

@@ -116,7 +116,7 @@ class DapoConfig:
     mdi_shaping: MdiShaping = "log_distance"
     # The attention reward reads the policy's own attention, so its exact gradient has a pathwise term beside
     # the policy-gradient one (dapo_ops.attention.pathwise): the update adds -coef * w * mean r(theta). 0: off; 1: the
-    # exact gradient. Per-rollout shapings only (clip, log_distance). 0.01: the ablation's choice (README):
+    # exact gradient. Per-rollout shapings only (clip, log_distance). 0.01: the ablation's choice (docs/results.md):
     # |ln MDI| 0.02x that of weight 0 at the same eval accuracy; 0.03 and more cost accuracy on some seeds. It
     # leans on the loss's trust region: with loss_type cispo or sapo (no clip that stops a token's gradient) it
     # sped up their collapse in the ablation, so set it to 0 there.
@@ -124,7 +124,7 @@ class DapoConfig:
 
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
     # Four question types (dapo_ops.data.synthetic): the color task alone is learned by round 6, this mix (yes/no with
-    # negations, the color of one of two shapes, 2-4 choices) is still rising at round 8 (README; numbers in
+    # negations, the color of one of two shapes, 2-4 choices) is still rising at round 8 (docs/results.md; numbers in
     # benchmarks/learning_findings.md).
     synthetic_tasks: list[str] = field(default_factory=lambda: ["color", "yes_no", "color_of_shape", "color_count"])
     num_train_examples: int = 2048

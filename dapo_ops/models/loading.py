@@ -52,9 +52,9 @@ from dapo_ops.models.tokens import (
     VISION_END,
     VISION_SPECIAL_TOKENS,
     VISION_START,
-    boundary_token_ids,
     config_vision_ids,
     image_token_id,
+    image_token_ids,
     template_token_ids,
     token_id,
 )
@@ -186,23 +186,27 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @functools.cached_property
+    def image_token_ids(self) -> frozenset[int]:
+        """Every token the processor inserts around or for images (`tokens.image_token_ids`: found in a
+        processed prompt and declared by the processor, not a list of names), with the config's image ids."""
+        ids = image_token_ids(self.processor, self.tokenizer) | config_vision_ids(self.model.config)
+        ids.add(self.image_token_id)
+        return frozenset(ids)
+
     @property
     def text_excluded_ids(self) -> list[int]:
         """Ids that are never text keys: special, template, image-boundary and padding tokens."""
         ids = set(template_token_ids(self.tokenizer, self.model.config))
+        ids.update(self.image_token_ids)
         ids.add(self.pad_token_id)
         return sorted(ids)
 
     @property
     def suppressed_token_ids(self) -> list[int]:
-        """Ids never sampled: image and boundary tokens, padding, and logit rows with no token behind them."""
-        ids = {self.pad_token_id, self.image_token_id}
-        for token in VISION_SPECIAL_TOKENS:
-            value = token_id(self.tokenizer, token)
-            if value is not None:
-                ids.add(value)
-        ids.update(boundary_token_ids(self.tokenizer))
-        ids.update(config_vision_ids(self.model.config))
+        """Ids never sampled: the tokens the processor inserts for images (`image_token_ids`), padding, and
+        logit rows with no token behind them; never the end of turn."""
+        ids = {self.pad_token_id, *self.image_token_ids}
         ids.discard(self.eos_token_id)
         vocab_rows = int(self.model.config.get_text_config().vocab_size)
         ids.update(range(len(self.tokenizer), vocab_rows))

@@ -58,6 +58,8 @@ class RolloutBatch(ImageFields):
     prompt_vision_mask: torch.Tensor  # [N, Tp] bool, image token positions
     prompt_text_mask: torch.Tensor  # [N, Tp] bool, text keys (docs/metrics.md)
     prompt_token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, Tp] each
+    # Each per-token input's value over the completion (`inputs.completion_values`: PaliGemma's suffix 1).
+    completion_values: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.prompt_ids.shape[0])
@@ -120,6 +122,7 @@ class RolloutBatch(ImageFields):
             prompt_token_inputs={k: v[idx.to(v.device)] for k, v in self.prompt_token_inputs.items()},
             completions=[self.completions[i] for i in idx.tolist()],
             num_generations=self.num_generations,
+            completion_values=dict(self.completion_values),
         )
 
     def to(self, device: str | torch.device) -> RolloutBatch:
@@ -130,6 +133,7 @@ class RolloutBatch(ImageFields):
             prompt_token_inputs={k: v.to(device) for k, v in self.prompt_token_inputs.items()},
             completions=list(self.completions),
             num_generations=self.num_generations,
+            completion_values=dict(self.completion_values),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -138,6 +142,7 @@ class RolloutBatch(ImageFields):
         state["completions"] = list(self.completions)
         state["vision"] = self.vision.state_dict()
         state["prompt_token_inputs"] = dict(self.prompt_token_inputs)
+        state["completion_values"] = dict(self.completion_values)
         return state
 
     @classmethod
@@ -435,4 +440,5 @@ def generate_rollouts(
         prompt_token_inputs={
             k: v.repeat_interleave(num_generations, dim=0).cpu() for k, v in prompts.token_inputs.items()
         },
+        completion_values=dict(prompts.completion_values),
     )
