@@ -16,12 +16,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 from PIL import Image, ImageDraw
 
 from dapo_ops.store.layout import write_bytes_atomic
+
+if TYPE_CHECKING:  # imported where used: `corpus` and the images need no polars (scripts/gpu_smoke.py)
+    import polars as pl
 
 LETTERS = "ABCD"
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
@@ -286,46 +289,58 @@ def generate_rows(
         have = iter(records["images"])
         records["images"] = [next(have) if t in OPT_IN_TASKS else [img]
                              for t, img in zip(records["task"], records["image"], strict=True)]
-    return pl.DataFrame(records, schema={name: ROW_SCHEMA[name] for name in records})
+    import polars as pl
+
+    types = {"question_id": pl.String, "question": pl.String, "choices": pl.List(pl.String),
+             "correct_choice_idx": pl.Int64, "image": pl.Binary, "rationales": pl.List(pl.String), "task": pl.String,
+             # opt-in tasks only: every image of a row, and the free-form answer (null for multiple choice)
+             "images": pl.List(pl.Binary), "solution": pl.String}
+    return pl.DataFrame(records, schema={name: types[name] for name in records})
 
 
-ROW_SCHEMA: dict[str, pl.DataType] = {
-    "question_id": pl.String(),
-    "question": pl.String(),
-    "choices": pl.List(pl.String()),
-    "correct_choice_idx": pl.Int64(),
-    "image": pl.Binary(),
-    "rationales": pl.List(pl.String()),
-    "task": pl.String(),
-    "images": pl.List(pl.Binary()),  # opt-in tasks only: every image of a row
-    "solution": pl.String(),  # opt-in tasks only: the free-form answer (null for multiple choice)
+# The Hugging Face features of the A-OKVQA layout (`datasets.Features`, image = `Image()`), as `datasets` stores
+# them in a parquet file's schema metadata; written without importing `datasets`, which a GPU image may lack
+# (tests/test_synthetic.py checks it equals `datasets.Features(...).arrow_schema`).
+_STRING = {"dtype": "string", "_type": "Value"}
+HF_FEATURES: dict[str, dict] = {
+    "question_id": _STRING, "question": _STRING, "choices": {"feature": _STRING, "_type": "List"},
+    "correct_choice_idx": {"dtype": "int64", "_type": "Value"}, "image": {"_type": "Image"},
+    "rationales": {"feature": _STRING, "_type": "List"}, "task": _STRING,
 }
+
+
+# The opt-in tasks' extra columns: every image of a row, and the free-form answer.
+OPT_IN_FEATURES: dict[str, dict] = {"images": {"feature": {"_type": "Image"}, "_type": "List"}, "solution": _STRING}
+
+
+def arrow_schema(*, opt_in: bool = False):
+    """The pyarrow schema (with `huggingface` metadata) of a synthetic dataset file; `opt_in`: with the columns
+    of the opt-in tasks (`images`, `solution`)."""
+    import json
+
+    import pyarrow as pa
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    types = {"question_id": pa.string(), "question": pa.string(), "choices": pa.list_(pa.string()),
+             "correct_choice_idx": pa.int64(), "image": image, "rationales": pa.list_(pa.string()),
+             "task": pa.string(), "images": pa.list_(image), "solution": pa.string()}
+    features = {**HF_FEATURES, **(OPT_IN_FEATURES if opt_in else {})}
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    return pa.schema([(name, types[name]) for name in features], metadata=metadata)
 
 
 def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     """Write with the Hugging Face features in the schema metadata (image = `Image()`), atomically."""
-    import datasets  # lazy: only writing needs it
+    import polars as pl
     import pyarrow.parquet as pq
 
-    features = datasets.Features(
-        {
-            "question_id": datasets.Value("string"),
-            "question": datasets.Value("string"),
-            "choices": datasets.List(datasets.Value("string")),
-            "correct_choice_idx": datasets.Value("int64"),
-            "image": datasets.Image(),
-            "rationales": datasets.List(datasets.Value("string")),
-            "task": datasets.Value("string"),
-            **({"images": datasets.List(datasets.Image()), "solution": datasets.Value("string")}
-               if "images" in df.columns else {}),
-        }
-    )
+    opt_in = "images" in df.columns
+    schema = arrow_schema(opt_in=opt_in)
+    image_struct = {"images": pl.col("images").list.eval(
+        pl.struct(pl.element().alias("bytes"), pl.lit(None, dtype=pl.String).alias("path")))} if opt_in else {}
     table = df.with_columns(
-        image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path")),
-        **({"images": pl.col("images").list.eval(pl.struct(pl.element().alias("bytes"),
-                                                           pl.lit(None, dtype=pl.String).alias("path")))}
-           if "images" in df.columns else {}),
-    ).select(list(features)).to_arrow().cast(features.arrow_schema)
+        image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path")), **image_struct,
+    ).select(schema.names).to_arrow().cast(schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     write_bytes_atomic(path, buffer.getvalue())

@@ -33,7 +33,6 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.utils import logging as hf_logging
 
 from dapo_ops.models.tokens import (
@@ -360,8 +359,24 @@ def tiny_config(
     )
 
 
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without a video processor, where torchvision (which its class needs) is missing, as
+    on the GPU image of scripts/gpu_smoke.py: images only, all the pipeline uses."""
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
 def build_embedded_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
-    """The real `Qwen2_5_VLProcessor` around `tokenizer`, the PIL image processor and Qwen's chat template."""
+    """The real `Qwen2_5_VLProcessor` around `tokenizer`, the PIL image processor and Qwen's chat template
+    (`ImageOnlyQwen2_5_VLProcessor` where torchvision is not installed)."""
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    except ImportError:  # no torchvision
+        return ImageOnlyQwen2_5_VLProcessor(image_processor=build_image_processor(), tokenizer=tokenizer,
+                                            video_processor=None, chat_template=tokenizer.chat_template)
     return Qwen2_5_VLProcessor(
         image_processor=build_image_processor(),
         tokenizer=tokenizer,
