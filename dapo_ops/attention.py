@@ -28,7 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from dapo_ops import progress
+from dapo_ops import progress, visual
 from dapo_ops.config import STAGES
 from dapo_ops.inputs import forward_position_ids, unwrapped, uses_rope_index
 from dapo_ops.loss import entropy_from_logits, selective_log_softmax
@@ -534,12 +534,14 @@ class TeacherForcedOutputs:
 
     per_token_logps, entropy: [N, Tc], also at padded completion positions (mask them with
     `completion_mask`). vision_mass, text_mass: [N, L] m_V(l), m_T(l); None without attention.
+    visual_kl: [N, Tc] per-token KL against the degraded images; None without the masked pass.
     """
 
     per_token_logps: torch.Tensor
     entropy: torch.Tensor
     vision_mass: torch.Tensor | None = None
     text_mass: torch.Tensor | None = None
+    visual_kl: torch.Tensor | None = None
 
 
 def _unwrap(model_or_policy: Any) -> torch.nn.Module:
@@ -597,8 +599,9 @@ def completion_forward(
     entropy_grad: bool = False,
     attention_grad: bool = False,
     shared_prefix: bool = False,
+    return_logits: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass]).
+    """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass][, logits]).
 
     With `shared_prefix`, rows with the same prompt share one prompt forward (`dapo_ops.shared_prefix`):
     the same outputs up to float rounding.
@@ -608,14 +611,15 @@ def completion_forward(
     (`logits_to_keep`) and divided by the sampling temperature, as in TRL (temperature <= 0, i.e. greedy
     sampling, scores the raw logits). With `with_attention`, also the [B, L] masses from the lean path: no
     gradient, on the CPU; with `attention_grad` as well, differentiable and on the model's device (the
-    attention reward's pathwise term, `dapo_ops.update`).
+    attention reward's pathwise term, `dapo_ops.update`). With `return_logits`, last the raw (unscaled)
+    logits that score the completion tokens, [B, Tc, V] (the masked pass's KL, `dapo_ops.visual`).
     """
     if shared_prefix:
         from dapo_ops.shared_prefix import shared_completion_forward  # it imports this module
 
         return shared_completion_forward(
             model, rollouts_slice, temperature=temperature, with_attention=with_attention,
-            entropy_grad=entropy_grad, attention_grad=attention_grad,
+            entropy_grad=entropy_grad, attention_grad=attention_grad, return_logits=return_logits,
         )
     model = _unwrap(model)
     device = next(model.parameters()).device
@@ -641,9 +645,30 @@ def completion_forward(
     # Usually logged only: no graph holding vocabulary-sized temporaries unless a bonus differentiates it.
     with nullcontext() if entropy_grad else torch.no_grad():
         entropy = entropy_from_logits(logits, temperature=scale)
+    extra = (logits,) if return_logits else ()
     if not with_attention:
-        return per_token_logps, entropy
-    return per_token_logps, entropy, recorder.vision_mass, recorder.text_mass
+        return per_token_logps, entropy, *extra
+    return per_token_logps, entropy, recorder.vision_mass, recorder.text_mass, *extra
+
+
+@dataclass(frozen=True)
+class VisualMasking:
+    """The masked pass of `teacher_forced_pass` (`dapo_ops.visual`): how the images are degraded and the
+    round's seed (each prompt's masks come from it and the prompt index)."""
+
+    mode: str = "patch"
+    ratio: float = 0.6
+    seed: int = 0
+
+
+def _masked_pass_kl(model: torch.nn.Module, batch: RolloutLike, logits: torch.Tensor, masking: VisualMasking, *,
+                    temperature: float, shared_prefix: bool) -> torch.Tensor:
+    """[B, Tc] KL(π(·|q, I) ‖ π(·|q, I_masked)) of one micro-batch, given its real-image `logits` [B, Tc, V]."""
+    masked = visual.degraded_batch(batch, mode=masking.mode, ratio=masking.ratio, seed=masking.seed,
+                                   patch_size=visual.vision_patch_size(unwrapped(model)))
+    masked_logits = completion_forward(model, masked, temperature=temperature, shared_prefix=shared_prefix,
+                                       return_logits=True)[-1]
+    return visual.token_kl(logits, masked_logits, temperature=temperature if temperature > 0 else 1.0)
 
 
 def teacher_forced_pass(
@@ -654,13 +679,16 @@ def teacher_forced_pass(
     batch_size: int | None = None,
     with_attention: bool = True,
     shared_prefix: bool = True,
+    visual_masking: VisualMasking | None = None,
 ) -> TeacherForcedOutputs:
     """Old per-token log-probs, entropy and per-layer modality masses of N rollouts from ONE forward each.
 
     Runs under `torch.no_grad()` in micro-batches of `batch_size` rollouts (all at once when None), through
     the same `completion_forward` that the update step differentiates; with `shared_prefix` (the default,
     `DapoConfig.shared_prefix`) each prompt of a micro-batch is computed once for all its rollouts. The
-    model's train/eval mode is left as it is.
+    model's train/eval mode is left as it is. With `visual_masking`, each micro-batch is scored a second
+    time with its images degraded (the masked prompt shared per group as well) and `visual_kl` holds the
+    per-token KL between the two (`dapo_ops.visual`); the masks come from their own seeded generators.
     """
     model = _unwrap(model_or_policy)
     total = int(rollouts.completion_ids.shape[0])
@@ -672,19 +700,27 @@ def teacher_forced_pass(
             stop = min(start + step, total)
             batch = rollouts if (start, stop) == (0, total) else rollouts.select(list(range(start, stop)))
             result = completion_forward(
-                model, batch, temperature=temperature, with_attention=with_attention, shared_prefix=shared_prefix
+                model, batch, temperature=temperature, with_attention=with_attention, shared_prefix=shared_prefix,
+                return_logits=visual_masking is not None,
             )
+            if visual_masking is not None:
+                *result, logits = result
+                result = (*result, _masked_pass_kl(model, batch, logits, visual_masking, temperature=temperature,
+                                                   shared_prefix=shared_prefix))
+                del logits
             parts.append(tuple(t.detach().float().cpu() for t in result))
             progress.advance("teacher-forced")
     if not parts:  # no rollouts
         width = int(rollouts.completion_ids.shape[1])
         empty = torch.zeros(0, width)
         layers = torch.zeros(0, decoder_num_layers(model)) if with_attention else None
-        return TeacherForcedOutputs(empty, empty.clone(), layers, None if layers is None else layers.clone())
+        return TeacherForcedOutputs(empty, empty.clone(), layers, None if layers is None else layers.clone(),
+                                    empty.clone() if visual_masking is not None else None)
     columns = [torch.cat(column, 0) for column in zip(*parts, strict=True)]
+    visual_kl = columns.pop() if visual_masking is not None else None
     if with_attention:
-        return TeacherForcedOutputs(*columns)
-    return TeacherForcedOutputs(columns[0], columns[1])
+        return TeacherForcedOutputs(*columns, visual_kl=visual_kl)
+    return TeacherForcedOutputs(columns[0], columns[1], visual_kl=visual_kl)
 
 
 def rollout_attention_metrics(

@@ -21,9 +21,11 @@ MdiShaping = Literal["clip", "log_distance", "group_log_distance", "group_zscore
 VllmMode = Literal["server", "colocate"]
 WarmupTarget = Literal["task", "format"]
 WarmupAnswer = Literal["letter", "choice"]
+VisualMask = Literal["blank", "patch", "noise"]
 WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
 WARMUP_ANSWERS: tuple[str, ...] = get_args(WarmupAnswer)
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
+VISUAL_MASKS: tuple[str, ...] = get_args(VisualMask)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
 # module can hand it to `loss`, `attention` and the Dagster config without importing torch).
@@ -111,6 +113,24 @@ class DapoConfig:
     # leans on the loss's trust region: with loss_type cispo or sapo (no clip that stops a token's gradient) it
     # sped up their collapse in the ablation, so set it to 0 there.
     mdi_pathwise_coef: float = 0.01
+
+    # Visual dependency (dapo_ops.visual, docs/metrics.md): the teacher-forced pass scores every rollout again
+    # with its images degraded (`visual_mask`: blank = the processor's mean pixel, patch = a random
+    # `visual_mask_ratio` of the patches, noise), and eval decodes once more with blank images. False: none of
+    # it, and no visual/* metric. The training terms below need it (VPPO) or reuse its masks (PAPO).
+    visual_dependency: bool = True
+    visual_mask: VisualMask = "blank"
+    visual_mask_ratio: float = 0.6  # PAPO's share of masked patches
+    visual_dependency_threshold: float = 0.01  # nats: a token above it is visually dependent (VPPO's pivotal)
+    # VPPO (arXiv 2510.09285): the loss on each rollout's top-rho tokens by visual dependency (1: all), and each
+    # rollout's advantage scaled by its normalised mean dependency into [vppo_advantage_min, ...] (mean ~1).
+    vppo_token_ratio: float = 1.0
+    vppo_advantage_weighting: bool = False
+    vppo_advantage_min: float = 0.8
+    # PAPO (arXiv 2507.06448): loss -= papo_coef * KL_prcp (the KL to the masked input, maximised) and
+    # += papo_entropy_coef * (H[pi] + H[pi_masked]) (the double-entropy regulariser). PAPO-D: 0.01 and 0.03.
+    papo_coef: float = 0.0
+    papo_entropy_coef: float = 0.0
 
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
     # Four question types (dapo_ops.synthetic): the color task alone is learned by round 6, this mix (yes/no with
@@ -207,6 +227,7 @@ class DapoConfig:
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be positive")
         problems += self._reward_problems()
+        problems += self._visual_problems()
         if self.mdi_tolerance <= 1:
             problems.append(f"mdi_tolerance={self.mdi_tolerance} must be greater than 1")
         if self.epsilon <= 0 or self.epsilon_high <= 0:
@@ -270,6 +291,28 @@ class DapoConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"save_total_limit={self.save_total_limit} must be at least 1 (resuming needs the "
                             f"newest checkpoint) or null to keep every checkpoint's weights")
+        return problems
+
+    def _visual_problems(self) -> list[str]:
+        """The masked pass and the VPPO / PAPO terms."""
+        problems: list[str] = []
+        if self.visual_mask not in VISUAL_MASKS:
+            problems.append(f"visual_mask={self.visual_mask!r} is unknown; use one of {', '.join(VISUAL_MASKS)}")
+        if not 0 < self.visual_mask_ratio <= 1:
+            problems.append(f"visual_mask_ratio={self.visual_mask_ratio} must be in (0, 1]")
+        if not (math.isfinite(self.visual_dependency_threshold) and self.visual_dependency_threshold >= 0):
+            problems.append(f"visual_dependency_threshold={self.visual_dependency_threshold} must be >= 0 (nats)")
+        if not 0 < self.vppo_token_ratio <= 1:
+            problems.append(f"vppo_token_ratio={self.vppo_token_ratio} must be in (0, 1] (1 keeps every token)")
+        if not 0 <= self.vppo_advantage_min <= 1:
+            problems.append(f"vppo_advantage_min={self.vppo_advantage_min} must be in [0, 1]")
+        if self.papo_coef < 0 or self.papo_entropy_coef < 0:
+            problems.append(f"papo_coef={self.papo_coef} and papo_entropy_coef={self.papo_entropy_coef} must be >= 0 "
+                            "(0 turns the term off)")
+        vppo = self.vppo_token_ratio < 1 or self.vppo_advantage_weighting
+        if vppo and not self.visual_dependency:
+            problems.append("vppo_token_ratio < 1 and vppo_advantage_weighting read the masked pass's per-token "
+                            "dependency; set visual_dependency to true")
         return problems
 
     def _reward_problems(self) -> list[str]:
