@@ -428,6 +428,9 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
         + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}"
         + (f"; visual KL {nanmean(table['visual/kl_mean']):.4f} (answer {nanmean(table['visual/kl_answer']):.4f}, "
            f"{config.visual_mask} images)" if visual_kl is not None else ""))
+    # A re-analysis evaluates the checkpoint with blank images too (its state.json may predate the masked pass);
+    # the values go to attention.json, never into the checkpoint.
+    evaluation = evaluate(config, run_store, policy, dp=dp) if visual_kl is not None and not write_old_logps else None
     if not dp.is_main:
         return table
     files = run_store.round(key)
@@ -435,7 +438,8 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
         save_old_logps(files.old_logps, per_token_logps, entropy, visual_kl)
     store.write_parquet_atomic(files.attention_parquet, table)
     store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance,
-                                                   "num_processes": dp.world_size})
+                                                   "num_processes": dp.world_size,
+                                                   **({"eval": evaluation} if evaluation else {})})
     faults.point("after_attention")
     return table
 

@@ -5,6 +5,7 @@ code location stays fast."""
 
 
 import base64
+import math
 import os
 import re
 import time
@@ -477,9 +478,13 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
         tracker = mlflow.tracker(store)
         metrics = {f"attention/{s}/{n}": report.stage_means[s][n]
                    for s in STAGES for n in LOGGED_METRIC_NAMES}
+        # The masked pass's values and the checkpoint's blind eval, recomputed by the re-analysis.
+        metrics.update({k: v for k, v in (report.visual or {}).items()
+                        if k != "abs_log_mdi_kl_correlation" and math.isfinite(v)})
         run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": report.tolerance,
                                                                    "dagster_run_id": context.run.run_id})
-        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, report.chart]})
+        charts = [report.chart] + ([report.visual_chart] if report.visual_chart is not None else [])
+        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, *charts]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         **_mlflow_link(mlflow, store),
