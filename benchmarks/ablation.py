@@ -117,14 +117,16 @@ def objective_rows() -> list[Row]:
 
 # VPPO's top-ρ of tokens and minimum advantage scale (its EasyR1 config defaults); PAPO-D's γ and η (paper Table 3),
 # with PAPO's masks (60 % of the patches).
-VPPO_OVERRIDES: dict[str, Any] = {"vppo_token_ratio": 0.2, "vppo_advantage_weighting": True}
-PAPO_OVERRIDES: dict[str, Any] = {"papo_coef": 0.01, "papo_entropy_coef": 0.03, "visual_mask": "patch"}
+# Every visual row measures visual dependency (the masked pass and the blind eval change no training number).
+DIAGNOSTICS: dict[str, Any] = {"visual_dependency": True}
+VPPO_OVERRIDES: dict[str, Any] = {**DIAGNOSTICS, "vppo_token_ratio": 0.2, "vppo_advantage_weighting": True}
+PAPO_OVERRIDES: dict[str, Any] = {**DIAGNOSTICS, "papo_coef": 0.01, "papo_entropy_coef": 0.03, "visual_mask": "patch"}
 
 
 def visual_rows() -> list[Row]:
     """The visual-dependency training terms beside the default config (issue 28): `default` is the default
-    config (the same runs as the shaping ablation's default row), `vppo` and `papo` add each paper's term."""
-    return [Row("default", {}), Row("vppo", dict(VPPO_OVERRIDES)), Row("papo", dict(PAPO_OVERRIDES))]
+    config with the diagnostics on, `vppo` and `papo` add each paper's term."""
+    return [Row("default", dict(DIAGNOSTICS)), Row("vppo", dict(VPPO_OVERRIDES)), Row("papo", dict(PAPO_OVERRIDES))]
 
 
 def select_rows(rows: Sequence[Row], names: Sequence[str] | None, known: Sequence[str]) -> list[Row]:
@@ -169,7 +171,7 @@ POST_SETUP_FIELDS = frozenset({
     "entropy_coef", "use_bias_correction_kl", "multi_objective_aggregation", "reward_weights", "mdi_tolerance",
     "mdi_reward_stage", "mdi_shaping", "mdi_pathwise_coef", "learning_rate", "max_grad_norm", "num_iterations", "steps_per_generation",
     "vppo_token_ratio", "vppo_advantage_weighting", "vppo_advantage_min", "papo_coef", "papo_entropy_coef",
-    "visual_mask", "visual_mask_ratio", "visual_dependency_threshold",
+    "visual_mask", "visual_mask_ratio", "visual_dependency_threshold", "visual_dependency",
 })
 
 
@@ -299,7 +301,9 @@ def job_key(overrides: dict[str, Any], seed: int, dataset: str, fingerprint: str
 def setup_key(job: Job, fingerprint: str) -> str:
     """Rows that change only `POST_SETUP_FIELDS` share ckpt-0000 per dataset and seed; any other row has its own."""
     if set(job.overrides) <= POST_SETUP_FIELDS:
-        return job_key({}, job.seed, job.dataset, fingerprint)
+        # `visual_dependency` changes what ckpt-0000's eval measures (blind accuracy), not its weights.
+        evaluated = {k: v for k, v in job.overrides.items() if k == "visual_dependency"}
+        return job_key(evaluated, job.seed, job.dataset, fingerprint)
     return job.key
 
 

@@ -231,7 +231,9 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
     if training_config.reanalysis:
-        log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
+        # A re-analysis always measures visual dependency (off by default in training for its cost).
+        cfg = cfg.replace(visual_dependency=True)
+        log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance} and the masked pass ({cfg.visual_mask})")
     if cfg.num_processes > 1:
         import polars as pl
 

@@ -257,7 +257,8 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
                        "MLFLOW_TRACKING_URI": uri}.items():
         monkeypatch.setenv(key, value)
     model_dir = save_tiny_family(name, tmp_path / f"tiny-{name}")
-    config = DapoConfig(**{**SMALL_RUN, "run_name": f"family-{name}", "model_name_or_path": str(model_dir)})
+    config = DapoConfig(**{**SMALL_RUN, "run_name": f"family-{name}", "model_name_or_path": str(model_dir),
+                           "visual_dependency": True})
     run_training(config, rounds=2, root=tmp_path, echo=lambda _: None)
 
     client, training = _mlflow_training_run(uri, config.run_name)
