@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dapo_ops.config import EMBEDDED, MDI_SHAPINGS, STAGES, DapoConfig
-from dapo_ops.mdi_pathwise import PER_ROLLOUT_SHAPINGS
+from dapo_ops.attention.pathwise import PER_ROLLOUT_SHAPINGS
+from dapo_ops.config.dapo import EMBEDDED, MDI_SHAPINGS, STAGES, DapoConfig
 
 OUT_DIR = Path(__file__).resolve().parent
 REPO = OUT_DIR.parent
@@ -192,8 +192,8 @@ def shared_setup(config: DapoConfig, store: Any, setup_dir: Path, log: Any) -> d
     first when no other run did; returns ckpt-0000's eval metrics."""
     import shutil
 
-    from dapo_ops import training
-    from dapo_ops.store import RunStore, write_json_atomic
+    from dapo_ops.run import phases as training
+    from dapo_ops.store.layout import RunStore, write_json_atomic
 
     done = setup_dir / "eval.json"
     with _file_lock(setup_dir.with_name(setup_dir.name + ".lock")):
@@ -214,10 +214,10 @@ def train_one(config: DapoConfig, work_dir: Path, rounds: int, setup_dir: Path |
     With `setup_dir`, ckpt-0000 comes from there (`shared_setup`) and is loaded from disk, as `make run` does.
 
     A non-finite update ends the run with status "nan" and the curves measured so far."""
-    from dapo_ops import training
-    from dapo_ops.checkpoint_policy import load_checkpoint_policy
-    from dapo_ops.store import RunStore, checkpoint_key
-    from dapo_ops.update import NonFiniteUpdateError
+    from dapo_ops.run import phases as training
+    from dapo_ops.run.checkpoint_policy import load_checkpoint_policy
+    from dapo_ops.store.layout import RunStore, checkpoint_key
+    from dapo_ops.train.update import NonFiniteUpdateError
 
     store = RunStore(work_dir, config.run_name)
     log = training.RoundLog(work_dir / f"{config.run_name}.log")
@@ -342,7 +342,7 @@ def run_jobs(jobs: Sequence[Job], cache_dir: Path, dataset_paths: dict[str, str]
              fingerprint: str = "") -> dict[str, dict[str, Any]]:
     """Every job's result by key: cached ones read, the others trained `parallel` at a time in subprocesses
     (`cached_only`: left out instead)."""
-    from dapo_ops.store import write_json_atomic
+    from dapo_ops.store.layout import write_json_atomic
 
     echo = echo or (lambda line: print(line, flush=True))
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +406,7 @@ def describe(result: dict[str, Any]) -> str:
 def worker(spec_path: Path) -> int:
     """Train one run from a spec file and write its result (status ok / nan / crash) to the cache, atomically."""
     from benchmarks.common import set_threads
-    from dapo_ops.store import write_json_atomic
+    from dapo_ops.store.layout import write_json_atomic
 
     set_threads(1)
     spec = json.loads(spec_path.read_text())
@@ -677,7 +677,7 @@ def objectives_markdown(section: dict[str, Any], shaping_rounds: int | None = No
 
 def objectives_overview(section: dict[str, Any]) -> list[str]:
     """One line per objective, every dataset side by side: eval accuracy ckpt-0 -> last (mean over seeds),
-    last-round |ln MDI| (stage all) and the seeds that went NaN or crashed (the README's table)."""
+    last-round |ln MDI| (stage all) and the seeds that went NaN or crashed (docs/results.md's table)."""
     datasets = list(section["datasets"])
     rounds = section["rounds"]
     head = "| objective | " + " | ".join(
@@ -704,7 +704,7 @@ def objectives_overview(section: dict[str, Any]) -> list[str]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from dapo_ops.charts import _new_figure, _save_atomic
+    from dapo_ops.reporting.charts import _new_figure, _save_atomic
 
     panels: list[tuple[str, dict[str, Any]]] = []
     if result["rows"]:
@@ -734,7 +734,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    from dapo_ops.store import write_json_atomic, write_text_atomic
+    from dapo_ops.store.layout import write_json_atomic, write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "ablation.json", result)

@@ -68,7 +68,7 @@ def build_model(shape: ModelShape, device: str, seed: int = 0):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dapo_ops import models
+    from dapo_ops.models import loading as models
 
     config = models.tiny_config(
         shape.vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
@@ -95,9 +95,9 @@ def make_rollouts(prompt_length: int, completion_length: int, *, batch_size: int
     (no EOS)."""
     import torch
 
-    from dapo_ops import models
-    from dapo_ops.inputs import VisionInputs
-    from dapo_ops.rollout import RolloutBatch
+    from dapo_ops.models import loading as models
+    from dapo_ops.models.inputs import VisionInputs
+    from dapo_ops.rollout.generate import RolloutBatch
 
     special = {token: i for i, token in enumerate(models.SPECIAL_TOKENS)}
     pad, im_start, im_end = special[models.PAD_TOKEN], special[models.IM_START], special[models.IM_END]
@@ -155,8 +155,8 @@ def case_function(name: str, model, batch) -> Callable[[], Any]:
     """One call of case `name` over `batch` (already on the model's device)."""
     import torch
 
-    from dapo_ops import attention
-    from dapo_ops.loss import entropy_from_logits, selective_log_softmax
+    import dapo_ops.attention as attention
+    from dapo_ops.rl.loss import entropy_from_logits, selective_log_softmax
 
     if name == "plain":
         return lambda: attention.teacher_forced_pass(model, batch, with_attention=False)
@@ -188,7 +188,7 @@ def check_agreement(model, batch) -> float:
     """max |lean − oracle| over the per-layer masses (the lean path is exact: ~1e-7)."""
     import torch
 
-    from dapo_ops import attention
+    import dapo_ops.attention as attention
 
     lean = attention.teacher_forced_pass(model, batch, with_attention=True)
     query_mask = torch.cat([torch.zeros_like(batch.prompt_mask, dtype=torch.bool), batch.completion_mask.bool()], 1)
@@ -233,7 +233,7 @@ def time_cases(model, batch, device: str, *, repeats: int, eager_repeats: int, w
 def time_inside_extra_attention(lean: Callable[[], Any], device: str) -> float:
     """Seconds one lean call spends in `ModalityMassRecorder.accumulate` (the metric's own work per layer),
     from an extra instrumented call: a noise-robust view of what the overhead is made of."""
-    from dapo_ops import attention
+    import dapo_ops.attention as attention
 
     original = attention.ModalityMassRecorder.accumulate
     spent = [0.0]

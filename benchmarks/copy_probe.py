@@ -19,8 +19,14 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from dapo_ops import data, inputs, models, rewards, rollout, synthetic, warmstart
-from dapo_ops.config import EMBEDDED
+from dapo_ops.config.dapo import EMBEDDED
+from dapo_ops.data import loading as data
+from dapo_ops.data import synthetic
+from dapo_ops.models import inputs
+from dapo_ops.models import loading as models
+from dapo_ops.rl import rewards
+from dapo_ops.rollout import generate as rollout
+from dapo_ops.train import warmstart
 
 
 def _split(dataset: str, split: str, tasks: list[str], n: int, seed: int) -> pl.DataFrame:

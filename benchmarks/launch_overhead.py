@@ -36,7 +36,7 @@ from benchmarks import common
 PHASES = ("rollouts", "attention")
 QUICK_SIZE = {"prompts_per_round": 4, "num_generations": 2, "max_completion_length": 4,
               "num_train_examples": 16, "num_eval_examples": 8, "eval_subset_size": 4}
-RANK_IMPORTS = "import accelerate, dapo_ops.distributed, dapo_ops.training, dagster_pipes"
+RANK_IMPORTS = "import accelerate, dapo_ops.distributed.launch, dapo_ops.run.phases, dagster_pipes"
 
 
 def crossover(one_process_s: float, two_process_s: float, overhead_s: float) -> dict[str, float]:
@@ -48,7 +48,7 @@ def crossover(one_process_s: float, two_process_s: float, overhead_s: float) -> 
 
 
 def _record(store: Any, key: str, phase: str) -> dict[str, Any]:
-    from dapo_ops.store import read_json
+    from dapo_ops.store.layout import read_json
 
     files = store.round(key)
     return read_json(files.rollouts_json if phase == "rollouts" else files.attention_json)
@@ -62,10 +62,11 @@ def _imports_seconds() -> float:
 
 
 def run(*, device: str = "cpu", quick: bool = False, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    from dapo_ops import distributed, training
-    from dapo_ops.checkpoint_policy import load_checkpoint_policy
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.store import RunStore, checkpoint_key
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.distributed import launch as distributed
+    from dapo_ops.run import phases as training
+    from dapo_ops.run.checkpoint_policy import load_checkpoint_policy
+    from dapo_ops.store.layout import RunStore, checkpoint_key
 
     del device  # the question is 2 CPU processes (gloo), whatever accelerator the machine has
     key = checkpoint_key(0)

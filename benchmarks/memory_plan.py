@@ -1,4 +1,4 @@
-"""The memory plan (`make plan`, `dapo_ops.memory_plan`) against measured peak memory, phase by phase.
+"""The memory plan (`make plan`, `dapo_ops.train.memory_plan`) against measured peak memory, phase by phase.
 
 Two models, each in its own fresh process, through the library's own code:
 - embedded: the embedded default model and config (64 prompts x 8, micro-batches of 128, completions of 24);
@@ -75,7 +75,7 @@ WARMUP = Case("warmup", 32, 2, 2, 1, 64, 32, 64, None, 56, 1, 2, 2, 1)
 
 def case_config(case: Case, device: str):
     """The run config of `case`: the embedded default's update settings at the case's sizes."""
-    from dapo_ops.config import DapoConfig
+    from dapo_ops.config.dapo import DapoConfig
 
     return DapoConfig(prompts_per_round=case.prompts, num_generations=case.num_generations,
                       max_completion_length=case.completion_length, steps_per_generation=case.steps_per_generation,
@@ -143,7 +143,7 @@ def build_policy(case: Case, device: str, processor: Any = None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from benchmarks import shared_prefix
-    from dapo_ops import models
+    from dapo_ops.models import loading as models
 
     if processor is None:
         corpus = [" ".join(shared_prefix._WORDS), *(w.capitalize() for w in shared_prefix._WORDS)]
@@ -178,10 +178,10 @@ def phase_functions(case: Case, policy, device: str) -> dict[str, Callable[[], A
     import torch
 
     from benchmarks import shared_prefix
-    from dapo_ops import training
-    from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
-    from dapo_ops.rollout import generate_rollouts
-    from dapo_ops.update import make_optimizer, policy_update
+    from dapo_ops.attention.teacher_forced import rollout_attention_metrics, teacher_forced_pass
+    from dapo_ops.rollout.generate import generate_rollouts
+    from dapo_ops.run import phases as training
+    from dapo_ops.train.update import make_optimizer, policy_update
 
     config = case_config(case, device)
     shape = _shape(case)
@@ -219,7 +219,8 @@ def phase_functions(case: Case, policy, device: str) -> dict[str, Callable[[], A
 
 def measure_case(case: Case, device: str) -> dict[str, Any]:
     """Measured and planned peak bytes of each phase of `case` in THIS (fresh) process."""
-    from dapo_ops import memory_plan, models
+    from dapo_ops.models import loading as models
+    from dapo_ops.train import memory_plan
 
     meter = Meter(device)
     warm = build_policy(WARMUP, device)
@@ -283,7 +284,7 @@ def markdown(result: dict[str, Any]) -> str:
             planned = max(case["planned_bytes"].values()) if phase == "peak" else case["planned_bytes"][phase]
             rows.append([name, phase, common.mib(measured), common.mib(planned), case["errors"][phase]])
     lines = [
-        f"Device {result['device']}. The plan (`dapo_ops.memory_plan.estimate`, from config.json and the prompt "
+        f"Device {result['device']}. The plan (`dapo_ops.train.memory_plan.estimate`, from config.json and the prompt "
         "lengths) against the peak memory of each phase, measured in a fresh process per model: the update "
         "(two optimizer steps of one micro-batch: forward, backward, AdamW), the generation of the round "
         "(KV cache) and the teacher-forced attention pass over the round. CPU: peak RSS (`VmHWM`, reset by "

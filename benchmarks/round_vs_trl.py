@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from dapo_ops.tracking import default_tracking_uri
+from dapo_ops.tracking.facade import default_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class RoundShape:
 
 def default_shape() -> RoundShape:
     """The round `make run` trains: `DapoConfig`'s defaults."""
-    from dapo_ops.config import DapoConfig
+    from dapo_ops.config.dapo import DapoConfig
 
     defaults = DapoConfig()
     return RoundShape(
@@ -79,7 +79,7 @@ QUICK_SHAPE = RoundShape(prompts_per_round=2, num_generations=2, max_completion_
 
 def suppress_eos() -> Callable[[], None]:
     """Make EOS unsampleable for dapo-vlm (`Policy.suppressed_token_ids`); returns the undo."""
-    from dapo_ops import models
+    from dapo_ops.models import loading as models
 
     original = models.Policy.suppressed_token_ids
 
@@ -131,7 +131,8 @@ def trl_dataset(rows_per_round: Sequence[Any]):
     """TRL's train dataset: the rounds' prompt rows in order (conversational prompt, image, reward columns)."""
     from datasets import Dataset
 
-    from dapo_ops import data, inputs
+    from dapo_ops.data import loading as data
+    from dapo_ops.models import inputs
 
     records: dict[str, list[Any]] = defaultdict(list)
     for rows in rows_per_round:
@@ -150,7 +151,7 @@ def same_prompt_tokens(policy, processor, dataset) -> bool:
     """Does TRL's processor tokenize the first prompt (image expanded) exactly as dapo-vlm does?"""
     from trl.data_utils import prepare_multimodal_messages
 
-    from dapo_ops import inputs
+    from dapo_ops.models import inputs
 
     example = dataset[0]
     messages = prepare_multimodal_messages(example["prompt"], images=[example["image"]])
@@ -183,10 +184,12 @@ def library_round(policy, optimizer, rows, config, round_index: int, global_step
     """One in-memory dapo-vlm round; returns per-phase seconds (and the new global step)."""
     import torch
 
-    from dapo_ops import advantages, rewards, sampling, training
-    from dapo_ops.attention import teacher_forced_pass
-    from dapo_ops.engines import make_engine
-    from dapo_ops.update import policy_update
+    from dapo_ops.attention.teacher_forced import teacher_forced_pass
+    from dapo_ops.rl import advantages, rewards
+    from dapo_ops.rollout import dynamic_sampling as sampling
+    from dapo_ops.rollout.engines import make_engine
+    from dapo_ops.run import phases as training
+    from dapo_ops.train.update import policy_update
 
     phases: dict[str, float] = {}
     cpu_start = time.process_time()
@@ -304,8 +307,8 @@ class PipelineTimer:
 
 def pipeline_phases(store, key: str, wall: float, steps: dict[str, float]) -> dict[str, float]:
     """Where the pipeline round's time went, from the round's files and Dagster's step stats."""
-    from dapo_ops import store as store_io
-    from dapo_ops.round_files import read_update_record
+    from dapo_ops.run.round_files import read_update_record
+    from dapo_ops.store import layout as store_io
 
     files = store.round(key)
     generation = float(store_io.read_json(files.rollouts_json)["seconds"])
@@ -334,7 +337,7 @@ def make_trl_trainer(model, processor, dataset, shape: RoundShape, config, devic
                      callback, suppressed: list[int]):
     from trl import GRPOConfig, GRPOTrainer
 
-    from dapo_ops import rewards
+    from dapo_ops.rl import rewards
 
     args = GRPOConfig(
         output_dir=output_dir,
@@ -426,10 +429,11 @@ def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
-    from dapo_ops import models, training
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.store import RunStore, checkpoint_key
-    from dapo_ops.update import make_optimizer
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.models import loading as models
+    from dapo_ops.run import phases as training
+    from dapo_ops.store.layout import RunStore, checkpoint_key
+    from dapo_ops.train.update import make_optimizer
     from pipelines.cli import run_training
 
     device = common.resolve_device(device)

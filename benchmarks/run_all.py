@@ -28,7 +28,7 @@ from benchmarks import (
     shared_prefix,
     visual_dependency,
 )
-from dapo_ops.store import write_text_atomic
+from dapo_ops.store.layout import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 

@@ -108,7 +108,7 @@ def prompt_rows(shape: Shape, count: int, seed: int = 0):
 def build_policy(shape: Shape, device: str, seed: int = 0):
     """The policy: embedded tokenizer (trained on the benchmark's words), the shape's model, random weights,
     an image processor that sizes every image to `image_side`²."""
-    from dapo_ops import models
+    from dapo_ops.models import loading as models
 
     corpus = [" ".join(_WORDS), *(w.capitalize() for w in _WORDS)]
     policy = models.build_embedded_policy(
@@ -127,8 +127,8 @@ def fixed_rollouts(policy, shape: Shape, *, prompts: int | None = None, generati
     """A group-major RolloutBatch: the shape's prompts x G random text completions (deterministic, no sampling)."""
     import torch
 
-    from dapo_ops import training
-    from dapo_ops.rollout import RolloutBatch
+    from dapo_ops.rollout.generate import RolloutBatch
+    from dapo_ops.run import phases as training
 
     p, g = prompts or shape.prompts, generations or shape.num_generations
     tc = completion_length or shape.completion_length
@@ -150,7 +150,7 @@ def fixed_rollouts(policy, shape: Shape, *, prompts: int | None = None, generati
 
 def update_config(shape: Shape, shared: bool, device: str):
     """One optimizer step over the whole batch in one micro-batch."""
-    from dapo_ops.config import DapoConfig
+    from dapo_ops.config.dapo import DapoConfig
 
     return DapoConfig(prompts_per_round=shape.prompts, num_generations=shape.num_generations,
                       max_completion_length=shape.completion_length, num_iterations=1, steps_per_generation=1,
@@ -160,8 +160,8 @@ def update_config(shape: Shape, shared: bool, device: str):
 def case_function(case: str, policy, batch, shape: Shape, device: str) -> Callable[[], Any]:
     import torch
 
-    from dapo_ops.attention import rollout_attention_metrics, teacher_forced_pass
-    from dapo_ops.update import make_optimizer, policy_update
+    from dapo_ops.attention.teacher_forced import rollout_attention_metrics, teacher_forced_pass
+    from dapo_ops.train.update import make_optimizer, policy_update
 
     kind, sharing = case.split("-")
     shared = sharing == "shared"
@@ -208,7 +208,7 @@ def time_cases(policy, batch, shape: Shape, device: str, repeats: int) -> dict[s
 
 
 def max_logp_diff(policy, batch) -> dict[str, float]:
-    from dapo_ops.attention import teacher_forced_pass
+    from dapo_ops.attention.teacher_forced import teacher_forced_pass
 
     shared = teacher_forced_pass(policy.model, batch, shared_prefix=True)
     unshared = teacher_forced_pass(policy.model, batch, shared_prefix=False)
@@ -250,8 +250,8 @@ def measure_memory(device: str, quick: bool) -> dict[str, int]:
 def realistic_round(shape: Shape, device: str, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Interleaved rounds: TRL's GRPOTrainer, then the dapo-vlm library round, on copies of one policy
     (`round_vs_trl`'s round driver, without the pipeline side)."""
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.update import make_optimizer
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.train.update import make_optimizer
 
     round_shape = round_vs_trl.RoundShape(
         prompts_per_round=shape.prompts, num_generations=shape.num_generations,

@@ -36,10 +36,12 @@ def library_round(policy: Any, optimizer: Any, rows: Any, eval_rows: Any, config
     """One in-memory round (the pipeline's phases without files) and its per-phase seconds."""
     import torch
 
-    from dapo_ops import advantages, rewards, sampling, training
-    from dapo_ops.attention import teacher_forced_pass
-    from dapo_ops.engines import make_engine
-    from dapo_ops.update import policy_update
+    from dapo_ops.attention.teacher_forced import teacher_forced_pass
+    from dapo_ops.rl import advantages, rewards
+    from dapo_ops.rollout import dynamic_sampling as sampling
+    from dapo_ops.rollout.engines import make_engine
+    from dapo_ops.run import phases as training
+    from dapo_ops.train.update import policy_update
 
     phases: dict[str, float] = {}
     cpu_start, start = time.process_time(), clock.now()
@@ -78,8 +80,8 @@ def library_round(policy: Any, optimizer: Any, rows: Any, eval_rows: Any, config
 
 def run(*, device: str = "auto", quick: bool = False, rounds: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.update import make_optimizer
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.train.update import make_optimizer
 
     device = common.resolve_device(device)
     common.set_threads(THREADS)

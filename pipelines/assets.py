@@ -1,5 +1,5 @@
 """The asset graph: dataset → base_checkpoint → (per checkpoint) rollouts → attention_metrics → rewards →
-policy_update → attention_report, training_report. Thin: each asset calls `dapo_ops.training`, moves files
+policy_update → attention_report, training_report. Thin: each asset calls `dapo_ops.run.phases`, moves files
 and attaches metadata. Heavy imports (torch, transformers, mlflow) happen inside the assets, so loading the
 code location stays fast."""
 
@@ -14,9 +14,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from dapo_ops import faults
-from dapo_ops import round as dapo_round
-from dapo_ops.store import checkpoint_index, checkpoint_key, write_json_atomic, write_text_atomic
+from dapo_ops.common import faults
+from dapo_ops.common.names import EVAL_ACCURACY, attn_column
+from dapo_ops.run import round as dapo_round
+from dapo_ops.store.layout import (
+    checkpoint_index,
+    checkpoint_key,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipelines.checks import EVAL_DROP_CHECK, eval_drop_finding
 from pipelines.config import TrainingConfig
 from pipelines.resources import MlflowResource, PolicyCache, RunStoreResource
@@ -26,7 +32,7 @@ checkpoints = dg.DynamicPartitionsDefinition(name="checkpoints")
 
 
 def _round_log(context: dg.AssetExecutionContext, store, key: str):
-    from dapo_ops.training import round_log
+    from dapo_ops.run.phases import round_log
 
     return round_log(store, key, echo=None)
 
@@ -66,7 +72,7 @@ def add_checkpoint_partitions(instance: dg.DagsterInstance, keys: list[str]) -> 
 
 
 def _checkpoint_model(cfg, store, key: str) -> dict:
-    """What the tracker registers as checkpoint `key`'s MLflow logged model (see dapo_ops.mlflow_model)."""
+    """What the tracker registers as checkpoint `key`'s MLflow logged model (see dapo_ops.tracking.logged_model)."""
     return {"name": key, "path": str(store.checkpoint_dir(key)), "max_completion_length": cfg.max_completion_length}
 
 
@@ -92,7 +98,7 @@ def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None 
 def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
             run_store: RunStoreResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
-    from dapo_ops import training
+    from dapo_ops.run import phases as training
 
     cfg = training_config.to_dapo()
     store = run_store.for_run(cfg.run_name)
@@ -133,7 +139,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
     """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
     real model directory. Registers the `ckpt-0000` partition. A complete ckpt-0000 (left by an interrupted
     setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
-    from dapo_ops import training
+    from dapo_ops.run import phases as training
 
     cfg = training_config.to_dapo()
     store = run_store.for_run(cfg.run_name)
@@ -148,7 +154,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
         built = training.build_base_checkpoint(cfg, store, log)
         policy, state = built["policy"], built["state"]
         faults.point("after_base_checkpoint")
-    from dapo_ops.checkpoint_policy import configure
+    from dapo_ops.run.checkpoint_policy import configure
 
     policy = configure(policy, cfg)  # the adapter (use_peft), frozen vision tower, fp32 master weights
     evaluation = training.evaluate(cfg, store, policy)
@@ -170,7 +176,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
         **_mlflow_link(mlflow, store),
         "checkpoint": key,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(key))),
-        "eval_accuracy": evaluation["eval/accuracy"],
+        "eval_accuracy": evaluation[EVAL_ACCURACY],
         "eval_format": evaluation["eval/format"],
     })
 
@@ -179,20 +185,20 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
 def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
              mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """G completions per prompt sampled from checkpoint k (KV cache, batched, left padding)."""
-    from dapo_ops import training
+    from dapo_ops.run import phases as training
 
     cfg = training_config.to_dapo()
     key = context.partition_key
     store = run_store.for_run(cfg.run_name)
     store.require_checkpoint(key)
     log = _round_log(context, store, key)
-    # A journal left by an MLflow outage is sent before new work (no duplicates: see dapo_ops.tracking).
+    # A journal left by an MLflow outage is sent before new work (no duplicates: see dapo_ops.tracking.facade).
     sent = mlflow.tracker(store).sync()
     if sent:
         log(f"sent {sent} journaled round(s) to MLflow")
     log(f"round {checkpoint_index(key)} of run {cfg.run_name}")
     dapo_round.record_config(cfg, store, log)
-    from dapo_ops import retention
+    from dapo_ops.run import retention
 
     retention.check_disk_space(store, key, cfg)  # stop before the round, never halfway through its checkpoint
     if cfg.num_processes > 1:
@@ -223,8 +229,8 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     """One teacher-forced pass with checkpoint k: old log-probs, entropy and per-stage modality attention
     (MDI, AEI) through the O(T)-memory attention function. Re-materializing it alone re-analyses a stored
     round without touching rollouts, rewards or checkpoints."""
-    from dapo_ops import training
-    from dapo_ops.config import STAGES
+    from dapo_ops.config.dapo import STAGES
+    from dapo_ops.run import phases as training
 
     cfg = training_config.to_dapo()
     key = context.partition_key
@@ -251,7 +257,7 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
         "num_processes": cfg.num_processes,
         "reanalysis": training_config.reanalysis,
         "mdi_tolerance": cfg.mdi_tolerance,
-        **{f"mdi_{stage}": training.nanmean(table[f"attn/{stage}/mdi"]) for stage in STAGES},
+        **{f"mdi_{stage}": training.nanmean(table[attn_column(stage, "mdi")]) for stage in STAGES},
     })
 
 
@@ -267,8 +273,8 @@ def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, 
     """The configured rewards (`reward_funcs`: accuracy, think-format and attention balance by default), their
     weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
     values it used."""
-    from dapo_ops import training
-    from dapo_ops.reports import reward_label
+    from dapo_ops.reporting.reports import reward_label
+    from dapo_ops.run import phases as training
 
     cfg = training_config.to_dapo()
     key = context.partition_key
@@ -302,8 +308,8 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
                   mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]):
     """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
     registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
-    from dapo_ops import training
-    from dapo_ops.update import NonFiniteUpdateError
+    from dapo_ops.run import phases as training
+    from dapo_ops.train.update import NonFiniteUpdateError
 
     cfg = training_config.to_dapo()
     key = context.partition_key
@@ -318,7 +324,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
             optimizer = policy_cache.optimizer(store, key, cfg)
             ref_policy = None
             if cfg.beta > 0 and not cfg.use_peft:  # LoRA: the reference is the adapter-disabled policy
-                from dapo_ops import models
+                from dapo_ops.models import loading as models
 
                 ref_policy = models.load_policy(training.resolve_model_dir(store, checkpoint_key(0)))
             record = training.run_update(cfg, store, key, policy, optimizer, log, ref_policy=ref_policy)
@@ -359,7 +365,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
 def _observe_pruned(context: dg.AssetExecutionContext, store) -> None:
     """Partitions whose weights `save_total_limit` deleted show as not re-analysable on attention_metrics (an
     observation per partition, once); their rollouts, rewards and reports stay materialized."""
-    from dapo_ops import retention
+    from dapo_ops.run import retention
 
     for key in retention.pruned_checkpoints(store):
         marker = store.checkpoint_dir(key) / retention.PRUNED_MARKER
@@ -400,7 +406,7 @@ def _update_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: 
     Dagster Pipes. The children write ckpt-(k+1) and update.json as the in-process update does (and
     evaluate it data-parallel under DDP); rank 0 reports its logs and materialization metadata back.
     Returns (update record, the child's metadata)."""
-    from dapo_ops.round_files import read_update_record
+    from dapo_ops.run.round_files import read_update_record
 
     metadata = _phase_in_subprocesses(context, cfg, store, key, log, "update", policy_cache)
     record = read_update_record(store, key)
@@ -418,8 +424,9 @@ def _phase_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: s
 
     import torch
 
-    from dapo_ops import distributed, process_hygiene
-    from dapo_ops.update import NonFiniteUpdateError
+    from dapo_ops.distributed import launch as distributed
+    from dapo_ops.distributed import process_hygiene
+    from dapo_ops.train.update import NonFiniteUpdateError
 
     # The children load checkpoint k themselves: the parent's copy would only hold memory (rank 0 shares
     # its GPU), and after the update it is stale (the next asset reloads ckpt-(k+1) from disk).
@@ -427,7 +434,8 @@ def _phase_in_subprocesses(context: dg.AssetExecutionContext, cfg, store, key: s
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    launch = distributed.prepare_launch(cfg, store, key, phase=phase, reanalysis=reanalysis)
+    launch = distributed.prepare_launch(cfg, store, key, phase=phase, reanalysis=reanalysis,
+                                        child_module="pipelines.pipes_update")
     what = "the update" if phase == distributed.UPDATE else phase
     log(f"launching {what} on {cfg.num_processes} processes with accelerate ({launch.accelerate_config.name}) "
         f"through Dagster Pipes")
@@ -469,8 +477,8 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
                      mlflow: MlflowResource) -> dg.MaterializeResult:
     """attention_diagnostics.md (+ an attention-balance chart per stage). In a re-analysis it is logged to
     an MLflow run of its own, tagged with the training run and checkpoint."""
-    from dapo_ops.attention import LOGGED_METRIC_NAMES
-    from dapo_ops.config import STAGES
+    from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
+    from dapo_ops.config.dapo import STAGES
 
     cfg = training_config.to_dapo()
     key = context.partition_key
@@ -503,8 +511,8 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     """rollout_results.md and run_terminal.md, the 44 metrics (+ eval accuracy) in MLflow at the round's
     global step, learning curves, and the three reports attached to the MLflow run."""
 
-    from dapo_ops import reports
-    from dapo_ops.round_files import read_update_record
+    from dapo_ops.reporting import reports
+    from dapo_ops.run.round_files import read_update_record
 
     cfg = training_config.to_dapo()
     key = context.partition_key
@@ -530,7 +538,7 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     terminal = written.terminal
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
-            "reward", "rewards/mc_idx_reward/mean", "eval/accuracy", "rewards/think_format_reward/mean",
+            "reward", "rewards/mc_idx_reward/mean", EVAL_ACCURACY, "rewards/think_format_reward/mean",
             "attention/all/mdi", "entropy", "completions/mean_length")))
     dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={
@@ -548,7 +556,7 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
         "run_terminal": dg.MetadataValue.md(terminal),
         "mlflow_logged": sent,
         "reports": dg.MetadataValue.path(str(out)),
-        **{name: float(metrics[name]) for name in ("reward", "eval/accuracy", "entropy")},
+        **{name: float(metrics[name]) for name in ("reward", EVAL_ACCURACY, "entropy")},
     })
 
 

@@ -3,19 +3,20 @@ the next-round sensor and `make run` ask it again before continuing from a check
 
 from __future__ import annotations
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.health import Finding, eval_accuracy_drop
-from dapo_ops.store import RunStore, checkpoint_index, checkpoint_key, read_json
+from dapo_ops.common.names import EVAL_ACCURACY
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.reporting.health import Finding, eval_accuracy_drop
+from dapo_ops.store.layout import STATE_FILE, RunStore, checkpoint_index, checkpoint_key, read_json
 
 EVAL_DROP_CHECK = "eval_accuracy_drop"
 
 
 def checkpoint_eval_accuracy(store: RunStore, key: str) -> float | None:
     """The greedy eval accuracy recorded in `key`'s state.json, None when it has none."""
-    path = store.checkpoint_dir(key) / "state.json"
+    path = store.checkpoint_dir(key) / STATE_FILE
     if not path.exists():
         return None
-    value = read_json(path).get("eval", {}).get("eval/accuracy")
+    value = read_json(path).get("eval", {}).get(EVAL_ACCURACY)
     return None if value is None else float(value)
 
 

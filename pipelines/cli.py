@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dapo_ops.config import EMBEDDED, DapoConfig, data_root
-from dapo_ops.tracking import Tracker, resolve_tracking_uri
+from dapo_ops.config.dapo import EMBEDDED, DapoConfig, data_root
+from dapo_ops.tracking.facade import Tracker, resolve_tracking_uri
 
 DAGSTER_YAML = """\
 # Written by dapo-vlm: SQLite storage under DAGSTER_HOME, no telemetry.
@@ -39,7 +39,7 @@ def prepare_instance(root: Path | None = None) -> Path:
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
-        from dapo_ops.store import write_text_atomic
+        from dapo_ops.store.layout import write_text_atomic
 
         write_text_atomic(home / "dagster.yaml", DAGSTER_YAML)  # never a torn file after a crash
     return home
@@ -154,7 +154,7 @@ def _root_cause(error) -> str:
 
 
 def _progress(message: str) -> None:
-    from dapo_ops import progress
+    from dapo_ops.common import progress
 
     progress.echo(message)  # above the progress bars while they show
 
@@ -163,12 +163,12 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
                  live: bool = False) -> dict:
     """Set up the run if needed, then train rounds until `rounds` checkpoints past ckpt-0000 exist.
     With `live`, every line of the rounds' logs (generation, each optimizer step, MDI) is printed too, and the
-    progress of each long phase: bars on a terminal, plain lines otherwise (`dapo_ops.progress`).
+    progress of each long phase: bars on a terminal, plain lines otherwise (`dapo_ops.common.progress`).
 
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
-    rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking)."""
-    from dapo_ops import faults
-    from dapo_ops.store import RunStore
+    rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking.facade)."""
+    from dapo_ops.common import faults
+    from dapo_ops.store.layout import RunStore
 
     root = root or data_root()
     store = RunStore(root, config.run_name)
@@ -198,7 +198,7 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
 @contextlib.contextmanager
 def _console_progress(show: bool) -> Iterator[None]:
     """Progress of generation, teacher-forced passes and optimizer steps on stdout while rounds run."""
-    from dapo_ops import progress
+    from dapo_ops.common import progress
 
     if not show:
         yield
@@ -274,7 +274,7 @@ def _tracked_run(store, echo) -> Iterator[Tracker]:
 
 def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
     """Say so when rounds or the run's end wait in the journal (MLflow unreachable)."""
-    from dapo_ops.tracking import redact_uri
+    from dapo_ops.tracking.facade import redact_uri
 
     left = tracker.pending()
     if left:
@@ -288,8 +288,10 @@ def _report_unsent(tracker, status: str, shown: bool, echo) -> None:
 def _train_locked(config: DapoConfig, rounds: int, store, tracker: Tracker, *, echo, live: bool,
                   started: float) -> Path:
     """`run_training` with the run lock held: clean up after a crash, set up, train the missing rounds."""
-    from dapo_ops import faults, retention, training
-    from dapo_ops.store import checkpoint_key
+    from dapo_ops.common import faults
+    from dapo_ops.run import phases as training
+    from dapo_ops.run import retention
+    from dapo_ops.store.layout import checkpoint_key
     from pipelines.assets import add_checkpoint_partitions
     from pipelines.config import TrainingConfig
 
@@ -331,9 +333,11 @@ def _system_metrics(tracker: Tracker) -> Iterator[None]:
 
 def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tags, *, echo, started: float) -> None:
     """The rounds of `run_training` that are not DONE yet, in order."""
-    from dapo_ops import faults, progress, retention, training
-    from dapo_ops import store as store_io
-    from dapo_ops.store import checkpoint_key
+    from dapo_ops.common import faults, progress
+    from dapo_ops.run import phases as training
+    from dapo_ops.run import retention
+    from dapo_ops.store import layout as store_io
+    from dapo_ops.store.layout import checkpoint_key
     from pipelines.config import ROUND_ASSETS
 
     run_config = config.replace(max_rounds=rounds)
@@ -396,8 +400,8 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
               num_processes: int | None = None) -> None:
     import dagster as dg
 
-    from dapo_ops import retention
-    from dapo_ops.store import RunStore, read_json
+    from dapo_ops.run import retention
+    from dapo_ops.store.layout import RunStore, read_json
     from pipelines.config import TrainingConfig
 
     root = root or data_root()
@@ -421,9 +425,9 @@ def reanalyze(run_name: str, checkpoint: str, *, mdi_tolerance: float | None, ro
 
 def export(run_name: str, checkpoint: str, *, merge: bool, out: Path | None, root: Path | None = None) -> int:
     """`make export`: checkpoint -> a directory `AutoModelForImageTextToText.from_pretrained` loads."""
-    from dapo_ops import export as export_ops
-    from dapo_ops.retention import PrunedCheckpointError
-    from dapo_ops.store import RunStore
+    from dapo_ops.run import export as export_ops
+    from dapo_ops.run.retention import PrunedCheckpointError
+    from dapo_ops.store.layout import RunStore
 
     store = RunStore(root or data_root(), run_name)
     target = out or export_ops.default_out(store, checkpoint, merge=merge)
@@ -480,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return memory_plan_command(args)
     if args.command == "launchpad-config":
-        from dapo_ops.runconfig import RunConfigError, launchpad_yaml
+        from dapo_ops.config.runconfig import RunConfigError, launchpad_yaml
 
         try:
             print(launchpad_yaml(args.config), end="")
@@ -501,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 128 + getattr(error, "signum", signal.SIGINT)
         except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
-            from dapo_ops.store import RunLockedError
+            from dapo_ops.store.layout import RunLockedError
             from pipelines.checks import EvalDropError
 
             if isinstance(error, EvalDropError):
@@ -511,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3 if isinstance(error, RunLockedError) else 1
         return 0
     if args.command == "reanalyze":
-        from dapo_ops.retention import PrunedCheckpointError
+        from dapo_ops.run.retention import PrunedCheckpointError
 
         try:
             reanalyze(args.run_name, args.checkpoint, mdi_tolerance=args.mdi_tolerance,
@@ -531,14 +535,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def memory_plan_command(args: argparse.Namespace) -> int:
     """`make plan`: the memory estimate of a run config (paths need only hold a config.json)."""
-    from dapo_ops import memory_plan
-    from dapo_ops.runconfig import RunConfigError, coerce, read_yaml
+    from dapo_ops.config.runconfig import RunConfigError, coerce, read_yaml
+    from dapo_ops.train import memory_plan
 
     values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
     model = args.model or values.get("model_name_or_path", EMBEDDED)
     values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
     try:
-        from dapo_ops.runconfig import load_run_config
+        from dapo_ops.config.runconfig import load_run_config
 
         config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
         plan = memory_plan.estimate(model, config)
@@ -553,7 +557,7 @@ def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
     """Defaults < --config FILE < the explicit flags (--run-name, --dataset, --model, --num-processes,
     --rounds: what `make run RUN_NAME=... ROUNDS=...` passes) < --set overrides; raises `RunConfigError`
     naming the key and the file."""
-    from dapo_ops.runconfig import load_run_config
+    from dapo_ops.config.runconfig import load_run_config
 
     flags = {"run_name": args.run_name, "dataset": args.dataset, "model_name_or_path": args.model,
              "num_processes": args.num_processes, "max_rounds": args.rounds}
@@ -563,7 +567,7 @@ def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
 def sync_mlflow(run_name: str | None) -> int:
     """Send every run's journaled rounds and run status; 1 when something could not be sent (MLflow
     unreachable: it stays journaled), 2 when `run_name` has no run directory, else 0."""
-    from dapo_ops.tracking import Tracker, redact_uri
+    from dapo_ops.tracking.facade import Tracker, redact_uri
 
     root = data_root()
     if run_name and not (root / "runs" / run_name).is_dir():

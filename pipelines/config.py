@@ -1,5 +1,5 @@
 """The run's configuration in Dagster: one `ConfigurableResource` derived field by field from
-`dapo_ops.config.DapoConfig`, so a field added there appears in the launchpad with no edit here.
+`dapo_ops.config.dapo.DapoConfig`, so a field added there appears in the launchpad with no edit here.
 
 Every asset of a run reads the same values, so they live in one place, the `training_config` resource
 (`resources: {training_config: {config: {...}}}` in the launchpad), not once per op. `Literal` fields
@@ -15,8 +15,8 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.runconfig import RESOURCE_KEY
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.config.runconfig import RESOURCE_KEY
 
 # Not a DapoConfig field: whether attention_metrics/attention_report re-analyse a stored round.
 DAGSTER_ONLY_FIELDS: dict[str, tuple[type, Any]] = {"reanalysis": (bool, False)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from dapo_ops.config import DapoConfig
+from dapo_ops.config.dapo import DapoConfig
 from pipelines.assets import checkpoints
 from pipelines.config import REANALYSIS_ASSETS, RESOURCE_KEY, ROUND_ASSETS, SETUP_ASSETS
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import dagster as dg
 
-from dapo_ops.config import DapoConfig, data_root
-from dapo_ops.store import RunStore
+from dapo_ops.config.dapo import DapoConfig, data_root
+from dapo_ops.store.layout import RunStore
 
 
 class RunStoreResource(dg.ConfigurableResource):
@@ -37,7 +37,7 @@ class PolicyCache:
         return (str(store.root), store.run_name, checkpoint)
 
     def get(self, store: RunStore, checkpoint: str, config: DapoConfig):
-        from dapo_ops.checkpoint_policy import load_checkpoint_policy
+        from dapo_ops.run.checkpoint_policy import load_checkpoint_policy
 
         with self._lock:
             key = self._key(store, checkpoint)
@@ -49,7 +49,7 @@ class PolicyCache:
             return policy
 
     def optimizer(self, store: RunStore, checkpoint: str, config: DapoConfig):
-        from dapo_ops import training
+        from dapo_ops.run import phases as training
 
         policy = self.get(store, checkpoint, config)
         with self._lock:
@@ -77,12 +77,12 @@ class MlflowResource(dg.ConfigurableResource):
     ui_url: str = ""
 
     def uri(self, root: Path) -> str:
-        from dapo_ops.tracking import resolve_tracking_uri
+        from dapo_ops.tracking.facade import resolve_tracking_uri
 
         return resolve_tracking_uri(root, self.tracking_uri or None)
 
     def tracker(self, store: RunStore):
-        from dapo_ops.tracking import Tracker
+        from dapo_ops.tracking.facade import Tracker
 
         return Tracker(store.run_dir, store.run_name, tracking_uri=self.uri(store.root),
                        experiment_name=self.experiment_name, data_root=store.root)

@@ -20,7 +20,7 @@ def latest_run_name(run_store: RunStoreResource) -> str | None:
 
 def retrain_request(run_store: RunStoreResource, *, run_name: str | None, rounds: int,
                     tick: str) -> dg.RunRequest | dg.SkipReason:
-    from dapo_ops.store import checkpoint_index, read_json
+    from dapo_ops.store.layout import checkpoint_index, read_json
 
     name = run_name or latest_run_name(run_store)
     if name is None:

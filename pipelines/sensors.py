@@ -11,7 +11,7 @@ stop conditions (`max_rounds`, the blocking eval check) are run state, not parti
 
 import dagster as dg
 
-from dapo_ops.store import checkpoint_index
+from dapo_ops.store.layout import checkpoint_index
 from pipelines.checks import blocked_message, eval_drop_finding
 from pipelines.config import TrainingConfig, run_config_for
 from pipelines.jobs import training_round_job
@@ -19,7 +19,7 @@ from pipelines.resources import RunStoreResource
 
 
 def next_round_request(run_name: str, next_key: str, store_root: RunStoreResource) -> dg.RunRequest | dg.SkipReason:
-    from dapo_ops.store import read_json
+    from dapo_ops.store.layout import read_json
 
     store = store_root.for_run(run_name)
     if not store.config_path.exists():

@@ -4,7 +4,7 @@ benchmark at long context. Prints rounds/s, tokens/s and peak GPU memory; writes
     scripts/gpu_smoke.sh                         # what to run whenever a GPU is available
     python scripts/gpu_smoke.py --allow-cpu --shape tiny --prompts 4 --generations 4   # CPU dry run of the code
 
-Each round is `dapo_ops.round.run_round`, the round the Dagster assets run, in this process (rollouts with
+Each round is `dapo_ops.run.round.run_round`, the round the Dagster assets run, in this process (rollouts with
 KV cache → one teacher-forced pass with the lean attention metrics → rewards + health → the update → eval +
 atomic checkpoint → reports), without Dagster or MLflow, so the figures are the round's work alone.
 
@@ -82,10 +82,12 @@ class Clock:
 def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, Any]:
     import torch
 
-    from dapo_ops import models, synthetic, training
-    from dapo_ops import round as dapo_round
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.store import RunStore, checkpoint_key, read_json
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.data import synthetic
+    from dapo_ops.models import loading as models
+    from dapo_ops.run import phases as training
+    from dapo_ops.run import round as dapo_round
+    from dapo_ops.store.layout import RunStore, checkpoint_key, read_json
 
     clock = Clock(torch, device)
     num_train = max(4 * args.prompts, 64)
@@ -122,7 +124,7 @@ def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, An
         start = clock.now()
         if optimizer is None:
             optimizer = training.load_optimizer(store, key, policy, config)
-        # The round Dagster runs (dapo_ops.round), timed per phase with a clock that synchronises CUDA.
+        # The round Dagster runs (dapo_ops.run.round), timed per phase with a clock that synchronises CUDA.
         result = dapo_round.run_round(config, store, key, policy, optimizer, log, clock=clock.now)
         end = clock.now()
         record = result.record
@@ -193,9 +195,11 @@ def inline_attention_timing(args: argparse.Namespace, device: str, lengths: list
     import torch
     from PIL import Image
 
-    from dapo_ops import inputs, models, synthetic
-    from dapo_ops.attention import teacher_forced_pass
-    from dapo_ops.rollout import RolloutBatch
+    from dapo_ops.attention.teacher_forced import teacher_forced_pass
+    from dapo_ops.data import synthetic
+    from dapo_ops.models import inputs
+    from dapo_ops.models import loading as models
+    from dapo_ops.rollout.generate import RolloutBatch
 
     clock = Clock(torch, device)
     policy = models.build_embedded_policy(synthetic.corpus(), seed=0, **SHAPES[args.shape])

@@ -1,9 +1,11 @@
-"""Shared fixtures: a small 2-round training run materialized through Dagster into a temporary data root."""
+"""Shared fixtures: the embedded policy (built once per corpus and seed), and a small 2-round training run
+materialized through Dagster into a temporary data root."""
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,34 @@ SMALL_RUN = {
 }
 
 
+# The texts the embedded tokenizer of the unit tests is trained on (questions, colors, a rationale).
+UNIT_CORPUS = ("What color is the shape?", "Which shape is it?", "red green blue yellow",
+               "The shape is red.")
+
+
+@pytest.fixture(scope="session")
+def embedded_policy_for() -> Callable[..., object]:
+    """`embedded_policy_for(corpus=UNIT_CORPUS, seed=0)`: the embedded tiny Qwen2.5-VL, built once per session
+    for each corpus and seed; every call returns its own deep copy, so a test may train or wrap it."""
+    from dapo_ops.models.loading import build_embedded_policy
+
+    built: dict[tuple[tuple[str, ...], int], object] = {}
+
+    def get(corpus: Sequence[str] = UNIT_CORPUS, seed: int = 0) -> object:
+        key = (tuple(corpus), seed)
+        if key not in built:
+            built[key] = build_embedded_policy(list(corpus), seed=seed)
+        return copy.deepcopy(built[key])
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def embedded_policy(embedded_policy_for):
+    """The unit tests' embedded policy, shared by the whole session: read it, do not change its weights."""
+    return embedded_policy_for()
+
+
 @dataclass
 class TrainedRun:
     root: Path
@@ -75,8 +105,8 @@ def _restore_env(previous: dict[str, str | None]) -> None:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedRun]:
     """Two rounds of the embedded default, small, through `pipelines.cli.run_training` (real Dagster
     instance on SQLite, real MLflow SQLite store)."""
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.tracking import default_tracking_uri
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.tracking.facade import default_tracking_uri
     from pipelines.cli import run_training
 
     root = tmp_path_factory.mktemp("data_root")

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapo_ops.advantages import (
+from dapo_ops.rl.advantages import (
     dynamic_sampling_keep_mask,
     group_advantages,
     group_reward_std,

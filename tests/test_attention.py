@@ -15,20 +15,20 @@ from hypothesis import strategies as st
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.masking_utils import sdpa_mask
 
-from dapo_ops.attention import (
-    LEAN_ATTENTION,
+from dapo_ops.attention.forward import TeacherForcedOutputs
+from dapo_ops.attention.metrics import (
     METRIC_NAMES,
     STAGES,
-    ModalityMassRecorder,
-    TeacherForcedOutputs,
     batch_means,
-    completion_forward,
     masses_from_attention_weights,
     metrics_from_attention_weights,
     metrics_from_masses,
-    record_modality_mass,
-    rollout_attention_metrics,
     stage_layers,
+)
+from dapo_ops.attention.recorder import LEAN_ATTENTION, ModalityMassRecorder, record_modality_mass
+from dapo_ops.attention.teacher_forced import (
+    completion_forward,
+    rollout_attention_metrics,
     teacher_forced_pass,
 )
 
@@ -96,7 +96,7 @@ def eager_model(model: Qwen2_5_VLForConditionalGeneration) -> Qwen2_5_VLForCondi
 
 @dataclass
 class Rollouts:
-    """Stand-in for `dapo_ops.rollout.RolloutBatch` with the attributes the teacher-forced pass reads."""
+    """Stand-in for `dapo_ops.rollout.generate.RolloutBatch` with the attributes the teacher-forced pass reads."""
 
     prompt_ids: torch.Tensor  # [N, Tp] left padded
     prompt_mask: torch.Tensor
@@ -592,9 +592,9 @@ def test_batch_means_leave_nan_rollouts_out() -> None:
 
 
 def test_the_real_rollout_batch_gives_the_same_pass(model) -> None:
-    """The stand-in above mirrors `dapo_ops.rollout.RolloutBatch`; the pass reads the real one the same way."""
-    from dapo_ops.inputs import VisionInputs
-    from dapo_ops.rollout import RolloutBatch
+    """The stand-in above mirrors `dapo_ops.rollout.generate.RolloutBatch`; the pass reads the real one the same way."""
+    from dapo_ops.models.inputs import VisionInputs
+    from dapo_ops.rollout.generate import RolloutBatch
 
     r = make_rollouts(PADDED)
     lengths = r.completion_mask.sum(1)
@@ -620,8 +620,8 @@ def test_the_real_rollout_batch_gives_the_same_pass(model) -> None:
 def test_teacher_forced_outputs_become_the_attention_table_one_row_per_rollout(model) -> None:
     """`training.attention_table`, the attention phase's pure core: per-stage metrics of each rollout,
     its token counts and its mean completion entropy, with the tolerance they were computed at."""
-    from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
-    from dapo_ops.training import attention_table
+    from dapo_ops.attention.metrics import METRIC_NAMES as ATTENTION_NAMES
+    from dapo_ops.run.phases import attention_table
 
     rollouts = make_rollouts(PADDED)
     rollouts.prompt_index = torch.tensor([0, 0, 1, 1])  # group-major, G = 2

@@ -102,7 +102,7 @@ def _ablation_run(seed: int, eval_accuracy: list[float], all_mdi: list[float], s
 
 def test_every_objective_row_is_a_valid_config_and_dapo_is_the_shaping_default():
     from benchmarks import ablation
-    from dapo_ops.config import DapoConfig
+    from dapo_ops.config.dapo import DapoConfig
 
     rows = {r.name: r for r in ablation.objective_rows()}
     assert {"dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "gspo", "delta_4", "top_entropy_0.2",
@@ -206,7 +206,7 @@ def test_objective_rows_of_one_dataset_and_seed_share_ckpt_0000_and_a_row_changi
 
 def test_the_visual_rows_are_valid_configs_share_the_default_run_and_ckpt_0000():
     from benchmarks import ablation
-    from dapo_ops.config import DapoConfig
+    from dapo_ops.config.dapo import DapoConfig
 
     rows = {r.name: r for r in ablation.visual_rows()}
     assert list(rows) == ["default", "vppo", "papo"]

@@ -9,9 +9,10 @@ import re
 
 import pytest
 
-from dapo_ops import reports, training
-from dapo_ops.config import DapoConfig
-from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.reporting import reports
+from dapo_ops.run import phases as training
+from dapo_ops.store.layout import RunStore, checkpoint_key
 
 CUSTOM = "tests.custom_rewards:length_penalty"
 TINY_RUN = {

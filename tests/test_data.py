@@ -11,8 +11,14 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dapo_ops.data import KEPT_SCHEMA, QUARANTINE_SCHEMA, decode_image, load_mc_dataset, load_mc_splits
-from dapo_ops.synthetic import generate_rows, write_dataset
+from dapo_ops.data.loading import (
+    KEPT_SCHEMA,
+    QUARANTINE_SCHEMA,
+    decode_image,
+    load_mc_dataset,
+    load_mc_splits,
+)
+from dapo_ops.data.synthetic import generate_rows, write_dataset
 
 
 def _rows(n: int = 5, seed: int = 0) -> pl.DataFrame:

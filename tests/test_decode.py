@@ -20,7 +20,7 @@ def byte_tokenizer():
 
 
 def test_a_character_cut_in_the_middle_is_dropped(byte_tokenizer):
-    from dapo_ops.rollout import decode_whole_characters
+    from dapo_ops.rollout.generate import decode_whole_characters
 
     ids = byte_tokenizer.encode("café", add_special_tokens=False)
     assert len(ids) == 5  # c a f + the two bytes of é
@@ -30,14 +30,14 @@ def test_a_character_cut_in_the_middle_is_dropped(byte_tokenizer):
 
 
 def test_a_four_byte_character_cut_after_three_bytes_is_dropped(byte_tokenizer):
-    from dapo_ops.rollout import decode_whole_characters
+    from dapo_ops.rollout.generate import decode_whole_characters
 
     ids = byte_tokenizer.encode("ok🙂", add_special_tokens=False)
     assert decode_whole_characters(byte_tokenizer, ids[:-1]) == "ok"
 
 
 def test_a_replacement_character_that_is_text_is_kept(byte_tokenizer):
-    from dapo_ops.rollout import decode_whole_characters
+    from dapo_ops.rollout.generate import decode_whole_characters
 
     ids = byte_tokenizer.encode("bad \ufffd", add_special_tokens=False)
     assert decode_whole_characters(byte_tokenizer, ids) == "bad \ufffd"

@@ -1,7 +1,7 @@
 """The policy update on several processes (accelerate, DDP over gloo on CPU) equals the in-process update.
 
 One small round is prepared once (dataset, ckpt-0000, rollouts, old log-probs, rewards); copies of it are
-updated in process and by `accelerate launch -m pipelines.pipes_update` with 2 processes.
+updated in process and by `accelerate launch -m dapo_ops.distributed.worker` with 2 processes.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dapo_ops import distributed, models, training
-from dapo_ops.config import DapoConfig
-from dapo_ops.round_files import UpdateRecord
-from dapo_ops.store import RunStore, checkpoint_key
-from dapo_ops.tracking import default_tracking_uri
-from dapo_ops.update import rank_micro_batches
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.distributed import launch as distributed
+from dapo_ops.models import loading as models
+from dapo_ops.run import phases as training
+from dapo_ops.run.round_files import UpdateRecord
+from dapo_ops.store.layout import RunStore, checkpoint_key
+from dapo_ops.tracking.facade import default_tracking_uri
+from dapo_ops.train.update import rank_micro_batches
 
 KEY = checkpoint_key(0)
 NEXT = checkpoint_key(1)
@@ -233,7 +235,7 @@ def test_make_run_with_two_processes_runs_rollouts_attention_update_and_eval_thr
     import dagster as dg
     from mlflow.tracking import MlflowClient
 
-    from dapo_ops.reports import round_metric_names
+    from dapo_ops.reporting.reports import round_metric_names
 
     overrides = {"prompts_per_round": 8, "num_generations": 4, "max_completion_length": 16,
                  "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
@@ -306,7 +308,7 @@ def test_gpu_smoke_script_says_no_gpu_is_present_and_exits_0_or_3_when_a_gpu_is_
 # ------------------------------------------------------------------------------------ process hygiene
 
 # A stand-in for the Dagster process: it starts the supervised launch as `_update_in_subprocesses` does.
-PARENT = ("import os, subprocess, sys; from dapo_ops import process_hygiene as h; "
+PARENT = ("import os, subprocess, sys; from dapo_ops.distributed import process_hygiene as h; "
           "os.environ[h.PARENT_PID_ENV] = str(os.getpid()); sys.exit(subprocess.run(sys.argv[1:]).returncode)")
 
 
@@ -331,7 +333,7 @@ def test_a_parent_death_signal_kills_the_child_when_its_parent_is_killed(tmp_pat
     import psutil
 
     # parent -> child (asks for SIGKILL at its parent's death, then sleeps); kill -9 the parent.
-    child = "from dapo_ops import process_hygiene as h; import time; h.set_parent_death_signal(); time.sleep(60)"
+    child = "from dapo_ops.distributed import process_hygiene as h; import time; h.set_parent_death_signal(); time.sleep(60)"
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
                                f"'-c', {child!r}]); time.sleep(60)"], cwd=distributed.REPO_ROOT,
                               env={**os.environ, "PYTHONPATH": str(distributed.REPO_ROOT)})
@@ -353,7 +355,7 @@ def test_a_parent_death_signal_kills_the_child_when_its_parent_is_killed(tmp_pat
 
 
 def test_torchruns_failure_summary_names_the_rank_and_its_last_log_line(tmp_path: Path):
-    from dapo_ops import process_hygiene
+    from dapo_ops.distributed import process_hygiene
 
     (tmp_path / "rank-1.log").write_text("rank 1: loading ckpt-0000\noptimizer step 1: backward of micro-batch 1 done\n")
     summary = ("Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-01_20:50:00\n  host      : h\n"
@@ -382,7 +384,7 @@ def test_kill_9_of_the_parent_during_a_two_process_update_leaves_no_child_alive_
             assert parent.poll() is None and time.monotonic() < deadline, "the ranks did not start"
             time.sleep(0.1)
         family = psutil.Process(parent.pid).children(recursive=True)  # supervisor, launcher, 2 ranks
-        assert sum("pipelines.pipes_update" in " ".join(p.cmdline()) for p in _alive(family)) >= 2, family
+        assert sum(distributed.CHILD_MODULE in " ".join(p.cmdline()) for p in _alive(family)) >= 2, family
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
@@ -396,7 +398,8 @@ def test_kill_9_of_the_parent_during_a_two_process_update_leaves_no_child_alive_
 
 @pytest.mark.slow
 def test_a_rank_that_dies_mid_step_fails_the_update_naming_it_and_writes_no_checkpoint(prepared: Path):
-    from dapo_ops import faults, process_hygiene
+    from dapo_ops.common import faults
+    from dapo_ops.distributed import process_hygiene
 
     store = _copy(prepared, "rank-killed")
     launch = distributed.prepare_launch(CONFIG, store, KEY)

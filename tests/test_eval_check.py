@@ -9,7 +9,7 @@ import io
 import dagster as dg
 import pytest
 
-from dapo_ops.health import eval_accuracy_drop
+from dapo_ops.reporting.health import eval_accuracy_drop
 
 TINY_RUN = {
     "run_name": "eval-drop",
@@ -42,9 +42,9 @@ def test_a_rise_passes_and_an_unevaluated_checkpoint_fails():
 @pytest.fixture(scope="module")
 def eval_drop_run(tmp_path_factory: pytest.TempPathFactory):
     """Setup + round 0 of a tiny run whose evaluation is forced to fall from 0.75 (ckpt-0000) to 0.25."""
-    from dapo_ops import training
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.tracking import default_tracking_uri
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.run import phases as training
+    from dapo_ops.tracking.facade import default_tracking_uri
     from pipelines.checks import EvalDropError
     from pipelines.cli import run_training
 
@@ -80,7 +80,7 @@ def test_a_forced_eval_drop_stops_make_run_with_the_check_s_message(eval_drop_ru
 
 @pytest.mark.slow
 def test_the_failed_blocking_check_skips_the_round_s_reports_and_the_next_round(eval_drop_run):
-    from dapo_ops.store import RunStore
+    from dapo_ops.store.layout import RunStore
 
     instance = dg.DagsterInstance.from_config(str(eval_drop_run["root"] / "dagster"))
     key = dg.AssetCheckKey(dg.AssetKey("policy_update"), "eval_accuracy_drop")

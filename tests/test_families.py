@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops import shared_prefix
-from dapo_ops.attention import _model_inputs, masses_from_attention_weights, teacher_forced_pass
-from dapo_ops.inputs import PromptBatch, encode_prompts
-from dapo_ops.models import Policy, load_policy, save_policy
-from dapo_ops.rollout import generate_rollouts
-from dapo_ops.tiny_families import BUILDERS, build_tiny_family
+from dapo_ops.attention import shared_prefix
+from dapo_ops.attention.forward import model_inputs as _model_inputs
+from dapo_ops.attention.metrics import masses_from_attention_weights
+from dapo_ops.attention.teacher_forced import teacher_forced_pass
+from dapo_ops.models.inputs import PromptBatch, encode_prompts
+from dapo_ops.models.loading import Policy, load_policy, save_policy
+from dapo_ops.models.tiny_families import BUILDERS, build_tiny_family
+from dapo_ops.rollout.generate import generate_rollouts
 
 CORPUS = ["What color is the shape?", "red green blue yellow", "The shape is red.", "<think>blue</think> Answer: C"]
 COLORS = ["red", "green", "blue", "yellow"]
@@ -113,7 +115,7 @@ def test_the_shared_prefix_forward_equals_the_unshared_one(
     forwards: list[int] = []
     hook = policy.model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        with caplog.at_level(logging.WARNING, logger="dapo_ops.shared_prefix"):
+        with caplog.at_level(logging.WARNING, logger="dapo_ops.attention.shared_prefix"):
             shared = teacher_forced_pass(policy, rollouts, shared_prefix=True)
     finally:
         hook.remove()
@@ -133,7 +135,7 @@ def test_the_masked_pass_degrades_every_familys_images_and_shares_prompts(
 ) -> None:
     """The images degraded in the family's processed space (blank and patch masks): the forward runs, the KL is
     finite and >= 0, and the shared-prefix masked pass equals the unshared one."""
-    from dapo_ops.attention import VisualMasking
+    from dapo_ops.attention.teacher_forced import VisualMasking
 
     _, policy = family
     monkeypatch.setattr(shared_prefix, "_UNSUPPORTED", {})
@@ -247,9 +249,9 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
     defined, and ckpt-0001 re-analysed into a run of its own."""
     from conftest import SMALL_RUN
 
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.reports import ROUND_METRIC_NAMES
-    from dapo_ops.tiny_families import save_tiny_family
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.models.tiny_families import save_tiny_family
+    from dapo_ops.reporting.reports import ROUND_METRIC_NAMES
     from pipelines.cli import reanalyze, run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -288,9 +290,9 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
 
 def test_lora_adapts_the_language_model_and_freeze_vision_tower_freezes_the_tower(family: tuple[str, Policy]) -> None:
     """The default LoRA targets and `freeze_vision_tower` find each family's modules by its own names."""
-    from dapo_ops.checkpoint_policy import configure
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.lora import in_vision_tower
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.models.lora import in_vision_tower
+    from dapo_ops.run.checkpoint_policy import configure
 
     _, policy = family
     full = configure(copy.deepcopy(policy), DapoConfig(freeze_vision_tower=True))
@@ -306,8 +308,8 @@ def test_lora_adapts_the_language_model_and_freeze_vision_tower_freezes_the_towe
 
 def test_the_memory_plan_counts_the_familys_parameters(family: tuple[str, Policy], tmp_path: Path) -> None:
     """From config.json alone (the disk check before each round sizes the next checkpoint with it)."""
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.memory_plan import parameter_counts
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.train.memory_plan import parameter_counts
 
     name, policy = family
     counts = parameter_counts(save_policy(policy, tmp_path / name), DapoConfig())

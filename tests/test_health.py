@@ -2,7 +2,7 @@
 
 import math
 
-from dapo_ops import health
+from dapo_ops.reporting import health
 
 HEALTHY = {
     "entropy": 0.8,

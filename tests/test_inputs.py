@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLProcessor
 
-from dapo_ops.inputs import (
+from dapo_ops.models.inputs import (
     PromptBatch,
     build_messages,
     encode_prompts,
@@ -18,10 +18,9 @@ from dapo_ops.inputs import (
     select_pixel_values,
     to_pil,
 )
-from dapo_ops.models import IMAGE_PAD, TEMPLATE_TOKENS, Policy, build_embedded_policy
+from dapo_ops.models.loading import IMAGE_PAD, TEMPLATE_TOKENS, Policy
 
 COLORS = ["red", "green", "blue", "yellow"]
-CORPUS = ["What color is the shape?", "Which shape is it?", " ".join(COLORS), "The shape is red."]
 QUESTIONS = [
     "What color is the shape?",
     "Which shape is it? Look very closely at the picture.",
@@ -30,8 +29,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def policy() -> Policy:
-    return build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy) -> Policy:
+    return embedded_policy
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from dapo_ops.journal import Journal, encode_metrics
+from dapo_ops.tracking.journal import Journal, encode_metrics
 
 
 def test_the_journal_works_without_importing_mlflow(tmp_path: Path) -> None:
-    code = ("import sys; from dapo_ops.journal import Journal; j = Journal(sys.argv[1]); "
+    code = ("import sys; from dapo_ops.tracking.journal import Journal; j = Journal(sys.argv[1]); "
             "j.append_round('ckpt-0000', 1, {1: {'reward': 1.0}}, [], {}); j.set_status('FINISHED'); "
             "assert len(j.pending(None)) == 1; assert 'mlflow' not in sys.modules, 'mlflow was imported'")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mlflow")], capture_output=True, text=True,

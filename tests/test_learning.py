@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 import torch
 
-from dapo_ops import rewards
-from dapo_ops.config import DapoConfig
-from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.rl import rewards
+from dapo_ops.store.layout import RunStore, checkpoint_key
 
 # Round ckpt-0000 of the embedded default (seed 0): 64 prompts x 8 rollouts, per-rollout MDI of each stage.
 # The tiny model attends to its 4 image tokens far more per token than to text (MDI ~0.1-0.8).
@@ -26,7 +26,7 @@ LEARNING_ROUNDS = 8
 
 @pytest.mark.slow
 def test_a_small_run_learns_to_answer_from_the_image(tmp_path):
-    from dapo_ops import training
+    from dapo_ops.run import phases as training
 
     config = DapoConfig(**LEARNING_RUN)
     store = RunStore(tmp_path, config.run_name)
@@ -160,7 +160,7 @@ def test_ablation_rows_are_off_then_one_per_shaping_and_pathwise_for_the_per_rol
 
 
 def test_a_warm_start_target_answering_with_the_choice_text_is_scored_as_that_choice():
-    from dapo_ops import warmstart
+    from dapo_ops.train import warmstart
 
     row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 1, "rationales": ["It barks."]}
     assert warmstart.target_completion(row, "choice") == "<think>It barks.</think> Answer: dog"

@@ -4,16 +4,17 @@ adapter files a checkpoint holds."""
 import pytest
 import torch
 
-from dapo_ops import lora, models
-from dapo_ops.config import DapoConfig
-from dapo_ops.inputs import encode_prompts
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models import loading as models
+from dapo_ops.models import lora
+from dapo_ops.models.inputs import encode_prompts
 
 CONFIG = DapoConfig(use_peft=True, lora_r=4, lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def base() -> models.Policy:
-    return models.build_embedded_policy(["a red square", "a blue circle"], seed=0)
+def base(embedded_policy_for) -> models.Policy:
+    return embedded_policy_for(["a red square", "a blue circle"], seed=0)
 
 
 def _fresh(base: models.Policy, config: DapoConfig = CONFIG) -> models.Policy:
@@ -43,8 +44,8 @@ def test_only_the_adapter_of_the_language_model_is_trainable(base):
     assert not any(".visual." in n for n, _ in policy.model.named_modules() if "lora_A" in n)
 
 
-def test_a_fresh_adapter_leaves_the_outputs_unchanged(base):
-    policy = models.build_embedded_policy(["a red square", "a blue circle"], seed=0)
+def test_a_fresh_adapter_leaves_the_outputs_unchanged(base, embedded_policy_for):
+    policy = embedded_policy_for(["a red square", "a blue circle"], seed=0)
     before = _logits(policy)
     lora.add_adapter(policy.model, CONFIG)
     assert torch.allclose(_logits(policy), before, atol=1e-6)
@@ -93,7 +94,7 @@ def test_lora_target_modules_names_the_adapted_layers(base):
 def test_freeze_vision_tower_freezes_it_in_a_full_fine_tune(base):
     import copy
 
-    from dapo_ops.checkpoint_policy import prepare_for_training
+    from dapo_ops.run.checkpoint_policy import prepare_for_training
 
     policy = copy.deepcopy(base)
     prepare_for_training(policy.model, DapoConfig(freeze_vision_tower=True))
@@ -105,8 +106,8 @@ def test_freeze_vision_tower_freezes_it_in_a_full_fine_tune(base):
 def test_bf16_keeps_trained_parameters_in_fp32_and_autocasts_the_forward(base):
     import copy
 
-    from dapo_ops import precision
-    from dapo_ops.checkpoint_policy import prepare_for_training
+    from dapo_ops.models import precision
+    from dapo_ops.run.checkpoint_policy import prepare_for_training
 
     policy = copy.deepcopy(base)
     policy.model.to(torch.bfloat16)

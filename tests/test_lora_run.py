@@ -25,8 +25,8 @@ RUN = {
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.store import RunStore
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.store.layout import RunStore
     from pipelines.cli import run_training
 
     root = tmp_path_factory.mktemp("lora_root")
@@ -45,7 +45,7 @@ def _bytes(path: Path) -> int:
 
 
 def test_lora_checkpoints_hold_the_adapter_only_at_under_a_tenth_of_a_full_checkpoint(lora_run, trained_run):
-    from dapo_ops.store import RunStore
+    from dapo_ops.store.layout import RunStore
 
     store, _ = lora_run
     newest = store.checkpoint_dir("ckpt-0005")
@@ -57,7 +57,7 @@ def test_lora_checkpoints_hold_the_adapter_only_at_under_a_tenth_of_a_full_check
 
 
 def test_save_total_limit_2_leaves_two_trained_checkpoints_with_weights_after_5_rounds(lora_run):
-    from dapo_ops import retention
+    from dapo_ops.run import retention
 
     store, _ = lora_run
     assert store.complete_checkpoints() == [f"ckpt-000{i}" for i in range(6)]
@@ -69,7 +69,7 @@ def test_save_total_limit_2_leaves_two_trained_checkpoints_with_weights_after_5_
 
 
 def test_only_the_newest_checkpoint_keeps_optimizer_state(lora_run, trained_run):
-    from dapo_ops.store import RunStore
+    from dapo_ops.store.layout import RunStore
 
     for store in (lora_run[0], RunStore(trained_run.root, trained_run.run_name)):  # LoRA and the defaults
         newest = store.latest_checkpoint()
@@ -105,9 +105,10 @@ def test_export_merge_writes_a_model_transformers_loads_with_the_same_greedy_ans
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from dapo_ops import models, training
-    from dapo_ops.checkpoint_policy import load_checkpoint_policy
-    from dapo_ops.engines import make_engine
+    from dapo_ops.models import loading as models
+    from dapo_ops.rollout.engines import make_engine
+    from dapo_ops.run import phases as training
+    from dapo_ops.run.checkpoint_policy import load_checkpoint_policy
     from pipelines import cli
 
     store, config = lora_run
@@ -130,7 +131,7 @@ def test_export_merge_writes_a_model_transformers_loads_with_the_same_greedy_ans
 def test_a_full_disk_stops_the_run_before_the_round_and_loses_nothing(lora_run, monkeypatch):
     import shutil
 
-    from dapo_ops import retention
+    from dapo_ops.run import retention
     from pipelines.cli import run_training
 
     store, config = lora_run

@@ -15,11 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-pytest.importorskip("trl")
 from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 
-from dapo_ops.loss import LOSS_TYPES, entropy_from_logits, policy_loss, selective_log_softmax  # noqa: E402
+from dapo_ops.rl.loss import LOSS_TYPES, entropy_from_logits, policy_loss, selective_log_softmax  # noqa: E402
 
 PROMPT, WIDTH, VOCAB, BATCH = 3, 6, 7, 4
 EPSILON, EPSILON_HIGH, MAX_COMPLETION_LENGTH = 0.2, 0.28, 8

@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_shared_prefix import rollout_batch, tiny_model
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.loss import papo_per_token_loss, policy_loss, vppo_advantage_scale, vppo_token_mask
-from dapo_ops.update import _UpdateInputs, make_optimizer, policy_update, step_advantages
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.rl.loss import papo_per_token_loss, policy_loss, vppo_advantage_scale, vppo_token_mask
+from dapo_ops.train.update import _UpdateInputs, make_optimizer, policy_update, step_advantages
 
 LOGP = torch.tensor([[-1.0, -0.5, -2.0, -0.1], [-0.3, -1.5, -0.7, -2.5]])
 OLD = torch.tensor([[-1.1, -0.4, -2.0, -0.3], [-0.3, -1.2, -0.9, -2.5]])
@@ -105,7 +105,7 @@ def _update(config: DapoConfig, **extra) -> list[torch.Tensor]:
     batch = rollout_batch()
     advantages = torch.linspace(-1.0, 1.0, len(batch))
     with torch.no_grad():
-        from dapo_ops.attention import teacher_forced_pass
+        from dapo_ops.attention.teacher_forced import teacher_forced_pass
 
         old = teacher_forced_pass(model, batch, with_attention=False).per_token_logps
     policy_update(model, make_optimizer(model, config), batch, old, advantages, torch.ones(len(batch), dtype=torch.bool),
@@ -123,7 +123,7 @@ def test_with_the_options_off_the_update_is_bit_identical_when_the_masked_pass_r
     kl = torch.rand(12, 6, generator=torch.Generator().manual_seed(0))
     with_kl = _update(CONFIG, visual_kl=kl, visual_seed=5)
     assert all(torch.equal(a, b) for a, b in zip(plain, with_kl, strict=True))
-    changed = _update(CONFIG.replace(vppo_token_ratio=0.5), visual_kl=kl, visual_seed=5)
+    changed = _update(CONFIG.replace(visual_dependency=True, vppo_token_ratio=0.5), visual_kl=kl, visual_seed=5)
     assert not all(torch.equal(a, b) for a, b in zip(plain, changed, strict=True))
 
 
@@ -133,7 +133,7 @@ def test_vppo_advantage_weighting_scales_the_steps_advantages_by_their_mean_depe
     kl[:, 0] = torch.arange(12, dtype=torch.float32)  # one dependent token per rollout
     inputs = _UpdateInputs(batch, torch.zeros(12, 6), torch.ones(12), batch.completion_mask, None, kl, 0, 0.0)
     chunk = torch.tensor([0, 1, 2, 3])
-    scaled = step_advantages(inputs, chunk, CONFIG.replace(vppo_advantage_weighting=True))
+    scaled = step_advantages(inputs, chunk, CONFIG.replace(visual_dependency=True, vppo_advantage_weighting=True))
     scores = kl[chunk, 0] / batch.completion_mask[chunk].sum(-1)
     expected = vppo_advantage_scale(scores, torch.ones(4, dtype=torch.bool), 0.8)
     assert scaled[chunk].tolist() == pytest.approx(expected.tolist())
@@ -145,7 +145,7 @@ def test_vppo_needs_the_masked_pass() -> None:
     with pytest.raises(ValueError, match="set visual_dependency to true"):
         DapoConfig(visual_dependency=False, vppo_token_ratio=0.4)
     with pytest.raises(ValueError, match="vppo_advantage_weighting need the round's per-token visual"):
-        _update(CONFIG.replace(vppo_advantage_weighting=True))
+        _update(CONFIG.replace(visual_dependency=True, vppo_advantage_weighting=True))
 
 
 def test_papo_runs_its_masked_forward_with_gradient(plain) -> None:

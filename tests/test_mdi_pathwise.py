@@ -11,11 +11,12 @@ from test_attention import make_rollouts, model_inputs
 from test_attention import tiny_model as attention_model
 from test_shared_prefix import PROMPTS, G, rollout_batch
 
-from dapo_ops import rewards
-from dapo_ops.attention import completion_forward, stage_layers, teacher_forced_pass
-from dapo_ops.config import DapoConfig
-from dapo_ops.mdi_pathwise import pathwise_loss, shaped_reward, stage_log_mdi
-from dapo_ops.update import make_optimizer, policy_update
+from dapo_ops.attention.metrics import stage_layers
+from dapo_ops.attention.pathwise import pathwise_loss, shaped_reward, stage_log_mdi
+from dapo_ops.attention.teacher_forced import completion_forward, teacher_forced_pass
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.rl import rewards
+from dapo_ops.train.update import make_optimizer, policy_update
 
 PADDED = [(3, 5, 6), (1, 2, 2), (6, 4, 4), (2, 7, 1)]
 

@@ -2,13 +2,15 @@
 
 import pytest
 
-from dapo_ops import lora, memory_plan, models
-from dapo_ops.config import DapoConfig
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models import loading as models
+from dapo_ops.models import lora
+from dapo_ops.train import memory_plan
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    policy = models.build_embedded_policy(["a red square"], seed=0)
+def saved(tmp_path_factory, embedded_policy_for):
+    policy = embedded_policy_for(["a red square"], seed=0)
     return models.save_policy(policy, tmp_path_factory.mktemp("m") / "model"), policy
 
 
@@ -59,7 +61,7 @@ def test_the_meta_model_is_built_once_per_model_directory(saved, monkeypatch):
 def test_the_shipped_3b_and_7b_configs_fit_an_80_gib_gpu(tmp_path):
     from pathlib import Path
 
-    from dapo_ops.runconfig import coerce, read_yaml
+    from dapo_ops.config.runconfig import coerce, read_yaml
 
     for name, shape in (("qwen2_5_vl_3b_aokvqa", "qwen2_5_vl_3b"), ("qwen2_5_vl_7b_multi_gpu", "qwen2_5_vl_7b")):
         values = coerce(read_yaml(Path("configs/runs") / f"{name}.yaml"), name)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 
-from dapo_ops.inputs import build_messages, encode_prompts
-from dapo_ops.models import (
+from dapo_ops.models.inputs import build_messages, encode_prompts
+from dapo_ops.models.loading import (
     IM_END,
     IMAGE_PAD,
     PAD_TOKEN,
@@ -39,8 +39,8 @@ COLORS = ["red", "green", "blue", "yellow"]
 
 
 @pytest.fixture(scope="module")
-def policy() -> Policy:
-    return build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy_for) -> Policy:
+    return embedded_policy_for(CORPUS, seed=0)
 
 
 def _images() -> list[Image.Image]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dapo_ops.reports import ROUND_METRIC_NAMES
+from dapo_ops.reporting.reports import ROUND_METRIC_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_definitions_load_with_the_eight_assets_in_one_group():
 
 
 def test_checkpoints_and_partitions_exist_for_every_round(trained_run):
-    from dapo_ops.store import RunStore
+    from dapo_ops.store.layout import RunStore
 
     store = RunStore(trained_run.root, trained_run.run_name)
     assert store.complete_checkpoints() == ["ckpt-0000", "ckpt-0001", "ckpt-0002"]
@@ -182,7 +182,7 @@ def _logged_models(client, run) -> list:
 
 
 def test_each_checkpoint_is_a_logged_model_of_the_run_at_its_step_with_its_eval_metrics(trained_run):
-    from dapo_ops.store import RunStore, read_json
+    from dapo_ops.store.layout import RunStore, read_json
 
     client, run = _mlflow_run(trained_run)
     models = _logged_models(client, run)
@@ -201,8 +201,8 @@ def test_each_checkpoint_is_a_logged_model_of_the_run_at_its_step_with_its_eval_
 @pytest.fixture(scope="module")
 def three_rounds(tmp_path_factory: pytest.TempPathFactory):
     """`make run ROUNDS=3` of conftest's TINY_RUN (a few seconds a round), for ckpt-0003."""
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.tracking import default_tracking_uri
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.tracking.facade import default_tracking_uri
     from pipelines.cli import run_training
     from tests.conftest import TINY_RUN, TrainedRun, _restore_env, _set_env
 
@@ -222,11 +222,11 @@ def test_ckpt_0003_loaded_by_its_model_uri_gives_the_greedy_answers_of_its_direc
     import mlflow
     import polars as pl
 
-    from dapo_ops import models as policies
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.engines import make_engine
-    from dapo_ops.store import RunStore
-    from dapo_ops.training import encode_rows
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.models import loading as policies
+    from dapo_ops.rollout.engines import make_engine
+    from dapo_ops.run.phases import encode_rows
+    from dapo_ops.store.layout import RunStore
     from tests.conftest import TINY_RUN, use_global_mlflow_uri
 
     client, run = _mlflow_run(three_rounds)

@@ -1,4 +1,4 @@
-"""bf16 autocast and gradient checkpointing inside a real training round (`dapo_ops.round.run_round` on the
+"""bf16 autocast and gradient checkpointing inside a real training round (`dapo_ops.run.round.run_round` on the
 embedded model at conftest's TINY_RUN size): it trains, keeps fp32 weights and logs its metrics."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from dapo_ops import round as dapo_round
-from dapo_ops import training
-from dapo_ops.config import DapoConfig
-from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.run import phases as training
+from dapo_ops.run import round as dapo_round
+from dapo_ops.store.layout import RunStore, checkpoint_key
 from tests.conftest import TINY_RUN
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_ops import progress
+from dapo_ops.common import progress
 
 CONTROL = re.compile(r"\r|\x1b\[")
 

@@ -3,7 +3,7 @@
 Every case drives real `python -m pipelines.cli` processes (what `make run` calls) on a temporary data root
 with its own Dagster instance and MLflow store, and compares against an uninterrupted run of the same
 config and seed: same checkpoint weights and optimizer state, the same MLflow value at every step, once.
-Faults come from `dapo_ops.faults` (`DAPO_VLM_FAULT=kill:<point>` / `nan:<point>`), random-time SIGKILLs
+Faults come from `dapo_ops.common.faults` (`DAPO_VLM_FAULT=kill:<point>` / `nan:<point>`), random-time SIGKILLs
 from the test; the fault trace (`DAPO_VLM_FAULT_TRACE`) tells which phase a random kill interrupted.
 
 CI runs a sample (3 kills: 1 at a random time, 2 at named points). `DAPO_VLM_FULL_FAULTS=1` adds the
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from dapo_ops import faults
-from dapo_ops.store import COMPLETE_MARKER, TEMPORARY_RE, RunStore
-from dapo_ops.tracking import default_tracking_uri
+from dapo_ops.common import faults
+from dapo_ops.store.layout import COMPLETE_MARKER, TEMPORARY_RE, RunStore
+from dapo_ops.tracking.facade import default_tracking_uri
 from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -651,7 +651,7 @@ def test_fault_specs_are_parsed_strictly():
 def _bad_rows_parquet(path: Path, *, all_bad: bool = False) -> Path:
     import polars as pl
 
-    from dapo_ops import synthetic
+    from dapo_ops.data import synthetic
 
     rows = synthetic.generate_rows(40, seed=3).to_dicts()
     rows[0]["question"] = None
@@ -852,8 +852,8 @@ def test_an_mlflow_outage_loses_no_round_and_duplicates_none(tmp_path: Path, mlf
     first), down again for its own logging; `make sync-mlflow` then sends the rest: one value per step."""
     from mlflow import MlflowClient
 
-    from dapo_ops.store import read_json
-    from dapo_ops.tracking import Tracker
+    from dapo_ops.store.layout import read_json
+    from dapo_ops.tracking.facade import Tracker
 
     proxy = ToggleProxy(mlflow_server)
     uri = f"http://127.0.0.1:{proxy.port}"
@@ -961,21 +961,20 @@ def test_after_a_nan_the_next_run_continues_as_if_nothing_happened(nan_run, refe
     assert history == {k: [(s, v) for s, v in values if s <= 2] for k, values in reference.history.items()}
 
 
-def test_a_non_finite_gradient_skips_the_optimizer_step():
+def test_a_non_finite_gradient_skips_the_optimizer_step(embedded_policy_for):
     """In process: a gradient hook turns one gradient into Inf; the step must not touch any weight."""
     import torch
 
-    from dapo_ops import synthetic
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.inputs import encode_prompts
-    from dapo_ops.models import build_embedded_policy
-    from dapo_ops.rollout import generate_rollouts
-    from dapo_ops.update import NonFiniteUpdateError, make_optimizer, policy_update
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.data import synthetic
+    from dapo_ops.models.inputs import encode_prompts
+    from dapo_ops.rollout.generate import generate_rollouts
+    from dapo_ops.train.update import NonFiniteUpdateError, make_optimizer, policy_update
 
     torch.manual_seed(0)
-    policy = build_embedded_policy(list(synthetic.corpus())[:200], seed=0)
+    policy = embedded_policy_for(list(synthetic.corpus())[:200], seed=0)
     rows = synthetic.generate_rows(2, seed=0)
-    from dapo_ops.data import decode_image
+    from dapo_ops.data.loading import decode_image
 
     prompts = encode_prompts(policy, rows["question"].to_list(), rows["choices"].to_list(),
                              [decode_image(b) for b in rows["image"].to_list()])

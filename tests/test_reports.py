@@ -16,10 +16,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dapo_ops.attention import METRIC_NAMES as ATTENTION_NAMES
-from dapo_ops.charts import attention_balance_png, learning_curves_png
-from dapo_ops.config import STAGES
-from dapo_ops.reports import (
+from dapo_ops.attention.metrics import METRIC_NAMES as ATTENTION_NAMES
+from dapo_ops.config.dapo import STAGES
+from dapo_ops.reporting.charts import attention_balance_png, learning_curves_png
+from dapo_ops.reporting.reports import (
     ALL_ROLLOUTS,
     METRIC_GROUPS,
     OTHER_METRICS_HEADING,
@@ -316,7 +316,7 @@ def test_rollout_sample_columns_have_image_texts_rewards_advantage_and_mdi_per_s
 def test_mlflow_table_json_is_the_split_format_that_pandas_reads_back():
     import io
 
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     cell = {"type": "image", "filepath": "a.png", "compressed_filepath": "a.webp"}
     text = mlflow_table_json({"image": [cell, cell], "total": [1.0, NAN], "completion": ["x", "y"]})
     payload = json.loads(text)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapo_ops.rewards import (
+from dapo_ops.rl.rewards import (
     REWARD_FUNCTIONS,
     extract_choice,
     mc_idx_reward,
@@ -305,8 +305,8 @@ def test_total_reward_refuses_missing_weights_and_ragged_lists() -> None:
 
 
 def test_registry_names_match_the_config() -> None:
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.rewards import DEFAULT_REWARD_FUNCS as REWARD_NAMES
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.rl.rewards import DEFAULT_REWARD_FUNCS as REWARD_NAMES
 
     assert tuple(REWARD_FUNCTIONS) == REWARD_NAMES
     assert tuple(DapoConfig().reward_funcs) == REWARD_NAMES
@@ -315,8 +315,8 @@ def test_registry_names_match_the_config() -> None:
 def test_score_rollouts_passes_round_columns_and_config_values_as_keyword_lists_trl_style() -> None:
     import polars as pl
 
-    from dapo_ops.config import DapoConfig
-    from dapo_ops.rewards import score_rollouts
+    from dapo_ops.config.dapo import DapoConfig
+    from dapo_ops.rl.rewards import score_rollouts
 
     table = pl.DataFrame({
         "question": ["q?", "q?"], "choices": [CHOICES, CHOICES], "correct_choice_idx": [1, 1],
@@ -339,7 +339,7 @@ def test_score_rollouts_passes_round_columns_and_config_values_as_keyword_lists_
 
 
 def test_a_reward_returning_the_wrong_number_of_values_is_named() -> None:
-    from dapo_ops.rewards import score_completions
+    from dapo_ops.rl.rewards import score_completions
 
     with pytest.raises(ValueError, match="reward 'short' returned 1 values for 2 completions"):
         score_completions({"short": lambda completions, **kw: [1.0]}, prompts=["a", "b"], completions=["x", "y"],

@@ -10,26 +10,25 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops.inputs import PromptBatch, encode_prompts, select_pixel_values
-from dapo_ops.models import Policy, build_embedded_policy
-from dapo_ops.rollout import (
+from dapo_ops.models.inputs import PromptBatch, encode_prompts, select_pixel_values
+from dapo_ops.models.loading import Policy
+from dapo_ops.rollout.generate import (
     RolloutBatch,
     from_per_prompt_state,
     generate_rollouts,
     per_prompt_state,
     sample_tokens,
 )
-from dapo_ops.round_files import load_rollout_batch, save_rollout_batch
-from dapo_ops.store import RunStore
+from dapo_ops.run.round_files import load_rollout_batch, save_rollout_batch
+from dapo_ops.store.layout import RunStore
 
 COLORS = ["red", "green", "blue", "yellow"]
-CORPUS = ["What color is the shape?", "Which shape is it?", " ".join(COLORS), "The shape is red."]
 P, G, MAX_LEN = 3, 4, 8
 
 
 @pytest.fixture(scope="module")
-def policy() -> Policy:
-    return build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy) -> Policy:
+    return embedded_policy
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The round outside Dagster (`dapo_ops.round`): health files, the run's config record, the DONE marker,
+"""The round outside Dagster (`dapo_ops.run.round`): health files, the run's config record, the DONE marker,
 and `run_round` with a rollout engine of the caller's choosing."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dapo_ops import round as dapo_round
-from dapo_ops import training
-from dapo_ops.config import DapoConfig
-from dapo_ops.engines import HFEngine, RolloutEngine, make_engine
-from dapo_ops.store import RunStore, checkpoint_key
-from dapo_ops.update import NonFiniteUpdateError
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.rollout.engines import HFEngine, RolloutEngine, make_engine
+from dapo_ops.run import phases as training
+from dapo_ops.run import round as dapo_round
+from dapo_ops.store.layout import RunStore, checkpoint_key
+from dapo_ops.train.update import NonFiniteUpdateError
 
 KEY = checkpoint_key(0)
 HEALTHY_REWARDS = {"rewards/think_format_reward/mean": 0.95, "completions/clipped_ratio": 0.02,
@@ -120,7 +120,7 @@ def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_do
 
 def sample_round_table(train: pl.DataFrame, totals: list[float]) -> pl.DataFrame:
     """A scored round table over the first len(totals) / 2 train prompts, two rollouts each."""
-    from dapo_ops.config import STAGES
+    from dapo_ops.config.dapo import STAGES
 
     rows = []
     for i, total in enumerate(totals):
@@ -135,7 +135,7 @@ def sample_round_table(train: pl.DataFrame, totals: list[float]) -> pl.DataFrame
 
 
 def test_the_rollout_sample_is_an_mlflow_table_with_the_prompt_images(store: RunStore):
-    from dapo_ops import data
+    from dapo_ops.data import loading as data
 
     config = DapoConfig(run_name="round-test", num_train_examples=16, num_eval_examples=8, eval_subset_size=4,
                         report_samples=1)

@@ -9,13 +9,12 @@ import socket
 import warnings
 from pathlib import Path
 
+import mlflow
 import pytest
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.tracking import MlflowUnavailableWarning, Tracker, default_tracking_uri
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.tracking.facade import MlflowUnavailableWarning, Tracker, default_tracking_uri
 from tests.conftest import TINY_RUN
-
-mlflow = pytest.importorskip("mlflow")
 
 TINY = TINY_RUN
 
@@ -75,7 +74,7 @@ def test_a_sigterm_during_make_run_ends_its_run_killed(store: tuple[Path, str], 
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
-    from dapo_ops.store import RunStore
+    from dapo_ops.store.layout import RunStore
     from pipelines.cli import RunInterrupted, _tracked_run
 
     root, uri = store
@@ -177,11 +176,11 @@ def test_a_failed_round_leaves_the_mlflow_run_failed(make_runs) -> None:
 @pytest.mark.slow
 def test_a_round_without_an_optimizer_step_logs_no_loss_or_grad_norm(make_runs) -> None:
     """Round 0 of the finished run, read back with an update record that made no optimizer step."""
-    from dapo_ops import store as store_io
-    from dapo_ops import training
-    from dapo_ops.round_files import UpdateRecord
-    from dapo_ops.store import RunStore
-    from dapo_ops.update import UpdateResult
+    from dapo_ops.run import phases as training
+    from dapo_ops.run.round_files import UpdateRecord
+    from dapo_ops.store import layout as store_io
+    from dapo_ops.store.layout import RunStore
+    from dapo_ops.train.update import UpdateResult
 
     run_store = RunStore(make_runs["root"], "life")
     record = store_io.read_json(run_store.round_dir("ckpt-0000") / "update.json")

@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.runconfig import RunConfigError, dagster_run_config, load_run_config, read_yaml
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.config.runconfig import RunConfigError, dagster_run_config, load_run_config, read_yaml
 
 RUNS = Path(__file__).resolve().parents[1] / "configs" / "runs"
 SHIPPED = sorted(RUNS.glob("*.yaml"))

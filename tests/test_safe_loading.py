@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_ops import models, training
-from dapo_ops.config import DapoConfig
-from dapo_ops.round_files import load_old_logps, load_rollout_batch
-from dapo_ops.store import RunStore, UnsafeFileError, checkpoint_key, write_torch_atomic
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models import loading as models
+from dapo_ops.run import phases as training
+from dapo_ops.run.round_files import load_old_logps, load_rollout_batch
+from dapo_ops.store.layout import RunStore, UnsafeFileError, checkpoint_key, write_torch_atomic
 from pipelines.resources import PolicyCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ class _TouchOnLoad:
 
 
 @pytest.fixture(scope="module")
-def policy() -> models.Policy:
-    return models.build_embedded_policy(CORPUS, seed=0)
+def policy(embedded_policy_for) -> models.Policy:
+    return embedded_policy_for(CORPUS, seed=0)
 
 
 @pytest.fixture

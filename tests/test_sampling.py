@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 import torch
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.inputs import VisionInputs
-from dapo_ops.rollout import RolloutBatch
-from dapo_ops.sampling import concat_rollouts, informative_groups, sample_with_refill
-from dapo_ops.shards import DataParallel
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models.inputs import VisionInputs
+from dapo_ops.rollout.dynamic_sampling import concat_rollouts, informative_groups, sample_with_refill
+from dapo_ops.rollout.generate import RolloutBatch
+from dapo_ops.run.shards import DataParallel
 
 G = 2
 PAD = 0
@@ -121,17 +121,15 @@ def _ranks(world: int) -> list[Loopback]:
 
 
 @pytest.fixture(scope="module")
-def policy():
-    from dapo_ops.models import build_embedded_policy
-
-    return build_embedded_policy(["What color is the shape?", "Which shape is it?", "red green blue yellow"], seed=0)
+def policy(embedded_policy_for):
+    return embedded_policy_for(["What color is the shape?", "Which shape is it?", "red green blue yellow"], seed=0)
 
 
 @pytest.fixture(scope="module")
 def prompts(policy):
     from PIL import Image
 
-    from dapo_ops.inputs import encode_prompts
+    from dapo_ops.models.inputs import encode_prompts
 
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (200, 100, 0)]
     questions = ["What color is the shape?", "Which shape is it? Look closely.", "What color?", "Which?", "Shape?"]
@@ -155,7 +153,7 @@ def test_each_rank_takes_a_contiguous_block_of_whole_groups_and_together_they_co
 
 
 def test_a_prompts_rollouts_depend_on_its_round_index_not_on_the_prompts_beside_it(policy, prompts):
-    from dapo_ops.rollout import generate_rollouts
+    from dapo_ops.rollout.generate import generate_rollouts
 
     whole = generate_rollouts(policy, prompts, **SAMPLING)
     alone = generate_rollouts(policy, prompts.select([2, 3]), prompt_offset=2, **SAMPLING)
@@ -169,8 +167,8 @@ def test_a_prompts_rollouts_depend_on_its_round_index_not_on_the_prompts_beside_
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_generation_gathers_exactly_the_batch_of_one_process(policy, prompts, world: int):
-    from dapo_ops.engines import HFEngine
-    from dapo_ops.shards import SINGLE, generate_shared
+    from dapo_ops.rollout.engines import HFEngine
+    from dapo_ops.run.shards import SINGLE, generate_shared
 
     engine = HFEngine(None, policy)
     one = generate_shared(engine, prompts, SINGLE, pad_token_id=policy.pad_token_id, **SAMPLING)

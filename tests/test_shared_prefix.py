@@ -15,12 +15,12 @@ import torch
 from test_attention import EOS, IMAGE, PAD, TEXT_TOKENS, make_rollouts, tiny_model
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from dapo_ops import shared_prefix
-from dapo_ops.attention import completion_forward, teacher_forced_pass
-from dapo_ops.config import DapoConfig
-from dapo_ops.inputs import VisionInputs
-from dapo_ops.rollout import RolloutBatch
-from dapo_ops.update import make_optimizer, policy_update, rank_micro_batches, step_chunks
+from dapo_ops.attention import shared_prefix
+from dapo_ops.attention.teacher_forced import completion_forward, teacher_forced_pass
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models.inputs import VisionInputs
+from dapo_ops.rollout.generate import RolloutBatch
+from dapo_ops.train.update import make_optimizer, policy_update, rank_micro_batches, step_chunks
 
 G = 4
 # (text before image, text after image) per prompt: different lengths, so the shorter ones are left padded.
@@ -190,7 +190,7 @@ def test_a_sliding_window_decoder_falls_back_to_the_unshared_forward(caplog: pyt
     text.layer_types = ["sliding_attention"] * text.num_hidden_layers
     sliding = Qwen2_5_VLForConditionalGeneration(config).eval()
     batch = rollout_batch(seed=2)
-    with caplog.at_level(logging.WARNING, logger="dapo_ops.shared_prefix"):
+    with caplog.at_level(logging.WARNING, logger="dapo_ops.attention.shared_prefix"):
         shared = teacher_forced_pass(sliding, batch, shared_prefix=True)
     assert "cannot share prompts" in caplog.text and "sliding-window" in caplog.text
     unshared = teacher_forced_pass(sliding, batch, shared_prefix=False)
@@ -208,7 +208,7 @@ def test_gradient_checkpointing_takes_the_unshared_forward_only_while_it_is_on(m
     calls: list[bool] = []
     real = shared_prefix._shared_forward
     monkeypatch.setattr(shared_prefix, "_shared_forward", lambda *a, **k: calls.append(True) or real(*a, **k))
-    with caplog.at_level(logging.WARNING, logger="dapo_ops.shared_prefix"):
+    with caplog.at_level(logging.WARNING, logger="dapo_ops.attention.shared_prefix"):
         logps, _ = completion_forward(trained, batch, shared_prefix=True)
     (logps * batch.completion_mask).sum().backward()
     assert calls == [] and "gradient checkpointing is on" in caplog.text

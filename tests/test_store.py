@@ -6,7 +6,7 @@ import os
 import polars as pl
 import pytest
 
-from dapo_ops.store import (
+from dapo_ops.store.layout import (
     COMPLETE_MARKER,
     RunLockedError,
     RunStore,
@@ -118,7 +118,7 @@ def test_round_files_keep_the_on_disk_layout(tmp_path):
 
 
 def test_an_update_record_reads_and_writes_the_same_json_bytes(tmp_path):
-    from dapo_ops.round_files import UpdateRecord
+    from dapo_ops.run.round_files import UpdateRecord
 
     written = {
         "steps": [{"loss": 0.25, "grad_norm": 1.5}], "summary": {"loss": 0.25, "entropy": 2.0},
@@ -135,7 +135,7 @@ def test_an_update_record_reads_and_writes_the_same_json_bytes(tmp_path):
 
 
 def test_an_update_record_missing_a_key_names_the_file(tmp_path):
-    from dapo_ops.round_files import UpdateRecord
+    from dapo_ops.run.round_files import UpdateRecord
 
     path = write_json_atomic(tmp_path / "update.json", {"steps": [], "summary": {}})
     with pytest.raises(ValueError, match=f"{path} lacks state"):
@@ -145,7 +145,7 @@ def test_an_update_record_missing_a_key_names_the_file(tmp_path):
 def test_read_torch_loads_tensors_and_refuses_arbitrary_objects(tmp_path):
     import torch
 
-    from dapo_ops.store import UnsafeFileError, read_torch, write_torch_atomic
+    from dapo_ops.store.layout import UnsafeFileError, read_torch, write_torch_atomic
 
     path = write_torch_atomic(tmp_path / "ckpt-0003" / "state.pt", {"x": torch.arange(3), "n": [1, 2.5, "a"]})
     loaded = read_torch(path)

@@ -11,9 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dapo_ops import synthetic
-from dapo_ops.data import load_mc_dataset
-from dapo_ops.synthetic import BACKGROUND, COLORS, TASK_SPECS, TASKS, corpus, generate_rows, write_dataset
+from dapo_ops.data import synthetic
+from dapo_ops.data.loading import load_mc_dataset
+from dapo_ops.data.synthetic import (
+    BACKGROUND,
+    COLORS,
+    TASK_SPECS,
+    TASKS,
+    corpus,
+    generate_rows,
+    write_dataset,
+)
 
 
 def _pixels(png: bytes) -> np.ndarray:

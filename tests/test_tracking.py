@@ -9,10 +9,11 @@ import time
 import warnings
 from pathlib import Path
 
+import mlflow
 import pytest
 
-from dapo_ops.config import DapoConfig
-from dapo_ops.tracking import (
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.tracking.facade import (
     MlflowUnavailableWarning,
     Tracker,
     default_tracking_uri,
@@ -21,8 +22,6 @@ from dapo_ops.tracking import (
     redact_uri,
     resolve_tracking_uri,
 )
-
-mlflow = pytest.importorskip("mlflow")
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +363,7 @@ def test_a_round_table_is_listed_once_in_the_ui_and_loads_back(store: tuple[Path
                                                                 monkeypatch: pytest.MonkeyPatch):
     from PIL import Image
 
-    from dapo_ops.reports import mlflow_table_json
+    from dapo_ops.reporting.reports import mlflow_table_json
     from tests.conftest import use_global_mlflow_uri
 
     run_dir = tmp_path / "runs" / "tabled"

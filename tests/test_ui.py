@@ -1,7 +1,7 @@
 """The Dagster and MLflow UIs in a real browser (headless Debian Chromium via Playwright), started with
 `make ui` and `make mlflow-ui` on the 2-round data root of `trained_run`: what a person looks for.
 
-Screenshots go to tests/screenshots/; DAPO_VLM_UPDATE_DOCS=1 also copies the README's two to docs/.
+Screenshots go to tests/screenshots/; DAPO_VLM_UPDATE_DOCS=1 also copies the two the docs show to docs/.
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ def test_mlflow_models_tab_shows_each_checkpoint_with_its_eval_accuracy(uis, tra
     sort would send.)"""
     from playwright.sync_api import expect
 
-    from dapo_ops.store import RunStore, read_json
+    from dapo_ops.store.layout import RunStore, read_json
 
     # Wide enough that the grid draws its metric columns, which start right of the attributes.
     page.set_viewport_size({"width": 2000, "height": 800})

@@ -9,21 +9,20 @@ import math
 import pytest
 import torch
 
-from dapo_ops import synthetic
-from dapo_ops.config import DapoConfig
-from dapo_ops.data import decode_image
-from dapo_ops.inputs import encode_prompts
-from dapo_ops.models import build_embedded_policy
-from dapo_ops.rollout import generate_rollouts
-from dapo_ops.update import make_optimizer, policy_update
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.data import synthetic
+from dapo_ops.data.loading import decode_image
+from dapo_ops.models.inputs import encode_prompts
+from dapo_ops.rollout.generate import generate_rollouts
+from dapo_ops.train.update import make_optimizer, policy_update
 
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
 
 
 @pytest.fixture(scope="module")
-def policy_and_rollouts():
+def policy_and_rollouts(embedded_policy_for):
     torch.manual_seed(0)
-    policy = build_embedded_policy(list(synthetic.corpus())[:200], seed=0)
+    policy = embedded_policy_for(list(synthetic.corpus())[:200], seed=0)
     rows = synthetic.generate_rows(2, seed=0)
     prompts = encode_prompts(policy, rows["question"].to_list(), rows["choices"].to_list(),
                              [decode_image(b) for b in rows["image"].to_list()])

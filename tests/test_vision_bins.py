@@ -7,10 +7,13 @@ import polars as pl
 import pytest
 from transformers import Qwen2VLImageProcessorPil
 
-from dapo_ops import models, rollout, synthetic, training
-from dapo_ops.attention import teacher_forced_pass
-from dapo_ops.config import STAGES
-from dapo_ops.reports import render_attention_diagnostics
+from dapo_ops.attention.teacher_forced import teacher_forced_pass
+from dapo_ops.config.dapo import STAGES
+from dapo_ops.data import synthetic
+from dapo_ops.models import loading as models
+from dapo_ops.reporting.reports import render_attention_diagnostics
+from dapo_ops.rollout import generate as rollout
+from dapo_ops.run import phases as training
 
 SIZES = {56: 4, 112: 16}  # image side (px) -> image tokens: (side / 14)^2 patches, merged 2x2
 
@@ -23,8 +26,8 @@ def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def mixed_round() -> tuple[models.Policy, rollout.RolloutBatch, pl.DataFrame]:
-    policy = models.build_embedded_policy(synthetic.corpus(("color",)), seed=0)
+def mixed_round(embedded_policy_for) -> tuple[models.Policy, rollout.RolloutBatch, pl.DataFrame]:
+    policy = embedded_policy_for(synthetic.corpus(("color",)), seed=0)
     # The embedded processor resizes every image to 56x56; this one keeps each image's own size.
     policy.processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
                                                                 temporal_patch_size=2, merge_size=2)

@@ -1,4 +1,4 @@
-"""The masked pass (`dapo_ops.visual`): images degraded in the processed space, seeded per prompt, the per-token
+"""The masked pass (`dapo_ops.attention.visual`): images degraded in the processed space, seeded per prompt, the per-token
 KL to the masked input inside the teacher-forced pass, the answer's tokens and the per-rollout values."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_shared_prefix import G, rollout_batch, tiny_model
 
-from dapo_ops import visual
-from dapo_ops.attention import VisualMasking, teacher_forced_pass
-from dapo_ops.config import DapoConfig
-from dapo_ops.inputs import VisionInputs
+from dapo_ops.attention import visual
+from dapo_ops.attention.teacher_forced import VisualMasking, teacher_forced_pass
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.models.inputs import VisionInputs
 
 PATCH_DIM = 12  # 3 channels x 4 values per patch row, small enough to read
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dapo_ops import round as dapo_round
-from dapo_ops import synthetic, training
-from dapo_ops.config import EMBEDDED, DapoConfig
-from dapo_ops.store import RunStore, checkpoint_key
+from dapo_ops.config.dapo import EMBEDDED, DapoConfig
+from dapo_ops.data import synthetic
+from dapo_ops.run import phases as training
+from dapo_ops.run import round as dapo_round
+from dapo_ops.store.layout import RunStore, checkpoint_key
 
 SMALL = dict(prompts_per_round=4, num_generations=2, max_completion_length=20, steps_per_generation=1,
              num_iterations=1, num_train_examples=256, num_eval_examples=32, eval_subset_size=16, warmup_steps=45,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dapo_ops.models import Policy, build_embedded_policy
-from dapo_ops.rollout import generate_rollouts
-from dapo_ops.training import encode_rows
-from dapo_ops.warmstart import (
+from dapo_ops.models.loading import Policy, build_embedded_policy
+from dapo_ops.rollout.generate import generate_rollouts
+from dapo_ops.run.phases import encode_rows
+from dapo_ops.train.warmstart import (
     completion_cross_entropy,
     corpus_from_rows,
     supervised_warm_start,
@@ -50,8 +50,8 @@ def rows() -> pl.DataFrame:
 
 
 @pytest.fixture
-def policy(rows: pl.DataFrame) -> Policy:
-    return build_embedded_policy(corpus_from_rows(rows), seed=0)
+def policy(rows: pl.DataFrame, embedded_policy_for) -> Policy:
+    return embedded_policy_for(corpus_from_rows(rows), seed=0)
 
 
 def test_target_is_the_first_rationale_in_think_tags_then_the_letter() -> None:
@@ -119,7 +119,7 @@ def test_no_steps_means_no_training(policy: Policy, rows: pl.DataFrame) -> None:
 
 
 def test_format_target_names_the_given_choice_and_its_letter() -> None:
-    from dapo_ops.warmstart import format_target
+    from dapo_ops.train.warmstart import format_target
 
     row = {"choices": ["cat", "dog", "cow"], "correct_choice_idx": 2}
     assert format_target(row, 0) == "<think>The answer is cat.</think> Answer: A"

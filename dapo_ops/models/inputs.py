@@ -1,0 +1,450 @@
+"""Chat-template prompts -> model inputs (the family's processor outputs) and the vision/text key masks.
+
+The processor of the model's family renders nothing by hand: it expands each image placeholder into the
+family's image tokens and returns whatever its forward needs (Qwen: `pixel_values` patch rows,
+`image_grid_thw`, `mm_token_type_ids`; Idefics3: `pixel_values` [B, images, C, H, W] and
+`pixel_attention_mask`; Gemma 3: `pixel_values` and `token_type_ids`; LLaVA: `pixel_values`). Those outputs
+are kept per prompt (`VisionInputs`) so that any subset or repetition of prompts is again a model input.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dapo_ops.models.tokens import IMAGE_PAD, LETTERS, SYSTEM_PROMPT, template_token_ids
+
+if TYPE_CHECKING:
+    from dapo_ops.models.loading import Policy
+
+__all__ = ["LETTERS", "SYSTEM_PROMPT", "PromptBatch", "VisionInputs", "encode_prompts"]
+
+ImageLike = Image.Image | bytes | bytearray | Mapping[str, Any]
+# Per-token processor outputs that are not the ids or the mask; completion positions are text (type 0).
+TOKEN_KEYS: tuple[str, ...] = ("mm_token_type_ids", "token_type_ids")
+
+
+def format_choices(choices: Sequence[str]) -> str:
+    """`A. red\\nB. green\\n...`: one lettered choice per line."""
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
+    return "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+
+
+def build_messages(question: str, choices: Sequence[str], system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+    """System prompt plus one user turn holding the image, the question and the lettered choices."""
+    return [
+        {"role": "system", "content": system_prompt},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": f"{question}\n{format_choices(choices)}"},
+            ],
+        },
+    ]
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a PIL image, encoded bytes, or an HF image struct {"bytes", "path"}."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            return to_pil(image["bytes"])
+        if image.get("path"):
+            with Image.open(image["path"]) as opened:
+                return opened.convert("RGB")
+        raise ValueError("image struct has neither bytes nor path")
+    if isinstance(image, bytes | bytearray):
+        with Image.open(io.BytesIO(image)) as opened:
+            return opened.convert("RGB")
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+def key_masks(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokenizer: Any,
+    *,
+    image_token_id: int | None = None,
+    excluded_ids: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vision_mask, text_mask), bool [B, T], per the metric's token sets (docs/metrics.md).
+
+    vision = positions of the image token (`image_token_id`; Qwen's `<|image_pad|>` when None); text =
+    attended positions that are neither vision nor special/template/boundary tokens (`excluded_ids`, the
+    tokenizer's when None; role names and newlines count as text); padding is in neither.
+    """
+    attended = attention_mask.bool()
+    if image_token_id is None:
+        image_token_id = tokenizer.get_vocab()[IMAGE_PAD]
+    vision = (input_ids == image_token_id) & attended
+    excluded = template_token_ids(tokenizer) if excluded_ids is None else list(excluded_ids)
+    template = torch.tensor(excluded, dtype=input_ids.dtype, device=input_ids.device)
+    text = attended & ~vision & ~torch.isin(input_ids, template)
+    return vision, text
+
+
+def patch_counts(image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Rows of `pixel_values` per image: t * h * w of its grid."""
+    return image_grid_thw.prod(dim=-1)
+
+
+def gather_items(tensor: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The rows of items `indices` (in that order, repeats allowed) of a tensor whose items are stored
+    one after another along dim 0, item i owning `counts[i]` rows."""
+    counts = counts.to(torch.long).cpu()
+    starts = torch.cumsum(counts, 0) - counts
+    idx = torch.as_tensor(indices, dtype=torch.long).cpu()
+    if len(idx) == 0:
+        return tensor[:0]
+    counts_sel, starts_sel = counts[idx], starts[idx]
+    # Row r of the result is starts_sel[k] + (r - offset of k), k the item that row belongs to.
+    owner = torch.repeat_interleave(torch.arange(len(idx)), counts_sel)
+    offsets = torch.cumsum(counts_sel, 0) - counts_sel
+    rows = starts_sel[owner] + torch.arange(int(counts_sel.sum())) - offsets[owner]
+    return tensor[rows.to(tensor.device)]
+
+
+def select_pixel_values(
+    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """The pixel rows of images `indices` (in that order) from patches concatenated image after image."""
+    return gather_items(pixel_values, patch_counts(image_grid_thw), indices)
+
+
+def _cat_padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding trailing dims to the largest (how processors pad a batch:
+    Idefics3 pads images per prompt with all-zero images and a False pixel mask)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    shape = [max(int(p.shape[d]) for p in parts) for d in range(1, parts[0].ndim)]
+    padded = []
+    for part in parts:
+        pad: list[int] = []
+        for d in reversed(range(1, part.ndim)):
+            pad += [0, shape[d - 1] - int(part.shape[d])]
+        padded.append(F.pad(part, pad) if any(pad) else part)
+    return torch.cat(padded, 0)
+
+
+@dataclass
+class VisionInputs:
+    """The processor's image outputs of n items (prompts or rollouts), stored item after item along dim 0.
+
+    Item i owns `counts[key][i]` rows of `tensors[key]`: for Qwen, its t*h*w patch rows of `pixel_values`
+    and one row of `image_grid_thw`; for families whose processor returns [B, ...] tensors (Idefics3,
+    Gemma 3, LLaVA) one row each. Any key works the same way, so no family is special-cased here.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]  # [n] long per key
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    @classmethod
+    def from_items(cls, items: Sequence[Mapping[str, torch.Tensor]]) -> VisionInputs:
+        """One item per mapping (a prompt's processor outputs), all with the same keys."""
+        keys = list(items[0]) if items else []
+        for i, item in enumerate(items):
+            if list(item) != keys:
+                raise ValueError(f"item {i} has image keys {sorted(item)}, item 0 has {sorted(keys)}")
+        return cls(
+            tensors={k: _cat_padded([item[k] for item in items]) for k in keys},
+            counts={k: torch.tensor([int(item[k].shape[0]) for item in items], dtype=torch.long) for k in keys},
+            size=len(items),
+        )
+
+    @classmethod
+    def from_patches(cls, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionInputs:
+        """Qwen's layout: one image per item, its t*h*w patch rows and its grid row."""
+        n = int(image_grid_thw.shape[0])
+        return cls(
+            tensors={"pixel_values": pixel_values, "image_grid_thw": image_grid_thw},
+            counts={"pixel_values": patch_counts(image_grid_thw).cpu(), "image_grid_thw": torch.ones(n, dtype=torch.long)},
+            size=n,
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[VisionInputs]) -> VisionInputs:
+        """The items of `parts`, one after another."""
+        keys = list(parts[0].tensors)
+        return VisionInputs(
+            tensors={k: _cat_padded([p.tensors[k] for p in parts]) for k in keys},
+            counts={k: torch.cat([p.counts[k] for p in parts]) for k in keys},
+            size=sum(len(p) for p in parts),
+        )
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> VisionInputs:
+        """Items `indices`, in that order (repeats allowed: a prompt's images once per rollout)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).cpu()
+        return VisionInputs(
+            tensors={k: gather_items(t, self.counts[k], idx) for k, t in self.tensors.items()},
+            counts={k: c[idx] for k, c in self.counts.items()},
+            size=len(idx),
+        )
+
+    def repeat_interleave(self, repeats: int) -> VisionInputs:
+        """Each item `repeats` times in a row (a prompt's images for its G rollouts)."""
+        return self.select(torch.arange(self.size).repeat_interleave(repeats))
+
+    def to(self, device: str | torch.device) -> VisionInputs:
+        return VisionInputs({k: t.to(device) for k, t in self.tensors.items()}, dict(self.counts), self.size)
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the family's forward."""
+        return dict(self.tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and ints (loadable with `torch.load(..., weights_only=True)`)."""
+        return {
+            "tensors": {k: t.cpu() for k, t in self.tensors.items()},
+            "counts": dict(self.counts),
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> VisionInputs:
+        return cls(dict(state["tensors"]), dict(state["counts"]), int(state["size"]))
+
+
+def pad_columns(values: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
+    """[B, T] -> [B, width]: `value` appended on the right (completion positions of a per-token input)."""
+    missing = width - int(values.shape[1])
+    if missing <= 0:
+        return values
+    return torch.cat([values, values.new_full((values.shape[0], missing), value)], dim=1)
+
+
+def vl_model_inputs(batch: Any) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the family's forward from a PromptBatch or RolloutBatch: ids, mask, the
+    processor's image outputs, and its per-token inputs (right-padded with 0 over a completion).
+
+    Passing Qwen's `mm_token_type_ids` matters: without it Qwen2.5-VL falls back to 1D positions that ignore
+    the left padding and the image grid; Gemma 3's `token_type_ids` make the image tokens attend to each
+    other bidirectionally, as they did when the model was trained.
+    """
+    width = int(batch.input_ids.shape[1])
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    inputs.update(batch.vision.model_kwargs())
+    for name, values in batch.token_inputs.items():
+        inputs[name] = pad_columns(values, width)
+    return inputs
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside DDP / FSDP / accelerate wrappers (they keep it in `.module`)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def uses_rope_index(model: torch.nn.Module) -> bool:
+    """Qwen-VL families build multimodal (3D) positions themselves from `mm_token_type_ids` and the grid."""
+    return callable(getattr(getattr(unwrapped(model), "model", None), "get_rope_index", None))
+
+
+def prompt_position_ids(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Positions of a left-padded batch as the family computes them: Qwen's mRoPE index ([3, B, T]) or
+    1D positions counting attended tokens only ([B, T]), so a row's positions ignore its left padding."""
+    if uses_rope_index(model) and "mm_token_type_ids" in inputs:
+        extra = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+        positions, _ = unwrapped(model).model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], attention_mask=inputs["attention_mask"], **extra
+        )
+        return positions
+    return (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_position_ids(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The `position_ids` a full (no cache) forward needs to match generation: None for the Qwen-VL
+    families, which compute the same positions from `mm_token_type_ids`; 1D padding-free ones otherwise."""
+    if uses_rope_index(model):
+        return None
+    return prompt_position_ids(model, inputs)
+
+
+class ImageFields:
+    """`pixel_values` / `image_grid_thw` read off a batch's `vision` inputs (one row per prompt or rollout),
+    for callers written against the Qwen layout."""
+
+    vision: VisionInputs
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.vision["pixel_values"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        """Qwen's image grids, one row per batch row (a KeyError for families without one)."""
+        return self.vision["image_grid_thw"]
+
+
+@dataclass
+class PromptBatch(ImageFields):
+    """Left-padded prompts with one image each, ready for the family's forward (`model(**batch.model_inputs())`)."""
+
+    input_ids: torch.Tensor  # [B, T] long, left padded
+    attention_mask: torch.Tensor  # [B, T] long
+    vision: VisionInputs  # the processor's image outputs, one item per prompt
+    vision_mask: torch.Tensor  # [B, T] bool
+    text_mask: torch.Tensor  # [B, T] bool
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, T] each, e.g. mm_token_type_ids
+    texts: list[str] = field(default_factory=list)  # the templated prompt strings, before expansion
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def mm_token_type_ids(self) -> torch.Tensor:
+        """1 at image tokens, else 0: what Qwen2.5-VL needs to build its 3D (mRoPE) positions."""
+        return self.token_inputs.get("mm_token_type_ids", self.vision_mask).to(torch.int32)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the family's forward (Qwen's mRoPE positions honour the left padding)."""
+        return vl_model_inputs(self)
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> PromptBatch:
+        """Rows `indices` (image inputs sliced per prompt)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return PromptBatch(
+            input_ids=self.input_ids[idx],
+            attention_mask=self.attention_mask[idx],
+            vision=self.vision.select(idx),
+            vision_mask=self.vision_mask[idx],
+            text_mask=self.text_mask[idx],
+            token_inputs={k: v[idx] for k, v in self.token_inputs.items()},
+            texts=[self.texts[i] for i in idx.tolist()] if self.texts else [],
+        )
+
+    def trim_padding(self) -> PromptBatch:
+        """Drop leading columns that are padding in every row (they cost compute and change nothing)."""
+        attended = (self.attention_mask.sum(dim=0) > 0).nonzero()
+        first = int(attended[0]) if len(attended) else 0
+        if first == 0:
+            return self
+        return PromptBatch(
+            input_ids=self.input_ids[:, first:],
+            attention_mask=self.attention_mask[:, first:],
+            vision=self.vision,
+            vision_mask=self.vision_mask[:, first:],
+            text_mask=self.text_mask[:, first:],
+            token_inputs={k: v[:, first:] for k, v in self.token_inputs.items()},
+            texts=list(self.texts),
+        )
+
+    def to(self, device: str | torch.device) -> PromptBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return PromptBatch(
+            **moved,
+            vision=self.vision.to(device),
+            token_inputs={k: v.to(device) for k, v in self.token_inputs.items()},
+            texts=list(self.texts),
+        )
+
+
+def as_content_parts(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Messages with string contents turned into `[{"type": "text", "text": ...}]`, the form every
+    multimodal template reads (Idefics3's iterates the content; Qwen's renders both forms alike)."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else dict(m)
+        for m in messages
+    ]
+
+
+def render_prompt(policy: Policy, messages: list[dict]) -> str:
+    """The family's chat template over `messages`, ending with the assistant header."""
+    processor = policy.processor
+    messages = as_content_parts(messages)
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _process_one(policy: Policy, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
+    """The processor's outputs for one prompt and its image (no padding), as tensors."""
+    outputs = policy.processor(images=[[image]], text=[text], return_tensors="pt")
+    names = set(getattr(policy.processor, "model_input_names", None) or outputs.keys())
+    names.update(("input_ids", "attention_mask"))
+    return {k: v for k, v in outputs.items() if k in names and isinstance(v, torch.Tensor)}
+
+
+def _left_pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """[1, T_i] rows -> [B, max T_i], padded on the left with `value`."""
+    width = max(int(r.shape[1]) for r in rows)
+    out = rows[0].new_full((len(rows), width), value)
+    for i, row in enumerate(rows):
+        out[i, width - row.shape[1] :] = row[0]
+    return out
+
+
+def encode_prompts(
+    policy: Policy,
+    questions: Sequence[str],
+    choices_list: Sequence[Sequence[str]],
+    images: Sequence[ImageLike],
+    *,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> PromptBatch:
+    """Chat-template and process (left padded) one prompt per (question, choices, image).
+
+    Each prompt goes through the family's processor on its own (its image tokens expanded as the processor
+    does) and the rows are then left padded: the same ids, mask and image tensors as one padded processor
+    call, with each prompt's image outputs kept apart.
+    """
+    if not len(questions) == len(choices_list) == len(images):
+        raise ValueError(
+            f"questions ({len(questions)}), choices ({len(choices_list)}) and images ({len(images)}) "
+            "differ in length"
+        )
+    if len(questions) == 0:
+        raise ValueError("encode_prompts needs at least one prompt")
+    texts = [
+        render_prompt(policy, build_messages(q, c, system_prompt))
+        for q, c in zip(questions, choices_list, strict=True)
+    ]
+    outputs = [_process_one(policy, text, to_pil(image)) for text, image in zip(texts, images, strict=True)]
+    token_names = [k for k in outputs[0] if outputs[0][k].shape == outputs[0]["input_ids"].shape]
+    pad = policy.pad_token_id
+    columns = {k: _left_pad([o[k] for o in outputs], pad if k == "input_ids" else 0) for k in token_names}
+    input_ids = columns.pop("input_ids").to(torch.long)
+    attention_mask = columns.pop("attention_mask").to(torch.long)
+    vision = VisionInputs.from_items([{k: v for k, v in o.items() if k not in token_names} for o in outputs])
+    if "pixel_values" in vision:
+        vision.tensors["pixel_values"] = vision.tensors["pixel_values"].to(torch.float32)
+    vision_mask, text_mask = key_masks(
+        input_ids,
+        attention_mask,
+        policy.tokenizer,
+        image_token_id=policy.image_token_id,
+        excluded_ids=policy.text_excluded_ids,
+    )
+    return PromptBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        vision=vision,
+        vision_mask=vision_mask,
+        text_mask=text_mask,
+        token_inputs=columns,
+        texts=texts,
+    )
+

@@ -1,0 +1,382 @@
+"""The round as Dagster runs it, without Dagster: the phases after each library step (health findings and
+their files, reports, the DONE marker, the run's config record) and `run_round`, which calls every
+phase in the order of the asset graph. The assets call these functions one each; the GPU script, the
+benchmark and the tests call `run_round`, so all of them run the same round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from dapo_ops.common import faults
+from dapo_ops.config.dapo import DapoConfig
+from dapo_ops.data import loading as data
+from dapo_ops.reporting import charts, health, reports
+from dapo_ops.reporting.health import Finding
+from dapo_ops.rollout.engines import RolloutEngine
+from dapo_ops.run import phases as training
+from dapo_ops.run.round_files import UpdateRecord
+from dapo_ops.store import layout as store
+from dapo_ops.store.layout import RunStore, checkpoint_index, checkpoint_key
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def config_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`name old -> new` for every field that differs (added and removed fields included)."""
+    missing = object()
+    changed = []
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name, missing), after.get(name, missing)
+        if old != new:
+            changed.append(f"{name} {'(unset)' if old is missing else json.dumps(old)} -> "
+                           f"{'(unset)' if new is missing else json.dumps(new)}")
+    return changed
+
+
+def record_config(config: DapoConfig, run_store: RunStore, log: training.RoundLog) -> list[str]:
+    """Keep the run's config.json equal to the config the round runs with. The full config is logged once,
+    at run start (and sent to MLflow as params); a resumed run that changes something logs one line."""
+    values = config.to_dict()
+    path = run_store.config_path
+    if path.exists():
+        changed = config_diff(store.read_json(path), values)
+        if not changed:
+            return []
+        log(f"config changed since {path.name}: {'; '.join(changed)}")
+    else:
+        changed = config_diff({}, values)
+    store.write_json_atomic(path, values)
+    return changed
+
+
+# ------------------------------------------------------------------------------------------- health
+
+
+def log_findings(log: training.RoundLog, findings: list[Finding]) -> None:
+    for finding in findings:
+        if not finding.passed:
+            log.warning(f"health check {finding.name}: {finding.message}. Remedy: {finding.remedy}")
+
+
+def _write_findings(path: Path, findings: list[Finding]) -> None:
+    store.write_json_atomic(path, [f.to_dict() for f in findings])
+
+
+def reward_health(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
+                  metrics: dict[str, float]) -> list[Finding]:
+    """The reward checks of a scored round (`metrics` from `training.batch_metrics`), logged and written."""
+    findings = health.reward_findings(metrics, weights=config.weights)
+    log_findings(log, findings)
+    _write_findings(run_store.round(key).health_rewards, findings)
+    return findings
+
+
+def start_entropy(run_store: RunStore) -> float | None:
+    """The sampling entropy of the run's first round: the baseline of the entropy-collapse check."""
+    path = run_store.round(checkpoint_key(0)).attention_parquet
+    if not path.exists():
+        return None
+    return float(pl.read_parquet(path)["entropy"].mean())
+
+
+def update_health(run_store: RunStore, key: str, log: training.RoundLog,
+                  metrics: dict[str, float]) -> list[Finding]:
+    """The update checks (`metrics`: the update summary and eval), logged and written."""
+    findings = health.update_findings(metrics, start_entropy=start_entropy(run_store))
+    log_findings(log, findings)
+    _write_findings(run_store.round(key).health_update, findings)
+    return findings
+
+
+def non_finite_health(run_store: RunStore, key: str, log: training.RoundLog, error: Exception) -> Finding:
+    """The failed `non_finite` check of an update that stopped on a NaN/Inf, logged and written."""
+    log.error(str(error))
+    finding = health.non_finite({"grad_norm" if "gradient" in str(error) else "loss": float("nan")})
+    _write_findings(run_store.round(key).health_update, [finding])
+    return finding
+
+
+def round_findings(run_store: RunStore, key: str) -> list[dict[str, Any]]:
+    files = run_store.round(key)
+    return [*store.read_json(files.health_rewards), *store.read_json(files.health_update)]
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+@dataclass
+class AttentionReport:
+    text: str
+    path: Path
+    chart: Path
+    tolerance: float
+    stage_means: dict[str, dict[str, float]]
+    visual: dict[str, float] | None = None  # the visual-dependency values (None without the masked pass)
+    visual_chart: Path | None = None
+
+
+VISUAL_CHART = "visual_dependency.png"
+
+
+def checkpoint_evaluation(run_store: RunStore, key: str) -> dict[str, float]:
+    """The eval metrics of checkpoint `key` itself: a re-analysis's own (attention.json), else those written
+    with the checkpoint (state.json); empty when neither has any."""
+    attention_json = run_store.round(key).attention_json
+    if attention_json.exists():
+        found = store.read_json(attention_json).get("eval")
+        if found:
+            return dict(found)
+    state = run_store.checkpoint_dir(key) / training.STATE_FILE
+    return dict(store.read_json(state).get("eval") or {}) if state.exists() else {}
+
+
+def visual_history(run_store: RunStore, key: str) -> list[dict[str, float]]:
+    """Per round up to `key` whose attention table has the masked pass's columns: mean |ln MDI| (stage all)
+    and mean visual KL over completions and answers."""
+    history = []
+    for k in range(checkpoint_index(key) + 1):
+        path = run_store.round(checkpoint_key(k)).attention_parquet
+        if not path.exists():
+            continue
+        table = pl.read_parquet(path)
+        if "visual/kl_mean" not in table.columns:
+            continue
+        history.append({"round": k, "abs_log_mdi": reports.mean_std(reports.abs_log_mdi(table["attn/all/mdi"]))[0],
+                        "kl_mean": reports.mean_std(table["visual/kl_mean"])[0],
+                        "kl_answer": reports.mean_std(table["visual/kl_answer"])[0]})
+    return history
+
+
+def write_attention_report(run_store: RunStore, key: str) -> AttentionReport:
+    """attention_diagnostics.md, its attention-balance chart and (with the masked pass) the per-round chart of
+    |ln MDI| and visual KL, from the round's attention.parquet and the checkpoint's eval."""
+    table = pl.read_parquet(run_store.round(key).attention_parquet)
+    tolerance = float(table["mdi_tolerance"][0])
+    out = run_store.reports_dir(key)
+    stage_means = reports.attention_stage_means(table)
+    chart = charts.attention_balance_png(stage_means, out / "attention_balance.png", tolerance=tolerance)
+    evaluation = checkpoint_evaluation(run_store, key)
+    visual, visual_chart = None, None
+    if "visual/kl_mean" in table.columns:
+        visual = reports.visual_dependency_summary(table, evaluation)
+        visual_chart = charts.visual_dependency_png(visual_history(run_store, key), out / VISUAL_CHART)
+    text = reports.render_attention_diagnostics(table, run_name=run_store.run_name, checkpoint=key,
+                                                mdi_tolerance=tolerance, chart_file=chart.name, evaluation=evaluation,
+                                                visual_chart_file=None if visual_chart is None else visual_chart.name)
+    path = store.write_text_atomic(out / "attention_diagnostics.md", text)
+    return AttentionReport(text, path, chart, tolerance, stage_means, visual, visual_chart)
+
+
+# The round's rollout sample in its reports folder (logged to MLflow under `reports/<key>/`).
+ROLLOUT_TABLE = "rollout_table.json"  # an MLflow logged table (`MlflowClient.log_table`'s file format)
+ROLLOUT_IMAGES = "rollout_images"  # the sampled prompts' images, full size (.png) and 256 px (.webp)
+ALL_ROLLOUTS = "all_rollouts.parquet"  # every rollout of the round (the round table), linked by the reports
+_THUMBNAIL_PX = 256  # the size MLflow's own log_table compresses table images to
+
+
+@dataclass
+class RolloutSample:
+    """The `report_samples` sample of a round as written to its reports folder."""
+
+    table: pl.DataFrame  # the sampled rows of the round table
+    table_path: Path | None  # rollout_table.json; None when the sample is empty
+    images_dir: Path
+    all_rollouts: Path
+    markdown: str  # the sample as a markdown table, images linked relative to the reports folder
+
+    def artifact_table(self, key: str) -> str | None:
+        return None if self.table_path is None else f"reports/{key}/{self.table_path.name}"
+
+
+def _image_name(prompt_index: int) -> str:
+    return f"prompt-{prompt_index:04d}"
+
+
+def _prompt_images(run_store: RunStore, sample: pl.DataFrame) -> dict[int, Any]:
+    """The sampled prompts' images (PIL), by `prompt_index`, from the train split the round drew them from."""
+    prompts = sample.unique("prompt_index", keep="first", maintain_order=True)
+    wanted = dict(zip(prompts["question_id"].to_list(), prompts["prompt_index"].to_list(), strict=True))
+    train = training.load_split(run_store, "train").filter(pl.col("question_id").is_in(list(wanted)))
+    found = dict(zip(train["question_id"].to_list(), train["image"].to_list(), strict=True))
+    missing = [q for q in wanted if q not in found]
+    if missing:
+        raise ValueError(f"question_id(s) {', '.join(map(str, missing))} of the rollout sample are not in "
+                         f"{run_store.data_dir / 'train.parquet'}")
+    return {int(p): data.decode_image(found[q]) for q, p in wanted.items()}
+
+
+def _encoded(image: Any, fmt: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_rollout_sample(config: DapoConfig, run_store: RunStore, key: str, table: pl.DataFrame) -> RolloutSample:
+    """all_rollouts.parquet (the whole round table), and the `report_samples` sample as rollout_table.json plus
+    its prompts' images: the MLflow table of the round (images at their artifact paths)."""
+    out = run_store.reports_dir(key)
+    all_rollouts = store.write_parquet_atomic(out / ALL_ROLLOUTS, table.sort("rollout_index"))
+    sample = reports.sample_rollouts(table, config.report_samples)
+    images_dir = out / ROLLOUT_IMAGES
+    images = _prompt_images(run_store, sample) if sample.height else {}
+    keep: set[str] = set()
+    for prompt, image in images.items():
+        name = _image_name(prompt)
+        scale = _THUMBNAIL_PX / max(image.size)
+        thumbnail = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        store.write_bytes_atomic(images_dir / f"{name}.png", _encoded(image, "PNG"))
+        store.write_bytes_atomic(images_dir / f"{name}.webp", _encoded(thumbnail, "WEBP"))
+        keep |= {f"{name}.png", f"{name}.webp"}
+    for stale in images_dir.glob("*") if images_dir.is_dir() else []:
+        if stale.name not in keep:  # a sample of another report_samples
+            stale.unlink()
+    artifact_dir = f"reports/{key}/{ROLLOUT_IMAGES}"
+    cells = {p: {"type": "image", "filepath": f"{artifact_dir}/{_image_name(p)}.png",
+                 "compressed_filepath": f"{artifact_dir}/{_image_name(p)}.webp"} for p in images}
+    table_path = None
+    if sample.height:
+        columns = reports.rollout_sample_columns(sample, cells, reward_names=config.reward_names)
+        table_path = store.write_text_atomic(out / ROLLOUT_TABLE, reports.mlflow_table_json(columns))
+    else:
+        (out / ROLLOUT_TABLE).unlink(missing_ok=True)
+    links = {p: f"![prompt {p}]({ROLLOUT_IMAGES}/{_image_name(p)}.png)" for p in images}
+    markdown = reports.render_rollout_sample(reports.rollout_sample_columns(sample, links,
+                                                                            reward_names=config.reward_names))
+    return RolloutSample(sample, table_path, images_dir, all_rollouts, markdown)
+
+
+@dataclass
+class RoundReports:
+    metrics: dict[str, float]
+    table: pl.DataFrame
+    findings: list[dict[str, Any]]
+    curves: Path
+    terminal: str
+    terminal_path: Path
+    started: float
+    sample: RolloutSample
+
+    def artifacts(self, key: str) -> dict[str, list[Path]]:
+        """What MLflow receives for the round: the three reports, both charts, every rollout and the sample's
+        table with its images."""
+        out = self.terminal_path.parent
+        files = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", self.terminal_path,
+                                    self.curves, out / "attention_balance.png", self.sample.all_rollouts]}
+        if (out / VISUAL_CHART).exists():
+            files[f"reports/{key}"].append(out / VISUAL_CHART)
+        if self.sample.table_path is not None:
+            files[f"reports/{key}"].append(self.sample.table_path)
+            files[f"reports/{key}/{ROLLOUT_IMAGES}"] = [self.sample.images_dir]
+        return files
+
+    def tables(self, key: str) -> list[str]:
+        """The round's MLflow logged tables (artifact paths)."""
+        table = self.sample.artifact_table(key)
+        return [] if table is None else [table]
+
+
+def write_round_reports(config: DapoConfig, run_store: RunStore, key: str, log: training.RoundLog,
+                        update: UpdateRecord) -> RoundReports:
+    """metrics.json, learning curves, the rollout sample (`write_rollout_sample`), rollout_results.md and
+    run_terminal.md of a trained round."""
+    table = training.round_table(run_store, key)
+    metrics = training.round_metrics(config, table, update)
+    started = time.time()
+    store.write_json_atomic(run_store.round(key).metrics, metrics)
+    out = run_store.reports_dir(key)
+    curves = charts.learning_curves_png(training.metrics_history(run_store), out / "learning_curves.png")
+    sample = write_rollout_sample(config, run_store, key, table)
+    rollout_md = reports.render_rollout_results(table, mdi_reward_stage=config.mdi_reward_stage,
+                                                run_name=config.run_name, checkpoint=key,
+                                                reward_names=config.reward_names,
+                                                report_samples=config.report_samples,
+                                                all_rollouts_link=sample.all_rollouts.name)
+    store.write_text_atomic(out / "rollout_results.md", rollout_md)
+    faults.point("mid_report_write")
+    findings = round_findings(run_store, key)
+    log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
+        f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
+        f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
+    result = RoundReports(metrics, table, findings, curves, "", out / "run_terminal.md", started, sample)
+    rewrite_terminal(config, key, log, result)
+    return result
+
+
+def rewrite_terminal(config: DapoConfig, key: str, log: training.RoundLog, result: RoundReports) -> None:
+    """run_terminal.md from the round log as it is now (again after a late warning, e.g. MLflow down)."""
+    result.terminal = reports.render_run_terminal(log.lines(), result.metrics, run_name=config.run_name,
+                                                  checkpoint=key, health=result.findings,
+                                                  reward_names=config.reward_names)
+    store.write_text_atomic(result.terminal_path, result.terminal)
+
+
+def mark_done(run_store: RunStore, key: str, started: float) -> Path:
+    """Marks the round finished for resumption (`make run` skips it from now on)."""
+    faults.point("before_round_done")
+    return store.write_text_atomic(run_store.round(key).done, f"{time.time() - started:.3f}\n")
+
+
+def is_done(run_store: RunStore, key: str) -> bool:
+    return run_store.round(key).done.exists()
+
+
+# -------------------------------------------------------------------------------------------- round
+
+
+@dataclass
+class RoundResult:
+    record: UpdateRecord
+    metrics: dict[str, float]
+    findings: list[dict[str, Any]]
+    seconds: dict[str, float]
+
+
+def run_round(config: DapoConfig, run_store: RunStore, key: str, policy: Any, optimizer: Any,
+              log: training.RoundLog, *, engine: RolloutEngine | None = None, ref_policy: Any = None,
+              clock: Callable[[], float] = time.perf_counter) -> RoundResult:
+    """Round `key` from checkpoint k to ckpt-(k+1) and its reports, phase by phase as the assets run it
+    (rollouts, attention_metrics, rewards, policy_update, attention_report, training_report), minus
+    MLflow. `seconds` times each phase by `clock` (on a GPU, one that synchronises). A NaN/Inf update
+    writes its failed check and re-raises."""
+    from dapo_ops.train.update import NonFiniteUpdateError
+
+    seconds: dict[str, float] = {}
+    last = clock()
+
+    def lap(phase: str) -> None:
+        nonlocal last
+        now = clock()
+        seconds[phase] = now - last
+        last = now
+
+    record_config(config, run_store, log)
+    training.generate_round_rollouts(config, run_store, key, policy, log, engine=engine)
+    lap("rollouts")
+    training.compute_attention(config, run_store, key, policy, log)
+    lap("attention_metrics")
+    training.compute_rewards(config, run_store, key, log)
+    reward_health(config, run_store, key, log, training.batch_metrics(config, training.round_table(run_store, key)))
+    lap("rewards")
+    try:
+        record = training.run_update(config, run_store, key, policy, optimizer, log, ref_policy=ref_policy)
+    except NonFiniteUpdateError as error:
+        non_finite_health(run_store, key, log, error)
+        raise
+    update_health(run_store, key, log, {**record.summary, **record.eval})
+    lap("policy_update")
+    write_attention_report(run_store, key)
+    lap("attention_report")
+    result = write_round_reports(config, run_store, key, log, record)
+    mark_done(run_store, key, result.started)
+    lap("training_report")
+    return RoundResult(record, result.metrics, result.findings, seconds)
