@@ -620,7 +620,7 @@ def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
         ["Pivotal-token share (KL > threshold)", _fmt(v["visual/dependent_token_ratio"])],
         ["Blind accuracy (eval, blank images)", _fmt(v["eval/blind_accuracy"])],
         ["Visual gain (eval accuracy − blind)", _fmt(v["eval/visual_gain"])],
-        ["corr(\\|ln MDI\\|, KL) over rollouts", _fmt(v["abs_log_mdi_kl_correlation"])],
+        ["corr(|ln MDI|, KL) over rollouts", _fmt(v["abs_log_mdi_kl_correlation"])],
     ]
     parts = ["## Visual dependency",
              "Does the answer depend on the image? Each rollout is scored again with its image degraded; KL is "
