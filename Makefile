@@ -23,7 +23,8 @@ RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES))
 
-.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation \
+	gpu-smoke-dry gpu-wheels clean
 
 install: $(STAMP)
 
@@ -74,6 +75,24 @@ sync-mlflow: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# The GPU smoke path (scripts/gpu_smoke.sh) as the GPU machine's image runs it: a virtualenv of only torch,
+# transformers, peft, accelerate, pandas, pyarrow, safetensors, pillow, numpy and their requirements, linked
+# offline from .venv (no polars, dagster, mlflow, trl, datasets), a CPU dry run of the tiny shape. docs/gpu.md.
+GPU_IMAGE_VENV ?= var/gpu-image-venv
+gpu-smoke-dry: install
+	$(BIN)/python scripts/gpu_image_venv.py $(GPU_IMAGE_VENV)
+	PYTHON=$(GPU_IMAGE_VENV)/bin/python PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 scripts/gpu_smoke.sh --allow-cpu \
+		--shape tiny --prompts 2 --generations 2 --max-completion-length 4 --image-size 56 --decode-repeats 1 \
+		--compile-backend eager --attention-lengths 32 --out var/gpu_smoke_dry
+
+# polars' wheels for the GPU image (python 3.12, x86_64; ~52 MiB), to carry to the GPU machine in var/gpu_wheels:
+# scripts/gpu_smoke.sh installs them offline when the image lacks polars (the library rounds need it).
+gpu-wheels: install
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 -d var/gpu_wheels \
+		polars==$$($(BIN)/python -c "import polars; print(polars.__version__)") \
+		polars-runtime-32==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('polars-runtime-32'))")
 
 # Attention reward off / each MDI shaping on the embedded default, and one row per RL objective on the embedded
 # default and an unseen dataset, 3 seeds each, two runs at a time (~45 min on 2 cores); finished runs are

@@ -145,6 +145,7 @@ def fixed_rollouts(policy, shape: Shape, *, prompts: int | None = None, generati
         is_eos=torch.zeros(p * g, dtype=torch.bool), completions=[""] * (p * g), prompt_index=index,
         num_generations=g, prompt_vision_mask=encoded.vision_mask[index], prompt_text_mask=encoded.text_mask[index],
         prompt_token_inputs={k: v[index] for k, v in encoded.token_inputs.items()},
+        completion_values=dict(encoded.completion_values),
     )
 
 

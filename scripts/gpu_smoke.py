@@ -1,5 +1,11 @@
-"""GPU smoke: two DAPO rounds in bf16 with SDPA on a scaled-up embedded Qwen2.5-VL, then the attention-metric
-benchmark at long context. Prints rounds/s, tokens/s and peak GPU memory; writes them as JSON.
+"""GPU smoke: the rollout KV caches side by side, two DAPO rounds in bf16 with SDPA on a scaled-up embedded
+Qwen2.5-VL, then the attention-metric benchmark at long context. Prints tokens/s, rounds/s and peak GPU memory;
+writes them as JSON.
+
+1. Decoding: the same rollouts with the growing cache (`rollout_cache: dynamic`), the preallocated one
+   (`static`) and the preallocated one with the decoding step compiled (`kv_cache.compiled_decoder`,
+   CUDA graphs through torch.compile's "reduce-overhead"): tokens/s of each, and the decoding steps' bytes
+   read (weights + KV cache) per second as a fraction of the GPU's bandwidth (a device-to-device copy).
 
     scripts/gpu_smoke.sh                         # what to run whenever a GPU is available
     python scripts/gpu_smoke.py --allow-cpu --shape tiny --prompts 4 --generations 4   # CPU dry run of the code
@@ -7,6 +13,10 @@ benchmark at long context. Prints rounds/s, tokens/s and peak GPU memory; writes
 Each round is `dapo_ops.run.round.run_round`, the round the Dagster assets run, in this process (rollouts with
 KV cache → one teacher-forced pass with the lean attention metrics → rewards + health → the update → eval +
 atomic checkpoint → reports), without Dagster or MLflow, so the figures are the round's work alone.
+
+The path runs on an image with only torch, transformers, peft, accelerate, pandas, pyarrow, safetensors, pillow
+and numpy: steps 1 and 3 need nothing else; the rounds need polars, and say SKIPPED without it (`make gpu-wheels`
+carries its wheels; scripts/gpu_smoke.sh installs them). `make gpu-smoke-dry` runs it in such an environment.
 
 Exit codes: 0 measured, or skipped because no GPU is present (the message starts with "SKIPPED");
 3 no GPU while --require-gpu (or REQUIRE_GPU=1) was asked for; 1 any failure.
@@ -52,6 +62,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt")
     parser.add_argument("--max-completion-length", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224, help="synthetic image side (224: 64 image tokens)")
+    parser.add_argument("--decode-repeats", type=int, default=3, help="timed generations per cache (after a warm-up)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the decoding step ('eager': dynamo's capture alone)")
+    parser.add_argument("--skip-rounds", action="store_true", help="only the decoding and attention steps")
     parser.add_argument("--attention-lengths", default=os.environ.get("ATTENTION_LENGTHS", "1024,4096,8192"),
                         help="prompt lengths of the attention benchmark ('' skips it)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the run and the JSON (default: a temp dir)")
@@ -77,6 +91,84 @@ class Clock:
         if self.cuda:
             self.torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def device_bandwidth(torch: Any, device: str) -> float:
+    """(bytes read + written) / time of a device-to-device copy of 1 GiB (256 MiB on the CPU), best of 5."""
+    elements = (GIB if device.startswith("cuda") else GIB // 4) // 4
+    src = torch.ones(elements, device=device)
+    dst = torch.empty_like(src)
+    clock, best = Clock(torch, device), float("inf")
+    for _ in range(5):
+        start = clock.now()
+        dst.copy_(src)
+        best = min(best, clock.now() - start)
+    return 2 * elements * 4 / best
+
+
+def decode_prompts(policy: Any, count: int, image_size: int) -> Any:
+    """`count` synthetic image questions (no dataset file: nothing but PIL and the processor)."""
+    from PIL import Image
+
+    from dapo_ops.models.inputs import encode_prompts
+
+    colors = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 40)]
+    images = [Image.new("RGB", (image_size, image_size), colors[i % 4]) for i in range(count)]
+    return encode_prompts(policy, ["Which color is the shape?"] * count, [["red", "green", "blue", "yellow"]] * count,
+                          images)
+
+
+def decode_caches(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Step 1: one generation batch with the dynamic cache, the static cache and the static cache with the
+    decoding step compiled, interleaved after a warm-up (the compile); EOS suppressed, so all decode fully."""
+    import torch
+
+    from dapo_ops.data import synthetic
+    from dapo_ops.models import loading as models
+    from dapo_ops.rollout import kv_cache
+    from dapo_ops.rollout.generate import _prefill, generate_rollouts
+
+    policy = models.build_embedded_policy(synthetic.corpus(), seed=0, **SHAPES[args.shape])
+    policy.model.to(device=device, dtype=getattr(torch, args.dtype))
+    prompts = decode_prompts(policy, args.prompts, args.image_size).to(device)
+    original = models.Policy.suppressed_token_ids
+    models.Policy.suppressed_token_ids = property(lambda self: sorted({*original.fget(self), self.eos_token_id}))
+    mode = "reduce-overhead" if device.startswith("cuda") else None
+    decoder = kv_cache.compiled_decoder(policy.model, backend=args.compile_backend, mode=mode)
+    common = {"num_generations": args.generations, "max_completion_length": args.max_completion_length, "seed": 0}
+    cases = {"dynamic": {"rollout_cache": "dynamic"}, "static": {"rollout_cache": "static"},
+             "static_compiled": {"decoder": decoder}}
+    clock = Clock(torch, device)
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        tokens = {name: generate_rollouts(policy, prompts, **common, **kw).completion_ids for name, kw in cases.items()}
+        for repeat in range(args.decode_repeats):
+            for name in (list(cases) if repeat % 2 == 0 else list(reversed(cases))):
+                start = clock.now()
+                generate_rollouts(policy, prompts, **common, **cases[name])
+                seconds[name].append(clock.now() - start)
+        start = clock.now()
+        with torch.no_grad():
+            state = _prefill(policy.model, prompts.trim_padding(), args.generations, static_tokens=None)
+        prefill = clock.now() - start
+    finally:
+        models.Policy.suppressed_token_ids = original
+    rows, steps = int(tokens["static"].shape[0]), int(tokens["static"].shape[1]) - 1
+    step_bytes, weights = kv_cache.decode_read_bytes(policy.model, rows, int(state.attention_mask.shape[1]), steps)
+    bandwidth = device_bandwidth(torch, device)
+    result: dict[str, Any] = {"rows": rows, "decode_steps": steps, "prefill_seconds": prefill,
+                              "weight_bytes": weights, "decode_bytes": sum(step_bytes),
+                              "device_bandwidth_bytes_per_second": bandwidth,
+                              "token_identical": all(torch.equal(tokens["dynamic"], t) for t in tokens.values())}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        result[name] = {"seconds": values, "tokens_per_second": rows * (steps + 1) / median,
+                        "fraction_of_bandwidth": sum(step_bytes) / max(median - prefill, 1e-9) / bandwidth}
+    print("decoding: " + ", ".join(f"{name} {result[name]['tokens_per_second']:.0f} tokens/s "
+                                   f"({result[name]['fraction_of_bandwidth']:.2f} of the bandwidth)" for name in cases)
+          + f"; {rows} rows x {steps + 1} tokens, {bandwidth / 1e9:.0f} GB/s copy; identical tokens "
+          f"{result['token_identical']}", flush=True)
+    return result
 
 
 def run_rounds(args: argparse.Namespace, device: str, out: Path) -> dict[str, Any]:
@@ -185,6 +277,8 @@ def attention_benchmark(args: argparse.Namespace, device: str, out: Path) -> dic
         target = out / "attention.json"
         command = [sys.executable, "-m", "benchmarks.attention", "--device", device,
                    "--lengths", ",".join(map(str, lengths)), "--json-out", str(target)]
+        if args.shape == "tiny":  # a dry run of the code path: the embedded model, one repeat, no memory processes
+            command += ["--quick", "--repeats", "1", "--no-memory"]
         print(f"attention benchmark: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, cwd=REPO_ROOT, check=True)
         return json.loads(target.read_text()) if target.exists() else {"ran": command}
@@ -219,6 +313,7 @@ def inline_attention_timing(args: argparse.Namespace, device: str, lengths: list
             completion_lengths=torch.tensor([tc]), is_eos=torch.tensor([False]), completions=[""],
             prompt_index=torch.tensor([0]), num_generations=1, prompt_vision_mask=prompt.vision_mask,
             prompt_text_mask=prompt.text_mask, prompt_token_inputs=dict(prompt.token_inputs),
+            completion_values=dict(prompt.completion_values),
         ).to(device)
         times: dict[str, list[float]] = {"plain": [], "lean": []}
         peaks: dict[str, float] = {}
@@ -254,12 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="dapo-gpu-smoke-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = run_rounds(args, device, out)
-    print(f"\n{result['rounds_per_second']:.3f} rounds/s, {result['tokens_per_second']:.0f} tokens/s "
-          f"(prompt + completion tokens of the rounds' rollouts per second of round time), generation "
-          f"{result['generation_tokens_per_second']:.0f} completion tokens/s, peak GPU memory "
-          + (f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else "n/a (CPU)")
-          + (f" on {result['gpu']}" if result["gpu"] else ""), flush=True)
+    result: dict[str, Any] = {"decode_caches": decode_caches(args, device)}
+    if args.skip_rounds:
+        print("rounds: skipped (--skip-rounds)", flush=True)
+    elif importlib.util.find_spec("polars") is None:
+        print("SKIPPED: library rounds: polars is not installed (not on the GPU image); `make gpu-wheels` puts its "
+              "wheels in var/gpu_wheels, which scripts/gpu_smoke.sh installs when they are carried", flush=True)
+        result["rounds"] = "SKIPPED: polars is not installed"
+    else:
+        result.update(run_rounds(args, device, out))
+        print(f"\n{result['rounds_per_second']:.3f} rounds/s, {result['tokens_per_second']:.0f} tokens/s "
+              f"(prompt + completion tokens of the rounds' rollouts per second of round time), generation "
+              f"{result['generation_tokens_per_second']:.0f} completion tokens/s, peak GPU memory "
+              + (f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else "n/a (CPU)")
+              + (f" on {result['gpu']}" if result["gpu"] else ""), flush=True)
     result["attention"] = attention_benchmark(args, device, out)
     result["seconds"] = time.perf_counter() - started
     path = out / "gpu_smoke.json"

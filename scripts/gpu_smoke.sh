@@ -3,13 +3,17 @@
 #
 #   scripts/gpu_smoke.sh [gpu_smoke.py options]      e.g. --rounds 2 --prompts 64 --out var/gpu_smoke
 #
-# 1. Two DAPO rounds (rollouts, teacher-forced pass with the lean attention metrics, rewards, update, eval,
+# 1. Decoding with the dynamic KV cache, the preallocated (static) one and the static one with the decoding step
+#    compiled (CUDA graphs): tokens/s and the fraction of the GPU's bandwidth each reaches.
+# 2. Two DAPO rounds (rollouts, teacher-forced pass with the lean attention metrics, rewards, update, eval,
 #    checkpoint) in bf16 with SDPA on a scaled-up embedded Qwen2.5-VL (~150M parameters): prints rounds/s,
-#    tokens/s and peak GPU memory.
-# 2. The attention-metric benchmark at long context (python -m benchmarks.attention --device cuda ...;
+#    tokens/s and peak GPU memory. They need polars: on an image without it, carry the wheels that
+#    `make gpu-wheels` puts in var/gpu_wheels (GPU_WHEELS); this script installs them into var/gpu_site
+#    (nothing is fetched), else the rounds print SKIPPED.
+# 3. The attention-metric benchmark at long context (python -m benchmarks.attention --device cuda ...;
 #    lengths from ATTENTION_LENGTHS, default 1024,4096,8192).
-# 3. With two or more GPUs (or NUM_PROCESSES=n): one CI-sized pipeline round whose update runs on n
-#    processes through accelerate (DDP) and Dagster Pipes.
+# 4. With two or more GPUs (or NUM_PROCESSES=n): one CI-sized pipeline round whose update runs on n
+#    processes through accelerate (DDP) and Dagster Pipes (SKIPPED where dagster is not installed).
 #
 # Figures go to OUT (default var/gpu_smoke) as gpu_smoke.json and attention.json.
 # Exit codes: 0 measured, or skipped because no GPU is present (a line starting with "SKIPPED" says so);
@@ -19,6 +23,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 [[ -x "$PYTHON" ]] || PYTHON=python3
 OUT=${OUT:-var/gpu_smoke}
+WHEELS=${GPU_WHEELS:-var/gpu_wheels}
+
+# The image may lack polars (the rounds need it): install carried wheels offline, into a folder of our own.
+if ! "$PYTHON" -c "import polars" >/dev/null 2>&1 && compgen -G "$WHEELS/polars-*.whl" >/dev/null; then
+    echo "installing polars from $WHEELS into var/gpu_site (offline)"
+    "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --target var/gpu_site polars
+    export PYTHONPATH="$PWD/var/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -31,7 +43,9 @@ fi
 "$PYTHON" scripts/gpu_smoke.py --out "$OUT" "$@"
 
 processes=${NUM_PROCESSES:-$gpus}
-if [[ $gpus -ge 2 && $processes -ge 2 ]]; then
+if [[ $gpus -ge 2 && $processes -ge 2 ]] && ! "$PYTHON" -c "import dagster" >/dev/null 2>&1; then
+    echo "SKIPPED: multi-GPU update: dagster is not installed (the pipeline round runs through Dagster Pipes)"
+elif [[ $gpus -ge 2 && $processes -ge 2 ]]; then
     echo "multi-GPU update: one pipeline round with --num-processes $processes (accelerate DDP via Dagster Pipes)"
     home="$OUT/pipeline"
     rm -rf "$home"  # a fresh run each time (make run would resume a finished one)

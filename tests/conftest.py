@@ -78,6 +78,26 @@ def embedded_policy(embedded_policy_for):
     return embedded_policy_for()
 
 
+# The texts the tiny families' tokenizers are trained on (tests/test_families.py).
+FAMILY_CORPUS = ["What color is the shape?", "red green blue yellow", "The shape is red.",
+                 "<think>blue</think> Answer: C"]
+
+
+def _family_names() -> list[str]:
+    from dapo_ops.models.tiny_families import BUILDERS
+
+    return sorted(BUILDERS)
+
+
+@pytest.fixture(scope="session", params=_family_names())
+def tiny_family(request: pytest.FixtureRequest):  # noqa: ANN201 - (name, dapo_ops.models.loading.Policy)
+    """(name, policy) of each family `dapo_ops.models.tiny_families` builds, built once per test session and shared by
+    every test that takes it: copy the policy before changing it."""
+    from dapo_ops.models.tiny_families import build_tiny_family
+
+    return request.param, build_tiny_family(request.param, FAMILY_CORPUS, seed=0)
+
+
 @dataclass
 class TrainedRun:
     root: Path

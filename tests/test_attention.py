@@ -453,7 +453,7 @@ def test_vision_tower_is_untouched(model, monkeypatch) -> None:
     monkeypatch.setattr(
         ModalityMassRecorder,
         "accumulate",
-        lambda self, layer, *a: (measured.append(layer), accumulate(self, layer, *a)),
+        lambda self, layer, *a, **kw: (measured.append(layer), accumulate(self, layer, *a, **kw)),
     )
     with torch.no_grad():
         plain_image = model.get_image_features(rollouts.pixel_values, rollouts.image_grid_thw).pooler_output

@@ -4,6 +4,7 @@ eager oracle, generation vs the teacher-forced pass, save/load, and the errors f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -11,25 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILY_CORPUS
 from PIL import Image
 
 from dapo_ops.attention import shared_prefix
 from dapo_ops.attention.forward import model_inputs as _model_inputs
 from dapo_ops.attention.metrics import masses_from_attention_weights
 from dapo_ops.attention.teacher_forced import teacher_forced_pass
-from dapo_ops.models.inputs import PromptBatch, encode_prompts
+from dapo_ops.models.inputs import PromptBatch, encode_prompts, is_target, split_processor_outputs
 from dapo_ops.models.loading import Policy, load_policy, save_policy
 from dapo_ops.models.tiny_families import BUILDERS, build_tiny_family
-from dapo_ops.rollout.generate import generate_rollouts
+from dapo_ops.rollout.generate import RolloutBatch, generate_rollouts
+from dapo_ops.train.warmstart import teacher_forcing_batch
 
-CORPUS = ["What color is the shape?", "red green blue yellow", "The shape is red.", "<think>blue</think> Answer: C"]
+CORPUS = FAMILY_CORPUS
 COLORS = ["red", "green", "blue", "yellow"]
 QUESTIONS = ["What color is the shape?", "Which shape is it? Look very closely at the picture."]
 FAMILIES = sorted(BUILDERS)
 # Image tokens of the square and the wide image per tiny family (its processor's expansion of one
 # placeholder): Qwen's grid follows the aspect ratio, the others resize to a fixed square.
 IMAGE_TOKENS = {"qwen2_vl": [4, 2], "qwen2_5_vl": [4, 2], "qwen3_vl": [4, 2], "idefics3": [4, 4], "gemma3": [4, 4],
-                "llava": [16, 16]}
+                "llava": [16, 16], "paligemma": [16, 16], "internvl": [4, 4]}
 # Tokens around the image that are neither vision nor text keys.
 BOUNDARIES = {
     "qwen2_vl": {"<|vision_start|>", "<|vision_end|>"},
@@ -38,12 +41,15 @@ BOUNDARIES = {
     "idefics3": {"<fake_token_around_image>", "<global-img>"},
     "gemma3": {"<start_of_image>", "<end_of_image>"},
     "llava": set(),
+    "paligemma": {"<bos>"},
+    "internvl": {"<img>", "</img>"},
 }
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> tuple[str, Policy]:
-    return request.param, build_tiny_family(request.param, CORPUS, seed=0)
+@pytest.fixture
+def family(tiny_family: tuple[str, Policy]) -> tuple[str, Policy]:
+    """Each family, built once per session (conftest's `tiny_family`)."""
+    return tiny_family
 
 
 def _prompts(policy: Policy) -> PromptBatch:
@@ -69,6 +75,27 @@ def test_text_keys_leave_out_specials_boundaries_and_padding(family: tuple[str, 
     assert "Look very closely at the picture." in text and "Think inside" in text
 
 
+# The tokens sampling never draws: padding and every token the family's processor inserts around or for an image
+# (derived from the processor, `Policy.image_token_ids`; InternVL's <img>/</img> and PaliGemma's <bos> included).
+SUPPRESSED = {
+    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+                    {"<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"}),
+    "idefics3": {"<|endoftext|>", "<fake_token_around_image>", "<image>", "<global-img>"},
+    "gemma3": {"<pad>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"},
+    "llava": {"<pad>", "<image>"},
+    "paligemma": {"<pad>", "<bos>", "<image>"},
+    "internvl": {"<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"},
+}
+
+
+def test_sampling_blocks_every_token_the_processor_inserts_around_images(family: tuple[str, Policy]) -> None:
+    name, policy = family
+    suppressed = policy.suppressed_token_ids
+    tokens = set(policy.tokenizer.convert_ids_to_tokens([i for i in suppressed if i < len(policy.tokenizer)]))
+    assert tokens == SUPPRESSED[name]
+    assert BOUNDARIES[name] <= tokens and policy.eos_token_id not in suppressed
+
+
 def test_lean_attention_masses_equal_the_eager_oracle(family: tuple[str, Policy]) -> None:
     _, policy = family
     rollouts = generate_rollouts(policy, _prompts(policy), num_generations=2, max_completion_length=6, seed=0)
@@ -83,6 +110,74 @@ def test_lean_attention_masses_equal_the_eager_oracle(family: tuple[str, Policy]
     torch.testing.assert_close(lean.vision_mass.double(), vision, atol=1e-5, rtol=0)
     torch.testing.assert_close(lean.text_mass.double(), text, atol=1e-5, rtol=0)
     assert not bool(lean.vision_mass.isnan().any())
+
+
+# What marks a generated token in each family's per-token inputs (derived by `inputs.completion_values`): Qwen's
+# text type, Gemma 3's non-image type, PaliGemma's causal suffix.
+COMPLETION_VALUES = {"qwen2_vl": {"mm_token_type_ids": 0}, "qwen2_5_vl": {"mm_token_type_ids": 0},
+                     "qwen3_vl": {"mm_token_type_ids": 0}, "gemma3": {"token_type_ids": 0},
+                     "paligemma": {"token_type_ids": 1}, "idefics3": {}, "llava": {}, "internvl": {}}
+
+
+def test_processor_targets_never_reach_a_forward(family: tuple[str, Policy]) -> None:
+    """PaliGemma's processor returns `labels` with every text; a forward given them computes a loss."""
+    name, policy = family
+    outputs = policy.processor(images=[[Image.new("RGB", (56, 56))]], text=_prompts(policy).texts[:1],
+                               return_tensors="pt")
+    inputs, rest = split_processor_outputs(policy, outputs)
+    assert set(inputs) | set(rest) == set(outputs) and not any(is_target(k) for k in inputs)
+    assert ("labels" in rest) == (name == "paligemma")
+    assert set(_prompts(policy).model_inputs()) <= set(inputs)
+
+
+def test_per_token_inputs_mark_the_completion_as_generated_text(family: tuple[str, Policy]) -> None:
+    name, policy = family
+    prompts = _prompts(policy)
+    assert prompts.completion_values == COMPLETION_VALUES[name]
+    rollouts = teacher_forcing_batch(policy, prompts, ["Answer: A", "blue"])
+    width = rollouts.completion_ids.shape[1]
+    for key, value in COMPLETION_VALUES[name].items():
+        assert bool((rollouts.model_inputs()[key][:, -width:] == value).all()), key
+
+
+def _fixed_completions(policy: Policy) -> RolloutBatch:
+    """Two fixed completions of different lengths per prompt (prompts of different lengths: left padding)."""
+    batch = teacher_forcing_batch(policy, _prompts(policy).select([0, 0, 1, 1]),
+                                  ["Answer: A", "<think>red</think> Answer: B", "blue green", "The shape is red."])
+    return dataclasses.replace(batch, prompt_index=torch.tensor([0, 0, 1, 1]), num_generations=2)
+
+
+def test_a_batch_built_without_completion_values_is_scored_the_same(family: tuple[str, Policy]) -> None:
+    """A RolloutBatch assembled by hand from a PromptBatch's fields: the teacher-forced pass derives the values
+    from the family's own mask."""
+    _, policy = family
+    rollouts = _fixed_completions(policy)
+    bare = dataclasses.replace(rollouts, completion_values={})
+    scored = teacher_forced_pass(policy, rollouts, with_attention=False, shared_prefix=False).per_token_logps
+    assert torch.equal(teacher_forced_pass(policy, bare, with_attention=False, shared_prefix=False).per_token_logps,
+                       scored)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["unshared", "shared-prefix"])
+def test_changing_the_last_completion_token_leaves_every_earlier_log_prob_unchanged(
+    family: tuple[str, Policy], shared: bool
+) -> None:
+    """The teacher-forced pass (old log-probs, ratio, update) is causal over the completion, as sampling is: a
+    prefix-LM family's completion is its causal suffix, not part of the bidirectional prefix."""
+    _, policy = family
+    rollouts = _fixed_completions(policy)
+    last = rollouts.completion_lengths - 1  # [N]
+    edited_ids = rollouts.completion_ids.clone()
+    replacement = policy.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    edited_ids[torch.arange(len(rollouts)), last] = replacement
+    edited = dataclasses.replace(rollouts, completion_ids=edited_ids)
+    original = teacher_forced_pass(policy, rollouts, with_attention=False, shared_prefix=shared).per_token_logps
+    changed = teacher_forced_pass(policy, edited, with_attention=False, shared_prefix=shared).per_token_logps
+    earlier = torch.arange(rollouts.completion_ids.shape[1])[None, :] < last[:, None]
+    assert bool((last >= 1).all())
+    torch.testing.assert_close(changed[earlier], original[earlier], atol=1e-6, rtol=0)
+    rows = torch.arange(len(rollouts))
+    assert bool((changed[rows, last] != original[rows, last]).all())  # the edit itself is scored
 
 
 def test_greedy_rollouts_are_the_teacher_forced_argmax(family: tuple[str, Policy]) -> None:

@@ -251,3 +251,14 @@ def test_corpus_covers_the_mixed_tasks_questions() -> None:
     texts = corpus(("yes_no", "color_of_shape"))
     assert "Is the shape not red?" in texts and "What color is the circle?" in texts
     assert len(texts) == len(set(texts))
+
+
+def test_the_files_schema_is_the_hugging_face_features_without_importing_datasets() -> None:
+    datasets = pytest.importorskip("datasets")
+    string = datasets.Value("string")
+    features = datasets.Features({
+        "question_id": string, "question": string, "choices": datasets.List(string),
+        "correct_choice_idx": datasets.Value("int64"), "image": datasets.Image(),
+        "rationales": datasets.List(string), "task": string,
+    })
+    assert synthetic.arrow_schema().equals(features.arrow_schema, check_metadata=True)

@@ -13,7 +13,13 @@ from typing import Any, Protocol
 import torch
 
 from dapo_ops.attention.recorder import record_modality_mass
-from dapo_ops.models.inputs import forward_position_ids, unwrapped, uses_rope_index
+from dapo_ops.models.inputs import (
+    completion_values,
+    forward_position_ids,
+    pad_columns,
+    unwrapped,
+    uses_rope_index,
+)
 from dapo_ops.rl.loss import entropy_from_logits, selective_log_softmax
 
 
@@ -70,6 +76,13 @@ def model_inputs(model: torch.nn.Module, batch: RolloutLike, device: torch.devic
     """The family's forward kwargs over prompt + completion, with the positions generation used."""
     model_inputs = getattr(batch, "model_inputs", None)
     raw = model_inputs() if callable(model_inputs) else _legacymodel_inputs(model, batch)
+    prompt_columns = dict(getattr(batch, "token_inputs", None) or {})
+    known = getattr(batch, "completion_values", None) or {}
+    missing = {k: v for k, v in prompt_columns.items() if k not in known and k in raw}
+    if missing:  # a batch built by hand: the completion's values from the family's own mask
+        width = int(raw["input_ids"].shape[1])
+        for name, value in completion_values(model, missing).items():
+            raw[name] = pad_columns(missing[name], width, value)
     inputs: dict[str, Any] = {k: v.to(device) for k, v in raw.items()}
     input_ids = inputs["input_ids"]
     if uses_rope_index(model) and "pixel_values" in inputs:

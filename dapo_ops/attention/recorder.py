@@ -20,6 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dapo_ops.models.inputs import unwrapped
+
 # The name under which the lean attention function (and its mask builder) is registered.
 LEAN_ATTENTION = "dapo_modality_mass"
 
@@ -62,6 +64,8 @@ class ModalityMassRecorder:
         self._mask_key: tuple[Any, ...] | None = None
         self._folded_mask: torch.Tensor | None = None
         self._pending: list[tuple[Any, ...]] = []
+        # ids of the decoder attention modules to measure (`record_modality_mass` fills it).
+        self.modules: set[int] = set()
 
     @property
     def vision_mass(self) -> torch.Tensor:
@@ -107,15 +111,17 @@ class ModalityMassRecorder:
         return self._row_weights
 
     def _rows_mask(
-        self, attention_mask: torch.Tensor | None, group: int, device: torch.device, offset: int = 0
+        self, attention_mask: torch.Tensor | None, group: int, device: torch.device, offset: int = 0,
+        causal: bool = True,
     ) -> torch.Tensor:
         """The mask of the query window, with each row repeated `group` times (GQA fold, see `accumulate`).
 
         `offset`: the sequence position of the forward's first query row (> 0 after a cached prefix).
+        `causal`: what SDPA does without a mask (a prefix-LM decoder's rows then see every key).
         The model builds one mask per forward and hands the same tensor to every layer, so the fold is
         computed once and reused (keyed on the tensor's identity, which it keeps during the forward).
         """
-        key = (id(attention_mask), group, offset)
+        key = (id(attention_mask), group, offset, causal)
         if self._folded_mask is not None and self._mask_key == key and self._mask_source is attention_mask:
             return self._folded_mask
         start, seq = self.window_start, self.seq_len
@@ -123,6 +129,8 @@ class ModalityMassRecorder:
             # SDPA was told is_causal (or, after a cache, the rows see every key): query p sees keys k <= p.
             positions = torch.arange(start, seq, device=device)
             rows = (torch.arange(seq, device=device)[None, :] <= positions[:, None])[None, None]  # [1,1,Tq,T]
+            if not causal:
+                rows = torch.ones_like(rows)
         else:
             rows = attention_mask[:, :, start - offset :, :]  # [B|1, 1|H, Tq, T], bool or additive float
         b, h, tq, t = rows.shape
@@ -140,6 +148,8 @@ class ModalityMassRecorder:
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float | None,
+        *,
+        causal: bool = True,
     ) -> None:
         """m_V(l), m_T(l) of one decoder layer from its query [B, H, Tq, D] and key [B, H_kv, T, D] states.
 
@@ -165,10 +175,10 @@ class ModalityMassRecorder:
             # would break its recomputation (which runs plain SDPA); q and k themselves stay in the graph. The
             # window is copied (an op that saves nothing for the backward) so that the layer's full queries
             # can be freed.
-            self._pending.append((layer_idx, rows.contiguous(), key, attention_mask, scaling, offset))
+            self._pending.append((layer_idx, rows.contiguous(), key, attention_mask, scaling, offset, causal))
             return
         with torch.no_grad():
-            self._accumulate(layer_idx, rows, key, attention_mask, scaling, offset)
+            self._accumulate(layer_idx, rows, key, attention_mask, scaling, offset, causal)
 
     def finish(self) -> None:
         """Compute the deferred (differentiable) layers; a no-op for the no-grad path."""
@@ -178,7 +188,7 @@ class ModalityMassRecorder:
 
     def _accumulate(
         self, layer_idx: int, rows: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-        scaling: float | None, offset: int,
+        scaling: float | None, offset: int, causal: bool = True,
     ) -> None:
         """One layer's masses from its query window rows [B, H, Tq, D] (`offset`: see `_rows_mask`)."""
         batch, heads, tq, head_dim = rows.shape
@@ -187,7 +197,7 @@ class ModalityMassRecorder:
         # GQA without repeat_kv: query heads r of kv head g become extra query rows of g, so keys are shared.
         rows = rows.reshape(batch, kv_heads, group * tq, head_dim)
         values = self._indicator_values(head_dim, rows.dtype, rows.device).expand(batch, kv_heads, -1, -1)
-        mask = self._rows_mask(attention_mask, group, rows.device, offset)
+        mask = self._rows_mask(attention_mask, group, rows.device, offset, causal)
         out = F.scaled_dot_product_attention(rows, key, values, attn_mask=mask, scale=scaling)
         mass = out[..., :2].reshape(batch, heads, tq, 2).float()
         if self._mass is None:
@@ -214,8 +224,8 @@ def modality_mass_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, plus the modality masses of decoder layers while a recorder is active.
 
-    A decoder self-attention is recognised by its `layer_idx` (vision-tower blocks have none) and causality;
-    anything else, or no active recorder, is exactly `sdpa_attention_forward`.
+    The recorder measures the decoder self-attention modules it was given (`_decoder_attention_modules`: causal
+    or prefix-LM); anything else, or no active recorder, is exactly `sdpa_attention_forward`.
     """
     output = sdpa_attention_forward(
         module,
@@ -229,9 +239,10 @@ def modality_mass_attention(
         **kwargs,
     )
     recorder = _ACTIVE.get()
-    layer_idx = getattr(module, "layer_idx", None)
-    if recorder is not None and layer_idx is not None and getattr(module, "is_causal", False):
-        recorder.accumulate(int(layer_idx), query, key, attention_mask, scaling)
+    if recorder is not None and id(module) in recorder.modules:
+        # What SDPA was told when the model gave no mask: causal iff the module is (a prefix-LM's is not).
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        recorder.accumulate(int(module.layer_idx), query, key, attention_mask, scaling, causal=causal)
     return output
 
 
@@ -241,15 +252,21 @@ AttentionInterface.register(LEAN_ATTENTION, modality_mass_attention)
 AttentionMaskInterface.register(LEAN_ATTENTION, sdpa_mask)
 
 
+def _model_type(config: Any) -> str | None:
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    return getattr(text, "model_type", None)
+
+
 def _decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The causal self-attention modules of the decoder (they carry `layer_idx`; vision blocks do not)."""
-    return [
-        m
-        for m in model.modules()
-        if getattr(m, "layer_idx", None) is not None
-        and getattr(m, "is_causal", False)
-        and hasattr(m, "config")
-    ]
+    """The self-attention modules of the decoder, causal or prefix-LM (PaliGemma's Gemma decoder has
+    `is_causal=False`: its mask draws the prefix/suffix line). They carry a `layer_idx` and the text config;
+    vision-tower blocks carry no `layer_idx`, or their own (vision) config."""
+    candidates = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "config")]
+    root = getattr(unwrapped(model), "config", None)
+    text_type = None if root is None else _model_type(root)
+    decoder = [m for m in candidates if text_type is not None and _model_type(m.config) == text_type]
+    # A decoder whose modules hold some other config: fall back to the causal ones (what vision towers are not).
+    return decoder or [m for m in candidates if getattr(m, "is_causal", False)]
 
 
 def decoder_num_layers(model: torch.nn.Module) -> int:
@@ -316,6 +333,7 @@ def record_modality_mass(
     recorder = ModalityMassRecorder(
         query_mask, vision_mask, text_mask, decoder_num_layers(model), differentiable=differentiable
     )
+    recorder.modules = {id(m) for m in modules}
     with _lean_attention_on(configs):
         token = _ACTIVE.set(recorder)
         try:

@@ -19,6 +19,7 @@ ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "log_distance", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
+RolloutCache = Literal["dynamic", "static"]
 WarmupTarget = Literal["task", "format"]
 WarmupAnswer = Literal["letter", "choice"]
 VisualMask = Literal["blank", "patch", "noise"]
@@ -26,6 +27,7 @@ WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
 WARMUP_ANSWERS: tuple[str, ...] = get_args(WarmupAnswer)
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
 VISUAL_MASKS: tuple[str, ...] = get_args(VisualMask)
+ROLLOUT_CACHES: tuple[str, ...] = get_args(RolloutCache)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
 # module can hand it to `loss`, `attention` and the Dagster config without importing torch).
@@ -64,6 +66,9 @@ class DapoConfig:
     # Rollout engine, TRL's switch: False is in-process HF `generate` (see dapo_ops.rollout.engines).
     use_vllm: bool = False
     vllm_mode: VllmMode = "colocate"
+    # The HF engine's KV cache: "static" preallocates it and writes each decoding step in place
+    # (dapo_ops.kv_cache); "dynamic" grows it by concatenation. Both sample the same tokens for a seed.
+    rollout_cache: RolloutCache = "static"
 
     # Update: mu epochs over the round's batch, split into steps_per_generation optimizer steps each.
     num_iterations: int = 2
@@ -202,6 +207,8 @@ class DapoConfig:
             problems.append(f"warmup_answer={self.warmup_answer!r} is unknown; use one of {', '.join(WARMUP_ANSWERS)}")
         if self.vllm_mode not in VLLM_MODES:
             problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
+        if self.rollout_cache not in ROLLOUT_CACHES:
+            problems.append(f"rollout_cache={self.rollout_cache!r} is unknown; use one of {', '.join(ROLLOUT_CACHES)}")
         engine = engine_problem(self)
         if engine:
             problems.append(engine)

@@ -16,12 +16,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 from PIL import Image, ImageDraw
 
 from dapo_ops.store.layout import write_bytes_atomic
+
+if TYPE_CHECKING:  # imported where used: `corpus` and the images need no polars (scripts/gpu_smoke.py)
+    import polars as pl
 
 LETTERS = "ABCD"
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
@@ -240,6 +243,8 @@ def generate_rows(
         records["image"].append(_png(_scene(spec.name, answer, image_size, rng)))
         records["rationales"].append([spec.rationale(spec.choices[answer])])
         records["task"].append(spec.name)
+    import polars as pl
+
     return pl.DataFrame(
         records,
         schema={
@@ -254,25 +259,39 @@ def generate_rows(
     )
 
 
+# The Hugging Face features of the A-OKVQA layout (`datasets.Features`, image = `Image()`), as `datasets` stores
+# them in a parquet file's schema metadata; written without importing `datasets`, which a GPU image may lack
+# (tests/test_synthetic.py checks it equals `datasets.Features(...).arrow_schema`).
+_STRING = {"dtype": "string", "_type": "Value"}
+HF_FEATURES: dict[str, dict] = {
+    "question_id": _STRING, "question": _STRING, "choices": {"feature": _STRING, "_type": "List"},
+    "correct_choice_idx": {"dtype": "int64", "_type": "Value"}, "image": {"_type": "Image"},
+    "rationales": {"feature": _STRING, "_type": "List"}, "task": _STRING,
+}
+
+
+def arrow_schema():
+    """The pyarrow schema (with `huggingface` metadata) of a synthetic dataset file."""
+    import json
+
+    import pyarrow as pa
+
+    types = {"question_id": pa.string(), "question": pa.string(), "choices": pa.list_(pa.string()),
+             "correct_choice_idx": pa.int64(), "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+             "rationales": pa.list_(pa.string()), "task": pa.string()}
+    metadata = {"huggingface": json.dumps({"info": {"features": HF_FEATURES}})}
+    return pa.schema([(name, types[name]) for name in HF_FEATURES], metadata=metadata)
+
+
 def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     """Write with the Hugging Face features in the schema metadata (image = `Image()`), atomically."""
-    import datasets  # lazy: only writing needs it
+    import polars as pl
     import pyarrow.parquet as pq
 
-    features = datasets.Features(
-        {
-            "question_id": datasets.Value("string"),
-            "question": datasets.Value("string"),
-            "choices": datasets.List(datasets.Value("string")),
-            "correct_choice_idx": datasets.Value("int64"),
-            "image": datasets.Image(),
-            "rationales": datasets.List(datasets.Value("string")),
-            "task": datasets.Value("string"),
-        }
-    )
+    schema = arrow_schema()
     table = df.with_columns(
         image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path"))
-    ).select(list(features)).to_arrow().cast(features.arrow_schema)
+    ).select(schema.names).to_arrow().cast(schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     write_bytes_atomic(path, buffer.getvalue())

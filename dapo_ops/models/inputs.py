@@ -5,11 +5,16 @@ family's image tokens and returns whatever its forward needs (Qwen: `pixel_value
 `image_grid_thw`, `mm_token_type_ids`; Idefics3: `pixel_values` [B, images, C, H, W] and
 `pixel_attention_mask`; Gemma 3: `pixel_values` and `token_type_ids`; LLaVA: `pixel_values`). Those outputs
 are kept per prompt (`VisionInputs`) so that any subset or repetition of prompts is again a model input.
+Which outputs are model inputs (`split_processor_outputs`: never `labels`) and what a per-token input's value is
+over generated text (`completion_values`: PaliGemma's causal suffix) are decided in one place each.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -25,9 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LETTERS", "SYSTEM_PROMPT", "PromptBatch", "VisionInputs", "encode_prompts"]
 
+logger = logging.getLogger(__name__)
+
 ImageLike = Image.Image | bytes | bytearray | Mapping[str, Any]
-# Per-token processor outputs that are not the ids or the mask; completion positions are text (type 0).
-TOKEN_KEYS: tuple[str, ...] = ("mm_token_type_ids", "token_type_ids")
 
 
 def format_choices(choices: Sequence[str]) -> str:
@@ -233,17 +238,20 @@ def pad_columns(values: torch.Tensor, width: int, value: int = 0) -> torch.Tenso
 
 def vl_model_inputs(batch: Any) -> dict[str, torch.Tensor]:
     """The keyword arguments of the family's forward from a PromptBatch or RolloutBatch: ids, mask, the
-    processor's image outputs, and its per-token inputs (right-padded with 0 over a completion).
+    processor's image outputs, and its per-token inputs, right-padded over a completion with the value that
+    marks generated text in this family (`batch.completion_values`, 0 where it names none).
 
     Passing Qwen's `mm_token_type_ids` matters: without it Qwen2.5-VL falls back to 1D positions that ignore
     the left padding and the image grid; Gemma 3's `token_type_ids` make the image tokens attend to each
-    other bidirectionally, as they did when the model was trained.
+    other bidirectionally, as they did when the model was trained; PaliGemma's mark the completion as the
+    causal suffix (with 0 there, each completion token would see the ones after it).
     """
     width = int(batch.input_ids.shape[1])
+    fill = getattr(batch, "completion_values", None) or {}
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     inputs.update(batch.vision.model_kwargs())
     for name, values in batch.token_inputs.items():
-        inputs[name] = pad_columns(values, width)
+        inputs[name] = pad_columns(values, width, int(fill.get(name, 0)))
     return inputs
 
 
@@ -306,6 +314,8 @@ class PromptBatch(ImageFields):
     text_mask: torch.Tensor  # [B, T] bool
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, T] each, e.g. mm_token_type_ids
     texts: list[str] = field(default_factory=list)  # the templated prompt strings, before expansion
+    # Each per-token input's value over generated text (`completion_values`); 0 for one not named here.
+    completion_values: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -330,6 +340,7 @@ class PromptBatch(ImageFields):
             text_mask=self.text_mask[idx],
             token_inputs={k: v[idx] for k, v in self.token_inputs.items()},
             texts=[self.texts[i] for i in idx.tolist()] if self.texts else [],
+            completion_values=dict(self.completion_values),
         )
 
     def trim_padding(self) -> PromptBatch:
@@ -346,6 +357,7 @@ class PromptBatch(ImageFields):
             text_mask=self.text_mask[:, first:],
             token_inputs={k: v[:, first:] for k, v in self.token_inputs.items()},
             texts=list(self.texts),
+            completion_values=dict(self.completion_values),
         )
 
     def to(self, device: str | torch.device) -> PromptBatch:
@@ -359,6 +371,7 @@ class PromptBatch(ImageFields):
             vision=self.vision.to(device),
             token_inputs={k: v.to(device) for k, v in self.token_inputs.items()},
             texts=list(self.texts),
+            completion_values=dict(self.completion_values),
         )
 
 
@@ -380,12 +393,131 @@ def render_prompt(policy: Policy, messages: list[dict]) -> str:
     return policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# ---------------------------------------------------------------- what the processor's outputs mean
+
+
+def is_target(name: str) -> bool:
+    """Whether a processor output is a training target (`labels`, `mc_labels`, ...): with it a forward computes
+    a loss against it (PaliGemma's processor returns `labels` whenever it gets text). HF's `generate` never
+    forwards `labels` either."""
+    return "label" in name
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/FSDP wrappers and a PEFT model."""
+    model = unwrapped(model)
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
+
+
+def split_processor_outputs(policy: Policy, outputs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model inputs, the rest) of one processor call.
+
+    A model input is a tensor the forward takes (a named parameter, or, for a forward with `**kwargs`, a
+    name the processor declares in `model_input_names`) that is not a target (`is_target`). The rest (targets,
+    counts such as InternVL's `num_patches`, anything the forward does not take) never reaches a forward.
+    """
+    declared = set(getattr(policy.processor, "model_input_names", None) or outputs.keys())
+    declared.update(("input_ids", "attention_mask"))
+    parameters = inspect.signature(_hf_model(policy.model).forward).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    inputs: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {}
+    for name, value in outputs.items():
+        takes = name in named or (any_keyword and name in declared)
+        if isinstance(value, torch.Tensor) and takes and not is_target(name):
+            inputs[name] = value
+        else:
+            rest[name] = value
+    return inputs, rest
+
+
+def _pair_value(tokenizer: Any) -> int | None:
+    """The type id the tokenizer gives the second text of a pair (what PaliGemma's processor encodes a
+    training suffix as), None when it gives none."""
+    try:
+        types = tokenizer("a", text_pair="b", return_token_type_ids=True).get("token_type_ids")
+    except Exception:  # noqa: BLE001 - a tokenizer without pairs names no suffix value
+        return None
+    return int(types[-1]) if types else None
+
+
+def generated_tokens_causal(model: torch.nn.Module, name: str, prompt_value: int, value: int) -> bool | None:
+    """Whether generated tokens marked `value` (per-token input `name`) stay causal in the family's mask: in a
+    probe of two prompt tokens (`prompt_value`) then two generated ones, the first generated token must not
+    see the second. None when the family's mask builder gives no 4D mask to read.
+
+    The mask is the one the family builds for `generate` (`create_masks_for_generate`, which mirrors its
+    forward: PaliGemma's prefix-LM block, Gemma 3's image blocks), built eager so it is never left implicit.
+    Only the config is read: no weight, no forward (safe on any rank of a sharded model).
+    """
+    from transformers.masking_utils import create_masks_for_generate
+
+    base = _hf_model(model)
+    build = getattr(base, "create_masks_for_generate", create_masks_for_generate)
+    config = copy.deepcopy(base.config)
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        sub._attn_implementation_internal = "eager"
+    marks = torch.tensor([[prompt_value, prompt_value, value, value]])
+    mask = build(config=config, inputs_embeds=torch.empty(1, 4, 0), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                 cache=None, position_ids=torch.arange(4)[None], is_first_iteration=True, **{name: marks})
+    masks = [m for m in (mask.values() if isinstance(mask, dict) else [mask]) if isinstance(m, torch.Tensor)]
+    masks = [m for m in masks if m.ndim == 4]
+    if not masks:
+        return None
+    # Eager masks are additive (0 where attended) or boolean (True where attended).
+    return not any(bool(m[0, 0, 2, 3] if m.dtype == torch.bool else m[0, 0, 2, 3] == 0) for m in masks)
+
+
+def completion_values(
+    model: torch.nn.Module, token_inputs: Mapping[str, torch.Tensor], tokenizer: Any = None
+) -> dict[str, int]:
+    """The value each per-token input takes over generated text (the completion), from left-padded prompt
+    columns [B, T] (row 0 is read). This is the one place that decides what these inputs mean. The known ones:
+
+    | input               | family                | over the prompt                                   | generated |
+    |---------------------|-----------------------|---------------------------------------------------|-----------|
+    | `mm_token_type_ids` | Qwen2/2.5/3-VL        | 0 text, 1 image, 2 video: builds the 3D mRoPE positions | 0   |
+    | `token_type_ids`    | Gemma 3               | 1 image tokens (an image's tokens see each other both ways), 0 text | 0 |
+    | `token_type_ids`    | PaliGemma (prefix-LM) | 0: the prefix (image + prompt), attended both ways | 1: the causal suffix |
+
+    No family is named here: the value is what the processor gives the prompt's last token (text: the
+    assistant header), unless the family's own mask (`generated_tokens_causal`) would then let a generated
+    token see later ones, as in a prefix-LM's prefix; then it is the value that keeps generated tokens causal,
+    tried first as the `tokenizer`'s suffix value (`_pair_value`, when given). `input_ids` / `attention_mask` are not
+    per-token inputs here, and targets (`is_target`) never get this far (`split_processor_outputs`).
+    """
+    values: dict[str, int] = {}
+    for name, column in token_inputs.items():
+        text_value = int(column[0, -1])
+        try:
+            causal = {text_value: generated_tokens_causal(model, name, text_value, text_value)}
+        except Exception as error:  # noqa: BLE001 - a mask builder that does not take this input
+            logger.warning("%s: the family's mask builder does not take %r (%s); generated tokens get the prompt "
+                           "text's value %d", type(_hf_model(model)).__name__, name, error, text_value)
+            causal = {text_value: None}
+        if causal[text_value] is not False:
+            values[name] = text_value
+            continue
+        suffix = None if tokenizer is None else _pair_value(tokenizer)
+        for value in dict.fromkeys([suffix, *column.unique().tolist(), 0, 1]):
+            if value is not None and int(value) not in causal:
+                causal[int(value)] = generated_tokens_causal(model, name, text_value, int(value))
+        chosen = [v for v, ok in causal.items() if ok]
+        if not chosen:
+            raise ValueError(
+                f"{type(_hf_model(model)).__name__}: no value of the per-token input {name!r} keeps generated tokens "
+                f"causal in the family's attention mask (tried {sorted(causal)}); the completion cannot be scored"
+            )
+        values[name] = chosen[0]
+    return values
+
+
 def _process_one(policy: Policy, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
-    """The processor's outputs for one prompt and its image (no padding), as tensors."""
+    """The model inputs among the processor's outputs for one prompt and its image (no padding)."""
     outputs = policy.processor(images=[[image]], text=[text], return_tensors="pt")
-    names = set(getattr(policy.processor, "model_input_names", None) or outputs.keys())
-    names.update(("input_ids", "attention_mask"))
-    return {k: v for k, v in outputs.items() if k in names and isinstance(v, torch.Tensor)}
+    return split_processor_outputs(policy, outputs)[0]
 
 
 def _left_pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
@@ -428,6 +560,7 @@ def encode_prompts(
     columns = {k: _left_pad([o[k] for o in outputs], pad if k == "input_ids" else 0) for k in token_names}
     input_ids = columns.pop("input_ids").to(torch.long)
     attention_mask = columns.pop("attention_mask").to(torch.long)
+    fill = completion_values(policy.model, {k: outputs[0][k] for k in columns}, policy.tokenizer)
     vision = VisionInputs.from_items([{k: v for k, v in o.items() if k not in token_names} for o in outputs])
     if "pixel_values" in vision:
         vision.tensors["pixel_values"] = vision.tensors["pixel_values"].to(torch.float32)
@@ -446,5 +579,6 @@ def encode_prompts(
         text_mask=text_mask,
         token_inputs=columns,
         texts=texts,
+        completion_values=fill,
     )
 

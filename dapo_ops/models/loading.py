@@ -33,7 +33,6 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.utils import logging as hf_logging
 
 from dapo_ops.models.tokens import (
@@ -52,9 +51,9 @@ from dapo_ops.models.tokens import (
     VISION_END,
     VISION_SPECIAL_TOKENS,
     VISION_START,
-    boundary_token_ids,
     config_vision_ids,
     image_token_id,
+    image_token_ids,
     template_token_ids,
     token_id,
 )
@@ -186,23 +185,27 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @functools.cached_property
+    def image_token_ids(self) -> frozenset[int]:
+        """Every token the processor inserts around or for images (`tokens.image_token_ids`: found in a
+        processed prompt and declared by the processor, not a list of names), with the config's image ids."""
+        ids = image_token_ids(self.processor, self.tokenizer) | config_vision_ids(self.model.config)
+        ids.add(self.image_token_id)
+        return frozenset(ids)
+
     @property
     def text_excluded_ids(self) -> list[int]:
         """Ids that are never text keys: special, template, image-boundary and padding tokens."""
         ids = set(template_token_ids(self.tokenizer, self.model.config))
+        ids.update(self.image_token_ids)
         ids.add(self.pad_token_id)
         return sorted(ids)
 
     @property
     def suppressed_token_ids(self) -> list[int]:
-        """Ids never sampled: image and boundary tokens, padding, and logit rows with no token behind them."""
-        ids = {self.pad_token_id, self.image_token_id}
-        for token in VISION_SPECIAL_TOKENS:
-            value = token_id(self.tokenizer, token)
-            if value is not None:
-                ids.add(value)
-        ids.update(boundary_token_ids(self.tokenizer))
-        ids.update(config_vision_ids(self.model.config))
+        """Ids never sampled: the tokens the processor inserts for images (`image_token_ids`), padding, and
+        logit rows with no token behind them; never the end of turn."""
+        ids = {self.pad_token_id, *self.image_token_ids}
         ids.discard(self.eos_token_id)
         vocab_rows = int(self.model.config.get_text_config().vocab_size)
         ids.update(range(len(self.tokenizer), vocab_rows))
@@ -356,8 +359,24 @@ def tiny_config(
     )
 
 
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without a video processor, where torchvision (which its class needs) is missing, as
+    on the GPU image of scripts/gpu_smoke.py: images only, all the pipeline uses."""
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
 def build_embedded_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
-    """The real `Qwen2_5_VLProcessor` around `tokenizer`, the PIL image processor and Qwen's chat template."""
+    """The real `Qwen2_5_VLProcessor` around `tokenizer`, the PIL image processor and Qwen's chat template
+    (`ImageOnlyQwen2_5_VLProcessor` where torchvision is not installed)."""
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    except ImportError:  # no torchvision
+        return ImageOnlyQwen2_5_VLProcessor(image_processor=build_image_processor(), tokenizer=tokenizer,
+                                            video_processor=None, chat_template=tokenizer.chat_template)
     return Qwen2_5_VLProcessor(
         image_processor=build_image_processor(),
         tokenizer=tokenizer,

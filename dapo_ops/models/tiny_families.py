@@ -7,8 +7,10 @@ family's special tokens and chat template, and the family's real processor class
     python -m dapo_ops.models.tiny_families gemma3 /tmp/tiny-gemma3
 
 Families: qwen2_vl, qwen2_5_vl (the embedded default), qwen3_vl, idefics3 (SmolVLM's architecture),
-gemma3 (sliding-window layers, bidirectional attention among image tokens) and llava (CLIP vision tower +
-Llama decoder: a family the pipeline has no line of code for).
+gemma3 (sliding-window layers, bidirectional attention among image tokens), llava (CLIP vision tower +
+Llama decoder: a family the pipeline has no line of code for), paligemma (SigLIP tower + Gemma decoder, a
+prefix-LM: the image and prompt attend both ways, the answer causally) and internvl (InternViT tower + Qwen2
+decoder, `<img>`/`</img>` around the image tokens).
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
@@ -38,10 +46,13 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from dapo_ops.models import loading as models
 from dapo_ops.models.loading import Policy, build_tokenizer
@@ -88,6 +99,27 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# PaliGemma's prompt layout ("<image>" * n, "<bos>", prompt, "\n", answer, "<eos>"): images first, then the texts;
+# its processor inserts "<bos>" after the last image and "\n" at the end of the prompt.
+PALIGEMMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is not string %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '\n' }}"
+    "{% elif not loop.first %}{{ '\n' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+# InternVL3's (-hf) chat template: ChatML, an image item is "<IMG_CONTEXT>\n" (the processor expands it into
+# "<img>" + image tokens + "</img>").
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -267,6 +299,59 @@ def build_llava(corpus: Iterable[str], seed: int) -> Policy:
     return _finish(model, processor)
 
 
+def build_paligemma(corpus: Iterable[str], seed: int) -> Policy:
+    specials = ("<pad>", "<bos>", "<eos>", "<image>")
+    tokenizer = build_tokenizer(
+        corpus, VOCAB, special_tokens=specials, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>",
+        chat_template=PALIGEMMA_CHAT_TEMPLATE, extra_special_tokens={"image_token": "<image>"},
+    )
+    # 32x32 images, 8 px patches -> 16 image tokens.
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16
+    # The processor adds PaliGemma's 1152 <locNNNN>/<segNNN> tokens: the vocabulary is sized after it.
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=PALIGEMMA_CHAT_TEMPLATE)
+    pad, bos, eos, image = _ids(tokenizer, "<pad>", "<bos>", "<eos>", "<image>")
+    # The decoder attends both ways over the prefix (image + prompt) and causally over the suffix: PaliGemma's
+    # config turns on `use_bidirectional_attention`, and token_type_ids (0 prefix, 1 suffix) draw the line.
+    config = PaliGemmaConfig(
+        text_config={"model_type": "gemma", **_text_config(len(tokenizer), head_dim=HIDDEN // HEADS,
+                                                           pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        image_token_index=image, projection_dim=HIDDEN, hidden_size=HIDDEN, vocab_size=len(tokenizer),
+        pad_token_id=pad, tie_word_embeddings=True,
+    )
+    model = PaliGemmaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    return _finish(model, processor)
+
+
+def build_internvl(corpus: Iterable[str], seed: int) -> Policy:
+    specials = (PAD_TOKEN, "<|im_start|>", IM_END, "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    tokenizer = build_tokenizer(
+        corpus, VOCAB, special_tokens=specials, eos_token=IM_END, pad_token=PAD_TOKEN,
+        chat_template=INTERNVL_CHAT_TEMPLATE, template_corpus=("user\n", "assistant\n"),
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    pad, eos, image = _ids(tokenizer, PAD_TOKEN, IM_END, "<IMG_CONTEXT>")
+    # 32x32 images, 8 px patches -> 16 patches; pixel shuffle by 0.5 -> 4 image tokens, one tile per image.
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", **_text_config(len(tokenizer), pad_token_id=pad, eos_token_id=eos,
+                                                           bos_token_id=pad)},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": [32, 32], "patch_size": [8, 8]},
+        image_token_id=image, image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=True,
+    )
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False,
+                                               min_patches=1, max_patches=1)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=InternVLVideoProcessor(), image_seq_length=4,
+                                  chat_template=INTERNVL_CHAT_TEMPLATE)
+    return _finish(model, processor)
+
+
 BUILDERS: dict[str, Callable[[Iterable[str], int], Policy]] = {
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
@@ -274,6 +359,8 @@ BUILDERS: dict[str, Callable[[Iterable[str], int], Policy]] = {
     "idefics3": build_idefics3,
     "gemma3": build_gemma3,
     "llava": build_llava,
+    "paligemma": build_paligemma,
+    "internvl": build_internvl,
 }
 # The families named in docs/models.md's table; llava stands for "a family the code does not name".
 NAMED_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3")

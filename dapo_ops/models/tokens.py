@@ -115,6 +115,60 @@ def boundary_token_ids(tokenizer: Any) -> set[int]:
     }
 
 
+# Attribute names under which a processor or tokenizer declares its image tokens (`image_token`, `boi_token`,
+# `start_image_token`, `fake_image_token_id`, `global_image_tag`, `vision_end_token`, `video_token`, ...).
+_IMAGE_ATTRIBUTE = re.compile(r"(image|img|video|vision|boi|eoi).*_(token|token_id|token_ids|tag)$")
+
+
+def declared_image_token_ids(processor: Any, tokenizer: Any) -> set[int]:
+    """Ids of the image/video tokens the processor and its tokenizer declare (`_IMAGE_ATTRIBUTE` names:
+    the image token, begin/end-of-image tokens, video tokens, ...)."""
+    vocab = tokenizer.get_vocab()
+    named = {k: v for k, v in vars(processor).items() if _IMAGE_ATTRIBUTE.search(k)}
+    named.update({k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()
+                  if _IMAGE_ATTRIBUTE.search(k)})
+    ids: set[int] = set()
+    for value in named.values():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, bool):
+                continue
+            if isinstance(item, int):
+                ids.add(item)
+            elif isinstance(item, str) and item in vocab:
+                ids.add(int(vocab[item]))
+    return ids
+
+
+def _render(processor: Any, tokenizer: Any, content: list[dict]) -> str:
+    messages = [{"role": "user", "content": content}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def inserted_image_token_ids(processor: Any, tokenizer: Any) -> set[int]:
+    """Ids of the special and added tokens the processor puts into a prompt because it holds an image
+    (`<|vision_start|>`, `<img>`, `<start_of_image>`, `<fake_token_around_image>`, the image tokens, ...): a
+    one-image prompt as the processor encodes it, minus the same prompt without the image as the tokenizer
+    encodes it. Ordinary text the processor adds (PaliGemma's "\n", Gemma 3's blank lines) is not among them."""
+    from PIL import Image
+
+    text = [{"type": "text", "text": "Zq7"}]
+    with_image = _render(processor, tokenizer, [{"type": "image"}, *text])
+    encoded = processor(images=[[Image.new("RGB", (64, 64), (128, 64, 32))]], text=[with_image])
+    text_only = tokenizer(_render(processor, tokenizer, text))["input_ids"]
+    added = {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+    added.update(int(i) for i in tokenizer.all_special_ids)
+    return (set(map(int, encoded["input_ids"][0])) - set(map(int, text_only))) & added
+
+
+def image_token_ids(processor: Any, tokenizer: Any) -> set[int]:
+    """Every token a family's processor inserts around or for images: those `inserted_image_token_ids` finds
+    in a processed prompt, and those the processor and tokenizer declare (the video tokens a still image
+    never shows)."""
+    return inserted_image_token_ids(processor, tokenizer) | declared_image_token_ids(processor, tokenizer)
+
+
 def template_token_ids(tokenizer: Any, config: Any | None = None) -> list[int]:
     """Ids that are never text keys: special tokens (named or added as special), template tokens, image
     boundaries and tile markers, image token ids of `config`, and padding."""

@@ -49,6 +49,7 @@ def concat_rollouts(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBa
         prompt_text_mask=torch.cat([_pad(b.prompt_text_mask, tp, False, left=True) for b in batches]),
         prompt_token_inputs={k: torch.cat([_pad(b.prompt_token_inputs[k], tp, 0, left=True) for b in batches])
                              for k in batches[0].prompt_token_inputs},
+        completion_values=dict(batches[0].completion_values),
     )
 
 

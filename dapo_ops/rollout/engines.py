@@ -42,10 +42,12 @@ class RolloutEngine(Protocol):
 @register_engine(HF_ENGINE)
 class HFEngine:
     """`transformers` forward passes with the KV cache, in this process, on the policy being trained
-    (`dapo_ops.rollout.generate.generate_rollouts`): nothing to synchronise after an update."""
+    (`dapo_ops.rollout.generate.generate_rollouts`): nothing to synchronise after an update. `config.rollout_cache`
+    picks the preallocated ("static", `dapo_ops.rollout.generate.kv_cache`) or the growing ("dynamic") KV cache."""
 
     def __init__(self, config: DapoConfig | None, policy: Policy) -> None:
         self.policy = policy
+        self.rollout_cache = "static" if config is None else config.rollout_cache
 
     def generate(self, prompts: PromptBatch, *, num_generations: int, max_completion_length: int,
                  temperature: float, top_p: float, seed: int, prompt_offset: int = 0) -> RolloutBatch:
@@ -53,7 +55,8 @@ class HFEngine:
 
         return generate_rollouts(self.policy, prompts, num_generations=num_generations,
                                  max_completion_length=max_completion_length, temperature=temperature,
-                                 top_p=top_p, seed=seed, prompt_offset=prompt_offset)
+                                 top_p=top_p, seed=seed, prompt_offset=prompt_offset,
+                                 rollout_cache=self.rollout_cache)
 
 
 def make_engine(config: DapoConfig, policy: Policy) -> RolloutEngine:

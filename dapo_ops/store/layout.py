@@ -20,11 +20,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from dapo_ops.common import faults
+
+if TYPE_CHECKING:  # polars stays out of the imports of what a GPU image without it runs (scripts/gpu_smoke.py)
+    import polars as pl
 
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{4,})$")
 COMPLETE_MARKER = "COMPLETE"

@@ -111,6 +111,7 @@ def teacher_forcing_batch(policy: Policy, prompts: PromptBatch, targets: Sequenc
         prompt_vision_mask=prompts.vision_mask,
         prompt_text_mask=prompts.text_mask,
         prompt_token_inputs=dict(prompts.token_inputs),
+        completion_values=dict(prompts.completion_values),
     )
 
 
