@@ -235,8 +235,7 @@ class DapoConfig:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be positive")
-        problems += self._reward_problems()
-        problems += self._visual_problems()
+        problems += self._reward_problems() + self._visual_problems()
         if self.mdi_tolerance <= 1:
             problems.append(f"mdi_tolerance={self.mdi_tolerance} must be greater than 1")
         if self.epsilon <= 0 or self.epsilon_high <= 0:
