@@ -228,7 +228,7 @@ def test_objective_rows_of_one_dataset_and_seed_share_ckpt_0000_and_a_row_changi
                                                                 (0, "grpo", "embedded")]
 
 
-def test_the_visual_rows_are_valid_configs_share_the_default_run_and_ckpt_0000():
+def test_the_visual_rows_are_valid_configs_that_share_one_ckpt_0000():
     from benchmarks import ablation
     from dapo_ops.config.dapo import DapoConfig
 
@@ -237,11 +237,11 @@ def test_the_visual_rows_are_valid_configs_share_the_default_run_and_ckpt_0000()
     configs = {name: DapoConfig(**row.overrides) for name, row in rows.items()}
     assert configs["vppo"].vppo_token_ratio < 1 and configs["vppo"].vppo_advantage_weighting
     assert configs["papo"].papo_coef > 0 and configs["papo"].papo_entropy_coef > 0
-    dapo = next(r for r in ablation.objective_rows() if r.name == "dapo")
-    assert ablation.job_key(rows["default"].overrides, 0, "embedded", "src") == \
-        ablation.job_key(dapo.overrides, 0, "embedded", "src")
+    assert rows["default"].overrides == {"visual_dependency": True}  # the default config, measured
     keys = {ablation.setup_key(ablation.make_job("embedded", r, 0, 8, "src"), "src") for r in rows.values()}
-    assert len(keys) == 1  # the terms act after ckpt-0000
+    assert len(keys) == 1  # the terms act after ckpt-0000; its eval has the blind accuracy
+    dapo = next(r for r in ablation.objective_rows() if r.name == "dapo")
+    assert keys != {ablation.setup_key(ablation.make_job("embedded", dapo, 0, 8, "src"), "src")}
 
 
 def test_the_visual_section_puts_eval_accuracy_visual_gain_and_mdi_side_by_side(tmp_path):
@@ -256,7 +256,8 @@ def test_the_visual_section_puts_eval_accuracy_visual_gain_and_mdi_side_by_side(
     assert section["summary"]["default"]["visual_gain_last"] == pytest.approx((0.3, math.sqrt(0.02)))
     assert section["summary"]["papo"]["visual_kl_last"] == pytest.approx((0.1, 0.0))
     text = "\n".join(ablation.visual_markdown(section))
-    assert "| default | (default) | 2 | 0.500 ± 0.000 | 0.300 ± 0.141 | 0.100 ± 0.000 | 0.100 ± 0.000 |" in text
+    assert "| default | `visual_dependency=True` | 2 | 0.500 ± 0.000 | 0.300 ± 0.141 | 0.100 ± 0.000 | 0.100 ± 0.000 |" \
+        in text
     path = tmp_path / "part.json"
     path.write_text(json.dumps({"runs": {}, "rounds": 0, "seconds": 1.0, "visual": section}))
     merged = ablation.merge([path], "clip")["visual"]["summary"]
