@@ -5,6 +5,7 @@ code location stays fast."""
 
 
 import base64
+import math
 import os
 import re
 import time
@@ -237,7 +238,9 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     store = run_store.for_run(cfg.run_name)
     log = _round_log(context, store, key)
     if training_config.reanalysis:
-        log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance}")
+        # A re-analysis always measures visual dependency (off by default in training for its cost).
+        cfg = cfg.replace(visual_dependency=True)
+        log(f"re-analysis of {key} with mdi_tolerance {cfg.mdi_tolerance} and the masked pass ({cfg.visual_mask})")
     if cfg.num_processes > 1:
         import polars as pl
 
@@ -486,9 +489,13 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
         tracker = mlflow.tracker(store)
         metrics = {f"attention/{s}/{n}": report.stage_means[s][n]
                    for s in STAGES for n in LOGGED_METRIC_NAMES}
+        # The masked pass's values and the checkpoint's blind eval, recomputed by the re-analysis.
+        metrics.update({k: v for k, v in (report.visual or {}).items()
+                        if k != "abs_log_mdi_kl_correlation" and math.isfinite(v)})
         run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": report.tolerance,
                                                                    "dagster_run_id": context.run.run_id})
-        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, report.chart]})
+        charts = [report.chart] + ([report.visual_chart] if report.visual_chart is not None else [])
+        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, *charts]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         **_mlflow_link(mlflow, store),

@@ -114,6 +114,8 @@ def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_do
         assert (reports / name).stat().st_size > 0, name
     assert json.loads((round_dir / "metrics.json").read_text()) == result.metrics
     assert len(result.findings) == 6
+    # visual_dependency is off by default: no masked pass, no visual/* key, no blind eval.
+    assert not [k for k in result.metrics if k.startswith("visual/") or k in ("eval/blind_accuracy", "eval/visual_gain")]
 
 
 def sample_round_table(train: pl.DataFrame, totals: list[float]) -> pl.DataFrame:

@@ -24,9 +24,11 @@ DATASET_LAYOUTS: tuple[str, ...] = get_args(DatasetLayout)
 RolloutCache = Literal["dynamic", "static"]
 WarmupTarget = Literal["task", "format"]
 WarmupAnswer = Literal["letter", "choice"]
+VisualMask = Literal["blank", "patch", "noise"]
 WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
 WARMUP_ANSWERS: tuple[str, ...] = get_args(WarmupAnswer)
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
+VISUAL_MASKS: tuple[str, ...] = get_args(VisualMask)
 ROLLOUT_CACHES: tuple[str, ...] = get_args(RolloutCache)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
@@ -127,6 +129,26 @@ class DapoConfig:
     # sped up their collapse in the ablation, so set it to 0 there.
     mdi_pathwise_coef: float = 0.01
 
+    # Visual dependency (dapo_ops.attention.visual, docs/metrics.md): the teacher-forced pass scores every rollout again
+    # with its images degraded (`visual_mask`: blank = the processor's mean pixel, patch = a random
+    # `visual_mask_ratio` of the patches, noise), and eval decodes once more with blank images. False: none of
+    # it, and no visual/* metric. Off by default: it made a round 65 % longer at the realistic shape (make bench,
+    # `visual_dependency_round_overhead`, goal <= 0.25); a re-analysis (`make reanalyze`) always runs it. VPPO
+    # needs it; PAPO reuses its masks.
+    visual_dependency: bool = False
+    visual_mask: VisualMask = "blank"
+    visual_mask_ratio: float = 0.6  # PAPO's share of masked patches
+    visual_dependency_threshold: float = 0.01  # nats: a token above it is visually dependent (VPPO's pivotal)
+    # VPPO (arXiv 2510.09285): the loss on each rollout's top-rho tokens by visual dependency (1: all), and each
+    # rollout's advantage scaled by its normalised mean dependency into [vppo_advantage_min, ...] (mean ~1).
+    vppo_token_ratio: float = 1.0
+    vppo_advantage_weighting: bool = False
+    vppo_advantage_min: float = 0.8
+    # PAPO (arXiv 2507.06448): loss -= papo_coef * KL_prcp (the KL to the masked input, maximised) and
+    # += papo_entropy_coef * (H[pi] + H[pi_masked]) (the double-entropy regulariser). PAPO-D: 0.01 and 0.03.
+    papo_coef: float = 0.0
+    papo_entropy_coef: float = 0.0
+
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
     # Four question types (dapo_ops.data.synthetic): the color task alone is learned by round 6, this mix (yes/no with
     # negations, the color of one of two shapes, 2-4 choices) is still rising at round 8 (docs/results.md; numbers in
@@ -223,7 +245,7 @@ class DapoConfig:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be positive")
-        problems += self._reward_problems()
+        problems += self._reward_problems() + self._visual_problems()
         if self.mdi_tolerance <= 1:
             problems.append(f"mdi_tolerance={self.mdi_tolerance} must be greater than 1")
         if self.epsilon <= 0 or self.epsilon_high <= 0:
@@ -291,6 +313,28 @@ class DapoConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"save_total_limit={self.save_total_limit} must be at least 1 (resuming needs the "
                             f"newest checkpoint) or null to keep every checkpoint's weights")
+        return problems
+
+    def _visual_problems(self) -> list[str]:
+        """The masked pass and the VPPO / PAPO terms."""
+        problems: list[str] = []
+        if self.visual_mask not in VISUAL_MASKS:
+            problems.append(f"visual_mask={self.visual_mask!r} is unknown; use one of {', '.join(VISUAL_MASKS)}")
+        if not 0 < self.visual_mask_ratio <= 1:
+            problems.append(f"visual_mask_ratio={self.visual_mask_ratio} must be in (0, 1]")
+        if not (math.isfinite(self.visual_dependency_threshold) and self.visual_dependency_threshold >= 0):
+            problems.append(f"visual_dependency_threshold={self.visual_dependency_threshold} must be >= 0 (nats)")
+        if not 0 < self.vppo_token_ratio <= 1:
+            problems.append(f"vppo_token_ratio={self.vppo_token_ratio} must be in (0, 1] (1 keeps every token)")
+        if not 0 <= self.vppo_advantage_min <= 1:
+            problems.append(f"vppo_advantage_min={self.vppo_advantage_min} must be in [0, 1]")
+        if self.papo_coef < 0 or self.papo_entropy_coef < 0:
+            problems.append(f"papo_coef={self.papo_coef} and papo_entropy_coef={self.papo_entropy_coef} must be >= 0 "
+                            "(0 turns the term off)")
+        vppo = self.vppo_token_ratio < 1 or self.vppo_advantage_weighting
+        if vppo and not self.visual_dependency:
+            problems.append("vppo_token_ratio < 1 and vppo_advantage_weighting read the masked pass's per-token "
+                            "dependency; set visual_dependency to true")
         return problems
 
     def _reward_problems(self) -> list[str]:

@@ -24,6 +24,7 @@ import polars as pl
 
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
 from dapo_ops.attention.metrics import METRIC_NAMES as ATTENTION_NAMES
+from dapo_ops.attention.visual import ROLLOUT_COLUMNS as VISUAL_COLUMNS
 from dapo_ops.common.names import attention_metric, attn_column, reward_metric
 from dapo_ops.config.dapo import STAGES
 from dapo_ops.data.answers import final_answer
@@ -508,6 +509,9 @@ def rollout_sample_columns(
     columns["advantage"] = [_json_value(r["advantage"]) for r in rows]
     for stage in STAGES:
         columns[f"mdi/{stage}"] = [_json_value(r[_attn_col(stage, "mdi")]) for r in rows]
+    for name in VISUAL_COLUMNS:  # the masked pass's per-rollout values, when the round ran it
+        if name in sample.columns:
+            columns[name] = [_json_value(r[name]) for r in rows]
     return columns
 
 
@@ -603,6 +607,68 @@ def _image_share_table(table: pl.DataFrame) -> str | None:
     return _table(["Image", *(_STAGE_TITLES[s] for s in STAGES)], rows) if rows else None
 
 
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Pearson's r over the pairs where both values are finite; NaN with fewer than 3 pairs or no spread."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
+             if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))]
+    if len(pairs) < 3:
+        return math.nan
+    mx = sum(x for x, _ in pairs) / len(pairs)
+    my = sum(y for _, y in pairs) / len(pairs)
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def abs_log_mdi(values: Iterable[Any]) -> list[float]:
+    """|ln MDI| per value; NaN where the MDI is undefined (NaN, 0 or infinite)."""
+    out = []
+    for v in values:
+        v = math.nan if v is None else float(v)
+        out.append(abs(math.log(v)) if math.isfinite(v) and v > 0 else math.nan)
+    return out
+
+
+def visual_dependency_summary(table: pl.DataFrame, evaluation: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The report's visual-dependency values: mean KL over completions and answers, pivotal-token share, blind
+    accuracy and visual gain (from `evaluation`, the checkpoint's eval), and Pearson's r between |ln MDI|
+    (stage all) and KL over the round's rollouts."""
+    evaluation = evaluation or {}
+    return {
+        **{name: mean_std(_column(table, name))[0] for name in VISUAL_COLUMNS},
+        "eval/blind_accuracy": float(evaluation.get("eval/blind_accuracy", math.nan)),
+        "eval/visual_gain": float(evaluation.get("eval/visual_gain", math.nan)),
+        "abs_log_mdi_kl_correlation": pearson(abs_log_mdi(_column(table, _attn_col("all", "mdi"))),
+                                              _column(table, "visual/kl_mean")),
+    }
+
+
+def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
+                    chart_file: str | None) -> list[str]:
+    """The "Visual dependency" section (empty when the round ran no masked pass)."""
+    if "visual/kl_mean" not in table.columns:
+        return []
+    v = visual_dependency_summary(table, evaluation)
+    rows = [
+        ["KL completion (mean per token, nats)", _fmt(v["visual/kl_mean"], 4)],
+        ["KL answer (tokens after `</think>`)", _fmt(v["visual/kl_answer"], 4)],
+        ["Pivotal-token share (KL > threshold)", _fmt(v["visual/dependent_token_ratio"])],
+        ["Blind accuracy (eval, blank images)", _fmt(v["eval/blind_accuracy"])],
+        ["Visual gain (eval accuracy − blind)", _fmt(v["eval/visual_gain"])],
+        ["corr(|ln MDI|, KL) over rollouts", _fmt(v["abs_log_mdi_kl_correlation"])],
+    ]
+    parts = ["## Visual dependency",
+             "Does the answer depend on the image? Each rollout is scored again with its image degraded; KL is "
+             "KL(π(·|q, I) ‖ π(·|q, I_masked)) per completion token. Blind accuracy and visual gain are this "
+             "checkpoint's greedy eval with blanked images. The correlation says whether balanced attention "
+             "(small |ln MDI|) goes with using the image (a negative r: the more balanced, the more dependent).",
+             _table(["Metric", "Value"], rows)]
+    if chart_file is not None:
+        parts.append(f"![Attention balance and visual dependency per round]({chart_file})")
+    return parts
+
+
 def render_attention_diagnostics(
     table: pl.DataFrame,
     *,
@@ -610,9 +676,12 @@ def render_attention_diagnostics(
     checkpoint: str,
     mdi_tolerance: float,
     chart_file: str | None = None,
+    evaluation: Mapping[str, float] | None = None,
+    visual_chart_file: str | None = None,
 ) -> str:
     """`attention_diagnostics.md`: per-stage MDI/AEI table, token table, the MDI by vision-token bin (when the
-    round's images give more than one `vision_token_bin`), optional chart, batch-mean JSON.
+    round's images give more than one `vision_token_bin`), optional chart, the visual-dependency section (when
+    the table has the masked pass's columns; `evaluation`: the checkpoint's eval metrics), batch-mean JSON.
 
     `Vision Ratio` is the token share `v = |V| / (|T| + |V|)` averaged over rollouts (a rollout with no
     key tokens at all is left out). The per-stage table and the token table are separate tables so that
@@ -679,6 +748,7 @@ def render_attention_diagnostics(
         ]
     if chart_file is not None:
         parts.append(f"![Attention balance per stage]({chart_file})")
+    parts += _visual_section(table, evaluation, visual_chart_file)
     parts += ["## Stage details (batch means)", _json_block({"attention_metrics": means})]
     return "\n\n".join(parts) + "\n"
 

@@ -20,9 +20,10 @@ from typing import Any
 import polars as pl
 import torch
 
+from dapo_ops.attention import visual
 from dapo_ops.attention.forward import TeacherForcedOutputs
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES, METRIC_NAMES
-from dapo_ops.attention.teacher_forced import rollout_attention_metrics, teacher_forced_pass
+from dapo_ops.attention.teacher_forced import VisualMasking, rollout_attention_metrics, teacher_forced_pass
 from dapo_ops.common import faults
 from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column
 from dapo_ops.config.dapo import EMBEDDED, STAGES, DapoConfig
@@ -386,9 +387,10 @@ def attention_columns() -> list[str]:
     return [attn_column(s, n) for s in STAGES for n in METRIC_NAMES]
 
 
-def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, *, tolerance: float) -> pl.DataFrame:
-    """The round's attention table (one row per rollout: per-stage MDI/AEI, token counts, mean entropy)
-    from a teacher-forced pass over `batch`. Pure: no files, no log."""
+def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, *, tolerance: float,
+                    visual_columns: dict[str, list[float]] | None = None) -> pl.DataFrame:
+    """The round's attention table (one row per rollout: per-stage MDI/AEI, token counts, mean entropy, and
+    the masked pass's `visual/*` values when given) from a teacher-forced pass over `batch`. Pure."""
     per_rollout = rollout_attention_metrics(outputs, batch, tolerance=tolerance)
     columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
     for metrics in per_rollout:
@@ -406,6 +408,7 @@ def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, 
         "completion_tokens": batch.completion_mask.sum(1).tolist(),
         "total_tokens": (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)).tolist(),
         "entropy": entropy,
+        **(visual_columns or {}),
     }).with_columns(pl.lit(tolerance).alias("mdi_tolerance"))
 
 
@@ -425,6 +428,25 @@ def _with_image_shares(config: DapoConfig, run_store: RunStore, key: str, policy
                               for stage in STAGES)
 
 
+def visual_masking(config: DapoConfig, key: str) -> VisualMasking | None:
+    """The round's masked pass (None with `visual_dependency` off): its masks are seeded by the run seed and
+    the round, so a re-analysis of the round draws the same ones."""
+    if not config.visual_dependency:
+        return None
+    return VisualMasking(config.visual_mask, config.visual_mask_ratio,
+                         derived_seed(config.seed, "visual_mask", checkpoint_index(key)))
+
+
+def visual_columns(config: DapoConfig, policy: models.Policy, outputs: TeacherForcedOutputs,
+                   batch: rollout.RolloutBatch) -> dict[str, list[float]] | None:
+    """The per-rollout `visual/*` columns of a teacher-forced pass that ran the masked pass (else None)."""
+    if outputs.visual_kl is None:
+        return None
+    answer = visual.answer_token_mask(policy.tokenizer, batch.completion_ids, batch.completion_lengths.tolist())
+    return visual.rollout_visual_metrics(outputs.visual_kl, batch.completion_mask, answer,
+                                         threshold=config.visual_dependency_threshold)
+
+
 def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
                       mdi_tolerance: float | None = None, write_old_logps: bool = True,
                       dp: DataParallel = SINGLE) -> pl.DataFrame:
@@ -441,27 +463,34 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     with precision.autocast(config, policy.model):  # the same precision as the update's forward
         outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
                                       batch_size=config.local_rollout_forward_batch_size,
-                                      shared_prefix=config.shared_prefix)
+                                      shared_prefix=config.shared_prefix, visual_masking=visual_masking(config, key))
     seconds = time.perf_counter() - start
-    table = attention_table(outputs, batch, tolerance=tolerance)
+    table = attention_table(outputs, batch, tolerance=tolerance,
+                            visual_columns=visual_columns(config, policy, outputs, batch))
     if dp.world_size == 1:
         with precision.autocast(config, policy.model):
             table = _with_image_shares(config, run_store, key, policy, batch, table)
-    per_token_logps, entropy = outputs.per_token_logps, outputs.entropy
+    per_token_logps, entropy, visual_kl = outputs.per_token_logps, outputs.entropy, outputs.visual_kl
     if dp.world_size > 1:
-        table, per_token_logps, entropy = gather_attention(dp, table, per_token_logps, entropy)
+        table, per_token_logps, entropy, visual_kl = gather_attention(dp, table, per_token_logps, entropy, visual_kl)
     mdi_all = table[attn_column(config.mdi_reward_stage, "mdi")]
     log(f"teacher-forced pass over {table.height} rollouts in {seconds:.2f}s: "
         + ", ".join(f"{s} MDI {nanmean(table[attn_column(s, 'mdi')]):.3f}" for s in STAGES)
-        + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
+        + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}"
+        + (f"; visual KL {nanmean(table['visual/kl_mean']):.4f} (answer {nanmean(table['visual/kl_answer']):.4f}, "
+           f"{config.visual_mask} images)" if visual_kl is not None else ""))
+    # A re-analysis evaluates the checkpoint with blank images too (its state.json may predate the masked pass);
+    # the values go to attention.json, never into the checkpoint.
+    evaluation = evaluate(config, run_store, policy, dp=dp) if visual_kl is not None and not write_old_logps else None
     if not dp.is_main:
         return table
     files = run_store.round(key)
     if write_old_logps:
-        save_old_logps(files.old_logps, per_token_logps, entropy)
+        save_old_logps(files.old_logps, per_token_logps, entropy, visual_kl)
     store.write_parquet_atomic(files.attention_parquet, table)
     store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance,
-                                                   "num_processes": dp.world_size})
+                                                   "num_processes": dp.world_size,
+                                                   **({"eval": evaluation} if evaluation else {})})
     faults.point("after_attention")
     return table
 
@@ -566,6 +595,7 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
             policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
             config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
             ref_per_token_logps=ref_logps, log=log, collective=collective,
+            visual_kl=old.get("visual_kl"), visual_seed=derived_seed(config.seed, "visual_mask", round_index),
         )
     seconds = time.perf_counter() - start
     summary = result.summary()
@@ -624,7 +654,23 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
                             max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
     correct = rewards.answer_correct(batch.completions, rows)
     fmt = rewards.think_format_reward(batch.completions)
-    return {EVAL_ACCURACY: sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
+    result = {EVAL_ACCURACY: sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
+    if config.visual_dependency:
+        result["eval/blind_accuracy"] = blind_accuracy(config, policy, engine, prompts, rows, dp)
+        result["eval/visual_gain"] = result[EVAL_ACCURACY] - result["eval/blind_accuracy"]
+    return result
+
+
+def blind_accuracy(config: DapoConfig, policy: models.Policy, engine: RolloutEngine, prompts: inputs.PromptBatch,
+                   rows: pl.DataFrame, dp: DataParallel = SINGLE) -> float:
+    """Greedy accuracy on the same eval rows with every image blanked (the processor's mean pixel): what the
+    policy answers without seeing the image. `eval/accuracy` minus it is `eval/visual_gain`."""
+    blind = visual.degraded_batch(prompts, mode="blank", ratio=1.0, seed=0)
+    batch = generate_shared(engine, blind, dp, pad_token_id=policy.pad_token_id, num_generations=1,
+                            max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
+    correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
+                                    choices=[list(c) for c in rows["choices"].to_list()])
+    return sum(correct) / len(correct)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -675,6 +721,9 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
     metrics["frac_reward_zero_std"] = float(adv.zero_std_groups(total, config.num_generations).float().mean())
     metrics["rewards/total_reward"] = float(total.mean())
     metrics["sampling_entropy"] = nanmean(table["entropy"])
+    for name in visual.ROLLOUT_COLUMNS:  # beside the 44, only when the round ran the masked pass
+        if name in table.columns:
+            metrics[name] = nanmean(table[name])
     return metrics
 
 

@@ -119,19 +119,60 @@ class AttentionReport:
     chart: Path
     tolerance: float
     stage_means: dict[str, dict[str, float]]
+    visual: dict[str, float] | None = None  # the visual-dependency values (None without the masked pass)
+    visual_chart: Path | None = None
+
+
+VISUAL_CHART = "visual_dependency.png"
+
+
+def checkpoint_evaluation(run_store: RunStore, key: str) -> dict[str, float]:
+    """The eval metrics of checkpoint `key` itself: a re-analysis's own (attention.json), else those written
+    with the checkpoint (state.json); empty when neither has any."""
+    attention_json = run_store.round(key).attention_json
+    if attention_json.exists():
+        found = store.read_json(attention_json).get("eval")
+        if found:
+            return dict(found)
+    state = run_store.checkpoint_dir(key) / training.STATE_FILE
+    return dict(store.read_json(state).get("eval") or {}) if state.exists() else {}
+
+
+def visual_history(run_store: RunStore, key: str) -> list[dict[str, float]]:
+    """Per round up to `key` whose attention table has the masked pass's columns: mean |ln MDI| (stage all)
+    and mean visual KL over completions and answers."""
+    history = []
+    for k in range(checkpoint_index(key) + 1):
+        path = run_store.round(checkpoint_key(k)).attention_parquet
+        if not path.exists():
+            continue
+        table = pl.read_parquet(path)
+        if "visual/kl_mean" not in table.columns:
+            continue
+        history.append({"round": k, "abs_log_mdi": reports.mean_std(reports.abs_log_mdi(table["attn/all/mdi"]))[0],
+                        "kl_mean": reports.mean_std(table["visual/kl_mean"])[0],
+                        "kl_answer": reports.mean_std(table["visual/kl_answer"])[0]})
+    return history
 
 
 def write_attention_report(run_store: RunStore, key: str) -> AttentionReport:
-    """attention_diagnostics.md and its attention-balance chart, from the round's attention.parquet."""
+    """attention_diagnostics.md, its attention-balance chart and (with the masked pass) the per-round chart of
+    |ln MDI| and visual KL, from the round's attention.parquet and the checkpoint's eval."""
     table = pl.read_parquet(run_store.round(key).attention_parquet)
     tolerance = float(table["mdi_tolerance"][0])
     out = run_store.reports_dir(key)
     stage_means = reports.attention_stage_means(table)
     chart = charts.attention_balance_png(stage_means, out / "attention_balance.png", tolerance=tolerance)
+    evaluation = checkpoint_evaluation(run_store, key)
+    visual, visual_chart = None, None
+    if "visual/kl_mean" in table.columns:
+        visual = reports.visual_dependency_summary(table, evaluation)
+        visual_chart = charts.visual_dependency_png(visual_history(run_store, key), out / VISUAL_CHART)
     text = reports.render_attention_diagnostics(table, run_name=run_store.run_name, checkpoint=key,
-                                                mdi_tolerance=tolerance, chart_file=chart.name)
+                                                mdi_tolerance=tolerance, chart_file=chart.name, evaluation=evaluation,
+                                                visual_chart_file=None if visual_chart is None else visual_chart.name)
     path = store.write_text_atomic(out / "attention_diagnostics.md", text)
-    return AttentionReport(text, path, chart, tolerance, stage_means)
+    return AttentionReport(text, path, chart, tolerance, stage_means, visual, visual_chart)
 
 
 # The round's rollout sample in its reports folder (logged to MLflow under `reports/<key>/`).
@@ -238,6 +279,8 @@ class RoundReports:
         out = self.terminal_path.parent
         files = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", self.terminal_path,
                                     self.curves, out / "attention_balance.png", self.sample.all_rollouts]}
+        if (out / VISUAL_CHART).exists():
+            files[f"reports/{key}"].append(out / VISUAL_CHART)
         if self.sample.table_path is not None:
             files[f"reports/{key}"].append(self.sample.table_path)
             files[f"reports/{key}/{ROLLOUT_IMAGES}"] = [self.sample.images_dir]
