@@ -25,8 +25,8 @@ RUN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(foreach s,$(SET),--set $(s)) $(
 	$(if $(RUN_NAME),--run-name $(RUN_NAME)) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(if $(filter-out 0,$(VERBOSE)),--verbose)
 
-.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan sync-mlflow bench ablation \
-	gpu-smoke-dry gpu-wheels clean
+.PHONY: install run test test-faults test-fast lint ui mlflow-ui reanalyze export plan check-data sync-mlflow bench \
+	ablation gpu-smoke-dry gpu-wheels clean
 
 install: $(STAMP)
 
@@ -71,6 +71,12 @@ export: install
 # Peak accelerator memory per process of a config (MODEL=dir with a config.json; GPU_MEMORY=GiB to check fit).
 plan: install
 	$(BIN)/python -m pipelines.cli plan $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
+
+# Load and validate a dataset without training: layout, splits, quarantine reasons, images per prompt, answer
+# kinds; MODEL=dir adds the prompt lengths in that model's tokens. Exits non-zero when no row is usable.
+check-data: install
+	@test -n "$(DATASET)" || { echo "usage: make check-data DATASET=path [MODEL=dir] [SET=prompt_key=...]"; exit 2; }
+	$(BIN)/python -m pipelines.cli check-data --dataset $(DATASET) $(if $(MODEL),--model $(MODEL)) $(foreach s,$(SET),--set $(s))
 
 sync-mlflow: install
 	$(BIN)/python -m pipelines.cli sync-mlflow $(if $(RUN_NAME),--run-name $(RUN_NAME))

@@ -115,6 +115,20 @@ def objective_rows() -> list[Row]:
     ]
 
 
+# VPPO's top-ρ of tokens and minimum advantage scale (its EasyR1 config defaults); PAPO-D's γ and η (paper Table 3),
+# with PAPO's masks (60 % of the patches).
+# Every visual row measures visual dependency (the masked pass and the blind eval change no training number).
+DIAGNOSTICS: dict[str, Any] = {"visual_dependency": True}
+VPPO_OVERRIDES: dict[str, Any] = {**DIAGNOSTICS, "vppo_token_ratio": 0.2, "vppo_advantage_weighting": True}
+PAPO_OVERRIDES: dict[str, Any] = {**DIAGNOSTICS, "papo_coef": 0.01, "papo_entropy_coef": 0.03, "visual_mask": "patch"}
+
+
+def visual_rows() -> list[Row]:
+    """The visual-dependency training terms beside the default config (issue 28): `default` is the default
+    config with the diagnostics on, `vppo` and `papo` add each paper's term."""
+    return [Row("default", dict(DIAGNOSTICS)), Row("vppo", dict(VPPO_OVERRIDES)), Row("papo", dict(PAPO_OVERRIDES))]
+
+
 def select_rows(rows: Sequence[Row], names: Sequence[str] | None, known: Sequence[str]) -> list[Row]:
     """The rows named in `names` (all when None); an unknown name is an error listing the known ones."""
     if names is None:
@@ -134,6 +148,12 @@ def mean_abs_log_mdi(values: Sequence[float | None]) -> float:
     return sum(logs) / len(logs) if logs else math.nan
 
 
+def _visual_summary(table: Any) -> dict[str, float]:
+    """Mean visual KL of a round's rollouts (completion and answer tokens); NaN without the masked pass."""
+    return {name: float(table[f"visual/{name}"].drop_nans().mean()) if f"visual/{name}" in table.columns else math.nan
+            for name in ("kl_mean", "kl_answer")}
+
+
 def _attention_summary(table: Any) -> dict[str, float]:
     return {stage: mean_abs_log_mdi(table[f"attn/{stage}/mdi"].to_list()) for stage in STAGES}
 
@@ -150,6 +170,8 @@ POST_SETUP_FIELDS = frozenset({
     "top_entropy_quantile", "sapo_temperature_pos", "sapo_temperature_neg", "mask_truncated_completions",
     "entropy_coef", "use_bias_correction_kl", "multi_objective_aggregation", "reward_weights", "mdi_tolerance",
     "mdi_reward_stage", "mdi_shaping", "mdi_pathwise_coef", "learning_rate", "max_grad_norm", "num_iterations", "steps_per_generation",
+    "vppo_token_ratio", "vppo_advantage_weighting", "vppo_advantage_min", "papo_coef", "papo_entropy_coef",
+    "visual_mask", "visual_mask_ratio", "visual_dependency_threshold", "visual_dependency",
 })
 
 
@@ -165,9 +187,9 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def shared_setup(config: DapoConfig, store: Any, setup_dir: Path, log: Any) -> float:
+def shared_setup(config: DapoConfig, store: Any, setup_dir: Path, log: Any) -> dict[str, float]:
     """Copy ckpt-0000 (dataset, warm-started base checkpoint) into `store` from `setup_dir`, building it there
-    first when no other run did; returns ckpt-0000's eval accuracy."""
+    first when no other run did; returns ckpt-0000's eval metrics."""
     import shutil
 
     from dapo_ops.run import phases as training
@@ -180,11 +202,11 @@ def shared_setup(config: DapoConfig, store: Any, setup_dir: Path, log: Any) -> f
             training.prepare_dataset(config, built)
             policy = training.build_base_checkpoint(config, built, log)["policy"]
             write_json_atomic(done, {"run_dir": str(built.run_dir.relative_to(setup_dir)),
-                                     "eval_accuracy": training.evaluate(config, built, policy)["eval/accuracy"]})
+                                     "eval": training.evaluate(config, built, policy)})
     setup = json.loads(done.read_text())
     shutil.copytree(setup_dir / setup["run_dir"], store.run_dir)
     log(f"ckpt-0000 copied from the shared setup {setup_dir}")
-    return float(setup["eval_accuracy"])
+    return {k: float(v) for k, v in setup["eval"].items()}
 
 
 def train_one(config: DapoConfig, work_dir: Path, rounds: int, setup_dir: Path | None = None) -> dict[str, Any]:
@@ -206,31 +228,36 @@ def train_one(config: DapoConfig, work_dir: Path, rounds: int, setup_dir: Path |
     if setup_dir is None:
         training.prepare_dataset(config, store)
         policy = training.build_base_checkpoint(config, store, log)["policy"]
-        first_eval = training.evaluate(config, store, policy)["eval/accuracy"]
+        first_eval = training.evaluate(config, store, policy)
     else:
         first_eval = shared_setup(config, store, setup_dir, log)
         policy = load_checkpoint_policy(store, checkpoint_key(0), config)
     chance = chance_accuracy(training.load_split(store, "eval")["choices"].to_list())
     optimizer = training.load_optimizer(store, checkpoint_key(0), policy, config)
-    out: dict[str, Any] = {"status": "ok", "chance": chance, "eval_accuracy": [first_eval], "train_accuracy": [],
-                           "abs_log_mdi": []}
+    out: dict[str, Any] = {"status": "ok", "chance": chance, "eval_accuracy": [first_eval["eval/accuracy"]],
+                           "visual_gain": [first_eval.get("eval/visual_gain", math.nan)], "train_accuracy": [],
+                           "abs_log_mdi": [], "visual_kl": []}
     for k in range(rounds):
         files = store.round(checkpoint_key(k))
         try:
             result, failure = dapo_round.run_round(config, store, checkpoint_key(k), policy, optimizer, log), None
         except NonFiniteUpdateError as error:  # its rollouts, attention and rewards were measured
             result, failure = None, f"round {k}: {error}"
-        out["abs_log_mdi"].append(_attention_summary(pl.read_parquet(files.attention_parquet)))
+        attention = pl.read_parquet(files.attention_parquet)
+        out["abs_log_mdi"].append(_attention_summary(attention))
+        out["visual_kl"].append(_visual_summary(attention))
         out["train_accuracy"].append(float(pl.read_parquet(files.rewards)["mc_idx_reward"].mean()))
         if result is None:
             return {**out, "status": "nan", "error": failure}
         out["eval_accuracy"].append(float(result.record.eval["eval/accuracy"]))
+        out["visual_gain"].append(float(result.record.eval.get("eval/visual_gain", math.nan)))
     # The final checkpoint's attention: the first two phases of its round.
     policies = PolicyCache()
     policies.put(store, checkpoint_key(rounds), policy, optimizer)
     dapo_round.rollouts_phase(config, store, checkpoint_key(rounds), log, policies)
     final = dapo_round.attention_phase(config, store, checkpoint_key(rounds), log, policies).table
     out["abs_log_mdi"].append(_attention_summary(final))
+    out["visual_kl"].append(_visual_summary(final))
     return out
 
 
@@ -239,8 +266,9 @@ def truncate(run: dict[str, Any], rounds: int) -> dict[str, Any]:
     A run that went NaN after ckpt-`rounds` was measured is a finished run of `rounds` rounds."""
     if run["status"] == "nan" and min(len(run["eval_accuracy"]), len(run["abs_log_mdi"])) > rounds:
         run = {k: v for k, v in run.items() if k != "error"} | {"status": "ok"}
-    return {**run, "eval_accuracy": run["eval_accuracy"][:rounds + 1], "train_accuracy": run["train_accuracy"][:rounds],
-            "abs_log_mdi": run["abs_log_mdi"][:rounds + 1]}
+    cut = {name: run[name][:rounds + 1] for name in ("eval_accuracy", "abs_log_mdi", "visual_gain", "visual_kl")
+           if name in run}
+    return {**run, **cut, "train_accuracy": run["train_accuracy"][:rounds]}
 
 
 # ------------------------------------------------------------------------------------- jobs and cache
@@ -282,7 +310,9 @@ def job_key(overrides: dict[str, Any], seed: int, dataset: str, fingerprint: str
 def setup_key(job: Job, fingerprint: str) -> str:
     """Rows that change only `POST_SETUP_FIELDS` share ckpt-0000 per dataset and seed; any other row has its own."""
     if set(job.overrides) <= POST_SETUP_FIELDS:
-        return job_key({}, job.seed, job.dataset, fingerprint)
+        # `visual_dependency` changes what ckpt-0000's eval measures (blind accuracy), not its weights.
+        evaluated = {k: v for k, v in job.overrides.items() if k == "visual_dependency"}
+        return job_key(evaluated, job.seed, job.dataset, fingerprint)
     return job.key
 
 
@@ -426,6 +456,9 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"eval_accuracy": [_mean_std([r["eval_accuracy"][k] for r in runs]) for k in range(n)]}
     for stage in STAGES:
         out[f"abs_log_mdi/{stage}"] = [_mean_std([r["abs_log_mdi"][k][stage] for r in runs]) for k in range(n)]
+    if all(len(r.get("visual_gain", [])) >= n for r in runs):  # runs measured with the masked pass
+        out["visual_gain"] = [_mean_std([r["visual_gain"][k] for r in runs]) for k in range(n)]
+        out["visual_kl"] = [_mean_std([r["visual_kl"][k]["kl_mean"] for r in runs]) for k in range(n)]
     return out
 
 
@@ -466,6 +499,21 @@ def assemble(runs: dict[str, list[dict[str, Any]]], rounds: int, default_row: st
     return result
 
 
+def assemble_visual(runs: dict[str, list[dict[str, Any]]], rounds: int) -> dict[str, Any]:
+    """The visual-dependency rows (`visual_rows`): per-row aggregates, failures and a last-round summary."""
+    overrides = {r.name: r.overrides for r in visual_rows()}
+    aggregated = {name: aggregate(r) for name, r in runs.items()}
+    summary = {}
+    for name, agg in aggregated.items():
+        last = {key: agg[key][-1] if agg.get(key) else (math.nan, math.nan)
+                for key in ("eval_accuracy", "visual_gain", "abs_log_mdi/all", "visual_kl")}
+        summary[name] = {"seeds_ok": sum(is_ok(r) for r in runs[name]), **{f"{k}_last": v for k, v in last.items()}}
+    seeds = sorted({r["seed"] for row in runs.values() for r in row})
+    return {"rounds": rounds, "seeds": seeds, "overrides": {n: overrides.get(n, {}) for n in runs},
+            "rows": aggregated, "runs": runs, "failures": {n: failures(r) for n, r in runs.items() if failures(r)},
+            "summary": summary}
+
+
 def assemble_objectives(runs: dict[str, dict[str, list[dict[str, Any]]]], rounds: int) -> dict[str, Any]:
     """Per dataset: per-row aggregates, failures, chance and a last-round summary per row."""
     overrides = {r.name: r.overrides for r in objective_rows()}
@@ -496,9 +544,13 @@ def merge(paths: Sequence[Path], default_row: str) -> dict[str, Any]:
     """One result from several ablation.json files (rows trained separately, e.g. a new objective's)."""
     runs: dict[str, list[dict[str, Any]]] = {}
     objectives: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    rounds, objective_rounds, seconds = set(), set(), 0.0
+    visual: dict[str, list[dict[str, Any]]] = {}
+    rounds, objective_rounds, visual_rounds, seconds = set(), set(), set(), 0.0
     for path in paths:
         part = json.loads(Path(path).read_text())
+        if "visual" in part:
+            visual_rounds.add(part["visual"]["rounds"])
+            _extend_by_seed(visual, part["visual"]["runs"])
         seconds += part["seconds"]
         if part["runs"]:
             rounds.add(part["rounds"])
@@ -507,12 +559,14 @@ def merge(paths: Sequence[Path], default_row: str) -> dict[str, Any]:
             objective_rounds.add(part["objectives"]["rounds"])
             for dataset, section in part["objectives"]["datasets"].items():
                 _extend_by_seed(objectives.setdefault(dataset, {}), section["runs"])
-    for name, found in (("", rounds), ("objective ", objective_rounds)):
+    for name, found in (("", rounds), ("objective ", objective_rounds), ("visual ", visual_rounds)):
         if len(found) > 1:
             raise ValueError(f"cannot merge ablations of different lengths: {name}rounds {sorted(found)} in "
                              f"{[str(p) for p in paths]}")
     result = assemble(runs, rounds.pop() if rounds else 0, default_row, seconds, objectives,
                       objective_rounds.pop() if objective_rounds else None)
+    if visual:
+        result["visual"] = assemble_visual(visual, visual_rounds.pop())
     result["command"] = "python -m benchmarks.ablation --merge " + " ".join(Path(p).name for p in paths)
     return result
 
@@ -565,7 +619,33 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if "objectives" in result:
         lines += objectives_markdown(result["objectives"], result["rounds"] if rows else None)
+    if "visual" in result:
+        lines += visual_markdown(result["visual"])
     return "\n".join(lines) + "\n"
+
+
+def visual_markdown(section: dict[str, Any]) -> list[str]:
+    """The visual-dependency rows: last round side by side, then per round."""
+    rounds = section["rounds"]
+    lines = ["## Visual dependency: VPPO and PAPO beside the default", "",
+             f"Embedded default, {rounds} rounds, seeds {','.join(map(str, section['seeds']))}. Visual gain = greedy "
+             "eval accuracy − the same with every image blanked (`eval/visual_gain`); visual KL = mean per-token "
+             "KL to the masked input over the completions (`visual/kl_mean`, each row's own `visual_mask`).", "",
+             *_failure_lines(section.get("failures", {})),
+             f"| row | overrides | seeds ok | eval accuracy ckpt-{rounds} | visual gain ckpt-{rounds} | "
+             rf"\|ln MDI\| all ckpt-{rounds} | visual KL ckpt-{rounds} |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, s in section["summary"].items():
+        lines.append(f"| {name} | {_overrides_text(section['overrides'].get(name, {}))} | {s['seeds_ok']} | "
+                     f"{_cell(s['eval_accuracy_last'])} | {_cell(s['visual_gain_last'])} | "
+                     f"{_cell(s['abs_log_mdi/all_last'])} | {_cell(s['visual_kl_last'])} |")
+    lines += ["", "### Per round", "", r"| row | round | eval accuracy | visual gain | \|ln MDI\| all | visual KL |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, agg in section["rows"].items():
+        for k, acc in enumerate(agg["eval_accuracy"]):
+            gain = _cell(agg["visual_gain"][k]) if agg.get("visual_gain") else "—"
+            kl = _cell(agg["visual_kl"][k]) if agg.get("visual_kl") else "—"
+            lines.append(f"| {name} | {k} | {_cell(acc)} | {gain} | {_cell(agg['abs_log_mdi/all'][k])} | {kl} |")
+    return [*lines, ""]
 
 
 def _failure_lines(found: dict[str, list[str]]) -> list[str]:
@@ -640,6 +720,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         panels.append(("shaping, embedded", result["rows"]))
     for dataset, part in result.get("objectives", {}).get("datasets", {}).items():
         panels.append((f"objectives, {dataset}", part["rows"]))
+    if result.get("visual", {}).get("rows"):
+        panels.append(("VPPO / PAPO, embedded", result["visual"]["rows"]))
     fig = _new_figure(12, 4 * max(len(panels), 1))
     for p, (label, rows) in enumerate(panels):
         for i, (key, title) in enumerate([("eval_accuracy", "eval accuracy"),
@@ -699,22 +781,27 @@ def collect(jobs: Sequence[Job], results: dict[str, dict[str, Any]]) -> dict[str
 def run(shaping: Sequence[Row], objectives: Sequence[Row], seeds: Sequence[int], rounds: int,
         objective_rounds: int, datasets: Sequence[str] = DATASETS, out_dir: Path = OUT_DIR,
         default_row: str | None = None, parallel: int = DEFAULT_JOBS, command: str = "make ablation",
-        cached_only: bool = False, note: str | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+        cached_only: bool = False, note: str | None = None, cache_dir: Path | None = None,
+        visual: Sequence[Row] = ()) -> dict[str, Any]:
     start = time.perf_counter()
     fingerprint = source_fingerprint()
     shaping_jobs = plan_jobs(shaping, [], [], seeds, rounds, objective_rounds, fingerprint)
+    visual_jobs = plan_jobs(visual, [], [], seeds, rounds, objective_rounds, fingerprint)
     objective_jobs = plan_jobs([], objectives, datasets, seeds, rounds, objective_rounds, fingerprint)
     with tempfile.TemporaryDirectory(prefix="dapo-ablation-data-") as tmp:
         paths = {EMBEDDED: EMBEDDED}
         if objectives and UNSEEN in datasets and not cached_only:
             paths[UNSEEN] = str(Path(tmp) / UNSEEN)
             subprocess.run([sys.executable, str(UNSEEN_SCRIPT), paths[UNSEEN], *UNSEEN_ARGS], check=True)
-        results = run_jobs([*shaping_jobs, *objective_jobs], cache_dir or out_dir / CACHE_DIR_NAME, paths, parallel,
+        results = run_jobs([*shaping_jobs, *visual_jobs, *objective_jobs], cache_dir or out_dir / CACHE_DIR_NAME, paths, parallel,
                            cached_only=cached_only, fingerprint=fingerprint)
     shaping_runs = collect(shaping_jobs, results).get(EMBEDDED, {})
     objective_runs = collect(objective_jobs, results)
     result = assemble(shaping_runs, rounds, default_row or shaping_row_name(DapoConfig()), time.perf_counter() - start,
                       objective_runs, objective_rounds)
+    visual_runs = collect(visual_jobs, results).get(EMBEDDED, {})
+    if visual_runs:
+        result["visual"] = assemble_visual(visual_runs, rounds)
     result["command"] = command
     if note:
         result["note"] = note
@@ -750,16 +837,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_outputs(result, args.out_dir)
         print(markdown(result))
         return
-    shaping_all, objective_all = default_rows(), objective_rows()
-    known = [r.name for r in [*shaping_all, *objective_all]]
+    shaping_all, objective_all, visual_all = default_rows(), objective_rows(), visual_rows()
+    known = [r.name for r in [*shaping_all, *objective_all, *visual_all]]
     try:
         shaping = select_rows(shaping_all, args.rows, known)
         objectives = select_rows(objective_all, args.rows, known)
+        visual = select_rows(visual_all, args.rows, known)
     except ValueError as error:
         parser.error(str(error))
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(shaping, objectives, args.seeds, args.rounds, args.objective_rounds, args.datasets, args.out_dir,
-                 args.default_row, args.jobs, command.strip(), args.cached_only, args.note, args.cache_dir)
+                 args.default_row, args.jobs, command.strip(), args.cached_only, args.note, args.cache_dir, visual)
     print(markdown(result))
 
 

@@ -19,7 +19,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import attention, common, launch_overhead, memory_plan, roofline, round_vs_trl, shared_prefix
+from benchmarks import (
+    attention,
+    common,
+    launch_overhead,
+    memory_plan,
+    roofline,
+    round_vs_trl,
+    shared_prefix,
+    visual_dependency,
+)
 from dapo_ops.store.layout import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +48,8 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
                         "What a process costs: 2-process accelerate launch overhead vs the phase's work"),
     "memory_plan": ("benchmarks.memory_plan", memory_plan.markdown,
                     "The memory plan (`make plan`) against measured peak memory"),
+    "visual_dependency": ("benchmarks.visual_dependency", visual_dependency.markdown,
+                          "Visual dependency: a round with the masked pass and the blind eval vs without"),
 }
 
 # summary key -> (goal, comparison, what it means)
@@ -57,6 +68,8 @@ GOALS: dict[str, tuple[float, str]] = {
     "decode_fraction_of_bandwidth": (0.5, "decoding's roofline bound max(FLOPs/peak, bytes/bandwidth) / its time"),
     "memory_plan_error_embedded": (memory_plan.GOAL, "worst |plan − measured| / measured peak of a phase, embedded"),
     "memory_plan_error_realistic": (memory_plan.GOAL, "the same, a Qwen2.5-VL-shaped model with 256 image tokens"),
+    "visual_dependency_round_overhead": (visual_dependency.GOAL, "(round with the masked pass and blind eval − "
+                                                                 "without) / without, realistic shape"),
 }
 # Goals met from above (value >= goal); every other goal is met from below (value <= goal).
 AT_LEAST: frozenset[str] = frozenset({"shared_prefix_update_speedup", "static_cache_generation_speedup",
@@ -83,6 +96,7 @@ SECONDARY: dict[str, str] = {
     "launch_overhead_s": "2-process rollouts launch: wall minus the phase's work (start, imports, model load), s",
     "phase_work_s": "the rollouts phase's work in one process at the embedded size, s",
     "launch_crossover_model_scale": "model size (x embedded) above which 2 CPU processes beat one for rollouts",
+    "visual_dependency_round_cpu_overhead": "the same overhead in process CPU time, realistic shape",
 }
 
 

@@ -13,6 +13,8 @@ from dapo_ops import _lazy
 _EXPORTS = {
     "DapoConfig": "dapo_ops.config.dapo",
     "load_mc_dataset": "dapo_ops.data.loading",
+    "load_rl_dataset": "dapo_ops.data.rl_loading",
+    "accuracy_reward": "dapo_ops.rl.rewards",
     "mc_idx_reward": "dapo_ops.rl.rewards",
     "think_format_reward": "dapo_ops.rl.rewards",
     "mdi_reward": "dapo_ops.rl.rewards",

@@ -5,6 +5,7 @@ code location stays fast."""
 
 
 import base64
+import math
 import os
 import re
 import time
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from dapo_ops.common.names import EVAL_ACCURACY, attn_column
+from dapo_ops.rl.rewards import ACCURACY_REWARDS
 from dapo_ops.run import round as dapo_round
 from dapo_ops.run.policy_cache import PolicyCache
 from dapo_ops.run.resume import EVAL_DROP_CHECK
@@ -169,7 +171,7 @@ def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig,
     sent = mlflow.tracker(store).sync()
     if sent:
         log(f"sent {sent} journaled round(s) to MLflow")
-    result = dapo_round.rollouts_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, cfg, store, key,
+    result = dapo_round.rollouts_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, store, key,
                                                                                             log))
     child, table = result.launched, result.table
     sample = table.head(3).select("question", "completion").to_dicts()
@@ -195,7 +197,7 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     from dapo_ops.run import phases as training
 
     cfg, store, key, log = _open(context, training_config, run_store)
-    result = dapo_round.attention_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, cfg, store, key,
+    result = dapo_round.attention_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, store, key,
                                                                                             log),
                                         reanalysis=training_config.reanalysis)
     child, table = result.launched, result.table
@@ -254,7 +256,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
     cfg, store, key, log = _open(context, training_config, run_store)
     try:
         result = dapo_round.update_phase(cfg, store, key, log, policy_cache,
-                                         launch=_launcher(context, cfg, store, key, log))
+                                         launch=_launcher(context, store, key, log))
     except dapo_round.NonFiniteRoundError as error:
         yield _check_result(error.finding)  # the failed health check is recorded with the failed round
         raise dg.Failure(description=str(error), metadata={"health": "non_finite"}) from error
@@ -318,13 +320,13 @@ def pipes_client_for(deployment, launch) -> tuple[dg.PipesClient, dict]:
     return cls(), dict(deployment.run_args)
 
 
-def _launcher(context: dg.AssetExecutionContext, cfg, store, key: str, log) -> "Launch":
+def _launcher(context: dg.AssetExecutionContext, store, key: str, log) -> "Launch":
     """The round's `Launch` (see dapo_ops.run.round): a phase (rollouts, attention, update) on `num_processes`
     processes, `accelerate launch` of `pipelines.pipes_update --phase` through Dagster Pipes under the
     supervisor (no orphans, a dead rank named). Rank 0 writes the phase's round files and reports its logs and
     metadata back; the launch returns that metadata."""
 
-    def launch(phase: str, *, reanalysis: bool = False) -> dict:
+    def launch(phase: str, cfg, *, reanalysis: bool = False) -> dict:
         from dapo_ops.distributed import launch as distributed
         from dapo_ops.distributed import process_hygiene
         from dapo_ops.train.update import NonFiniteUpdateError
@@ -384,9 +386,13 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
         tracker = mlflow.tracker(store)
         metrics = {f"attention/{s}/{n}": report.stage_means[s][n]
                    for s in STAGES for n in LOGGED_METRIC_NAMES}
+        # The masked pass's values and the checkpoint's blind eval, recomputed by the re-analysis.
+        metrics.update({k: v for k, v in (report.visual or {}).items()
+                        if k != "abs_log_mdi_kl_correlation" and math.isfinite(v)})
         run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": report.tolerance,
                                                                    "dagster_run_id": context.run.run_id})
-        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, report.chart]})
+        charts = [report.chart] + ([report.visual_chart] if report.visual_chart is not None else [])
+        tracker.log_reanalysis(run_id, metrics, {f"reports/{key}": [report.path, *charts]})
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,
         **_mlflow_link(mlflow, store),
@@ -427,8 +433,9 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     terminal = written.terminal
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
-            "reward", "rewards/mc_idx_reward/mean", EVAL_ACCURACY, "rewards/think_format_reward/mean",
-            "attention/all/mdi", "entropy", "completions/mean_length")))
+            "reward", *[f"rewards/{n}/mean" for n in ACCURACY_REWARDS if n in cfg.reward_names], EVAL_ACCURACY,
+            "rewards/think_format_reward/mean", "attention/all/mdi", "entropy", "completions/mean_length")
+        if name in metrics))
     dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={
         "run_name": cfg.run_name,

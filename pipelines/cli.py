@@ -170,8 +170,11 @@ def run_training(config: DapoConfig, rounds: int, *, root: Path | None = None, e
     Resumable at any point: a killed run leaves only complete checkpoints (plus temporaries removed here),
     rounds are deterministic per seed, and MLflow metrics go through the journal (see dapo_ops.tracking.facade)."""
     from dapo_ops.common import faults
+    from dapo_ops.data import rl_loading
     from dapo_ops.store.layout import RunStore
 
+    # The data decides the default accuracy reward; an unknown layout stops here, before anything is written.
+    config = rl_loading.config_for_dataset(config)
     root = root or data_root()
     store = RunStore(root, config.run_name)
     started = time.perf_counter()
@@ -317,7 +320,7 @@ def _train_rounds(config: DapoConfig, rounds: int, store, instance, tconfig, tag
         if pending.whole:
             last_round_s = seconds
         echo(f"{label} done in {seconds:.1f}s (elapsed {time.perf_counter() - started:.0f}s): "
-             f"{round_summary(read_json(store.round(pending.key).metrics))}")
+             f"{round_summary(read_json(store.round(pending.key).metrics), config.reward_names)}")
 
 
 def _fail_orphaned_runs(instance, run_name: str, echo) -> None:
@@ -415,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("mlflow-ui", help="start the MLflow UI on the data root's store")
     ui.add_argument("--port", type=int, default=5000)
     sub.add_parser("prepare-instance", help="create DAGSTER_HOME and its dagster.yaml")
+    check = sub.add_parser("check-data", help="load and validate a dataset without training (layout, splits, "
+                                              "quarantine reasons, images per prompt, answer kinds)")
+    check.add_argument("--dataset", required=True)
+    check.add_argument("--model", default=None, help="a model directory: prompt lengths in its tokens")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="dataset_layout, prompt_key, answer_key, image_key")
     args = parser.parse_args(argv)
 
     if args.command == "prepare-instance":
@@ -422,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return memory_plan_command(args)
+    if args.command == "check-data":
+        return check_data_command(args)
     if args.command == "launchpad-config":
         from dapo_ops.config.runconfig import RunConfigError, launchpad_yaml
 
@@ -477,17 +488,45 @@ def memory_plan_command(args: argparse.Namespace) -> int:
 
     values = coerce(read_yaml(args.config), f"run config {args.config}") if args.config else {}
     model = args.model or values.get("model_name_or_path", EMBEDDED)
-    values = {**values, "model_name_or_path": EMBEDDED, "dataset": EMBEDDED}  # the plan reads no weights or data
+    # The plan reads no weights; of the data only the images per prompt, when the dataset is on this machine.
+    dataset = values.get("dataset", EMBEDDED)
+    values = {**values, "model_name_or_path": EMBEDDED, "dataset": dataset if Path(dataset).exists() else EMBEDDED}
     try:
         from dapo_ops.config.runconfig import load_run_config
+        from dapo_ops.data.rl_loading import images_per_prompt
 
         config = load_run_config(None, args.set, flags=values).replace(model_name_or_path=model)
-        plan = memory_plan.estimate(model, config)
-    except (RunConfigError, FileNotFoundError) as error:
+        images, source = images_per_prompt(config)
+        print(f"images per prompt: {images} (from {source})")
+        plan = memory_plan.estimate(model, config, images_per_prompt=images)
+    except (RunConfigError, FileNotFoundError, ValueError) as error:
         print(error, file=sys.stderr)
         return 2
     print(memory_plan.render(plan, config, args.gpu_memory))
     return 0 if args.gpu_memory is None or plan.peak <= args.gpu_memory * memory_plan.GIB else 1
+
+
+def check_data_command(args: argparse.Namespace) -> int:
+    """`make check-data`: the data check's report; 1 when no row is usable, 2 when the source cannot be read."""
+    from dapo_ops.config.runconfig import RunConfigError, load_run_config
+    from dapo_ops.data.rl_loading import check_dataset
+
+    try:
+        config = load_run_config(None, args.set, flags={"dataset": args.dataset})
+        counter = None
+        if args.model:
+            from dapo_ops.models import loading as models
+            from dapo_ops.run import phases as training
+
+            policy = models.load_policy(Path(args.model))
+            counter = lambda rows: training.prompt_token_counts(policy, rows)  # noqa: E731
+        report = check_dataset(config.dataset, layout=config.dataset_layout, prompt_key=config.prompt_key,
+                               answer_key=config.answer_key, image_key=config.image_key, count_prompt_tokens=counter)
+    except (RunConfigError, ValueError, FileNotFoundError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(report.render())
+    return 0 if report.usable else 1
 
 
 def run_config_from_args(args: argparse.Namespace) -> DapoConfig:

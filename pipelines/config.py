@@ -41,8 +41,12 @@ class _TrainingConfigBase(dg.ConfigurableResource):
     """The knobs of a training run, with TRL's names (fields: those of `DapoConfig`, plus `reanalysis`)."""
 
     def to_dapo(self) -> DapoConfig:
-        """Validated library config (raises ValueError saying what to change)."""
-        return DapoConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(DapoConfig)})
+        """Validated library config (raises ValueError saying what to change), its default rewards following
+        the dataset's answers (`rldata.config_for_dataset`)."""
+        from dapo_ops.data.rl_loading import config_for_dataset
+
+        return config_for_dataset(
+            DapoConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(DapoConfig)}))
 
     @classmethod
     def from_dapo(cls, config: DapoConfig, **extra: object) -> TrainingConfig:

@@ -228,6 +228,53 @@ def test_objective_rows_of_one_dataset_and_seed_share_ckpt_0000_and_a_row_changi
                                                                 (0, "grpo", "embedded")]
 
 
+def test_the_visual_rows_are_valid_configs_that_share_one_ckpt_0000():
+    from benchmarks import ablation
+    from dapo_ops.config.dapo import DapoConfig
+
+    rows = {r.name: r for r in ablation.visual_rows()}
+    assert list(rows) == ["default", "vppo", "papo"]
+    configs = {name: DapoConfig(**row.overrides) for name, row in rows.items()}
+    assert configs["vppo"].vppo_token_ratio < 1 and configs["vppo"].vppo_advantage_weighting
+    assert configs["papo"].papo_coef > 0 and configs["papo"].papo_entropy_coef > 0
+    assert rows["default"].overrides == {"visual_dependency": True}  # the default config, measured
+    keys = {ablation.setup_key(ablation.make_job("embedded", r, 0, 8, "src"), "src") for r in rows.values()}
+    assert len(keys) == 1  # the terms act after ckpt-0000; its eval has the blind accuracy
+    dapo = next(r for r in ablation.objective_rows() if r.name == "dapo")
+    assert keys != {ablation.setup_key(ablation.make_job("embedded", dapo, 0, 8, "src"), "src")}
+
+
+def test_the_visual_section_puts_eval_accuracy_visual_gain_and_mdi_side_by_side(tmp_path):
+    from benchmarks import ablation
+
+    def run(seed: int, gain: list[float]) -> dict:
+        return _ablation_run(seed, [0.3, 0.5], [0.6, 0.1], visual_gain=gain,
+                             visual_kl=[{"kl_mean": 0.01, "kl_answer": 0.02}, {"kl_mean": 0.1, "kl_answer": 0.3}])
+
+    section = ablation.assemble_visual({"default": [run(0, [0.0, 0.2]), run(1, [0.0, 0.4])],
+                                        "papo": [run(0, [0.0, 0.1])]}, 1)
+    assert section["summary"]["default"]["visual_gain_last"] == pytest.approx((0.3, math.sqrt(0.02)))
+    assert section["summary"]["papo"]["visual_kl_last"] == pytest.approx((0.1, 0.0))
+    text = "\n".join(ablation.visual_markdown(section))
+    assert "| default | `visual_dependency=True` | 2 | 0.500 ± 0.000 | 0.300 ± 0.141 | 0.100 ± 0.000 | 0.100 ± 0.000 |" \
+        in text
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps({"runs": {}, "rounds": 0, "seconds": 1.0, "visual": section}))
+    merged = ablation.merge([path], "clip")["visual"]["summary"]
+    assert json.loads(json.dumps(merged)) == json.loads(json.dumps(section["summary"]))
+
+
+def test_visual_dependency_benchmark_times_both_sides_and_reports_the_overhead():
+    from benchmarks import visual_dependency
+
+    result = visual_dependency.run(quick=True, log=lambda _: None)
+    assert len(result["rounds"]["with"]) == len(result["rounds"]["without"]) == 1
+    assert math.isfinite(result["summary"]["visual_dependency_round_overhead"])
+    assert result["medians"]["with"]["eval"] > 0 and result["medians"]["without"]["teacher-forced pass"] > 0
+    assert "visual_dependency_round_overhead" in visual_dependency.markdown(result)
+    assert "visual_dependency" in run_all.BENCHMARKS and "visual_dependency_round_overhead" in run_all.GOALS
+
+
 def test_a_partial_run_says_which_sections_it_re_measured():
     machine = {"cpu_count": 2, "cpu": "x", "device": "cpu", "torch": "t", "transformers": "tf", "trl": None,
                "dagster": None, "torch_threads": 1}

@@ -225,6 +225,28 @@ def test_the_shared_prefix_forward_equals_the_unshared_one(
     torch.testing.assert_close(shared.text_mass, unshared.text_mass, atol=1e-6, rtol=0)
 
 
+def test_the_masked_pass_degrades_every_familys_images_and_shares_prompts(
+    family: tuple[str, Policy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images degraded in the family's processed space (blank and patch masks): the forward runs, the KL is
+    finite and >= 0, and the shared-prefix masked pass equals the unshared one."""
+    from dapo_ops.attention.teacher_forced import VisualMasking
+
+    _, policy = family
+    monkeypatch.setattr(shared_prefix, "_UNSUPPORTED", {})
+    rollouts = generate_rollouts(policy, _prompts(policy), num_generations=2, max_completion_length=5, seed=0)
+    mask = rollouts.completion_mask.bool()
+    blank = VisualMasking("blank", 1.0, seed=1)
+    shared = teacher_forced_pass(policy, rollouts, visual_masking=blank, with_attention=False).visual_kl[mask]
+    unshared = teacher_forced_pass(policy, rollouts, visual_masking=blank, with_attention=False,
+                                   shared_prefix=False).visual_kl[mask]
+    torch.testing.assert_close(shared, unshared, atol=1e-5, rtol=1e-4)
+    patch = teacher_forced_pass(policy, rollouts, visual_masking=VisualMasking("patch", 0.6, seed=1),
+                                with_attention=False).visual_kl[mask]
+    for kl in (shared, patch):
+        assert bool(torch.isfinite(kl).all()) and bool((kl >= 0).all())
+
+
 class _Wrapper(torch.nn.Module):
     """What DDP and accelerate put around the model: the HF model lives in `.module`."""
 
@@ -332,7 +354,8 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
                        "MLFLOW_TRACKING_URI": uri}.items():
         monkeypatch.setenv(key, value)
     model_dir = save_tiny_family(name, tmp_path / f"tiny-{name}")
-    config = DapoConfig(**{**SMALL_RUN, "run_name": f"family-{name}", "model_name_or_path": str(model_dir)})
+    config = DapoConfig(**{**SMALL_RUN, "run_name": f"family-{name}", "model_name_or_path": str(model_dir),
+                           "visual_dependency": True})
     run_training(config, rounds=2, root=tmp_path, echo=lambda _: None)
 
     client, training = _mlflow_training_run(uri, config.run_name)
@@ -343,12 +366,20 @@ def test_two_rounds_through_the_pipeline_then_reanalysis(name: str, tmp_path: Pa
         assert len(history) == 2 and all(math.isfinite(m.value) for m in history), metric
     for stage in ("early", "middle", "late", "all"):
         assert all(m.value > 0 for m in client.get_metric_history(run_id, f"attention/{stage}/mdi")), stage
+    # The masked pass, beside the 44: once per round; the blind eval also of ckpt-0000.
+    for metric, count in (("visual/kl_mean", 2), ("visual/kl_answer", 2), ("visual/dependent_token_ratio", 2),
+                          ("eval/blind_accuracy", 3), ("eval/visual_gain", 3)):
+        history = client.get_metric_history(run_id, metric)
+        assert len(history) == count and all(math.isfinite(m.value) for m in history), metric
 
     reanalyze(config.run_name, "ckpt-0001", mdi_tolerance=4.0, root=tmp_path)
     experiment = client.get_experiment_by_name("dapo-vlm")
     checkpoint_runs = client.search_runs([experiment.experiment_id], filter_string="tags.`dapo.checkpoint` = 'ckpt-0001'")
     assert [r for r in checkpoint_runs if r.data.tags.get("dapo.reanalysis_of") == config.run_name]
     report = tmp_path / "runs" / config.run_name / "reports" / "ckpt-0001" / "attention_diagnostics.md"
+    assert "## Visual dependency" in report.read_text()
+    reanalysis = next(r for r in checkpoint_runs if r.data.tags.get("dapo.reanalysis_of") == config.run_name)
+    assert {"visual/kl_mean", "eval/blind_accuracy"} <= set(reanalysis.data.metrics)
     stages = [line for line in report.read_text().splitlines() if line.startswith(("| MDI", "| AEI"))]
     assert stages and not any(cell.strip() in ("nan", "inf") for line in stages for cell in line.split("|")), stages
 

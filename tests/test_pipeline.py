@@ -114,6 +114,10 @@ def test_make_reanalyze_touches_only_the_attention_analysis(trained_run):
     reanalysis = client.search_runs([experiment.experiment_id], filter_string="tags.`dapo.checkpoint` = 'ckpt-0001'")
     tagged = [r for r in reanalysis if r.data.tags.get("dapo.reanalysis_of")]
     assert tagged and tagged[0].info.run_id != run.info.run_id
+    # Off in training by default, the masked pass and the blind eval run in every re-analysis.
+    assert "## Visual dependency" in report.read_text()
+    assert {"visual/kl_mean", "visual/kl_answer", "eval/blind_accuracy", "eval/visual_gain"} <= set(tagged[0].data.metrics)
+    assert not [name for name in run.data.metrics if name.startswith("visual/")]  # training logged none
 
 
 def test_make_reanalyze_and_make_export_without_a_checkpoint_print_their_usage(trained_run):

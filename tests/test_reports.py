@@ -560,3 +560,50 @@ def test_the_round_summary_line_names_the_six_figures_of_a_round():
     metrics = {"reward": 0.9751, "rewards/mc_idx_reward/mean": 0.5, "eval/accuracy": 0.25,
                "rewards/think_format_reward/mean": 1.0, "attention/all/mdi": 1.004, "entropy": 5.99412}
     assert round_summary(metrics) == "reward 0.975  accuracy 0.500  eval 0.250  format 1.000  MDI 1.00  entropy 5.994"
+
+
+# ---------------------------------------------------------------------------------------- visual dependency
+
+
+def with_visual(table: pl.DataFrame, kl: list[float]) -> pl.DataFrame:
+    return table.with_columns(pl.Series("visual/kl_mean", kl), pl.Series("visual/kl_answer", [2 * v for v in kl]),
+                              pl.Series("visual/dependent_token_ratio", [0.5] * len(kl)))
+
+
+def test_the_visual_dependency_section_gives_kl_pivotal_share_blind_accuracy_gain_and_the_correlation():
+    from dapo_ops.reporting.reports import abs_log_mdi, pearson
+
+    table = round_table()
+    kl = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    text = diagnostics(with_visual(table, kl), evaluation={"eval/accuracy": 0.75, "eval/blind_accuracy": 0.25,
+                                                           "eval/visual_gain": 0.5},
+                       visual_chart_file="visual_dependency.png")
+    section = text.split("## Visual dependency", 1)[1].split("##", 1)[0]
+    rows = {r[0]: r[1] for r in table_rows(section)}
+    assert rows["KL completion (mean per token, nats)"] == "0.3500"
+    assert rows["KL answer (tokens after `</think>`)"] == "0.7000"
+    assert rows["Pivotal-token share (KL > threshold)"] == "0.500"
+    assert rows["Blind accuracy (eval, blank images)"] == "0.250"
+    assert rows["Visual gain (eval accuracy − blind)"] == "0.500"
+    expected = pearson(abs_log_mdi(table["attn/all/mdi"].to_list()), kl)  # rollouts with an undefined MDI left out
+    assert rows["corr(\\|ln MDI\\|, KL) over rollouts"] == f"{expected:.3f}"
+    assert "![Attention balance and visual dependency per round](visual_dependency.png)" in section
+    assert "## Visual dependency" not in diagnostics(table)  # no masked pass: no section
+
+
+def test_pearson_is_the_correlation_of_the_finite_pairs():
+    from dapo_ops.reporting.reports import pearson
+
+    assert pearson([1.0, 2.0, 3.0, math.nan], [2.0, 4.0, 6.0, 1.0]) == pytest.approx(1.0)
+    assert pearson([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])) and math.isnan(pearson([1.0, 2.0], [1.0, 2.0]))
+
+
+def test_the_visual_chart_draws_both_curves_per_round(tmp_path: Path):
+    from dapo_ops.reporting.charts import visual_dependency_png
+
+    path = visual_dependency_png([{"round": 0, "abs_log_mdi": 1.2, "kl_mean": 0.01, "kl_answer": 0.02},
+                                  {"round": 1, "abs_log_mdi": 0.1, "kl_mean": 0.2, "kl_answer": 0.4}],
+                                 tmp_path / "visual_dependency.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 300 and image.size[1] > 100

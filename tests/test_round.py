@@ -114,6 +114,8 @@ def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_do
         assert (reports / name).stat().st_size > 0, name
     assert json.loads((round_dir / "metrics.json").read_text()) == result.metrics
     assert len(result.findings) == 6
+    # visual_dependency is off by default: no masked pass, no visual/* key, no blind eval.
+    assert not [k for k in result.metrics if k.startswith("visual/") or k in ("eval/blind_accuracy", "eval/visual_gain")]
 
 
 def sample_round_table(train: pl.DataFrame, totals: list[float]) -> pl.DataFrame:
@@ -187,15 +189,15 @@ def test_a_phase_on_several_processes_runs_through_the_launcher_without_the_poli
     policies.put(store, KEY, "policy of ckpt-0000", None)
     calls = []
 
-    def launch(phase: str, **kwargs) -> dict:
-        calls.append((phase, kwargs))
+    def launch(phase: str, launched: DapoConfig, **kwargs) -> dict:
+        calls.append((phase, launched.num_processes, kwargs))
         write_parquet_atomic(store.round(KEY).attention_parquet, pl.DataFrame({"entropy": [1.0]}))  # rank 0's file
         return {"num_processes": 2}
 
     store.round_dir(KEY).mkdir(parents=True)
     log = training.round_log(store, KEY)
     result = dapo_round.attention_phase(config, store, KEY, log, policies, launch=launch, reanalysis=True)
-    assert calls == [("attention", {"reanalysis": True})]
+    assert calls == [("attention", 2, {"reanalysis": True})]
     assert result.launched == {"num_processes": 2} and result.table["entropy"].to_list() == [1.0]
     assert policies._entry is None  # the ranks load the checkpoint; this process's copy is dropped
     with pytest.raises(ValueError, match="num_processes=2: the attention phase needs a launcher"):

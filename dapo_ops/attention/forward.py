@@ -44,12 +44,14 @@ class TeacherForcedOutputs:
 
     per_token_logps, entropy: [N, Tc], also at padded completion positions (mask them with
     `completion_mask`). vision_mass, text_mass: [N, L] m_V(l), m_T(l); None without attention.
+    visual_kl: [N, Tc] per-token KL against the degraded images; None without the masked pass.
     """
 
     per_token_logps: torch.Tensor
     entropy: torch.Tensor
     vision_mass: torch.Tensor | None = None
     text_mass: torch.Tensor | None = None
+    visual_kl: torch.Tensor | None = None
 
 
 def unwrap_model(model_or_policy: Any) -> torch.nn.Module:
@@ -113,15 +115,17 @@ def unshared_completion_forward(
     with_attention: bool = False,
     entropy_grad: bool = False,
     attention_grad: bool = False,
+    return_logits: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass]).
+    """One forward over prompt + completion: (per_token_logps, entropy[, vision_mass, text_mass][, logits]).
 
     per_token_logps is differentiable (run it under `torch.no_grad()` for scoring), entropy only with
     `entropy_grad` (an entropy bonus); both are [B, Tc] on the model's device. Logits are computed only for the last Tc+1 positions
     (`logits_to_keep`) and divided by the sampling temperature, as in TRL (temperature <= 0, i.e. greedy
     sampling, scores the raw logits). With `with_attention`, also the [B, L] masses from the lean path: no
     gradient, on the CPU; with `attention_grad` as well, differentiable and on the model's device (the
-    attention reward's pathwise term, `dapo_ops.train.update`).
+    attention reward's pathwise term, `dapo_ops.train.update`). With `return_logits`, last the raw (unscaled)
+    logits that score the completion tokens, [B, Tc, V] (the masked pass's KL, `dapo_ops.attention.visual`).
     """
     model = unwrap_model(model)
     device = next(model.parameters()).device
@@ -147,6 +151,7 @@ def unshared_completion_forward(
     # Usually logged only: no graph holding vocabulary-sized temporaries unless a bonus differentiates it.
     with nullcontext() if entropy_grad else torch.no_grad():
         entropy = entropy_from_logits(logits, temperature=scale)
+    extra = (logits,) if return_logits else ()
     if not with_attention:
-        return per_token_logps, entropy
-    return per_token_logps, entropy, recorder.vision_mass, recorder.text_mass
+        return per_token_logps, entropy, *extra
+    return per_token_logps, entropy, recorder.vision_mass, recorder.text_mass, *extra

@@ -258,6 +258,7 @@ def _shared_forward(
     with_attention: bool,
     entropy_grad: bool = False,
     attention_grad: bool = False,
+    return_logits: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     completion_ids = rollouts_slice.completion_ids.to(device)  # [N, Tc]
@@ -318,14 +319,15 @@ def _shared_forward(
     )  # [N, Tc]
     with nullcontext() if entropy_grad else torch.no_grad():  # a gradient only for an entropy bonus
         entropy = torch.cat([entropy_from_logits(logits, temperature=scale) for logits, _ in parts], 1)
+    extra = (torch.cat([logits for logits, _ in parts], 1),) if return_logits else ()  # [N, Tc, V]
     if not with_attention:
-        return per_token_logps, entropy
-    return per_token_logps, entropy, recorder.vision_mass, recorder.text_mass
+        return per_token_logps, entropy, *extra
+    return per_token_logps, entropy, recorder.vision_mass, recorder.text_mass, *extra
 
 
 def shared_completion_forward(
     model: Any, rollouts_slice: RolloutLike, *, temperature: float = 1.0, with_attention: bool = False,
-    entropy_grad: bool = False, attention_grad: bool = False,
+    entropy_grad: bool = False, attention_grad: bool = False, return_logits: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """`attention.completion_forward` with each prompt computed once (same outputs, same shapes).
 
@@ -338,7 +340,7 @@ def shared_completion_forward(
     def unshared() -> tuple[torch.Tensor, ...]:
         return unshared_completion_forward(
             model, rollouts_slice, temperature=temperature, with_attention=with_attention,
-            entropy_grad=entropy_grad, attention_grad=attention_grad,
+            entropy_grad=entropy_grad, attention_grad=attention_grad, return_logits=return_logits,
         )
 
     if name in _UNSUPPORTED or int(rollouts_slice.completion_ids.shape[1]) == 0:
@@ -359,7 +361,7 @@ def shared_completion_forward(
         _static_check(model)
         return _shared_forward(
             model, rollouts_slice, groups, temperature=temperature, with_attention=with_attention,
-            entropy_grad=entropy_grad, attention_grad=attention_grad,
+            entropy_grad=entropy_grad, attention_grad=attention_grad, return_logits=return_logits,
         )
     except SharingUnsupported as reason:
         _UNSUPPORTED[name] = str(reason)

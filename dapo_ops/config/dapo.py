@@ -19,12 +19,16 @@ ScaleRewards = Literal["group", "batch", "none"]
 Stage = Literal["early", "middle", "late", "all"]
 MdiShaping = Literal["clip", "log_distance", "group_log_distance", "group_zscore"]
 VllmMode = Literal["server", "colocate"]
+DatasetLayout = Literal["auto", "aokvqa", "trl", "verl", "easyr1"]
+DATASET_LAYOUTS: tuple[str, ...] = get_args(DatasetLayout)
 RolloutCache = Literal["dynamic", "static"]
 WarmupTarget = Literal["task", "format"]
 WarmupAnswer = Literal["letter", "choice"]
+VisualMask = Literal["blank", "patch", "noise"]
 WARMUP_TARGETS: tuple[str, ...] = get_args(WarmupTarget)
 WARMUP_ANSWERS: tuple[str, ...] = get_args(WarmupAnswer)
 VLLM_MODES: tuple[str, ...] = get_args(VllmMode)
+VISUAL_MASKS: tuple[str, ...] = get_args(VisualMask)
 ROLLOUT_CACHES: tuple[str, ...] = get_args(RolloutCache)
 
 # The value lists are read off the Literal types, so each list is written once (here, where this dependency-free
@@ -52,6 +56,14 @@ class DapoConfig:
     run_name: str = "embedded-demo"
     model_name_or_path: str = EMBEDDED
     dataset: str = EMBEDDED
+    # The dataset's layout (dapo_ops.data.layouts, docs/data.md): "auto" tells it from the columns. EasyR1's keys name
+    # the columns holding the prompt, the answer and the images (None: the layout's own names).
+    dataset_layout: DatasetLayout = "auto"
+    prompt_key: str | None = None
+    answer_key: str | None = None
+    image_key: str | None = None
+    # Images per prompt for `make plan` when no dataset says it (None: the dataset's largest, else 1).
+    images_per_prompt: int | None = None
     seed: int = 0
     max_rounds: int = 8
 
@@ -116,6 +128,26 @@ class DapoConfig:
     # leans on the loss's trust region: with loss_type cispo or sapo (no clip that stops a token's gradient) it
     # sped up their collapse in the ablation, so set it to 0 there.
     mdi_pathwise_coef: float = 0.01
+
+    # Visual dependency (dapo_ops.attention.visual, docs/metrics.md): the teacher-forced pass scores every rollout again
+    # with its images degraded (`visual_mask`: blank = the processor's mean pixel, patch = a random
+    # `visual_mask_ratio` of the patches, noise), and eval decodes once more with blank images. False: none of
+    # it, and no visual/* metric. Off by default: it made a round 65 % longer at the realistic shape (make bench,
+    # `visual_dependency_round_overhead`, goal <= 0.25); a re-analysis (`make reanalyze`) always runs it. VPPO
+    # needs it; PAPO reuses its masks.
+    visual_dependency: bool = False
+    visual_mask: VisualMask = "blank"
+    visual_mask_ratio: float = 0.6  # PAPO's share of masked patches
+    visual_dependency_threshold: float = 0.01  # nats: a token above it is visually dependent (VPPO's pivotal)
+    # VPPO (arXiv 2510.09285): the loss on each rollout's top-rho tokens by visual dependency (1: all), and each
+    # rollout's advantage scaled by its normalised mean dependency into [vppo_advantage_min, ...] (mean ~1).
+    vppo_token_ratio: float = 1.0
+    vppo_advantage_weighting: bool = False
+    vppo_advantage_min: float = 0.8
+    # PAPO (arXiv 2507.06448): loss -= papo_coef * KL_prcp (the KL to the masked input, maximised) and
+    # += papo_entropy_coef * (H[pi] + H[pi_masked]) (the double-entropy regulariser). PAPO-D: 0.01 and 0.03.
+    papo_coef: float = 0.0
+    papo_entropy_coef: float = 0.0
 
     # Embedded default: synthetic data size and the supervised warm start of ckpt-0000.
     # Four question types (dapo_ops.data.synthetic): the color task alone is learned by round 6, this mix (yes/no with
@@ -213,7 +245,7 @@ class DapoConfig:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.temperature <= 0:
             problems.append(f"temperature={self.temperature} must be positive")
-        problems += self._reward_problems()
+        problems += self._reward_problems() + self._visual_problems()
         if self.mdi_tolerance <= 1:
             problems.append(f"mdi_tolerance={self.mdi_tolerance} must be greater than 1")
         if self.epsilon <= 0 or self.epsilon_high <= 0:
@@ -251,8 +283,8 @@ class DapoConfig:
             )
         if self.dataset != EMBEDDED and not Path(self.dataset).exists():
             problems.append(
-                f"dataset={self.dataset!r} does not exist; give a parquet file, a folder of parquet files or a "
-                f"datasets.save_to_disk folder, or {EMBEDDED!r} for the synthetic data"
+                f"dataset={self.dataset!r} does not exist; give a parquet file, a folder of parquet files, a "
+                f"datasets.save_to_disk folder or a JSONL file, or {EMBEDDED!r} for the synthetic data"
             )
         if not self.run_name or any(c in self.run_name for c in "/\\ ") or self.run_name.startswith("."):
             problems.append(f"run_name={self.run_name!r} must be a plain name (no slashes or spaces)")
@@ -260,8 +292,12 @@ class DapoConfig:
             raise ValueError("Invalid dapo-vlm configuration:\n  - " + "\n  - ".join(problems))
 
     def _scale_problems(self) -> list[str]:
-        """dtype, LoRA and retention settings."""
+        """dtype, LoRA, retention and data-layout settings."""
         problems: list[str] = []
+        if self.dataset_layout not in DATASET_LAYOUTS:
+            problems.append(f"dataset_layout={self.dataset_layout!r} is unknown; use one of {', '.join(DATASET_LAYOUTS)}")
+        if self.images_per_prompt is not None and self.images_per_prompt < 1:
+            problems.append(f"images_per_prompt={self.images_per_prompt} must be at least 1 (or null)")
         if self.torch_dtype not in TORCH_DTYPES:
             problems.append(f"torch_dtype={self.torch_dtype!r} is unknown; use one of {', '.join(TORCH_DTYPES)}")
         if self.use_peft:
@@ -277,6 +313,28 @@ class DapoConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"save_total_limit={self.save_total_limit} must be at least 1 (resuming needs the "
                             f"newest checkpoint) or null to keep every checkpoint's weights")
+        return problems
+
+    def _visual_problems(self) -> list[str]:
+        """The masked pass and the VPPO / PAPO terms."""
+        problems: list[str] = []
+        if self.visual_mask not in VISUAL_MASKS:
+            problems.append(f"visual_mask={self.visual_mask!r} is unknown; use one of {', '.join(VISUAL_MASKS)}")
+        if not 0 < self.visual_mask_ratio <= 1:
+            problems.append(f"visual_mask_ratio={self.visual_mask_ratio} must be in (0, 1]")
+        if not (math.isfinite(self.visual_dependency_threshold) and self.visual_dependency_threshold >= 0):
+            problems.append(f"visual_dependency_threshold={self.visual_dependency_threshold} must be >= 0 (nats)")
+        if not 0 < self.vppo_token_ratio <= 1:
+            problems.append(f"vppo_token_ratio={self.vppo_token_ratio} must be in (0, 1] (1 keeps every token)")
+        if not 0 <= self.vppo_advantage_min <= 1:
+            problems.append(f"vppo_advantage_min={self.vppo_advantage_min} must be in [0, 1]")
+        if self.papo_coef < 0 or self.papo_entropy_coef < 0:
+            problems.append(f"papo_coef={self.papo_coef} and papo_entropy_coef={self.papo_entropy_coef} must be >= 0 "
+                            "(0 turns the term off)")
+        vppo = self.vppo_token_ratio < 1 or self.vppo_advantage_weighting
+        if vppo and not self.visual_dependency:
+            problems.append("vppo_token_ratio < 1 and vppo_advantage_weighting read the masked pass's per-token "
+                            "dependency; set visual_dependency to true")
         return problems
 
     def _reward_problems(self) -> list[str]:
@@ -299,6 +357,18 @@ class DapoConfig:
                 f"entry ({', '.join(names)})"
             )
         return problems
+
+    def for_answer_kinds(self, kinds: set[str]) -> DapoConfig:
+        """This config with the default `reward_funcs` following the data's answers (`kinds`: "choice" and/or
+        "free"): `accuracy_reward` in place of `mc_idx_reward` for free-form data, both (weight 3 each) for a
+        mix. Configured rewards other than the default stay as they are."""
+        defaults = list(registry.DEFAULT_REWARD_FUNCS)
+        if list(self.reward_funcs) != defaults or "free" not in kinds:
+            return self
+        accuracy = ["accuracy_reward"] if "choice" not in kinds else ["mc_idx_reward", "accuracy_reward"]
+        weight = self.reward_weights[0]
+        return self.replace(reward_funcs=[*accuracy, *defaults[1:]],
+                            reward_weights=[weight] * len(accuracy) + list(self.reward_weights[1:]))
 
     @property
     def reward_names(self) -> list[str]:

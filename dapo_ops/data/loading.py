@@ -68,7 +68,31 @@ class _Part:
     label: str  # how reasons and errors name it
     stem: str  # prefix of synthesized question ids
     image_dirs: tuple[Path, ...]  # where relative image paths are looked up, in order
-    read: Callable[[], pl.DataFrame] = field(compare=False)
+    read: Callable[[], pl.DataFrame] = field(compare=False)  # the A-OKVQA columns, checked
+    kinds: Callable[[], dict[str, str]] = field(compare=False, default=dict)  # column -> layouts.column_kind
+    records: Callable[[list[str]], Iterator[list[dict[str, Any]]]] = field(compare=False, default=iter)
+
+
+def _dtype_kind(dtype: pl.DataType) -> str:
+    """The `layouts.column_kind` of a column type."""
+    if dtype == pl.String:
+        return "str"
+    if isinstance(dtype, pl.List | pl.Array):
+        return "list"
+    if isinstance(dtype, pl.Struct):
+        return "struct"
+    if dtype == pl.Binary:
+        return "bytes"
+    return "null" if dtype == pl.Null else "other"
+
+
+def _frame_records(frame: Callable[[list[str]], pl.DataFrame]) -> Callable[[list[str]], Iterator[list[dict[str, Any]]]]:
+    def records(columns: list[str]) -> Iterator[list[dict[str, Any]]]:
+        df = frame(columns)
+        for start in range(0, df.height, _CHUNK_ROWS):
+            yield df.slice(start, _CHUNK_ROWS).to_dicts()
+
+    return records
 
 
 def decode_image(data: bytes | bytearray | memoryview) -> Image.Image:
@@ -125,7 +149,58 @@ def _parquet_part(path: Path, source_dir: Path, label: str) -> _Part:
         except Exception as exc:
             raise ValueError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
 
-    return _Part(label=label, stem=path.stem, image_dirs=dirs, read=read)
+    def frame(columns: list[str]) -> pl.DataFrame:
+        try:
+            return pl.read_parquet(path, columns=columns)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+
+    def kinds() -> dict[str, str]:
+        try:
+            return {name: _dtype_kind(dtype) for name, dtype in pl.read_parquet_schema(path).items()}
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+
+    return _Part(label=label, stem=path.stem, image_dirs=dirs, read=read, kinds=kinds, records=_frame_records(frame))
+
+
+def _jsonl_part(path: Path) -> _Part:
+    """A JSON-lines file: one row per line; relative image paths are read from the file's folder. A line
+    that is not a JSON object becomes a row holding `__error__`, quarantined with the line number."""
+    import json
+
+    def rows() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    value = {"__error__": f"line {number} is not valid JSON ({exc.msg})"}
+                out.append(value if isinstance(value, dict) else {"__error__": f"line {number} is not a JSON object"})
+        return out
+
+    def kinds() -> dict[str, str]:
+        from dapo_ops.data.layouts import column_kind
+
+        found: dict[str, str] = {}
+        for row in rows():
+            for name, value in row.items():
+                if name != "__error__" and found.get(name, "null") == "null":
+                    found[name] = column_kind(value)
+        return found
+
+    def records(columns: list[str]) -> Iterator[list[dict[str, Any]]]:
+        all_rows = rows()
+        for start in range(0, len(all_rows), _CHUNK_ROWS):
+            yield all_rows[start:start + _CHUNK_ROWS]
+
+    def read() -> pl.DataFrame:
+        raise ValueError(f"{path}: a JSONL source holds free-form layouts; load it with load_rl_dataset")
+
+    return _Part(label=str(path), stem=path.stem, image_dirs=(path.parent,), read=read, kinds=kinds, records=records)
 
 
 def _hf_part(dataset: Any, source: Path, split: str | None) -> _Part:
@@ -141,7 +216,14 @@ def _hf_part(dataset: Any, source: Path, split: str | None) -> _Part:
         table = dataset.select_columns(columns).with_format("arrow")[:]
         return pl.DataFrame(pl.from_arrow(table))
 
-    return _Part(label=label, stem=stem, image_dirs=dirs, read=read)
+    def frame(columns: list[str]) -> pl.DataFrame:
+        return pl.DataFrame(pl.from_arrow(dataset.select_columns(columns).with_format("arrow")[:]))
+
+    def kinds() -> dict[str, str]:
+        schema = pl.DataFrame(pl.from_arrow(dataset.with_format("arrow")[:0])).schema
+        return {name: _dtype_kind(dtype) for name, dtype in schema.items()}
+
+    return _Part(label=label, stem=stem, image_dirs=dirs, read=read, kinds=kinds, records=_frame_records(frame))
 
 
 def _discover(source: Path) -> dict[str | None, list[_Part]]:
@@ -149,6 +231,8 @@ def _discover(source: Path) -> dict[str | None, list[_Part]]:
     if not source.exists():
         raise ValueError(f"dataset source {source} does not exist")
     if source.is_file():
+        if source.suffix.lower() in (".jsonl", ".ndjson"):
+            return {None: [_jsonl_part(source)]}
         return {None: [_parquet_part(source, source.parent, str(source))]}
     if (source / "dataset_dict.json").is_file() or (
         (source / "state.json").is_file() and (source / "dataset_info.json").is_file()
@@ -232,8 +316,40 @@ def _string_list(value: Any) -> list[str]:
     return [str(v) for v in value if v is not None]
 
 
+def mc_problems(question: Any, choices: Any, index_value: Any, index_col: str) -> tuple[int | None, list[tuple[str, str]]]:
+    """(answer index, problems as (kind, message)) of a multiple-choice row's question, choices and index."""
+    problems: list[tuple[str, str]] = []
+    if question is None:
+        problems.append(("missing question", "question is missing"))
+    elif not isinstance(question, str):
+        problems.append(("question not a string", f"question is a {type(question).__name__}, not a string"))
+    elif not question.strip():
+        problems.append(("empty question", "question is empty"))
+    choices_ok = False
+    if choices is None:
+        problems.append(("missing choices", "choices are missing"))
+    elif isinstance(choices, str) or not isinstance(choices, list | tuple):
+        problems.append(("choices not a list", f"choices is a {type(choices).__name__}, not a list"))
+    elif len(choices) < 2:
+        problems.append(("fewer than 2 choices", f"only {len(choices)} choice(s); need at least 2"))
+    else:
+        bad = [j for j, c in enumerate(choices) if not isinstance(c, str) or not c.strip()]
+        if bad:
+            problems.append(("empty choice", f"choice(s) {bad} empty or not strings"))
+        else:
+            choices_ok = True
+    idx, problem = _index(index_value, index_col)
+    if problem:
+        problems.append(problem)
+    elif choices_ok and not 0 <= idx < len(choices):
+        problems.append(("index out of range", f"{index_col} {idx} out of range for {len(choices)} choices"))
+    return idx, problems
+
+
 class _Validator:
     """Validates the rows of one source part by part, numbering rows across the whole source."""
+
+    schema: dict[str, pl.DataType] = KEPT_SCHEMA
 
     def __init__(self, source: Path, multi_part: bool) -> None:
         self.source = source
@@ -256,6 +372,22 @@ class _Validator:
     def _chunks(df: pl.DataFrame) -> Iterator[tuple[int, pl.DataFrame]]:
         for start in range(0, df.height, _CHUNK_ROWS):
             yield start, df.slice(start, _CHUNK_ROWS)
+
+    def quarantine(self, qid: str, question: Any, row: int, local: int, part: _Part,
+                   problems: list[tuple[str, str]]) -> None:
+        """Record a row that fails, with a reason naming the row (and its file in a multi-file source)."""
+        where = f"row {row} (question_id={qid})"
+        if self.multi_part:
+            where += f" [{part.label} row {local}]"
+        self.kinds.update(kind for kind, _ in problems)
+        self.quarantined.append({
+            "question_id": qid,
+            "question": question if isinstance(question, str) else None,
+            "source_row": row,
+            "reason": f"{where}: " + "; ".join(msg for _, msg in problems),
+            "kind": "; ".join(kind for kind, _ in problems),
+            "source_file": part.label,
+        })
 
     def _resolve_image(self, value: Any, part: _Part) -> tuple[bytes | None, tuple[str, str] | None]:
         if isinstance(value, dict):
@@ -290,36 +422,9 @@ class _Validator:
             row = self.next_row + local
             raw_id = col["question_id"][i]
             qid = str(raw_id) if raw_id is not None and str(raw_id).strip() else f"{part.stem}-{local}"
-            problems: list[tuple[str, str]] = []
-
             question = col["question"][i]
-            if question is None:
-                problems.append(("missing question", "question is missing"))
-            elif not isinstance(question, str):
-                problems.append(("question not a string", f"question is a {type(question).__name__}, not a string"))
-            elif not question.strip():
-                problems.append(("empty question", "question is empty"))
-
             choices = col["choices"][i]
-            choices_ok = False
-            if choices is None:
-                problems.append(("missing choices", "choices are missing"))
-            elif isinstance(choices, str) or not isinstance(choices, list | tuple):
-                problems.append(("choices not a list", f"choices is a {type(choices).__name__}, not a list"))
-            elif len(choices) < 2:
-                problems.append(("fewer than 2 choices", f"only {len(choices)} choice(s); need at least 2"))
-            else:
-                bad = [j for j, c in enumerate(choices) if not isinstance(c, str) or not c.strip()]
-                if bad:
-                    problems.append(("empty choice", f"choice(s) {bad} empty or not strings"))
-                else:
-                    choices_ok = True
-
-            idx, problem = _index(index_values[i], index_col)
-            if problem:
-                problems.append(problem)
-            elif choices_ok and not 0 <= idx < len(choices):
-                problems.append(("index out of range", f"{index_col} {idx} out of range for {len(choices)} choices"))
+            idx, problems = mc_problems(question, choices, index_values[i], index_col)
 
             image, problem = self._resolve_image(col["image"][i], part)
             if problem:
@@ -331,18 +436,7 @@ class _Validator:
                 problems.append(("duplicate question_id", f"question_id duplicates row {self.seen_ids[qid]}"))
 
             if problems:
-                where = f"row {row} (question_id={qid})"
-                if self.multi_part:
-                    where += f" [{part.label} row {local}]"
-                self.kinds.update(kind for kind, _ in problems)
-                self.quarantined.append({
-                    "question_id": qid,
-                    "question": question if isinstance(question, str) else None,
-                    "source_row": row,
-                    "reason": f"{where}: " + "; ".join(msg for _, msg in problems),
-                    "kind": "; ".join(kind for kind, _ in problems),
-                    "source_file": part.label,
-                })
+                self.quarantine(qid, question, row, local, part, problems)
                 continue
             self.seen_ids[qid] = row
             out["question_id"].append(qid)
@@ -355,7 +449,7 @@ class _Validator:
         return pl.DataFrame(out, schema=KEPT_SCHEMA)
 
     def result(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        kept = pl.concat(self.kept) if self.kept else pl.DataFrame(schema=KEPT_SCHEMA)
+        kept = pl.concat(self.kept) if self.kept else pl.DataFrame(schema=self.schema)
         quarantined = pl.DataFrame(self.quarantined, schema=QUARANTINE_SCHEMA)
         if kept.height == 0:
             if self.next_row == 0:

@@ -77,7 +77,12 @@ TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 # - color_count: the color question with 2, 3 or 4 choices, a prefix of the color order, so a color keeps
 #   its letter (binding shuffled letters needs induction-style copying the tiny model does not learn).
 MIX_TASKS: dict[str, int] = {"yes_no": 2, "color_of_shape": len(COLORS), "color_count": len(COLORS)}
-ALL_TASKS: tuple[str, ...] = (*TASKS, *MIX_TASKS)
+# Opt-in tasks for the other kinds of data (never in a default mix), each with its number of answer classes:
+# - shape_count: "How many shapes are in the image?" answered with a number (free form, `solution` "1".."4").
+# - two_image_color: two images of one shape each; "What color is the shape in the second image?" (4 choices).
+OPT_IN_TASKS: dict[str, int] = {"shape_count": len(COUNTS), "two_image_color": len(COLORS)}
+FREE_FORM_TASKS: frozenset[str] = frozenset({"shape_count"})
+ALL_TASKS: tuple[str, ...] = (*TASKS, *MIX_TASKS, *OPT_IN_TASKS)
 
 # Shape radius as a fraction of the image side: large single shapes cover several 14 px patches; the
 # small ones of the position/count tasks fit inside one quadrant with a margin.
@@ -186,6 +191,30 @@ def _mix_row(task: str, answer: int, size: int, rng: np.random.Generator) -> tup
     raise ValueError(f"unknown task {task!r}")
 
 
+def _opt_in_row(task: str, answer: int, size: int, rng: np.random.Generator) -> dict:
+    """The columns of an `OPT_IN_TASKS` row with answer class `answer` (images: PIL, in prompt order)."""
+    if task == "shape_count":
+        rationale = "There is 1 shape." if answer == 0 else f"There are {answer + 1} shapes."
+        return {"question": TASK_SPECS["count"].question, "choices": None, "correct_choice_idx": None,
+                "solution": COUNTS[answer], "images": [_scene("count", answer, size, rng)], "rationale": rationale}
+    if task == "two_image_color":
+        names = list(COLORS)
+        which = int(rng.integers(2))
+        other = int(rng.choice([c for c in range(len(names)) if c != answer]))
+        colors = (answer, other) if which == 0 else (other, answer)
+        images = [_scene("color", c, size, rng) for c in colors]
+        ordinal = ("first", "second")[which]
+        return {"question": f"What color is the shape in the {ordinal} image?", "choices": names,
+                "correct_choice_idx": answer, "solution": None, "images": images,
+                "rationale": f"The shape in the {ordinal} image is {names[answer]}."}
+    raise ValueError(f"unknown task {task!r}")
+
+
+def task_answer_kinds(tasks: Sequence[str]) -> set[str]:
+    """{"choice"}, {"free"} or both: how the rows of `tasks` are answered."""
+    return {"free" if t in FREE_FORM_TASKS else "choice" for t in tasks}
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)  # no metadata: same pixels, same bytes
@@ -218,15 +247,28 @@ def generate_rows(
     answer_of_row = np.zeros(n, dtype=int)
     for t in range(len(tasks)):
         rows = np.flatnonzero(task_of_row == t)
-        classes = MIX_TASKS[tasks[t]] if tasks[t] in MIX_TASKS else len(TASK_SPECS[tasks[t]].choices)
+        classes = {**MIX_TASKS, **OPT_IN_TASKS}.get(tasks[t]) or len(TASK_SPECS[tasks[t]].choices)
         answers = np.resize(np.arange(classes), len(rows))
         answer_of_row[rows] = rng.permutation(answers)
 
+    opt_in = any(t in OPT_IN_TASKS for t in tasks)
     records: dict[str, list] = {k: [] for k in ("question_id", "question", "choices", "correct_choice_idx",
-                                               "image", "rationales", "task")}
+                                               "image", "rationales", "task", *(("images", "solution") if opt_in else ()))}
     for i in range(n):
         task, answer = tasks[task_of_row[i]], int(answer_of_row[i])
         records["question_id"].append(f"{id_prefix}-s{seed}-{i:06d}")
+        if task in OPT_IN_TASKS:
+            row = _opt_in_row(task, answer, image_size, rng)
+            images = [_png(img) for img in row.pop("images")]
+            records["image"].append(images[0])
+            records["images"].append(images)
+            records["rationales"].append([row.pop("rationale")])
+            records["task"].append(task)
+            for name, value in row.items():
+                records[name].append(value)
+            continue
+        if opt_in:
+            records["solution"].append(None)
         if task in MIX_TASKS:
             question, choices, index, img, rationale = _mix_row(task, answer, image_size, rng)
             records["question"].append(question)
@@ -243,20 +285,17 @@ def generate_rows(
         records["image"].append(_png(_scene(spec.name, answer, image_size, rng)))
         records["rationales"].append([spec.rationale(spec.choices[answer])])
         records["task"].append(spec.name)
+    if opt_in:  # single-image rows of the other tasks: their one image
+        have = iter(records["images"])
+        records["images"] = [next(have) if t in OPT_IN_TASKS else [img]
+                             for t, img in zip(records["task"], records["image"], strict=True)]
     import polars as pl
 
-    return pl.DataFrame(
-        records,
-        schema={
-            "question_id": pl.String,
-            "question": pl.String,
-            "choices": pl.List(pl.String),
-            "correct_choice_idx": pl.Int64,
-            "image": pl.Binary,
-            "rationales": pl.List(pl.String),
-            "task": pl.String,
-        },
-    )
+    types = {"question_id": pl.String, "question": pl.String, "choices": pl.List(pl.String),
+             "correct_choice_idx": pl.Int64, "image": pl.Binary, "rationales": pl.List(pl.String), "task": pl.String,
+             # opt-in tasks only: every image of a row, and the free-form answer (null for multiple choice)
+             "images": pl.List(pl.Binary), "solution": pl.String}
+    return pl.DataFrame(records, schema={name: types[name] for name in records})
 
 
 # The Hugging Face features of the A-OKVQA layout (`datasets.Features`, image = `Image()`), as `datasets` stores
@@ -270,17 +309,24 @@ HF_FEATURES: dict[str, dict] = {
 }
 
 
-def arrow_schema():
-    """The pyarrow schema (with `huggingface` metadata) of a synthetic dataset file."""
+# The opt-in tasks' extra columns: every image of a row, and the free-form answer.
+OPT_IN_FEATURES: dict[str, dict] = {"images": {"feature": {"_type": "Image"}, "_type": "List"}, "solution": _STRING}
+
+
+def arrow_schema(*, opt_in: bool = False):
+    """The pyarrow schema (with `huggingface` metadata) of a synthetic dataset file; `opt_in`: with the columns
+    of the opt-in tasks (`images`, `solution`)."""
     import json
 
     import pyarrow as pa
 
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     types = {"question_id": pa.string(), "question": pa.string(), "choices": pa.list_(pa.string()),
-             "correct_choice_idx": pa.int64(), "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
-             "rationales": pa.list_(pa.string()), "task": pa.string()}
-    metadata = {"huggingface": json.dumps({"info": {"features": HF_FEATURES}})}
-    return pa.schema([(name, types[name]) for name in HF_FEATURES], metadata=metadata)
+             "correct_choice_idx": pa.int64(), "image": image, "rationales": pa.list_(pa.string()),
+             "task": pa.string(), "images": pa.list_(image), "solution": pa.string()}
+    features = {**HF_FEATURES, **(OPT_IN_FEATURES if opt_in else {})}
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    return pa.schema([(name, types[name]) for name in features], metadata=metadata)
 
 
 def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
@@ -288,9 +334,12 @@ def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     import polars as pl
     import pyarrow.parquet as pq
 
-    schema = arrow_schema()
+    opt_in = "images" in df.columns
+    schema = arrow_schema(opt_in=opt_in)
+    image_struct = {"images": pl.col("images").list.eval(
+        pl.struct(pl.element().alias("bytes"), pl.lit(None, dtype=pl.String).alias("path")))} if opt_in else {}
     table = df.with_columns(
-        image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path"))
+        image=pl.struct(pl.col("image").alias("bytes"), pl.lit(None, dtype=pl.String).alias("path")), **image_struct,
     ).select(schema.names).to_arrow().cast(schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -348,6 +397,26 @@ def corpus(tasks: Sequence[str] = TASKS) -> list[str]:
             texts[f"{LETTERS[j]}. {choice}"] = None
             texts[rationale] = None
             texts[f"<think>{rationale}</think> Answer: {LETTERS[j]}"] = None
+    return list(texts)
+
+
+def opt_in_corpus(tasks: Sequence[str]) -> list[str]:
+    """The texts of the `OPT_IN_TASKS` among `tasks` (none for the default tasks: their tokenizer stays as is)."""
+    texts: dict[str, None] = {}
+    names = list(COLORS)
+    if "shape_count" in tasks:
+        texts[TASK_SPECS["count"].question] = None
+        for j, count in enumerate(COUNTS):
+            rationale = "There is 1 shape." if j == 0 else f"There are {count} shapes."
+            texts.update(dict.fromkeys((count, f"Answer: {count}", rationale, f"<think>{rationale}</think> Answer: {count}")))
+    if "two_image_color" in tasks:
+        block = "\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(names))
+        for ordinal in ("first", "second"):
+            question = f"What color is the shape in the {ordinal} image?"
+            texts.update(dict.fromkeys((question, f"{question}\n{block}")))
+            for j, c in enumerate(names):
+                rationale = f"The shape in the {ordinal} image is {c}."
+                texts.update(dict.fromkeys((rationale, f"<think>{rationale}</think> Answer: {LETTERS[j]}")))
     return list(texts)
 
 

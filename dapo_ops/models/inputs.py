@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dapo_ops.models.tokens import IMAGE_PAD, LETTERS, SYSTEM_PROMPT, template_token_ids
+from dapo_ops.data.layouts import IMAGE_MARK
+from dapo_ops.models.tokens import (
+    FREE_FORM_SYSTEM_PROMPT,
+    IMAGE_PAD,
+    LETTERS,
+    SYSTEM_PROMPT,
+    template_token_ids,
+)
 
 if TYPE_CHECKING:
     from dapo_ops.models.loading import Policy
@@ -42,17 +49,38 @@ def format_choices(choices: Sequence[str]) -> str:
     return "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
 
 
-def build_messages(question: str, choices: Sequence[str], system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
-    """System prompt plus one user turn holding the image, the question and the lettered choices."""
+def default_system_prompt(choices: Sequence[str] | None) -> str:
+    """The instruction for the answer kind: a choice letter, or a final answer after `Answer:`."""
+    return SYSTEM_PROMPT if choices is not None else FREE_FORM_SYSTEM_PROMPT
+
+
+def user_content(question: str, choices: Sequence[str] | None, num_images: int = 1) -> list[dict]:
+    """The user turn's parts: the images where the question's `<image>` marks put them (no mark: all images
+    first), the question's text, and the lettered choices (multiple choice) after it."""
+    pieces = question.split(IMAGE_MARK)
+    marks = len(pieces) - 1
+    if marks not in (0, num_images):
+        raise ValueError(f"the question has {marks} {IMAGE_MARK} mark(s) for {num_images} image(s): {question!r}")
+    if choices is not None:
+        pieces[-1] = f"{pieces[-1]}\n{format_choices(choices)}" if pieces[-1].strip() else format_choices(choices)
+    parts: list[dict] = [{"type": "image"} for _ in range(num_images if marks == 0 else 0)]
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            parts.append({"type": "image"})
+        text = piece.strip() if marks else piece
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
+def build_messages(question: str, choices: Sequence[str] | None, system_prompt: str | None = None,
+                   num_images: int = 1) -> list[dict]:
+    """System prompt plus one user turn holding the images, the question and (multiple choice) the lettered
+    choices. The system prompt defaults to the answer kind's instruction (`default_system_prompt`)."""
+    system = default_system_prompt(choices) if system_prompt is None else system_prompt
     return [
-        {"role": "system", "content": system_prompt},
-        {
-            "role": "user",
-            "content": [
-                {"type": "image"},
-                {"type": "text", "text": f"{question}\n{format_choices(choices)}"},
-            ],
-        },
+        {"role": "system", "content": system},
+        {"role": "user", "content": user_content(question, choices, num_images)},
     ]
 
 
@@ -514,9 +542,9 @@ def completion_values(
     return values
 
 
-def _process_one(policy: Policy, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
-    """The model inputs among the processor's outputs for one prompt and its image (no padding)."""
-    outputs = policy.processor(images=[[image]], text=[text], return_tensors="pt")
+def _process_one(policy: Policy, text: str, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+    """The model inputs among the processor's outputs for one prompt and its images (no padding)."""
+    outputs = policy.processor(images=[list(images)], text=[text], return_tensors="pt")
     return split_processor_outputs(policy, outputs)[0]
 
 
@@ -529,16 +557,26 @@ def _left_pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
     return out
 
 
+def _image_list(entry: ImageLike | Sequence[ImageLike]) -> list[Image.Image]:
+    if isinstance(entry, Image.Image | bytes | bytearray | Mapping):
+        return [to_pil(entry)]
+    return [to_pil(image) for image in entry]
+
+
 def encode_prompts(
     policy: Policy,
     questions: Sequence[str],
-    choices_list: Sequence[Sequence[str]],
-    images: Sequence[ImageLike],
+    choices_list: Sequence[Sequence[str] | None],
+    images: Sequence[ImageLike | Sequence[ImageLike]],
     *,
-    system_prompt: str = SYSTEM_PROMPT,
+    system_prompt: str | None = None,
+    system_prompts: Sequence[str | None] | None = None,
 ) -> PromptBatch:
-    """Chat-template and process (left padded) one prompt per (question, choices, image).
+    """Chat-template and process (left padded) one prompt per (question, choices, images).
 
+    A `choices_list` entry of None is a free-form question; an `images` entry is one image or a list of them
+    (placed at the question's `<image>` marks, else first). The system prompt is, per row, `system_prompts[i]`
+    when given and not None (a dataset's own), else `system_prompt`, else the answer kind's instruction.
     Each prompt goes through the family's processor on its own (its image tokens expanded as the processor
     does) and the rows are then left padded: the same ids, mask and image tensors as one padded processor
     call, with each prompt's image outputs kept apart.
@@ -550,11 +588,18 @@ def encode_prompts(
         )
     if len(questions) == 0:
         raise ValueError("encode_prompts needs at least one prompt")
+    if system_prompts is not None and len(system_prompts) != len(questions):
+        raise ValueError(f"system_prompts ({len(system_prompts)}) and questions ({len(questions)}) differ in length")
+    image_lists = [_image_list(entry) for entry in images]
+    empty = [i for i, entry in enumerate(image_lists) if not entry]
+    if empty:
+        raise ValueError(f"prompt(s) {empty} have no image")
+    own = list(system_prompts) if system_prompts is not None else [None] * len(questions)
     texts = [
-        render_prompt(policy, build_messages(q, c, system_prompt))
-        for q, c in zip(questions, choices_list, strict=True)
+        render_prompt(policy, build_messages(q, c, own[i] if own[i] is not None else system_prompt, len(image_lists[i])))
+        for i, (q, c) in enumerate(zip(questions, choices_list, strict=True))
     ]
-    outputs = [_process_one(policy, text, to_pil(image)) for text, image in zip(texts, images, strict=True)]
+    outputs = [_process_one(policy, text, entry) for text, entry in zip(texts, image_lists, strict=True)]
     token_names = [k for k in outputs[0] if outputs[0][k].shape == outputs[0]["input_ids"].shape]
     pad = policy.pad_token_id
     columns = {k: _left_pad([o[k] for o in outputs], pad if k == "input_ids" else 0) for k in token_names}

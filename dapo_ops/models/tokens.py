@@ -12,6 +12,8 @@ from typing import Any
 
 # Short on purpose: every prompt token is paid for in each rollout, teacher-forced pass and update.
 SYSTEM_PROMPT = "Think inside <think></think>, then reply Answer: X with the letter of the correct choice."
+# Free-form questions (a number, a formula, a word): the same format, the final answer in place of a letter.
+FREE_FORM_SYSTEM_PROMPT = "Think inside <think></think>, then reply Answer: followed by the final answer."
 LETTERS = string.ascii_uppercase
 
 PAD_TOKEN = "<|endoftext|>"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +98,7 @@ def learning_curves_png(history: pl.DataFrame, path: str | os.PathLike[str]) -> 
         "Accuracy and format",
         [
             ("rewards/mc_idx_reward/mean", "train accuracy"),
+            ("rewards/accuracy_reward/mean", "train accuracy (free form)"),
             (EVAL_ACCURACY, "eval accuracy"),
             ("rewards/think_format_reward/mean", "format"),
         ],
@@ -166,5 +167,25 @@ def attention_balance_png(
     ax.set_title(f"Attention balance per stage (MDI tolerance R = {tolerance:g})", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save_atomic(fig, path)
+
+
+def visual_dependency_png(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
+    """Per round: mean |ln MDI| (stage all; 0 = balanced attention) beside the mean visual KL over completions
+    and over answers (0 = the image changes nothing). `history`: one mapping per round with `round`,
+    `abs_log_mdi`, `kl_mean` and `kl_answer`."""
+    rounds = [int(h["round"]) for h in history]
+    fig = _new_figure(9, 3.6)
+    for i, (keys, title) in enumerate([(("abs_log_mdi",), "mean |ln MDI| (stage all)"),
+                                       (("kl_mean", "kl_answer"), "visual KL (nats per token)")]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for key in keys:
+            ax.plot(rounds, [float(h[key]) for h in history], marker="o", markersize=3,
+                    label={"abs_log_mdi": "|ln MDI|", "kl_mean": "completion", "kl_answer": "answer"}[key])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round (checkpoint)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save_atomic(fig, path)

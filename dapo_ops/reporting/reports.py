@@ -24,14 +24,17 @@ import polars as pl
 
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
 from dapo_ops.attention.metrics import METRIC_NAMES as ATTENTION_NAMES
+from dapo_ops.attention.visual import ROLLOUT_COLUMNS as VISUAL_COLUMNS
 from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column, reward_metric
 from dapo_ops.config.dapo import STAGES
-from dapo_ops.rl.rewards import DEFAULT_REWARD_FUNCS
+from dapo_ops.data.answers import final_answer
+from dapo_ops.rl.rewards import ACCURACY_REWARDS, DEFAULT_REWARD_FUNCS, accuracy_reward_name
 
 # How the built-in rewards are labelled in the reports (JSON key, overall-table row); any other reward is
 # shown under its own name.
 REWARD_LABELS: dict[str, tuple[str, str]] = {
     "mc_idx_reward": ("accuracy", "Accuracy Mean"),
+    "accuracy_reward": ("accuracy_reward", "Free-form Accuracy Mean"),
     "think_format_reward": ("format", "Format Mean"),
     "mdi_reward": ("mdi_reward", "MDI Reward Mean"),
 }
@@ -40,6 +43,12 @@ REWARD_LABELS: dict[str, tuple[str, str]] = {
 def reward_label(name: str) -> str:
     """The short label of reward `name` in report JSON and asset metadata (`accuracy` for mc_idx_reward)."""
     return REWARD_LABELS.get(name, (name, ""))[0]
+
+
+def accuracy_metric(reward_names: Sequence[str]) -> str | None:
+    """`rewards/<name>/mean` of the run's accuracy reward (mc_idx_reward, else accuracy_reward), if any."""
+    name = next((n for n in ACCURACY_REWARDS if n in reward_names), None)
+    return None if name is None else f"rewards/{name}/mean"
 
 
 def _reward_row_title(name: str) -> str:
@@ -340,7 +349,15 @@ _ROLLOUT_OPTIONAL = (
     "is_eos",
     "advantage",
     "kept",
+    "num_images",
 )
+
+
+def _answer_text(row: Mapping[str, Any], index_column: str = "correct_choice_idx") -> str | None:
+    """The right answer shown for a row: `B. red` for multiple choice, the `solution` of a free-form row."""
+    if row.get("choices") is None:
+        return row.get("solution") if index_column == "correct_choice_idx" else None
+    return format_answer(row["choices"], row.get(index_column))
 
 
 def _with_mdi(reward_names: Sequence[str]) -> list[str | None]:
@@ -371,8 +388,10 @@ def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str, reward_names:
     choices = row["choices"]
     record["question"] = row["question"]
     record["choices"] = choices
-    record["answer"] = format_answer(choices, row["correct_choice_idx"])
-    if "predicted_choice_idx" in row:
+    record["answer"] = _answer_text(row)
+    if choices is None:
+        record["predicted_answer"] = final_answer(str(row["completion"])) or None
+    elif "predicted_choice_idx" in row:
         record["predicted_answer"] = format_answer(choices, row["predicted_choice_idx"])
     record["completion"] = row["completion"]
     return record
@@ -468,21 +487,31 @@ def rollout_sample_columns(
                       *reward_names, "total_reward", "advantage", *(_attn_col(s, "mdi") for s in STAGES)],
              "rollout_sample_columns")
     rows = list(sample.iter_rows(named=True))
+    cells = {p: list(c) if isinstance(c, list) else [c] for p, c in image_cells.items()}
+    most = max((len(cells[int(r["prompt_index"])]) for r in rows), default=1)
     columns: dict[str, list[Any]] = {
-        "image": [image_cells[int(r["prompt_index"])] for r in rows],
+        # One column per image of the prompt with the most: image, image_2, ... (None where a prompt has fewer).
+        ("image" if k == 0 else f"image_{k + 1}"): [
+            cells[int(r["prompt_index"])][k] if k < len(cells[int(r["prompt_index"])]) else None for r in rows]
+        for k in range(most)
+    }
+    columns.update({
         "rollout_index": [r["rollout_index"] for r in rows],
         "prompt_index": [r["prompt_index"] for r in rows],
         "question": [r["question"] for r in rows],
         "choices": [_choices_text(r["choices"]) for r in rows],
-        "answer": [format_answer(r["choices"], r["correct_choice_idx"]) for r in rows],
+        "answer": [_answer_text(r) for r in rows],
         "completion": [r["completion"] for r in rows],
-    }
+    })
     for name in reward_names:
         columns[reward_label(name)] = [_json_value(r[name]) for r in rows]
     columns["total"] = [_json_value(r["total_reward"]) for r in rows]
     columns["advantage"] = [_json_value(r["advantage"]) for r in rows]
     for stage in STAGES:
         columns[f"mdi/{stage}"] = [_json_value(r[_attn_col(stage, "mdi")]) for r in rows]
+    for name in VISUAL_COLUMNS:  # the masked pass's per-rollout values, when the round ran it
+        if name in sample.columns:
+            columns[name] = [_json_value(r[name]) for r in rows]
     return columns
 
 
@@ -565,6 +594,81 @@ def _vision_bin_table(table: pl.DataFrame) -> str | None:
     )
 
 
+def _image_share_table(table: pl.DataFrame) -> str | None:
+    """Image k's mean share per stage, one row per (images in the prompt, image k); None without prompts of
+    several images."""
+    if f"image_share/{STAGES[0]}" not in table.columns:
+        return None
+    from dapo_ops.attention.image_shares import mean_image_shares
+
+    means = {stage: mean_image_shares(table[f"image_share/{stage}"].to_list()) for stage in STAGES}
+    rows = [[f"{count} images: image {k + 1}", *(_fmt(means[s][count][k]) for s in STAGES)]
+            for count, values in means[STAGES[-1]].items() for k in range(len(values))]
+    return _table(["Image", *(_STAGE_TITLES[s] for s in STAGES)], rows) if rows else None
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Pearson's r over the pairs where both values are finite; NaN with fewer than 3 pairs or no spread."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
+             if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))]
+    if len(pairs) < 3:
+        return math.nan
+    mx = sum(x for x, _ in pairs) / len(pairs)
+    my = sum(y for _, y in pairs) / len(pairs)
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def abs_log_mdi(values: Iterable[Any]) -> list[float]:
+    """|ln MDI| per value; NaN where the MDI is undefined (NaN, 0 or infinite)."""
+    out = []
+    for v in values:
+        v = math.nan if v is None else float(v)
+        out.append(abs(math.log(v)) if math.isfinite(v) and v > 0 else math.nan)
+    return out
+
+
+def visual_dependency_summary(table: pl.DataFrame, evaluation: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The report's visual-dependency values: mean KL over completions and answers, pivotal-token share, blind
+    accuracy and visual gain (from `evaluation`, the checkpoint's eval), and Pearson's r between |ln MDI|
+    (stage all) and KL over the round's rollouts."""
+    evaluation = evaluation or {}
+    return {
+        **{name: mean_std(_column(table, name))[0] for name in VISUAL_COLUMNS},
+        "eval/blind_accuracy": float(evaluation.get("eval/blind_accuracy", math.nan)),
+        "eval/visual_gain": float(evaluation.get("eval/visual_gain", math.nan)),
+        "abs_log_mdi_kl_correlation": pearson(abs_log_mdi(_column(table, _attn_col("all", "mdi"))),
+                                              _column(table, "visual/kl_mean")),
+    }
+
+
+def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
+                    chart_file: str | None) -> list[str]:
+    """The "Visual dependency" section (empty when the round ran no masked pass)."""
+    if "visual/kl_mean" not in table.columns:
+        return []
+    v = visual_dependency_summary(table, evaluation)
+    rows = [
+        ["KL completion (mean per token, nats)", _fmt(v["visual/kl_mean"], 4)],
+        ["KL answer (tokens after `</think>`)", _fmt(v["visual/kl_answer"], 4)],
+        ["Pivotal-token share (KL > threshold)", _fmt(v["visual/dependent_token_ratio"])],
+        ["Blind accuracy (eval, blank images)", _fmt(v["eval/blind_accuracy"])],
+        ["Visual gain (eval accuracy − blind)", _fmt(v["eval/visual_gain"])],
+        ["corr(|ln MDI|, KL) over rollouts", _fmt(v["abs_log_mdi_kl_correlation"])],
+    ]
+    parts = ["## Visual dependency",
+             "Does the answer depend on the image? Each rollout is scored again with its image degraded; KL is "
+             "KL(π(·|q, I) ‖ π(·|q, I_masked)) per completion token. Blind accuracy and visual gain are this "
+             "checkpoint's greedy eval with blanked images. The correlation says whether balanced attention "
+             "(small |ln MDI|) goes with using the image (a negative r: the more balanced, the more dependent).",
+             _table(["Metric", "Value"], rows)]
+    if chart_file is not None:
+        parts.append(f"![Attention balance and visual dependency per round]({chart_file})")
+    return parts
+
+
 def render_attention_diagnostics(
     table: pl.DataFrame,
     *,
@@ -572,9 +676,12 @@ def render_attention_diagnostics(
     checkpoint: str,
     mdi_tolerance: float,
     chart_file: str | None = None,
+    evaluation: Mapping[str, float] | None = None,
+    visual_chart_file: str | None = None,
 ) -> str:
     """`attention_diagnostics.md`: per-stage MDI/AEI table, token table, the MDI by vision-token bin (when the
-    round's images give more than one `vision_token_bin`), optional chart, batch-mean JSON.
+    round's images give more than one `vision_token_bin`), optional chart, the visual-dependency section (when
+    the table has the masked pass's columns; `evaluation`: the checkpoint's eval metrics), batch-mean JSON.
 
     `Vision Ratio` is the token share `v = |V| / (|T| + |V|)` averaged over rollouts (a rollout with no
     key tokens at all is left out). The per-stage table and the token table are separate tables so that
@@ -630,8 +737,18 @@ def render_attention_diagnostics(
             " the attention pass) falls in that power-of-two bin; `pooled` is every rollout with image tokens.",
             by_bin,
         ]
+    shares = _image_share_table(table)
+    if shares is not None:
+        parts += [
+            "## Image shares",
+            "Prompts with several images: each image's share of the vision attention (the attention mass on its"
+            " tokens over the mass on all images' tokens; the vision keys above are all images' tokens). Each"
+            " cell is the mean over the rollouts whose prompt has that many images.",
+            shares,
+        ]
     if chart_file is not None:
         parts.append(f"![Attention balance per stage]({chart_file})")
+    parts += _visual_section(table, evaluation, visual_chart_file)
     parts += ["## Stage details (batch means)", _json_block({"attention_metrics": means})]
     return "\n\n".join(parts) + "\n"
 
@@ -661,13 +778,15 @@ def _display_order(reward_names: Sequence[str]) -> dict[str, int]:
 
 
 def format_metrics_block(
-    metrics: Mapping[str, float], mode: str = "train", reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS
+    metrics: Mapping[str, float], mode: str = "train", reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS,
+    *, accuracy_line: bool = False,
 ) -> str:
     """The terminal block `📊 Logging N metrics for <mode> mode`, one `   name: value` line per metric.
 
     N counts the round metrics (`round_metric_names(reward_names)`, 44 for the default rewards) present in
     `metrics`. Within a section those come in the metrics table's order (`rewards/total_reward` right after
     the per-function rewards), then the other metrics in the order given. Empty sections are left out.
+    With `accuracy_line`, a last line names the accuracy reward that ran (`🎯 Accuracy reward: ...`).
     """
     order = _display_order(reward_names)
     count = sum(1 for name in metrics if name in order)
@@ -682,6 +801,8 @@ def format_metrics_block(
         # Stable sort: the round metrics first in table order, the rest keep the caller's order.
         for name in sorted(names, key=lambda n: order.get(n, len(order))):
             lines.append(f"   {name}: {float(metrics[name]):.4f}")
+    if accuracy_line:
+        lines.append(f"🎯 Accuracy reward: {accuracy_reward_name(reward_names) or 'none (no built-in accuracy reward)'}")
     return "\n".join(lines)
 
 
@@ -729,16 +850,16 @@ def render_run_terminal(
             f"{len(health) - failed} of {len(health)} checks passed.",
             _health_table(health),
         ]
-    parts += ["## Metrics", _fence(format_metrics_block(metrics, mode=mode, reward_names=reward_names), "text")]
+    block = format_metrics_block(metrics, mode=mode, reward_names=reward_names, accuracy_line=True)
+    parts += ["## Metrics", _fence(block, "text")]
     return "\n\n".join(parts) + "\n"
 
 
-# The round's figures on the console's summary line (`make run`), as (label, metric key, decimals).
-SUMMARY_FIGURES = (("reward", "reward", 3), ("accuracy", reward_metric("mc_idx_reward", "mean"), 3),
-                   ("eval", EVAL_ACCURACY, 3), ("format", reward_metric("think_format_reward", "mean"), 3),
-                   ("MDI", attention_metric("all", "mdi"), 2), ("entropy", "entropy", 3))
-
-
-def round_summary(metrics: Mapping[str, float]) -> str:
-    """`reward 0.975  accuracy 0.000  eval 0.000  format 0.000  MDI 1.00  entropy 5.994` of a round's metrics."""
-    return "  ".join(f"{label} {metrics[key]:.{decimals}f}" for label, key, decimals in SUMMARY_FIGURES)
+def round_summary(metrics: Mapping[str, float], reward_names: Sequence[str] = DEFAULT_REWARD_FUNCS) -> str:
+    """The round's figures on the console's summary line (`make run`):
+    `reward 0.975  accuracy 0.000  eval 0.000  format 0.000  MDI 1.00  entropy 5.994` (accuracy: the run's
+    accuracy reward, nan without one)."""
+    accuracy = metrics.get(accuracy_metric(reward_names) or "", float("nan"))
+    return (f"reward {metrics['reward']:.3f}  accuracy {accuracy:.3f}  eval {metrics[EVAL_ACCURACY]:.3f}  "
+            f"format {metrics[reward_metric('think_format_reward', 'mean')]:.3f}  "
+            f"MDI {metrics[attention_metric('all', 'mdi')]:.2f}  entropy {metrics['entropy']:.3f}")

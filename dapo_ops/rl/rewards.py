@@ -25,6 +25,7 @@ from dapo_ops.config.registry import (
     resolve_reward,
     reward_name,
 )
+from dapo_ops.data.answers import answers_match, as_number, final_answer
 
 if TYPE_CHECKING:  # only for annotations: polars is not needed to score
     import polars as pl
@@ -32,7 +33,11 @@ if TYPE_CHECKING:  # only for annotations: polars is not needed to score
     from dapo_ops.config.dapo import DapoConfig
 
 __all__ = [
+    "ACCURACY_REWARDS",
     "DEFAULT_REWARD_FUNCS",
+    "accuracy_reward",
+    "accuracy_reward_name",
+    "answer_correct",
     "REWARD_FUNCTIONS",
     "THINK_FORMAT_PATTERN",
     "completion_text",
@@ -275,6 +280,57 @@ def mc_idx_reward(
     return rewards
 
 
+_LAST_NUMBER_RE = re.compile(r"[+-]?\d+(?:[.,]\d+)*(?:/\d+)?")
+
+
+def _free_form_correct(text: str, solution: str) -> bool:
+    """The completion's final answer states `solution`; for a number, the last number of a final statement
+    ("There are 3 shapes.") counts too."""
+    answer = final_answer(text)
+    if answers_match(answer, solution):
+        return True
+    if as_number(solution) is None:
+        return False
+    numbers = _LAST_NUMBER_RE.findall(answer)
+    return bool(numbers) and answers_match(numbers[-1], solution)
+
+
+def accuracy_reward(completions: Sequence[Any], solution: Sequence[Any] | None = None, **kw: Any) -> list[float | None]:
+    """1.0 when a completion's final answer agrees with `solution`, else 0.0; None where a row has no solution
+    (a multiple-choice row, scored by `mc_idx_reward`). TRL's `accuracy_reward` signature.
+
+    The answer is read after the last `</think>` (`answers.final_answer`: an explicit `Answer: ...`, else
+    `\\boxed{...}`, else the final statement) and compared by `answers.answers_match`: numbers by value, LaTeX
+    by `math-verify`, words after folding case, surrounding punctuation and articles.
+    """
+    n = len(completions)
+    if solution is None:
+        raise ValueError("accuracy_reward needs the `solution` column (the free-form answer of each row)")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, _column(solution, n, "solution"), strict=True):
+        if gold is None or (isinstance(gold, float) and math.isnan(gold)) or not str(gold).strip():
+            rewards.append(None)
+            continue
+        rewards.append(1.0 if _free_form_correct(completion_text(completion), str(gold)) else 0.0)
+    return rewards
+
+
+def answer_correct(completions: Sequence[Any], rows: pl.DataFrame) -> list[float]:
+    """1.0/0.0 per completion against its data row: `mc_idx_reward`'s rule for a row with choices,
+    `accuracy_reward`'s for a free-form row (what `eval/accuracy` counts)."""
+    choices = rows["choices"].to_list()
+    labels = rows["correct_choice_idx"].to_list()
+    solutions = rows["solution"].to_list() if "solution" in rows.columns else [None] * rows.height
+    out: list[float] = []
+    for completion, row_choices, label, gold in zip(completions, choices, labels, solutions, strict=True):
+        if row_choices is not None:
+            value = mc_idx_reward([completion], correct_choice_idx=[label], choices=[list(row_choices)])[0]
+        else:
+            value = accuracy_reward([completion], solution=[gold])[0]
+        out.append(float(value or 0.0))
+    return out
+
+
 def think_format_reward(completions: Sequence[Any], **kw: Any) -> list[float]:
     """TRL's `think_format_reward`: 1.0 when the completion matches `^<think>(?!.*<think>)(.*?)</think>.*$`.
 
@@ -393,8 +449,20 @@ def mdi_reward(
 # ---------------------------------------------------------------------------------------------------------------
 
 register_reward(mc_idx_reward)
+register_reward(accuracy_reward)
 register_reward(think_format_reward)
 register_reward(mdi_reward, needs_attention=True)
+
+
+# The built-in accuracy rewards: the choice letter of multiple-choice rows, the final answer of free-form rows.
+ACCURACY_REWARDS: tuple[str, ...] = ("mc_idx_reward", "accuracy_reward")
+
+
+def accuracy_reward_name(reward_names: Sequence[str]) -> str | None:
+    """Which built-in accuracy reward(s) a run is scored by ("mc_idx_reward", "accuracy_reward", both joined
+    with "+"), or None when neither is configured."""
+    found = [name for name in ACCURACY_REWARDS if name in reward_names]
+    return "+".join(found) or None
 
 
 def _as_float(value: float | None) -> float:
@@ -439,7 +507,7 @@ def score_rollouts(
     funcs = {reward_name(entry): resolve_reward(entry) for entry in config.reward_funcs}
     if attention is None:
         funcs = {name: f for name, f in funcs.items() if not needs_attention(f)}
-    columns: dict[str, Any] = {c: table.get_column(c).to_list() for c in table.columns if c != "image"}
+    columns: dict[str, Any] = {c: table.get_column(c).to_list() for c in table.columns if c not in ("image", "images")}
     completions = columns.pop("completion")
     n = len(completions)
     if attention is not None:
@@ -448,7 +516,7 @@ def score_rollouts(
         columns.update({c: attention.get_column(c).to_list() for c in attention.columns if c not in columns})
         columns["mdi"] = attention.get_column(attn_column(config.mdi_reward_stage, "mdi")).to_list()
     if "choices" in columns:
-        columns["choices"] = [list(c) for c in columns["choices"]]
+        columns["choices"] = [None if c is None else list(c) for c in columns["choices"]]
     prompts = columns.get("question", [None] * n)
     completion_ids = columns.pop("completion_ids", [[] for _ in range(n)])
     columns.update(

@@ -57,7 +57,7 @@ def rollout_columns(batch: RolloutBatch, rows: pl.DataFrame) -> pl.DataFrame:
     """One row per rollout: its prompt's dataset columns (images left out) and its completion, as the rewards
     see them before the teacher-forced pass."""
     lengths = batch.completion_lengths.tolist()
-    table = rows.drop("image", strict=False)[batch.prompt_index.tolist()]
+    table = rows.drop("image", "images", strict=False)[batch.prompt_index.tolist()]
     return table.with_columns(
         pl.Series("completion", batch.completions, dtype=pl.String),
         pl.Series("completion_ids", [batch.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)],

@@ -20,13 +20,15 @@ from typing import Any
 import polars as pl
 import torch
 
+from dapo_ops.attention import visual
 from dapo_ops.attention.forward import TeacherForcedOutputs
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES, METRIC_NAMES
-from dapo_ops.attention.teacher_forced import rollout_attention_metrics, teacher_forced_pass
+from dapo_ops.attention.teacher_forced import VisualMasking, rollout_attention_metrics, teacher_forced_pass
 from dapo_ops.common import faults
 from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column
 from dapo_ops.config.dapo import EMBEDDED, STAGES, DapoConfig
 from dapo_ops.data import loading as data
+from dapo_ops.data import rl_loading as rldata
 from dapo_ops.data import synthetic
 from dapo_ops.models import inputs
 from dapo_ops.models import loading as models
@@ -122,6 +124,8 @@ class DatasetSummary:
     num_eval: int
     num_quarantined: int
     quarantine_reasons: dict[str, int]
+    layout: str = "aokvqa"
+    answer_kinds: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -137,9 +141,14 @@ def prepare_dataset(config: DapoConfig, run_store: RunStore) -> DatasetSummary:
         )
     else:
         source = Path(config.dataset)
-    splits = data.load_mc_splits(source)
+    keys = {"layout": config.dataset_layout, "prompt_key": config.prompt_key, "answer_key": config.answer_key,
+            "image_key": config.image_key}
+    layout = rldata.source_layout(source, **keys)
+    splits = rldata.load_rl_splits(source, **keys)
     train, train_q = splits["train"]
     evaluation, eval_q = splits["eval"]
+    kinds = train["answer_kind"].value_counts(sort=True).rows()
+    rldata.check_rewards_fit(config.reward_names, {kind for kind, _ in kinds}, str(source))
     quarantine = pl.concat(
         [train_q.with_columns(pl.lit("train").alias("split")), eval_q.with_columns(pl.lit("eval").alias("split"))],
         how="diagonal_relaxed",
@@ -150,7 +159,23 @@ def prepare_dataset(config: DapoConfig, run_store: RunStore) -> DatasetSummary:
     reasons: dict[str, int] = {}
     for kind in quarantine.get_column("kind").to_list() if quarantine.height else []:
         reasons[kind] = reasons.get(kind, 0) + 1
-    return DatasetSummary(str(source), train.height, evaluation.height, quarantine.height, reasons)
+    return DatasetSummary(str(source), train.height, evaluation.height, quarantine.height, reasons, layout,
+                          {kind: int(count) for kind, count in kinds})
+
+
+def corpus_texts(rows: pl.DataFrame) -> list[str]:
+    """Texts of data rows a tokenizer trained for them should cover: questions (without image marks),
+    choices, solutions, rationales, system prompts and the free-form instruction."""
+    texts = [q.replace(inputs.IMAGE_MARK, " ") for q in rows["question"].to_list()]
+    texts += [" ".join(c) for c in rows["choices"].to_list() if c is not None]
+    texts += [r for rs in rows["rationales"].to_list() for r in rs]
+    if "solution" in rows.columns:
+        solutions = [s for s in rows["solution"].to_list() if s is not None]
+        texts += solutions + [f"Answer: {s}" for s in solutions]
+        texts += [s for s in rows["system_prompt"].to_list() if s]
+        if solutions:
+            texts.append(inputs.FREE_FORM_SYSTEM_PROMPT)
+    return texts
 
 
 def load_split(run_store: RunStore, split: str) -> pl.DataFrame:
@@ -171,10 +196,9 @@ def build_base_checkpoint(config: DapoConfig, run_store: RunStore, log: RoundLog
     state: dict[str, Any] = {"checkpoint": key, "round": 0, "global_step": 0, "num_tokens": 0,
                              "source_model": config.model_name_or_path}
     if config.model_name_or_path == EMBEDDED:
-        corpus = list(synthetic.corpus())
+        corpus = list(synthetic.corpus()) + synthetic.opt_in_corpus(config.synthetic_tasks)
         if config.dataset != EMBEDDED:  # a real dataset with the embedded model: its words join the vocabulary
-            corpus += train["question"].to_list() + [" ".join(c) for c in train["choices"].to_list()]
-            corpus += [r for rs in train["rationales"].to_list() for r in rs]
+            corpus += corpus_texts(train)
         torch.manual_seed(config.seed)
         policy = models.build_embedded_policy(corpus, seed=config.seed)
         log(f"built the embedded tiny Qwen2.5-VL: {sum(p.numel() for p in policy.model.parameters()):,} parameters, "
@@ -261,9 +285,24 @@ def select_prompts(train: pl.DataFrame, config: DapoConfig, round_index: int) ->
 
 
 def encode_rows(policy: models.Policy, rows: pl.DataFrame) -> inputs.PromptBatch:
-    images = [data.decode_image(b) for b in rows.get_column("image").to_list()]
-    return inputs.encode_prompts(policy, rows.get_column("question").to_list(),
-                                 rows.get_column("choices").to_list(), images)
+    """The prompts of data rows: every image of a row (`images`, else `image`), free-form rows (no `choices`)
+    with the free-form instruction, and a row's own system prompt where it has one."""
+    if "images" in rows.columns:
+        images = [[data.decode_image(b) for b in row] for row in rows.get_column("images").to_list()]
+    else:
+        images = [data.decode_image(b) for b in rows.get_column("image").to_list()]
+    system = rows.get_column("system_prompt").to_list() if "system_prompt" in rows.columns else None
+    choices = rows.get_column("choices").to_list() if "choices" in rows.columns else [None] * rows.height
+    return inputs.encode_prompts(policy, rows.get_column("question").to_list(), choices, images,
+                                 system_prompts=system)
+
+
+def prompt_token_counts(policy: models.Policy, rows: pl.DataFrame, *, batch_size: int = 32) -> list[int]:
+    """Each row's prompt length in `policy`'s tokens, image tokens included, as the rollouts encode it."""
+    counts: list[int] = []
+    for start in range(0, rows.height, batch_size):
+        counts += encode_rows(policy, rows.slice(start, batch_size)).attention_mask.sum(1).tolist()
+    return counts
 
 
 def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFrame:
@@ -272,20 +311,25 @@ def rollout_table(rows: pl.DataFrame, batch: rollout.RolloutBatch) -> pl.DataFra
     prompt_index = batch.prompt_index.tolist()
     lengths = batch.completion_lengths.tolist()
     ids = [batch.completion_ids[i, : lengths[i]].tolist() for i in range(n)]
-    return pl.DataFrame({
+    columns: dict[str, list[Any]] = {
         "rollout_index": list(range(n)),
         "prompt_index": prompt_index,
         "generation_index": [i % g for i in range(n)],
         "question_id": [rows["question_id"][p] for p in prompt_index],
         "question": [rows["question"][p] for p in prompt_index],
-        "choices": [rows["choices"][p].to_list() for p in prompt_index],
-        "correct_choice_idx": [int(rows["correct_choice_idx"][p]) for p in prompt_index],
+        "choices": [None if rows["choices"][p] is None else rows["choices"][p].to_list() for p in prompt_index],
+        "correct_choice_idx": [rows["correct_choice_idx"][p] for p in prompt_index],
+        **({"solution": [rows["solution"][p] for p in prompt_index],
+            "num_images": [int(rows["num_images"][p]) for p in prompt_index]} if "solution" in rows.columns else {}),
         "completion": batch.completions,
         "completion_ids": ids,
         "completion_length": lengths,
         "is_eos": batch.is_eos.tolist(),
         "prompt_tokens": batch.prompt_mask.sum(dim=1).tolist(),
-    }, schema_overrides={"completion_ids": pl.List(pl.Int64)})
+    }
+    types = {"completion_ids": pl.List(pl.Int64), "choices": pl.List(pl.String), "correct_choice_idx": pl.Int64,
+             "solution": pl.String, "num_images": pl.Int64}
+    return pl.DataFrame(columns, schema_overrides={k: v for k, v in types.items() if k in columns})
 
 
 def generate_round_rollouts(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
@@ -345,9 +389,10 @@ def attention_columns() -> list[str]:
     return [attn_column(s, n) for s in STAGES for n in METRIC_NAMES]
 
 
-def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, *, tolerance: float) -> pl.DataFrame:
-    """The round's attention table (one row per rollout: per-stage MDI/AEI, token counts, mean entropy)
-    from a teacher-forced pass over `batch`. Pure: no files, no log."""
+def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, *, tolerance: float,
+                    visual_columns: dict[str, list[float]] | None = None) -> pl.DataFrame:
+    """The round's attention table (one row per rollout: per-stage MDI/AEI, token counts, mean entropy, and
+    the masked pass's `visual/*` values when given) from a teacher-forced pass over `batch`. Pure."""
     per_rollout = rollout_attention_metrics(outputs, batch, tolerance=tolerance)
     columns: dict[str, list[float]] = {c: [] for c in attention_columns()}
     for metrics in per_rollout:
@@ -365,7 +410,43 @@ def attention_table(outputs: TeacherForcedOutputs, batch: rollout.RolloutBatch, 
         "completion_tokens": batch.completion_mask.sum(1).tolist(),
         "total_tokens": (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)).tolist(),
         "entropy": entropy,
+        **(visual_columns or {}),
     }).with_columns(pl.lit(tolerance).alias("mdi_tolerance"))
+
+
+def _with_image_shares(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy,
+                       batch: rollout.RolloutBatch, table: pl.DataFrame) -> pl.DataFrame:
+    """`table` plus `image_share/<stage>` (each image's share of the vision attention, per rollout) when some
+    prompt of the round has several images; unchanged otherwise (no extra pass)."""
+    rollouts = pl.read_parquet(run_store.round(key).rollouts_parquet, columns=None)
+    if "num_images" not in rollouts.columns or int(rollouts["num_images"].max() or 1) < 2:
+        return table
+    from dapo_ops.attention.image_shares import rollout_image_shares
+
+    shares = rollout_image_shares(policy, batch, rollouts["num_images"].to_list(), temperature=config.temperature,
+                                  batch_size=config.local_rollout_forward_batch_size,
+                                  shared_prefix=config.shared_prefix)
+    return table.with_columns(pl.Series(f"image_share/{stage}", shares[stage], dtype=pl.List(pl.Float64))
+                              for stage in STAGES)
+
+
+def visual_masking(config: DapoConfig, key: str) -> VisualMasking | None:
+    """The round's masked pass (None with `visual_dependency` off): its masks are seeded by the run seed and
+    the round, so a re-analysis of the round draws the same ones."""
+    if not config.visual_dependency:
+        return None
+    return VisualMasking(config.visual_mask, config.visual_mask_ratio,
+                         derived_seed(config.seed, "visual_mask", checkpoint_index(key)))
+
+
+def visual_columns(config: DapoConfig, policy: models.Policy, outputs: TeacherForcedOutputs,
+                   batch: rollout.RolloutBatch) -> dict[str, list[float]] | None:
+    """The per-rollout `visual/*` columns of a teacher-forced pass that ran the masked pass (else None)."""
+    if outputs.visual_kl is None:
+        return None
+    answer = visual.answer_token_mask(policy.tokenizer, batch.completion_ids, batch.completion_lengths.tolist())
+    return visual.rollout_visual_metrics(outputs.visual_kl, batch.completion_mask, answer,
+                                         threshold=config.visual_dependency_threshold)
 
 
 def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy: models.Policy, log: RoundLog, *,
@@ -384,24 +465,34 @@ def compute_attention(config: DapoConfig, run_store: RunStore, key: str, policy:
     with precision.autocast(config, policy.model):  # the same precision as the update's forward
         outputs = teacher_forced_pass(policy, batch, temperature=config.temperature,
                                       batch_size=config.local_rollout_forward_batch_size,
-                                      shared_prefix=config.shared_prefix)
+                                      shared_prefix=config.shared_prefix, visual_masking=visual_masking(config, key))
     seconds = time.perf_counter() - start
-    table = attention_table(outputs, batch, tolerance=tolerance)
-    per_token_logps, entropy = outputs.per_token_logps, outputs.entropy
+    table = attention_table(outputs, batch, tolerance=tolerance,
+                            visual_columns=visual_columns(config, policy, outputs, batch))
+    if dp.world_size == 1:
+        with precision.autocast(config, policy.model):
+            table = _with_image_shares(config, run_store, key, policy, batch, table)
+    per_token_logps, entropy, visual_kl = outputs.per_token_logps, outputs.entropy, outputs.visual_kl
     if dp.world_size > 1:
-        table, per_token_logps, entropy = gather_attention(dp, table, per_token_logps, entropy)
+        table, per_token_logps, entropy, visual_kl = gather_attention(dp, table, per_token_logps, entropy, visual_kl)
     mdi_all = table[attn_column(config.mdi_reward_stage, "mdi")]
     log(f"teacher-forced pass over {table.height} rollouts in {seconds:.2f}s: "
         + ", ".join(f"{s} MDI {nanmean(table[attn_column(s, 'mdi')]):.3f}" for s in STAGES)
-        + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}")
+        + f" (tolerance {tolerance}); NaN rollouts {int(mdi_all.is_nan().sum())}"
+        + (f"; visual KL {nanmean(table['visual/kl_mean']):.4f} (answer {nanmean(table['visual/kl_answer']):.4f}, "
+           f"{config.visual_mask} images)" if visual_kl is not None else ""))
+    # A re-analysis evaluates the checkpoint with blank images too (its state.json may predate the masked pass);
+    # the values go to attention.json, never into the checkpoint.
+    evaluation = evaluate(config, run_store, policy, dp=dp) if visual_kl is not None and not write_old_logps else None
     if not dp.is_main:
         return table
     files = run_store.round(key)
     if write_old_logps:
-        save_old_logps(files.old_logps, per_token_logps, entropy)
+        save_old_logps(files.old_logps, per_token_logps, entropy, visual_kl)
     store.write_parquet_atomic(files.attention_parquet, table)
     store.write_json_atomic(files.attention_json, {"seconds": seconds, "mdi_tolerance": tolerance,
-                                                   "num_processes": dp.world_size})
+                                                   "num_processes": dp.world_size,
+                                                   **({"eval": evaluation} if evaluation else {})})
     faults.point("after_attention")
     return table
 
@@ -438,7 +529,7 @@ def reward_table(config: DapoConfig, table: pl.DataFrame, attention: pl.DataFram
     else:
         keep = torch.ones_like(total, dtype=torch.bool)  # [N]
     predicted = [
-        rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
+        None if ch is None else rewards.extract_choice(rewards.completion_text(c), len(ch), list(ch))
         for c, ch in zip(table["completion"].to_list(), table["choices"].to_list(), strict=True)
     ]
     result = pl.DataFrame({
@@ -506,6 +597,7 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
             policy.model if model is None else model, optimizer, batch, old["per_token_logps"], advantages, keep,
             config, global_step=int(state["global_step"]), seed=derived_seed(config.seed, "update", round_index),
             ref_per_token_logps=ref_logps, log=log, collective=collective,
+            visual_kl=old.get("visual_kl"), visual_seed=derived_seed(config.seed, "visual_mask", round_index),
         )
     seconds = time.perf_counter() - start
     summary = result.summary()
@@ -562,10 +654,25 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
     prompts = encode_rows(policy, rows)
     batch = generate_shared(engine, prompts, dp, pad_token_id=policy.pad_token_id, num_generations=1,
                             max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
+    correct = rewards.answer_correct(batch.completions, rows)
+    fmt = rewards.think_format_reward(batch.completions)
+    result = {EVAL_ACCURACY: sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
+    if config.visual_dependency:
+        result["eval/blind_accuracy"] = blind_accuracy(config, policy, engine, prompts, rows, dp)
+        result["eval/visual_gain"] = result[EVAL_ACCURACY] - result["eval/blind_accuracy"]
+    return result
+
+
+def blind_accuracy(config: DapoConfig, policy: models.Policy, engine: RolloutEngine, prompts: inputs.PromptBatch,
+                   rows: pl.DataFrame, dp: DataParallel = SINGLE) -> float:
+    """Greedy accuracy on the same eval rows with every image blanked (the processor's mean pixel): what the
+    policy answers without seeing the image. `eval/accuracy` minus it is `eval/visual_gain`."""
+    blind = visual.degraded_batch(prompts, mode="blank", ratio=1.0, seed=0)
+    batch = generate_shared(engine, blind, dp, pad_token_id=policy.pad_token_id, num_generations=1,
+                            max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
     correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
                                     choices=[list(c) for c in rows["choices"].to_list()])
-    fmt = rewards.think_format_reward(batch.completions)
-    return {EVAL_ACCURACY: sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
+    return sum(correct) / len(correct)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -616,6 +723,9 @@ def batch_metrics(config: DapoConfig, table: pl.DataFrame) -> dict[str, float]:
     metrics["frac_reward_zero_std"] = float(adv.zero_std_groups(total, config.num_generations).float().mean())
     metrics["rewards/total_reward"] = float(total.mean())
     metrics["sampling_entropy"] = nanmean(table["entropy"])
+    for name in visual.ROLLOUT_COLUMNS:  # beside the 44, only when the round ran the masked pass
+        if name in table.columns:
+            metrics[name] = nanmean(table[name])
     return metrics
 
 

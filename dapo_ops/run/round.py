@@ -127,19 +127,60 @@ class AttentionReport:
     chart: Path
     tolerance: float
     stage_means: dict[str, dict[str, float]]
+    visual: dict[str, float] | None = None  # the visual-dependency values (None without the masked pass)
+    visual_chart: Path | None = None
+
+
+VISUAL_CHART = "visual_dependency.png"
+
+
+def checkpoint_evaluation(run_store: RunStore, key: str) -> dict[str, float]:
+    """The eval metrics of checkpoint `key` itself: a re-analysis's own (attention.json), else those written
+    with the checkpoint (state.json); empty when neither has any."""
+    attention_json = run_store.round(key).attention_json
+    if attention_json.exists():
+        found = store.read_json(attention_json).get("eval")
+        if found:
+            return dict(found)
+    state = run_store.checkpoint_dir(key) / training.STATE_FILE
+    return dict(store.read_json(state).get("eval") or {}) if state.exists() else {}
+
+
+def visual_history(run_store: RunStore, key: str) -> list[dict[str, float]]:
+    """Per round up to `key` whose attention table has the masked pass's columns: mean |ln MDI| (stage all)
+    and mean visual KL over completions and answers."""
+    history = []
+    for k in range(checkpoint_index(key) + 1):
+        path = run_store.round(checkpoint_key(k)).attention_parquet
+        if not path.exists():
+            continue
+        table = pl.read_parquet(path)
+        if "visual/kl_mean" not in table.columns:
+            continue
+        history.append({"round": k, "abs_log_mdi": reports.mean_std(reports.abs_log_mdi(table["attn/all/mdi"]))[0],
+                        "kl_mean": reports.mean_std(table["visual/kl_mean"])[0],
+                        "kl_answer": reports.mean_std(table["visual/kl_answer"])[0]})
+    return history
 
 
 def write_attention_report(run_store: RunStore, key: str) -> AttentionReport:
-    """attention_diagnostics.md and its attention-balance chart, from the round's attention.parquet."""
+    """attention_diagnostics.md, its attention-balance chart and (with the masked pass) the per-round chart of
+    |ln MDI| and visual KL, from the round's attention.parquet and the checkpoint's eval."""
     table = pl.read_parquet(run_store.round(key).attention_parquet)
     tolerance = float(table["mdi_tolerance"][0])
     out = run_store.reports_dir(key)
     stage_means = reports.attention_stage_means(table)
     chart = charts.attention_balance_png(stage_means, out / "attention_balance.png", tolerance=tolerance)
+    evaluation = checkpoint_evaluation(run_store, key)
+    visual, visual_chart = None, None
+    if "visual/kl_mean" in table.columns:
+        visual = reports.visual_dependency_summary(table, evaluation)
+        visual_chart = charts.visual_dependency_png(visual_history(run_store, key), out / VISUAL_CHART)
     text = reports.render_attention_diagnostics(table, run_name=run_store.run_name, checkpoint=key,
-                                                mdi_tolerance=tolerance, chart_file=chart.name)
+                                                mdi_tolerance=tolerance, chart_file=chart.name, evaluation=evaluation,
+                                                visual_chart_file=None if visual_chart is None else visual_chart.name)
     path = store.write_text_atomic(out / "attention_diagnostics.md", text)
-    return AttentionReport(text, path, chart, tolerance, stage_means)
+    return AttentionReport(text, path, chart, tolerance, stage_means, visual, visual_chart)
 
 
 # The round's rollout sample in its reports folder (logged to MLflow under `reports/<key>/`).
@@ -163,21 +204,25 @@ class RolloutSample:
         return None if self.table_path is None else f"reports/{key}/{self.table_path.name}"
 
 
-def _image_name(prompt_index: int) -> str:
-    return f"prompt-{prompt_index:04d}"
+def _image_name(prompt_index: int, k: int = 0) -> str:
+    """`prompt-0003` for a prompt's first image, `prompt-0003-2` for its second, ..."""
+    return f"prompt-{prompt_index:04d}" + (f"-{k + 1}" if k else "")
 
 
-def _prompt_images(run_store: RunStore, sample: pl.DataFrame) -> dict[int, Any]:
-    """The sampled prompts' images (PIL), by `prompt_index`, from the train split the round drew them from."""
+def _prompt_images(run_store: RunStore, sample: pl.DataFrame) -> dict[int, list[Any]]:
+    """The sampled prompts' images (PIL, every image in prompt order), by `prompt_index`, from the train split
+    the round drew them from."""
     prompts = sample.unique("prompt_index", keep="first", maintain_order=True)
     wanted = dict(zip(prompts["question_id"].to_list(), prompts["prompt_index"].to_list(), strict=True))
     train = training.load_split(run_store, "train").filter(pl.col("question_id").is_in(list(wanted)))
-    found = dict(zip(train["question_id"].to_list(), train["image"].to_list(), strict=True))
+    column = "images" if "images" in train.columns else "image"
+    found = dict(zip(train["question_id"].to_list(), train[column].to_list(), strict=True))
     missing = [q for q in wanted if q not in found]
     if missing:
         raise ValueError(f"question_id(s) {', '.join(map(str, missing))} of the rollout sample are not in "
                          f"{run_store.data_dir / 'train.parquet'}")
-    return {int(p): data.decode_image(found[q]) for q, p in wanted.items()}
+    return {int(p): [data.decode_image(b) for b in (found[q] if column == "images" else [found[q]])]
+            for q, p in wanted.items()}
 
 
 def _encoded(image: Any, fmt: str) -> bytes:
@@ -197,26 +242,29 @@ def write_rollout_sample(config: DapoConfig, run_store: RunStore, key: str, tabl
     images_dir = out / ROLLOUT_IMAGES
     images = _prompt_images(run_store, sample) if sample.height else {}
     keep: set[str] = set()
-    for prompt, image in images.items():
-        name = _image_name(prompt)
-        scale = _THUMBNAIL_PX / max(image.size)
-        thumbnail = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-        store.write_bytes_atomic(images_dir / f"{name}.png", _encoded(image, "PNG"))
-        store.write_bytes_atomic(images_dir / f"{name}.webp", _encoded(thumbnail, "WEBP"))
-        keep |= {f"{name}.png", f"{name}.webp"}
+    for prompt, prompt_images in images.items():
+        for k, image in enumerate(prompt_images):
+            name = _image_name(prompt, k)
+            scale = _THUMBNAIL_PX / max(image.size)
+            thumbnail = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+            store.write_bytes_atomic(images_dir / f"{name}.png", _encoded(image, "PNG"))
+            store.write_bytes_atomic(images_dir / f"{name}.webp", _encoded(thumbnail, "WEBP"))
+            keep |= {f"{name}.png", f"{name}.webp"}
     for stale in images_dir.glob("*") if images_dir.is_dir() else []:
         if stale.name not in keep:  # a sample of another report_samples
             stale.unlink()
     artifact_dir = f"reports/{key}/{ROLLOUT_IMAGES}"
-    cells = {p: {"type": "image", "filepath": f"{artifact_dir}/{_image_name(p)}.png",
-                 "compressed_filepath": f"{artifact_dir}/{_image_name(p)}.webp"} for p in images}
+    cells = {p: [{"type": "image", "filepath": f"{artifact_dir}/{_image_name(p, k)}.png",
+                  "compressed_filepath": f"{artifact_dir}/{_image_name(p, k)}.webp"} for k in range(len(ims))]
+             for p, ims in images.items()}
     table_path = None
     if sample.height:
         columns = reports.rollout_sample_columns(sample, cells, reward_names=config.reward_names)
         table_path = store.write_text_atomic(out / ROLLOUT_TABLE, reports.mlflow_table_json(columns))
     else:
         (out / ROLLOUT_TABLE).unlink(missing_ok=True)
-    links = {p: f"![prompt {p}]({ROLLOUT_IMAGES}/{_image_name(p)}.png)" for p in images}
+    links = {p: [f"![prompt {p}{f' image {k + 1}' if k else ''}]({ROLLOUT_IMAGES}/{_image_name(p, k)}.png)"
+                 for k in range(len(ims))] for p, ims in images.items()}
     markdown = reports.render_rollout_sample(reports.rollout_sample_columns(sample, links,
                                                                             reward_names=config.reward_names))
     return RolloutSample(sample, table_path, images_dir, all_rollouts, markdown)
@@ -239,6 +287,8 @@ class RoundReports:
         out = self.terminal_path.parent
         files = {f"reports/{key}": [out / "rollout_results.md", out / "attention_diagnostics.md", self.terminal_path,
                                     self.curves, out / "attention_balance.png", self.sample.all_rollouts]}
+        if (out / VISUAL_CHART).exists():
+            files[f"reports/{key}"].append(out / VISUAL_CHART)
         if self.sample.table_path is not None:
             files[f"reports/{key}"].append(self.sample.table_path)
             files[f"reports/{key}/{ROLLOUT_IMAGES}"] = [self.sample.images_dir]
@@ -269,8 +319,9 @@ def write_round_reports(config: DapoConfig, run_store: RunStore, key: str, log: 
     store.write_text_atomic(out / "rollout_results.md", rollout_md)
     faults.point("mid_report_write")
     findings = round_findings(run_store, key)
+    accuracy = metrics.get(reports.accuracy_metric(config.reward_names) or "", float("nan"))
     log(f"round {checkpoint_index(key)} done: reward {metrics['reward']:.3f}, accuracy "
-        f"{metrics['rewards/mc_idx_reward/mean']:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
+        f"{accuracy:.3f}, eval accuracy {metrics['eval/accuracy']:.3f}, "
         f"MDI {metrics['attention/all/mdi']:.3f}, entropy {metrics['entropy']:.4f}")
     result = RoundReports(metrics, table, findings, curves, "", out / "run_terminal.md", started, sample)
     rewrite_terminal(config, key, log, result)
@@ -341,8 +392,8 @@ def base_checkpoint_phase(config: DapoConfig, run_store: RunStore, log: training
 # ------------------------------------------------------------------------------- phases, one per asset
 
 Launch = Callable[..., dict[str, Any]]
-"""`launch(phase, reanalysis=False)`: runs `phase` ("rollouts", "attention" or "update") of the round on
-`config.num_processes` processes and returns the metadata rank 0 reported. The orchestrator supplies it (the
+"""`launch(phase, config, reanalysis=False)`: runs `phase` ("rollouts", "attention" or "update") of the round
+with `config` on `config.num_processes` processes and returns the metadata rank 0 reported. The orchestrator supplies it (the
 Dagster assets start the ranks through Pipes); with num_processes 1 a phase runs in this process."""
 
 
@@ -376,7 +427,7 @@ def _launched(config: DapoConfig, policies: PolicyCache, launch: Launch | None, 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return launch(phase, **kwargs)
+    return launch(phase, config, **kwargs)
 
 
 @dataclass
@@ -405,7 +456,9 @@ def attention_phase(config: DapoConfig, run_store: RunStore, key: str, log: trai
     """The teacher-forced pass with checkpoint `key`: old log-probs, entropy and the attention metrics (a
     `reanalysis` of a stored round keeps the round's old log-probs)."""
     if reanalysis:
-        log(f"re-analysis of {key} with mdi_tolerance {config.mdi_tolerance}")
+        # A re-analysis always measures visual dependency (off by default in training for its cost).
+        config = config.replace(visual_dependency=True)
+        log(f"re-analysis of {key} with mdi_tolerance {config.mdi_tolerance} and the masked pass ({config.visual_mask})")
     launched = _launched(config, policies, launch, "attention", reanalysis=reanalysis)
     if launched is not None:
         return PhaseResult(pl.read_parquet(run_store.round(key).attention_parquet), launched)

@@ -38,12 +38,17 @@ def load_rollout_batch(run_store: RunStore, key: str) -> rollout.RolloutBatch:
 # ------------------------------------------------------------------------------------------ old log-probs
 
 
-def save_old_logps(path: Path, per_token_logps: torch.Tensor, entropy: torch.Tensor) -> None:
-    store.write_torch_atomic(path, {"per_token_logps": per_token_logps, "entropy": entropy})
+def save_old_logps(path: Path, per_token_logps: torch.Tensor, entropy: torch.Tensor,
+                   visual_kl: torch.Tensor | None = None) -> None:
+    values = {"per_token_logps": per_token_logps, "entropy": entropy}
+    if visual_kl is not None:
+        values["visual_kl"] = visual_kl
+    store.write_torch_atomic(path, values)
 
 
 def load_old_logps(run_store: RunStore, key: str) -> dict[str, torch.Tensor]:
-    """{"per_token_logps", "entropy"}: (B, C) each, of the policy that sampled the round."""
+    """{"per_token_logps", "entropy"[, "visual_kl"]}: (B, C) each, of the policy that sampled the round
+    (`visual_kl`: the masked pass's per-token KL, when it ran)."""
     path = run_store.round(key).old_logps
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize `attention_metrics` for {key} first")

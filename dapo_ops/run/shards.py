@@ -78,14 +78,16 @@ def generate_shared(engine: Any, prompts: Any, dp: DataParallel, *, pad_token_id
     return concat_rollouts(pieces, pad_token_id)
 
 
-def gather_attention(dp: DataParallel, table: Any, per_token_logps: torch.Tensor,
-                     entropy: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """The attention table and the [N, C] old log-probs / entropy of the whole round from every rank's
-    share (contiguous rows, rank order); `rollout_index` renumbered to the round's rows."""
+def gather_attention(dp: DataParallel, table: Any, per_token_logps: torch.Tensor, entropy: torch.Tensor,
+                     visual_kl: torch.Tensor | None = None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The attention table and the [N, C] old log-probs / entropy (and the masked pass's per-token KL, when
+    given) of the whole round from every rank's share (contiguous rows, rank order); `rollout_index`
+    renumbered to the round's rows."""
     import polars as pl
 
-    parts = dp.gather((table, per_token_logps.cpu(), entropy.cpu()))
+    parts = dp.gather((table, per_token_logps.cpu(), entropy.cpu(), None if visual_kl is None else visual_kl.cpu()))
     whole = pl.concat([part[0] for part in parts])
     whole = whole.with_columns(pl.Series("rollout_index", range(whole.height), dtype=whole["rollout_index"].dtype))
+    kl = None if visual_kl is None else torch.cat([part[3] for part in parts])  # [N, C]
     return (whole, torch.cat([part[1] for part in parts]),  # [N, C]
-            torch.cat([part[2] for part in parts]))  # [N, C]
+            torch.cat([part[2] for part in parts]), kl)  # [N, C]

@@ -137,6 +137,8 @@ class MemoryPlan:
     generation_kv_cache: int
     attention_lean: int
     attention_eager: int
+    images_per_prompt: int = 1
+    image_tokens: int = 0  # a prompt's image tokens (all its images)
 
     @property
     def resident(self) -> int:
@@ -172,9 +174,10 @@ def _working_per_token(h: int, inter: int) -> int:
 
 
 def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | None = None,
-             prompt_text_tokens: int = PROMPT_TEXT_TOKENS) -> MemoryPlan:
-    """The memory plan of `config` on the model of `model_dir` (config.json only); prompts of `image_tokens`
-    merged image tokens (default: an A-OKVQA photo, 4 for the embedded model) and `prompt_text_tokens`.
+             prompt_text_tokens: int = PROMPT_TEXT_TOKENS, images_per_prompt: int | None = None) -> MemoryPlan:
+    """The memory plan of `config` on the model of `model_dir` (config.json only); prompts of
+    `images_per_prompt` images (default `config.images_per_prompt`, else 1) of `image_tokens` merged image
+    tokens each (default: an A-OKVQA photo, 4 for the embedded model) and `prompt_text_tokens`.
 
     With `shared_prefix` (the default) every micro-batch computes each prompt once for its rollouts, so a
     forward holds ceil(rollouts / G) prompts plus the rollouts' completions, and the prompt's KV cache is
@@ -191,6 +194,8 @@ def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | N
     act = 2 if config.bf16 else load  # activation bytes under autocast
     if image_tokens is None:
         image_tokens = 4 if str(model_dir) == EMBEDDED or config.model_name_or_path == EMBEDDED else REAL_IMAGE_TOKENS
+    images = images_per_prompt or config.images_per_prompt or 1
+    image_tokens *= images  # a prompt's image tokens, all its images together
     tc, g = config.max_completion_length, config.num_generations
     prompt = image_tokens + prompt_text_tokens
     seq = prompt + tc
@@ -262,7 +267,7 @@ def estimate(model_dir: str | Path, config: DapoConfig, *, image_tokens: int | N
     return MemoryPlan(counts=counts, weights=counts.total * load, master_weights=trained_master,
                       gradients=counts.trainable * 4, optimizer=counts.trainable * 8,
                       update_activations=update_activations, generation_kv_cache=generation, attention_lean=lean,
-                      attention_eager=eager)
+                      attention_eager=eager, images_per_prompt=images, image_tokens=image_tokens)
 
 
 def render(plan: MemoryPlan, config: DapoConfig, gpu_memory_gb: float | None = None) -> str:
@@ -277,6 +282,7 @@ def render(plan: MemoryPlan, config: DapoConfig, gpu_memory_gb: float | None = N
         f"{', bf16 autocast' if config.bf16 else ''}{', gradient checkpointing' if config.gradient_checkpointing else ''}"
         f"{f', LoRA r={config.lora_r}' if config.use_peft else ', full fine-tune'}; trained "
         f"{c.trainable / 1e6:.2f} M), per process of {config.num_processes}:",
+        f"  images per prompt           {plan.images_per_prompt:8d}  ({plan.image_tokens} image tokens a prompt)",
         f"  weights                     {gb(plan.weights)}",
         f"  fp32 master weights         {gb(plan.master_weights)}",
         f"  gradients                   {gb(plan.gradients)}",

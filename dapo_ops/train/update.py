@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 
+from dapo_ops.attention import visual
 from dapo_ops.attention.pathwise import pathwise_loss, pathwise_weight
 from dapo_ops.attention.teacher_forced import completion_forward
 from dapo_ops.common import progress
 from dapo_ops.config.dapo import DapoConfig
 from dapo_ops.models import precision
+from dapo_ops.models.inputs import unwrapped
 from dapo_ops.rl.advantages import truncated_completions_mask
-from dapo_ops.rl.loss import policy_loss
+from dapo_ops.rl.loss import policy_loss, vppo_advantage_scale
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -170,6 +172,191 @@ def rank_micro_batches(chunk: torch.Tensor, gradient_accumulation_steps: int, *,
 _LOSS, _LOW, _HIGH, _REGION, _KL, _ENTROPY, _TOKENS, _NONFINITE, _CISPO, _MDI_REWARD, _MDI_ROWS = range(11)
 
 
+@dataclass
+class _UpdateInputs:
+    """What every step of a round's update reads, prepared once by `policy_update`."""
+
+    rollouts: Any
+    old_per_token_logps: torch.Tensor  # [N, Tc]
+    advantages: torch.Tensor  # [N]
+    completion_mask: torch.Tensor  # [N, Tc], without truncated completions under mask_truncated_completions
+    ref_per_token_logps: torch.Tensor | None
+    visual_kl: torch.Tensor | None  # [N, Tc] the masked pass's per-token dependency (VPPO)
+    visual_seed: int  # the round's mask seed (PAPO's masked forward draws the teacher-forced pass's masks)
+    attention_weight: float  # the pathwise term's weight (0: off)
+
+
+def step_advantages(inputs: _UpdateInputs, chunk: torch.Tensor, config: DapoConfig) -> torch.Tensor:
+    """The [N] advantages of one optimizer step: VPPO's trajectory shaping scales the step's rollouts by their
+    normalised mean visual dependency (`loss.vppo_advantage_scale` over the step), else they are unchanged."""
+    if not config.vppo_advantage_weighting:
+        return inputs.advantages
+    mask = inputs.completion_mask[chunk].to(torch.float64)  # [S, Tc]
+    tokens = mask.sum(-1)
+    scores = (inputs.visual_kl[chunk].double() * mask).sum(-1) / tokens.clamp(min=1.0)  # [S]
+    scale = vppo_advantage_scale(scores, tokens > 0, config.vppo_advantage_min)
+    advantages = inputs.advantages.clone()
+    advantages[chunk] = (advantages[chunk].double() * scale).to(advantages.dtype)
+    return advantages
+
+
+def _papo_masked(model: torch.nn.Module, batch: Any, inputs: _UpdateInputs, config: DapoConfig) -> dict[str, Any]:
+    """PAPO's masked input through the same forward, with gradient: the `policy_loss` keyword arguments."""
+    if not (config.papo_coef or config.papo_entropy_coef):
+        return {}
+    masked = visual.degraded_batch(batch, mode=config.visual_mask, ratio=config.visual_mask_ratio,
+                                   seed=inputs.visual_seed, patch_size=visual.vision_patch_size(unwrapped(model)))
+    logps, entropy = completion_forward(model, masked, temperature=config.temperature,
+                                        entropy_grad=config.papo_entropy_coef != 0.0,
+                                        shared_prefix=config.shared_prefix)[:2]
+    return {"masked_per_token_logps": logps.float(), "masked_entropies": entropy.float(),
+            "papo_coef": config.papo_coef, "papo_entropy_coef": config.papo_entropy_coef}
+
+
+def _micro_batch_loss(model: torch.nn.Module, batch: Any, rows: torch.Tensor, advantages: torch.Tensor,
+                      inputs: _UpdateInputs, config: DapoConfig, *, num_items: int, pathwise_rows: int,
+                      micro_batches: int, world: int) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, tuple]:
+    """One micro-batch's forward and loss: (loss, loss metrics, entropy [B, Tc], (mdi values, mdi rows) or ())."""
+    weight = inputs.attention_weight
+    papo_entropy = config.papo_entropy_coef != 0.0
+    needs_entropies = config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0 or papo_entropy
+    with precision.autocast(config, model):  # bf16: autocast forward, fp32 master weights
+        logps, entropy, *masses = completion_forward(
+            model, batch, temperature=config.temperature, entropy_grad=config.entropy_coef != 0.0 or papo_entropy,
+            with_attention=weight != 0.0, attention_grad=weight != 0.0, shared_prefix=config.shared_prefix,
+        )
+        papo = _papo_masked(model, batch, inputs, config)
+    logps = logps.float()  # [B, Tc] the loss in fp32 whatever the forward's precision
+    mask = inputs.completion_mask[rows]
+    device = logps.device
+    vppo = {} if config.vppo_token_ratio >= 1.0 else {
+        "visual_dependency": inputs.visual_kl[rows].to(device), "vppo_token_ratio": config.vppo_token_ratio}
+    loss, stats = policy_loss(
+        logps, inputs.old_per_token_logps[rows].to(device), advantages[rows].to(device), mask.to(device),
+        loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high, beta=config.beta,
+        ref_per_token_logps=None if inputs.ref_per_token_logps is None else inputs.ref_per_token_logps[rows].to(device),
+        max_completion_length=config.max_completion_length, num_items_in_batch=num_items,
+        importance_sampling_level=config.importance_sampling_level, delta=config.delta,
+        entropies=entropy.float() if papo_entropy else (entropy if needs_entropies else None),
+        top_entropy_quantile=config.top_entropy_quantile, sapo_temperature_pos=config.sapo_temperature_pos,
+        sapo_temperature_neg=config.sapo_temperature_neg, entropy_coef=config.entropy_coef,
+        use_bias_correction_kl=config.use_bias_correction_kl,
+        # TRL scales per-micro-batch normalized losses by the accumulation steps.
+        gradient_accumulation_steps=micro_batches, num_processes=world, **vppo, **papo,
+    )
+    mdi: tuple = ()
+    if masses:
+        # The attention reward's pathwise term, a mean over the step's rollouts; DDP averages the ranks'
+        # gradients, so each rank's share is scaled by the world size. Rollouts without a loss token
+        # (mask_truncated_completions) leave this term too.
+        attention_loss, mdi_values, mdi_rows = pathwise_loss(
+            *masses, batch.vision_mask.sum(-1), batch.text_mask.sum(-1), weight=weight,
+            shaping=config.mdi_shaping, tolerance=config.mdi_tolerance, stage=config.mdi_reward_stage,
+            denominator=pathwise_rows, include=mask.to(masses[0].device).bool().any(-1),
+        )
+        loss = loss + world * attention_loss.to(loss.dtype)
+        mdi = (mdi_values, mdi_rows)
+    return loss, stats, entropy, mdi
+
+
+def _add_to_sums(sums: torch.Tensor, loss: torch.Tensor, stats: dict[str, float], entropy: torch.Tensor,
+                 mask: torch.Tensor, mdi: tuple, *, clip_weight: float, weight: float) -> None:
+    """A micro-batch's share of the step's logged sums (`weight`: its share of the step's loss tokens)."""
+    mask = mask.to(torch.float64)
+    value = float(loss.detach())
+    sums[_LOSS] += value
+    sums[_NONFINITE] += 0.0 if math.isfinite(value) else 1.0
+    sums[_LOW] += clip_weight * float(stats["clip_ratio/low_mean"])
+    sums[_HIGH] += clip_weight * float(stats["clip_ratio/high_mean"])
+    sums[_REGION] += clip_weight * float(stats["clip_ratio/region_mean"])
+    sums[_CISPO] += clip_weight * float(stats.get("cispo_clip_ratio", 0.0))
+    sums[_KL] += weight * float(stats.get("kl", 0.0))
+    sums[_ENTROPY] += float((entropy.detach().double().cpu() * mask).sum())
+    sums[_TOKENS] += float(mask.sum())
+    if mdi:
+        sums[_MDI_REWARD] += float(mdi[0].double().sum())
+        sums[_MDI_ROWS] += float(mdi[1].sum())
+
+
+def _accumulate_step(model: torch.nn.Module, chunk: torch.Tensor, inputs: _UpdateInputs, config: DapoConfig,
+                     collective: LocalCollective, group_ids: torch.Tensor | None) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches of one step; the step's sums over all ranks."""
+    world = collective.world_size
+    micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world,
+                                       rank=collective.rank, group_ids=group_ids)
+    # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
+    num_items = int(inputs.completion_mask[chunk].sum().item())
+    # The pathwise term's mean runs over the step's rollouts that keep loss tokens (all ranks), like
+    # num_items: a rollout masked out of the policy loss leaves it too.
+    pathwise_rows = int(inputs.completion_mask[chunk].any(-1).sum().item())
+    advantages = step_advantages(inputs, chunk, config)
+    sums = torch.zeros(11, dtype=torch.float64)
+    for position, idx in enumerate(micro_batches):
+        placeholder = len(idx) == 0  # keeps this rank's collectives in step; contributes nothing
+        rows = chunk[:1] if placeholder else idx
+        batch = inputs.rollouts.select(rows)
+        with collective.sync_context(model, sync=position == len(micro_batches) - 1):
+            loss, stats, entropy, mdi = _micro_batch_loss(
+                model, batch, rows, advantages, inputs, config, num_items=num_items, pathwise_rows=pathwise_rows,
+                micro_batches=len(micro_batches), world=world)
+            if placeholder:
+                loss = loss * 0.0
+            # A non-finite loss is only flagged here: every rank must finish the same backward
+            # passes (they synchronize), and all ranks then refuse the step together.
+            collective.backward(loss)
+        if placeholder:
+            continue
+        # Clip ratios are token shares: weight each micro-batch by its completion tokens, as TRL does
+        # (by its sequences when they are sequence shares).
+        weight = float(inputs.completion_mask[rows].sum()) / max(num_items, 1)
+        per_sequence = config.importance_sampling_level == "sequence"
+        _add_to_sums(sums, loss, stats, entropy, inputs.completion_mask[rows], mdi,
+                     clip_weight=len(idx) / len(chunk) if per_sequence else weight, weight=weight)
+    return collective.sum(sums)
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor, config: DapoConfig,
+                    collective: LocalCollective, result: UpdateResult, epoch: int,
+                    attention_weight: float) -> dict[str, float]:
+    """Refuse a non-finite step (`NonFiniteUpdateError`), else clip, step and return the step's record."""
+    step_loss = float(sums[_LOSS]) / collective.world_size
+    if sums[_NONFINITE] > 0:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteUpdateError(
+            f"non-finite loss ({step_loss}) at global step {result.global_step + 1}, epoch {epoch}; "
+            f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
+            f"(now {config.learning_rate}) or check the rewards/advantages for NaN."
+        )
+    grad_norm = collective.clip_grad_norm(model, optimizer, config.max_grad_norm)
+    if not torch.isfinite(torch.as_tensor(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteUpdateError(
+            f"non-finite gradient norm ({float(grad_norm)}) at global step {result.global_step + 1}; "
+            f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
+            f"(now {config.learning_rate}) or max_grad_norm."
+        )
+    optimizer.step()
+    result.global_step += 1
+    record = {
+        "loss": step_loss,
+        "grad_norm": float(grad_norm),
+        "entropy": float(sums[_ENTROPY]) / max(float(sums[_TOKENS]), 1.0),
+        "learning_rate": float(optimizer.param_groups[0]["lr"]),
+        "epoch": float(epoch),
+        "clip_ratio/low_mean": float(sums[_LOW]),
+        "clip_ratio/high_mean": float(sums[_HIGH]),
+        "clip_ratio/region_mean": float(sums[_REGION]),
+    }
+    if config.beta > 0:
+        record["kl"] = float(sums[_KL])
+    if config.loss_type == "cispo":
+        record["cispo_clip_ratio"] = float(sums[_CISPO])
+    if attention_weight:
+        # The attention reward of the update's own forward, before this step (the pathwise term's r).
+        record["mdi_reward_pathwise"] = float(sums[_MDI_REWARD]) / max(float(sums[_MDI_ROWS]), 1.0)
+    return record
+
+
 def policy_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -184,6 +371,8 @@ def policy_update(
     ref_per_token_logps: torch.Tensor | None = None,
     log: Callable[[str], None] = lambda _: None,
     collective: LocalCollective = LOCAL,
+    visual_kl: torch.Tensor | None = None,
+    visual_seed: int = 0,
 ) -> UpdateResult:
     """Run μ epochs over the kept rollouts. Raises `NonFiniteUpdateError` before the optimizer step
     when a loss or gradient is not finite (the caller must then discard the in-memory policy).
@@ -196,11 +385,12 @@ def policy_update(
     ranks' losses). Logged step values are the same sums over ranks as one process would compute.
 
     The objective options of `config` (importance sampling level, delta, entropy quantile, SAPO
-    temperatures, entropy bonus) go to `policy_loss`; with `mask_truncated_completions` the completions that
-    did not end with EOS leave the loss (and its token count), as TRL zeroes their completion mask.
+    temperatures, entropy bonus, VPPO, PAPO) go to `policy_loss`; with `mask_truncated_completions` the
+    completions that did not end with EOS leave the loss (and its token count), as TRL zeroes their completion
+    mask. VPPO reads `visual_kl` ([N, Tc], the teacher-forced masked pass); PAPO degrades the images with the
+    round's `visual_seed`, so its masked input is the one the teacher-forced pass scored.
     """
     model.train()
-    world, rank = collective.world_size, collective.rank
     generator = torch.Generator().manual_seed(seed)
     kept = torch.nonzero(keep, as_tuple=False).flatten()
     result = UpdateResult(global_step=global_step, num_rollouts_used=len(kept))
@@ -208,140 +398,25 @@ def policy_update(
         log("no rollout entered the update (every group had zero reward variance); weights unchanged, "
             "no optimizer step: loss and grad_norm are not logged this round")
         return result
+    if (config.vppo_token_ratio < 1.0 or config.vppo_advantage_weighting) and visual_kl is None:
+        raise ValueError("vppo_token_ratio < 1 / vppo_advantage_weighting need the round's per-token visual "
+                         "dependency (old_logps.pt `visual_kl`): re-run attention_metrics with visual_dependency on")
     completion_mask = rollouts.completion_mask
     if config.mask_truncated_completions:
         completion_mask = truncated_completions_mask(completion_mask, rollouts.is_eos)
-    # Clip shares are over sequences when the importance weight is one per sequence (TRL's metrics).
-    per_sequence = config.importance_sampling_level == "sequence"
-    needs_entropies = config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0
-    attention_weight = pathwise_weight(config)
+    inputs = _UpdateInputs(rollouts, old_per_token_logps, advantages, completion_mask, ref_per_token_logps,
+                           visual_kl, visual_seed, pathwise_weight(config))
     # Whole groups per step and micro-batch, so that each prompt's forward is shared by its rollouts.
     group_ids = getattr(rollouts, "prompt_index", None)
     group_ids = None if group_ids is None else group_ids.cpu()
     progress.begin("optimizer", config.num_iterations * min(config.steps_per_generation, len(kept)), unit="step")
     for epoch in range(config.num_iterations):
         for chunk in step_chunks(kept, config, generator=generator, group_ids=group_ids):
-            micro_batches = rank_micro_batches(chunk, config.gradient_accumulation_steps, world_size=world,
-                                               rank=rank, group_ids=group_ids)
             optimizer.zero_grad(set_to_none=True)
-            # DAPO's token-level normalization over the whole step batch, all ranks (TRL: num_items_in_batch).
-            num_items = int(completion_mask[chunk].sum().item())
-            # The pathwise term's mean runs over the step's rollouts that keep loss tokens (all ranks), like
-            # num_items: a rollout masked out of the policy loss leaves it too.
-            pathwise_rows = int(completion_mask[chunk].any(-1).sum().item())
-            sums = torch.zeros(11, dtype=torch.float64)
-            for position, idx in enumerate(micro_batches):
-                placeholder = len(idx) == 0  # keeps this rank's collectives in step; contributes nothing
-                rows = chunk[:1] if placeholder else idx
-                batch = rollouts.select(rows)
-                with collective.sync_context(model, sync=position == len(micro_batches) - 1):
-                    with precision.autocast(config, model):  # bf16: autocast forward, fp32 master weights
-                        logps, entropy, *masses = completion_forward(
-                            model, batch, temperature=config.temperature, entropy_grad=config.entropy_coef != 0.0,
-                            with_attention=attention_weight != 0.0, attention_grad=attention_weight != 0.0,
-                            shared_prefix=config.shared_prefix,
-                        )
-                    logps = logps.float()  # [B, Tc] the loss in fp32 whatever the forward's precision
-                    mask = completion_mask[rows]
-                    loss, stats = policy_loss(
-                        logps,
-                        old_per_token_logps[rows].to(logps.device),
-                        advantages[rows].to(logps.device),
-                        mask.to(logps.device),
-                        loss_type=config.loss_type,
-                        epsilon=config.epsilon,
-                        epsilon_high=config.epsilon_high,
-                        beta=config.beta,
-                        ref_per_token_logps=None if ref_per_token_logps is None
-                        else ref_per_token_logps[rows].to(logps.device),
-                        max_completion_length=config.max_completion_length,
-                        num_items_in_batch=num_items,
-                        importance_sampling_level=config.importance_sampling_level,
-                        delta=config.delta,
-                        entropies=entropy if needs_entropies else None,
-                        top_entropy_quantile=config.top_entropy_quantile,
-                        sapo_temperature_pos=config.sapo_temperature_pos,
-                        sapo_temperature_neg=config.sapo_temperature_neg,
-                        entropy_coef=config.entropy_coef,
-                        use_bias_correction_kl=config.use_bias_correction_kl,
-                        # TRL scales per-micro-batch normalized losses by the accumulation steps.
-                        gradient_accumulation_steps=len(micro_batches),
-                        num_processes=world,
-                    )
-                    if masses:
-                        # The attention reward's pathwise term, a mean over the step's rollouts; DDP averages
-                        # the ranks' gradients, so each rank's share is scaled by the world size.
-                        # Rollouts without a loss token (mask_truncated_completions) leave this term too.
-                        attention_loss, mdi_values, mdi_rows = pathwise_loss(
-                            *masses, batch.vision_mask.sum(-1), batch.text_mask.sum(-1), weight=attention_weight,
-                            shaping=config.mdi_shaping, tolerance=config.mdi_tolerance,
-                            stage=config.mdi_reward_stage, denominator=pathwise_rows,
-                            include=mask.to(masses[0].device).bool().any(-1),
-                        )
-                        loss = loss + world * attention_loss.to(loss.dtype)
-                    if placeholder:
-                        loss = loss * 0.0
-                    # A non-finite loss is only flagged here: every rank must finish the same backward
-                    # passes (they synchronize), and all ranks then refuse the step together.
-                    collective.backward(loss)
-                if placeholder:
-                    continue
-                mask = mask.to(torch.float64)
-                tokens = float(mask.sum())
-                # Clip ratios are token shares: weight each micro-batch by its completion tokens, as TRL does
-                # (by its sequences when they are sequence shares).
-                weight = tokens / max(num_items, 1)
-                clip_weight = len(idx) / len(chunk) if per_sequence else weight
-                value = float(loss.detach())
-                sums[_LOSS] += value
-                sums[_NONFINITE] += 0.0 if math.isfinite(value) else 1.0
-                sums[_LOW] += clip_weight * float(stats["clip_ratio/low_mean"])
-                sums[_HIGH] += clip_weight * float(stats["clip_ratio/high_mean"])
-                sums[_REGION] += clip_weight * float(stats["clip_ratio/region_mean"])
-                sums[_CISPO] += clip_weight * float(stats.get("cispo_clip_ratio", 0.0))
-                sums[_KL] += weight * float(stats.get("kl", 0.0))
-                sums[_ENTROPY] += float((entropy.detach().double().cpu() * mask).sum())
-                sums[_TOKENS] += tokens
-                if masses:
-                    sums[_MDI_REWARD] += float(mdi_values.double().sum())
-                    sums[_MDI_ROWS] += float(mdi_rows.sum())
-            sums = collective.sum(sums)
-            step_loss = float(sums[_LOSS]) / world
-            if sums[_NONFINITE] > 0:
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteUpdateError(
-                    f"non-finite loss ({step_loss}) at global step {result.global_step + 1}, epoch {epoch}; "
-                    f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
-                    f"(now {config.learning_rate}) or check the rewards/advantages for NaN."
-                )
-            grad_norm = collective.clip_grad_norm(model, optimizer, config.max_grad_norm)
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteUpdateError(
-                    f"non-finite gradient norm ({float(grad_norm)}) at global step {result.global_step + 1}; "
-                    f"the optimizer step was skipped and no checkpoint will be written. Lower learning_rate "
-                    f"(now {config.learning_rate}) or max_grad_norm."
-                )
-            optimizer.step()
-            result.global_step += 1
+            sums = _accumulate_step(model, chunk, inputs, config, collective, group_ids)
+            record = _optimizer_step(model, optimizer, sums, config, collective, result, epoch,
+                                     inputs.attention_weight)
             progress.advance("optimizer")
-            record = {
-                "loss": step_loss,
-                "grad_norm": float(grad_norm),
-                "entropy": float(sums[_ENTROPY]) / max(float(sums[_TOKENS]), 1.0),
-                "learning_rate": float(optimizer.param_groups[0]["lr"]),
-                "epoch": float(epoch),
-                "clip_ratio/low_mean": float(sums[_LOW]),
-                "clip_ratio/high_mean": float(sums[_HIGH]),
-                "clip_ratio/region_mean": float(sums[_REGION]),
-            }
-            if config.beta > 0:
-                record["kl"] = float(sums[_KL])
-            if config.loss_type == "cispo":
-                record["cispo_clip_ratio"] = float(sums[_CISPO])
-            if attention_weight:
-                # The attention reward of the update's own forward, before this step (the pathwise term's r).
-                record["mdi_reward_pathwise"] = float(sums[_MDI_REWARD]) / max(float(sums[_MDI_ROWS]), 1.0)
             result.steps.append(record)
             log(
                 f"step {result.global_step}: epoch {epoch} loss {record['loss']:.4f} grad_norm {record['grad_norm']:.4f} "

@@ -51,10 +51,17 @@ def _answer(choices: Sequence[str], index: int, answer: str) -> str:
 
 
 def target_completion(row: Mapping[str, Any], answer: str = "letter") -> str:
-    """`<think>{first rationale}</think> Answer: {letter}` (or `{choice}`), without the closing `<|im_end|>`."""
+    """`<think>{first rationale}</think> Answer: {letter}` (or `{choice}`), without the closing `<|im_end|>`;
+    a free-form row (no `choices`) answers its `solution`."""
+    rationales = [r for r in (row.get("rationales") or []) if r and r.strip()]
+    if row.get("choices") is None:
+        solution = str(row.get("solution") or "").strip()
+        if not solution:
+            raise ValueError("a free-form warm-start row needs a solution")
+        rationale = rationales[0].strip() if rationales else f"The answer is {solution}."
+        return f"{THINK_START}{rationale}{THINK_END} Answer: {solution}"
     index = _answer_index(row)
     choices = list(row["choices"])
-    rationales = [r for r in (row.get("rationales") or []) if r and r.strip()]
     rationale = rationales[0].strip() if rationales else f"The answer is {choices[index]}."
     return f"{THINK_START}{rationale}{THINK_END} Answer: {_answer(choices, index, answer)}"
 
@@ -73,7 +80,8 @@ def corpus_from_rows(rows: pl.DataFrame | Sequence[Mapping[str, Any]]) -> list[s
     texts: list[str] = []
     for row in records:
         texts.append(str(row["question"]))
-        texts.append(format_choices(list(row["choices"])))
+        if row.get("choices") is not None:
+            texts.append(format_choices(list(row["choices"])))
         texts.extend(str(r) for r in (row.get("rationales") or []))
         texts.append(target_completion(row))
     return texts
@@ -83,6 +91,13 @@ def _image(value: Any) -> Any:
     if _decode_image is not None and isinstance(value, bytes | bytearray | memoryview):
         return _decode_image(value)
     return to_pil(value)
+
+
+def _row_images(row: Mapping[str, Any]) -> Any:
+    """Every image of a row (`images`), else its one `image`."""
+    if row.get("images"):
+        return [_image(v) for v in row["images"]]
+    return _image(row["image"])
 
 
 def teacher_forcing_batch(policy: Policy, prompts: PromptBatch, targets: Sequence[str]) -> RolloutBatch:
@@ -159,7 +174,8 @@ def supervised_warm_start(
     records = rows.select(
         [
             c
-            for c in ("question", "choices", "image", "rationales", "correct_choice_idx", "label_idx")
+            for c in ("question", "choices", "image", "images", "solution", "system_prompt", "rationales",
+                      "correct_choice_idx", "label_idx")
             if c in rows.columns
         ]
     ).to_dicts()
@@ -179,14 +195,16 @@ def supervised_warm_start(
             prompts = encode_prompts(
                 policy,
                 [r["question"] for r in batch_rows],
-                [list(r["choices"]) for r in batch_rows],
-                [_image(r["image"]) for r in batch_rows],
+                [None if r.get("choices") is None else list(r["choices"]) for r in batch_rows],
+                [_row_images(r) for r in batch_rows],
+                system_prompts=[r.get("system_prompt") for r in batch_rows],
             )
             if teach == "task":
                 targets = [target_completion(r, answer) for r in batch_rows]
-            else:
-                picks = [int(torch.randint(len(r["choices"]), (), generator=generator)) for r in batch_rows]
-                targets = [format_target(r, j, answer) for r, j in zip(batch_rows, picks, strict=True)]
+            else:  # free-form rows have no choice to draw: their target is the answer
+                targets = [target_completion(r, answer) if r.get("choices") is None else
+                           format_target(r, int(torch.randint(len(r["choices"]), (), generator=generator)), answer)
+                           for r in batch_rows]
             batch = teacher_forcing_batch(policy, prompts, targets)
             loss = completion_cross_entropy(model, batch)
             optimizer.zero_grad(set_to_none=True)
