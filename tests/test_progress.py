@@ -113,12 +113,13 @@ def test_the_live_line_gives_the_round_s_eta_from_the_previous_round_and_fits_th
     assert out.getvalue().endswith("\r\x1b[K" + "x" * 79)  # no wrapped line (80 columns when unknown)
 
 
-def test_the_live_line_writes_each_phase_s_timing_only_when_asked():
+def test_the_live_line_shows_each_phase_s_final_rate_and_writes_its_timing_only_when_asked():
     for phase_lines in (False, True):
         out = io.StringIO()
         line = progress.LiveLine(out, "[round 1/1] ckpt-0000", phase_lines=phase_lines, clock=Clock())
         line.end(progress.PhaseProgress("optimizer", 2, "step", done=2, started=0.0, updated=0.5))
         assert ("optimizer: 2 step in 0:00, 4.0 step/s\n" in out.getvalue()) is phase_lines
+        assert "optimizer 2/2 step  4.0 step/s" in out.getvalue()  # drawn at its end, however short it was
 
 
 def test_the_console_shows_a_live_line_on_a_terminal_and_no_progress_when_piped_unless_verbose(tmp_path: Path):

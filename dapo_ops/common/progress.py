@@ -180,6 +180,7 @@ class LiveLine:
         self._draw(self.status(state))
 
     def end(self, state: PhaseProgress) -> None:
+        self._draw(self.status(state))  # its final count and rate, however short the phase was
         if self.phase_lines:
             self.write(_phase_line(state))
 
