@@ -415,10 +415,9 @@ def _shard_for_fsdp2(config: DapoConfig, run_store: RunStore, key: str, policy: 
                      whole_optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
     """Shard `policy.model` in place, then a new AdamW over its shards, filled from the checkpoint's DCP
     folder or (whole, from optimizer.pt) from `whole_optimizer`. Returns (model, optimizer, origin)."""
-    from dapo_ops.run import phases as training
     from dapo_ops.train.update import make_optimizer
 
-    has_plain = (run_store.checkpoint_dir(key) / training.OPTIMIZER_FILE).exists()
+    has_plain = (run_store.checkpoint_dir(key) / store_io.OPTIMIZER_FILE).exists()
     plain = fsdp.plain_state_by_name(policy.model, whole_optimizer) if has_plain else None
     model = fsdp.shard(policy.model)
     optimizer = make_optimizer(model, config)

@@ -234,10 +234,6 @@ def _require(table: pl.DataFrame, columns: Iterable[str], report: str) -> None:
         raise ValueError(f"{report}: the round table lacks column(s) {', '.join(missing)}")
 
 
-def _attn_col(stage: str, name: str) -> str:
-    return attn_column(stage, name)
-
-
 def _column(table: pl.DataFrame, name: str) -> list[Any]:
     return table.get_column(name).to_list()
 
@@ -248,7 +244,7 @@ def _check_stage(stage: str) -> None:
 
 
 def _num_undefined_attention(table: pl.DataFrame) -> int:
-    return sum(1 for v in _column(table, _attn_col("all", "mdi")) if v is None or math.isnan(float(v)))
+    return sum(1 for v in _column(table, attn_column("all", "mdi")) if v is None or math.isnan(float(v)))
 
 
 def attention_stage_means(table: pl.DataFrame) -> dict[str, dict[str, float]]:
@@ -257,9 +253,9 @@ def attention_stage_means(table: pl.DataFrame) -> dict[str, dict[str, float]]:
     This is what `render_attention_diagnostics` puts in its JSON block and what
     `dapo_ops.reporting.charts.attention_balance_png` draws.
     """
-    _require(table, [_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES], "attention_stage_means")
+    _require(table, [attn_column(s, n) for s in STAGES for n in ATTENTION_NAMES], "attention_stage_means")
     return {
-        stage: {name: mean_std(_column(table, _attn_col(stage, name)))[0] for name in ATTENTION_NAMES}
+        stage: {name: mean_std(_column(table, attn_column(stage, name)))[0] for name in ATTENTION_NAMES}
         for stage in STAGES
     }
 
@@ -338,7 +334,7 @@ _ROLLOUT_REQUIRED = (
     "completion_tokens",
     "total_tokens",
     "total_reward",
-    *(_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES),
+    *(attn_column(s, n) for s in STAGES for n in ATTENTION_NAMES),
 )
 # Identification and diagnosis fields copied into each rollout's JSON when the table has them.
 _ROLLOUT_OPTIONAL = (
@@ -374,13 +370,13 @@ def _rollout_record(row: Mapping[str, Any], mdi_reward_stage: str, reward_names:
     scores: dict[str, Any] = {}
     for name in _with_mdi(reward_names):
         if name is None:
-            scores["mdi"] = row[_attn_col(mdi_reward_stage, "mdi")]
+            scores["mdi"] = row[attn_column(mdi_reward_stage, "mdi")]
         else:
             scores[reward_label(name)] = row[name]
     scores["total"] = row["total_reward"]
     record["rewards"] = scores
     record["attention_metrics"] = {
-        stage: {name: row[_attn_col(stage, name)] for name in ATTENTION_NAMES} for stage in STAGES
+        stage: {name: row[attn_column(stage, name)] for name in ATTENTION_NAMES} for stage in STAGES
     }
     record["token_counts"] = {
         k: row[k] for k in ("vision_tokens", "text_tokens", "completion_tokens", "total_tokens")
@@ -422,7 +418,7 @@ def render_rollout_results(
     table = table.sort("rollout_index")
 
     rows = [
-        ["MDI Mean", _fmt_pm(_column(table, _attn_col(mdi_reward_stage, "mdi")))]
+        ["MDI Mean", _fmt_pm(_column(table, attn_column(mdi_reward_stage, "mdi")))]
         if name is None
         else [_reward_row_title(name), _fmt_pm(_column(table, name))]
         for name in _with_mdi(reward_names)
@@ -438,14 +434,14 @@ def render_rollout_results(
 
     stage_rows = []
     for stage in STAGES:
-        mdi_mean, mdi_std = mean_std(_column(table, _attn_col(stage, "mdi")))
+        mdi_mean, mdi_std = mean_std(_column(table, attn_column(stage, "mdi")))
         stage_rows.append(
             [
                 _STAGE_TITLES[stage],
                 _fmt(mdi_mean),
                 _fmt(mdi_std),
-                _fmt(mean_std(_column(table, _attn_col(stage, "aei_text")))[0]),
-                _fmt(mean_std(_column(table, _attn_col(stage, "aei_vision")))[0]),
+                _fmt(mean_std(_column(table, attn_column(stage, "aei_text")))[0]),
+                _fmt(mean_std(_column(table, attn_column(stage, "aei_vision")))[0]),
             ]
         )
     mdi_table = _table(["Stage", "MDI Mean", "MDI Std", "AEI Text", "AEI Vision"], stage_rows)
@@ -484,7 +480,7 @@ def rollout_sample_columns(
     `image` (the `image_cells` entry of its `prompt_index`), indices, question, choices, answer, completion,
     each reward under its report label, `total`, `advantage` and `mdi/<stage>` per stage (NaN -> None)."""
     _require(sample, ["rollout_index", "prompt_index", "question", "choices", "correct_choice_idx", "completion",
-                      *reward_names, "total_reward", "advantage", *(_attn_col(s, "mdi") for s in STAGES)],
+                      *reward_names, "total_reward", "advantage", *(attn_column(s, "mdi") for s in STAGES)],
              "rollout_sample_columns")
     rows = list(sample.iter_rows(named=True))
     cells = {p: list(c) if isinstance(c, list) else [c] for p, c in image_cells.items()}
@@ -508,7 +504,7 @@ def rollout_sample_columns(
     columns["total"] = [_json_value(r["total_reward"]) for r in rows]
     columns["advantage"] = [_json_value(r["advantage"]) for r in rows]
     for stage in STAGES:
-        columns[f"mdi/{stage}"] = [_json_value(r[_attn_col(stage, "mdi")]) for r in rows]
+        columns[f"mdi/{stage}"] = [_json_value(r[attn_column(stage, "mdi")]) for r in rows]
     for name in VISUAL_COLUMNS:  # the masked pass's per-rollout values, when the round ran it
         if name in sample.columns:
             columns[name] = [_json_value(r[name]) for r in rows]
@@ -584,7 +580,7 @@ def _vision_bin_table(table: pl.DataFrame) -> str | None:
         tokens = _finite(_column(part, "vision_tokens"))
         return [label, str(part.height), _fmt(math.fsum(tokens) / len(tokens), 1),
                 *(_fmt(means[s]["mdi"]) for s in STAGES),
-                _fmt(mean_std(_column(part, _attn_col("all", "mdi")))[1]), _fmt(means["all"]["aei_vision"])]
+                _fmt(mean_std(_column(part, attn_column("all", "mdi")))[1]), _fmt(means["all"]["aei_vision"])]
 
     pooled = table.filter(pl.col("vision_tokens") > 0)
     return _table(
@@ -639,7 +635,7 @@ def visual_dependency_summary(table: pl.DataFrame, evaluation: Mapping[str, floa
         **{name: mean_std(_column(table, name))[0] for name in VISUAL_COLUMNS},
         "eval/blind_accuracy": float(evaluation.get("eval/blind_accuracy", math.nan)),
         "eval/visual_gain": float(evaluation.get("eval/visual_gain", math.nan)),
-        "abs_log_mdi_kl_correlation": pearson(abs_log_mdi(_column(table, _attn_col("all", "mdi"))),
+        "abs_log_mdi_kl_correlation": pearson(abs_log_mdi(_column(table, attn_column("all", "mdi"))),
                                               _column(table, "visual/kl_mean")),
     }
 
@@ -689,7 +685,7 @@ def render_attention_diagnostics(
     """
     _require(
         table,
-        ["vision_tokens", "text_tokens", *(_attn_col(s, n) for s in STAGES for n in ATTENTION_NAMES)],
+        ["vision_tokens", "text_tokens", *(attn_column(s, n) for s in STAGES for n in ATTENTION_NAMES)],
         "render_attention_diagnostics",
     )
     means = attention_stage_means(table)
@@ -697,7 +693,7 @@ def render_attention_diagnostics(
         ["Metric", *(_STAGE_TITLES[s] for s in STAGES)],
         [
             ["MDI Mean", *(_fmt(means[s]["mdi"]) for s in STAGES)],
-            ["MDI Std", *(_fmt(mean_std(_column(table, _attn_col(s, "mdi")))[1]) for s in STAGES)],
+            ["MDI Std", *(_fmt(mean_std(_column(table, attn_column(s, "mdi")))[1]) for s in STAGES)],
             ["AEI Text", *(_fmt(means[s]["aei_text"]) for s in STAGES)],
             ["AEI Vision", *(_fmt(means[s]["aei_vision"]) for s in STAGES)],
         ],

@@ -25,7 +25,6 @@ from dapo_ops.store.layout import RunStore, checkpoint_index, checkpoint_key
 
 PRUNED_MARKER = "PRUNED"
 OBSERVED_MARKER = "PRUNED.observed"  # the Dagster observation of the pruning was logged
-OPTIMIZER_FILE = store.OPTIMIZER_FILE  # re-exported: retention names what it deletes
 OPTIMIZER_DCP_DIR = "optimizer_dcp"
 # What a checkpoint keeps when pruned; everything else (weights, adapter, tokenizer...) is deleted.
 KEPT_WHEN_PRUNED = frozenset({store.STATE_FILE, store.COMPLETE_MARKER, PRUNED_MARKER, OBSERVED_MARKER})
@@ -84,7 +83,7 @@ def apply(run_store: RunStore, config: DapoConfig, newest: str) -> dict[str, lis
     older = [k for k in complete if checkpoint_index(k) < checkpoint_index(newest)]
     removed = []
     for key in [*older, *([newest] if config.save_only_model else [])]:
-        path = run_store.checkpoint_dir(key) / OPTIMIZER_FILE
+        path = run_store.checkpoint_dir(key) / store.OPTIMIZER_FILE
         sharded = run_store.checkpoint_dir(key) / OPTIMIZER_DCP_DIR  # FSDP2's form of the same state
         if path.exists() or sharded.is_dir():
             path.unlink(missing_ok=True)
@@ -140,7 +139,7 @@ def next_checkpoint_bytes(run_store: RunStore, key: str, config: DapoConfig) -> 
     from dapo_ops.train import memory_plan
 
     path = run_store.checkpoint_dir(key)
-    has_optimizer = (path / OPTIMIZER_FILE).exists() or config.save_only_model
+    has_optimizer = (path / store.OPTIMIZER_FILE).exists() or config.save_only_model
     if checkpoint_index(key) > 0 and has_optimizer and not is_pruned(run_store, key):
         return directory_bytes(path)
     plan = memory_plan.parameter_counts(store.resolve_model_dir(run_store, key), config)
