@@ -310,9 +310,7 @@ def job_key(overrides: dict[str, Any], seed: int, dataset: str, fingerprint: str
 def setup_key(job: Job, fingerprint: str) -> str:
     """Rows that change only `POST_SETUP_FIELDS` share ckpt-0000 per dataset and seed; any other row has its own."""
     if set(job.overrides) <= POST_SETUP_FIELDS:
-        # `visual_dependency` changes what ckpt-0000's eval measures (blind accuracy), not its weights.
-        evaluated = {k: v for k, v in job.overrides.items() if k == "visual_dependency"}
-        return job_key(evaluated, job.seed, job.dataset, fingerprint)
+        return job_key({}, job.seed, job.dataset, fingerprint)
     return job.key
 
 

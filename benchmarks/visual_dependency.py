@@ -1,11 +1,13 @@
-"""What the visual-dependency diagnostics cost: a round with the masked pass and the blind eval vs without.
+"""What the masked pass costs: a round with `visual_dependency` (the rollouts scored again with blank images)
+vs without.
 
 At the realistic VLM shape of `benchmarks.shared_prefix` (Qwen2.5-VL, 8-layer decoder, hidden 512, one 448x448
 image = 256 merged image tokens, ~60 text tokens, 2 prompts x G = 8 completions of 48 tokens, EOS suppressed
 so both sides do the same work), one in-memory round through the library as the pipeline runs it:
 generation, the teacher-forced pass with attention metrics, rewards, the update and the greedy eval of the new
-checkpoint. With `visual_dependency` the teacher-forced pass also scores every rollout with blank images (the
-masked prompt shared per group) and the eval decodes a second time with blank images. The eval set is a
+checkpoint, which decodes a second time with blank images on both sides (the blind eval is always on). With
+`visual_dependency` the teacher-forced pass also scores every rollout with blank images (the masked prompt
+shared per group). The eval set is a
 quarter of the round's rollouts in prompts (4), the default config's ratio (eval_subset_size 128 / 512
 rollouts).
 
@@ -69,8 +71,7 @@ def library_round(policy: Any, optimizer: Any, rows: Any, eval_rows: Any, config
     prompts = training.encode_rows(policy, eval_rows)
     engine.generate(prompts, num_generations=1, max_completion_length=config.max_completion_length, temperature=0.0,
                     top_p=1.0, seed=0)
-    if config.visual_dependency:
-        training.blind_accuracy(config, policy, engine, prompts, eval_rows)
+    training.blind_accuracy(config, policy, engine, prompts, eval_rows)  # the default eval, on both sides
     t, last = clock.now(), t
     phases["eval"] = t - last
     phases["total"] = t - start
@@ -127,8 +128,8 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [[phase, medians["without"].get(phase, float("nan")), medians["with"].get(phase, float("nan"))]
             for phase in phases]
     verdict = "on by default" if summary["visual_dependency_round_overhead"] <= result["goal"] else \
-        "off by default for training (on for eval and re-analysis)"
-    return (f"Round with the masked pass and the blind eval vs without, {len(result['rounds']['with'])} interleaved "
+        "off by default in training (the blind eval and re-analysis keep it)"
+    return (f"Round with the masked pass vs without (the blind eval on both sides), {len(result['rounds']['with'])} interleaved "
             f"pairs after a warm-up, shape {result['shape']}, eval prompts {result['eval_prompts']}: "
             f"`visual_dependency_round_overhead` = **{summary['visual_dependency_round_overhead']:.3f}** (process "
             f"CPU time {summary['visual_dependency_round_cpu_overhead']:.3f}); goal ≤ {result['goal']} → "

@@ -588,7 +588,17 @@ def test_the_visual_dependency_section_gives_kl_pivotal_share_blind_accuracy_gai
     expected = pearson(abs_log_mdi(table["attn/all/mdi"].to_list()), kl)  # rollouts with an undefined MDI left out
     assert rows["corr(\\|ln MDI\\|, KL) over rollouts"] == f"{expected:.3f}"
     assert "![Attention balance and visual dependency per round](visual_dependency.png)" in section
-    assert "## Visual dependency" not in diagnostics(table)  # no masked pass: no section
+    assert "## Visual dependency" not in diagnostics(table)  # neither masked pass nor blind eval: no section
+
+
+def test_without_the_masked_pass_the_visual_section_gives_the_blind_eval_only():
+    table = round_table()
+    text = diagnostics(table, evaluation={"eval/accuracy": 0.75, "eval/blind_accuracy": 0.5,
+                                          "eval/visual_gain": 0.25})
+    section = text.split("## Visual dependency", 1)[1].split("##", 1)[0]
+    rows = {r[0]: r[1] for r in table_rows(section)[2:]}  # below the header and its rule
+    assert rows == {"Blind accuracy (eval, blank images)": "0.500", "Visual gain (eval accuracy − blind)": "0.250"}
+    assert "visual_dependency: false" in section
 
 
 def test_pearson_is_the_correlation_of_the_finite_pairs():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from PIL import Image
 
 from dapo_ops.config.dapo import DapoConfig
@@ -114,8 +115,10 @@ def test_run_round_runs_every_phase_with_the_given_engine_and_marks_the_round_do
         assert (reports / name).stat().st_size > 0, name
     assert json.loads((round_dir / "metrics.json").read_text()) == result.metrics
     assert len(result.findings) == 6
-    # visual_dependency is off by default: no masked pass, no visual/* key, no blind eval.
-    assert not [k for k in result.metrics if k.startswith("visual/") or k in ("eval/blind_accuracy", "eval/visual_gain")]
+    # visual_dependency is on by default: the masked pass's values beside the 44, and the blind eval.
+    assert {"visual/kl_mean", "visual/kl_answer", "visual/dependent_token_ratio"} <= set(result.metrics)
+    assert result.metrics["eval/visual_gain"] == pytest.approx(
+        result.metrics["eval/accuracy"] - result.metrics["eval/blind_accuracy"])
 
 
 def sample_round_table(train: pl.DataFrame, totals: list[float]) -> pl.DataFrame:
@@ -204,6 +207,24 @@ def test_a_phase_on_several_processes_runs_through_the_launcher_without_the_poli
         dapo_round.attention_phase(config, store, KEY, log, policies)
 
 
+def test_a_reanalysis_runs_the_masked_pass_even_for_a_run_trained_without_it(store: RunStore):
+    from dapo_ops.run.policy_cache import PolicyCache
+
+    seen = []
+
+    def launch(phase: str, launched: DapoConfig, **kwargs) -> dict:
+        seen.append((kwargs["reanalysis"], launched.visual_dependency))
+        write_parquet_atomic(store.round(KEY).attention_parquet, pl.DataFrame({"entropy": [1.0]}))
+        return {}
+
+    store.round_dir(KEY).mkdir(parents=True)
+    config = DapoConfig(run_name="round-test", num_processes=2, visual_dependency=False)
+    log = training.round_log(store, KEY)
+    for reanalysis in (False, True):
+        dapo_round.attention_phase(config, store, KEY, log, PolicyCache(), launch=launch, reanalysis=reanalysis)
+    assert seen == [(False, False), (True, True)]
+
+
 def _round_files(store: RunStore, evals: dict[str, float]) -> None:
     """ckpt-0000 .. ckpt-0002 complete with their eval accuracy; round 0 DONE; round 1 lost only its reports."""
     for key, accuracy in evals.items():
@@ -245,3 +266,27 @@ def test_the_setup_is_to_do_until_ckpt_0000_is_complete_and_the_setup_marked_don
     assert needs_setup(store)  # complete, but its evaluation may not have reached the journal
     store.setup_marker.write_text("ckpt-0000\n")
     assert not needs_setup(store)
+
+
+def test_the_blind_eval_decodes_the_same_prompts_with_blank_images_and_grades_them_as_the_eval(embedded_policy):
+    from dapo_ops.data import synthetic
+    from dapo_ops.rl import rewards
+
+    rows = synthetic.generate_rows(3, seed=5, tasks=("color",))
+    prompts = training.encode_rows(embedded_policy, rows)
+    engine = RecordingEngine(embedded_policy)
+    seen = []
+    inner = engine.generate
+    engine.generate = lambda batch, **kw: seen.append(batch) or inner(batch, **kw)  # noqa: E731 - a spy
+    config = DapoConfig(max_completion_length=6)
+    accuracy = training.blind_accuracy(config, embedded_policy, engine, prompts, rows)
+
+    (blind,) = seen
+    assert torch.equal(blind.input_ids, prompts.input_ids)  # the same questions ...
+    pixels = blind.vision.tensors["pixel_values"]
+    assert not torch.equal(pixels, prompts.vision.tensors["pixel_values"])  # ... without their images:
+    assert torch.equal(pixels, pixels[:1].expand_as(pixels))  # every patch the same blank (mean) pixel
+    greedy = engine.inner.generate(blind, num_generations=1, max_completion_length=6, temperature=0.0, top_p=1.0,
+                                   seed=0)
+    correct = rewards.answer_correct(greedy.completions, rows)
+    assert accuracy == pytest.approx(sum(correct) / len(correct))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 EVAL_ACCURACY = "eval/accuracy"
 EVAL_FORMAT = "eval/format"
+EVAL_BLIND_ACCURACY = "eval/blind_accuracy"  # greedy accuracy with every image blanked
+EVAL_VISUAL_GAIN = "eval/visual_gain"  # eval/accuracy - eval/blind_accuracy
 
 
 def attn_column(stage: str, name: str) -> str:

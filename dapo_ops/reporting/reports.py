@@ -25,7 +25,14 @@ import polars as pl
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
 from dapo_ops.attention.metrics import METRIC_NAMES as ATTENTION_NAMES
 from dapo_ops.attention.visual import ROLLOUT_COLUMNS as VISUAL_COLUMNS
-from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column, reward_metric
+from dapo_ops.common.names import (
+    EVAL_ACCURACY,
+    EVAL_BLIND_ACCURACY,
+    EVAL_VISUAL_GAIN,
+    attention_metric,
+    attn_column,
+    reward_metric,
+)
 from dapo_ops.config.dapo import STAGES
 from dapo_ops.data.answers import final_answer
 from dapo_ops.rl.rewards import ACCURACY_REWARDS, DEFAULT_REWARD_FUNCS, accuracy_reward_name
@@ -633,8 +640,8 @@ def visual_dependency_summary(table: pl.DataFrame, evaluation: Mapping[str, floa
     evaluation = evaluation or {}
     return {
         **{name: mean_std(_column(table, name))[0] for name in VISUAL_COLUMNS},
-        "eval/blind_accuracy": float(evaluation.get("eval/blind_accuracy", math.nan)),
-        "eval/visual_gain": float(evaluation.get("eval/visual_gain", math.nan)),
+        EVAL_BLIND_ACCURACY: float(evaluation.get(EVAL_BLIND_ACCURACY, math.nan)),
+        EVAL_VISUAL_GAIN: float(evaluation.get(EVAL_VISUAL_GAIN, math.nan)),
         "abs_log_mdi_kl_correlation": pearson(abs_log_mdi(_column(table, attn_column("all", "mdi"))),
                                               _column(table, "visual/kl_mean")),
     }
@@ -642,16 +649,17 @@ def visual_dependency_summary(table: pl.DataFrame, evaluation: Mapping[str, floa
 
 def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
                     chart_file: str | None) -> list[str]:
-    """The "Visual dependency" section (empty when the round ran no masked pass)."""
+    """The "Visual dependency" section: the blind eval of the checkpoint, and the masked pass's KL when the
+    round ran it (empty when neither is there)."""
     if "visual/kl_mean" not in table.columns:
-        return []
+        return _blind_eval_section(evaluation or {})
     v = visual_dependency_summary(table, evaluation)
     rows = [
         ["KL completion (mean per token, nats)", _fmt(v["visual/kl_mean"], 4)],
         ["KL answer (tokens after `</think>`)", _fmt(v["visual/kl_answer"], 4)],
         ["Pivotal-token share (KL > threshold)", _fmt(v["visual/dependent_token_ratio"])],
-        ["Blind accuracy (eval, blank images)", _fmt(v["eval/blind_accuracy"])],
-        ["Visual gain (eval accuracy − blind)", _fmt(v["eval/visual_gain"])],
+        ["Blind accuracy (eval, blank images)", _fmt(v[EVAL_BLIND_ACCURACY])],
+        ["Visual gain (eval accuracy − blind)", _fmt(v[EVAL_VISUAL_GAIN])],
         ["corr(|ln MDI|, KL) over rollouts", _fmt(v["abs_log_mdi_kl_correlation"])],
     ]
     parts = ["## Visual dependency",
@@ -663,6 +671,19 @@ def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
     if chart_file is not None:
         parts.append(f"![Attention balance and visual dependency per round]({chart_file})")
     return parts
+
+
+def _blind_eval_section(evaluation: Mapping[str, float]) -> list[str]:
+    """The section of a round without the masked pass (`visual_dependency` off): the blind eval only."""
+    if EVAL_BLIND_ACCURACY not in evaluation:
+        return []
+    rows = [["Blind accuracy (eval, blank images)", _fmt(float(evaluation[EVAL_BLIND_ACCURACY]))],
+            ["Visual gain (eval accuracy − blind)", _fmt(float(evaluation[EVAL_VISUAL_GAIN]))]]
+    return ["## Visual dependency",
+            "Does the answer depend on the image? This checkpoint's greedy eval again with every image blanked. "
+            "The per-token KL of the rollouts needs the masked pass, which this run turned off "
+            "(`visual_dependency: false`); `make reanalyze` always runs it.",
+            _table(["Metric", "Value"], rows)]
 
 
 def render_attention_diagnostics(

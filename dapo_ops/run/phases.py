@@ -25,7 +25,14 @@ from dapo_ops.attention.forward import TeacherForcedOutputs
 from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES, METRIC_NAMES
 from dapo_ops.attention.teacher_forced import VisualMasking, rollout_attention_metrics, teacher_forced_pass
 from dapo_ops.common import faults
-from dapo_ops.common.names import EVAL_ACCURACY, attention_metric, attn_column
+from dapo_ops.common.names import (
+    EVAL_ACCURACY,
+    EVAL_BLIND_ACCURACY,
+    EVAL_FORMAT,
+    EVAL_VISUAL_GAIN,
+    attention_metric,
+    attn_column,
+)
 from dapo_ops.config.dapo import EMBEDDED, STAGES, DapoConfig
 from dapo_ops.data import loading as data
 from dapo_ops.data import rl_loading as rldata
@@ -648,7 +655,9 @@ def run_update(config: DapoConfig, run_store: RunStore, key: str, policy: models
 def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
              engine: RolloutEngine | None = None, dp: DataParallel = SINGLE) -> dict[str, float]:
     """Greedy accuracy and format of `policy` on a fixed subset of the eval split (sampled by `engine`,
-    default: the one `config` selects, on `policy`); under `dp` each rank decodes its share of the rows."""
+    default: the one `config` selects, on `policy`), and the same accuracy with every image blanked
+    (`eval/blind_accuracy`, `eval/visual_gain`; always, unlike the rollouts' masked pass, which
+    `visual_dependency` switches); under `dp` each rank decodes its share of the rows."""
     engine = make_engine(config, policy) if engine is None else engine
     rows = load_split(run_store, "eval").head(config.eval_subset_size)
     prompts = encode_rows(policy, rows)
@@ -656,10 +665,9 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
                             max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
     correct = rewards.answer_correct(batch.completions, rows)
     fmt = rewards.think_format_reward(batch.completions)
-    result = {EVAL_ACCURACY: sum(correct) / len(correct), "eval/format": sum(fmt) / len(fmt)}
-    if config.visual_dependency:
-        result["eval/blind_accuracy"] = blind_accuracy(config, policy, engine, prompts, rows, dp)
-        result["eval/visual_gain"] = result[EVAL_ACCURACY] - result["eval/blind_accuracy"]
+    result = {EVAL_ACCURACY: sum(correct) / len(correct), EVAL_FORMAT: sum(fmt) / len(fmt)}
+    result[EVAL_BLIND_ACCURACY] = blind_accuracy(config, policy, engine, prompts, rows, dp)
+    result[EVAL_VISUAL_GAIN] = result[EVAL_ACCURACY] - result[EVAL_BLIND_ACCURACY]
     return result
 
 
@@ -670,8 +678,7 @@ def blind_accuracy(config: DapoConfig, policy: models.Policy, engine: RolloutEng
     blind = visual.degraded_batch(prompts, mode="blank", ratio=1.0, seed=0)
     batch = generate_shared(engine, blind, dp, pad_token_id=policy.pad_token_id, num_generations=1,
                             max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
-    correct = rewards.mc_idx_reward(batch.completions, correct_choice_idx=rows["correct_choice_idx"].to_list(),
-                                    choices=[list(c) for c in rows["choices"].to_list()])
+    correct = rewards.answer_correct(batch.completions, rows)  # graded as eval/accuracy is: any answer kind
     return sum(correct) / len(correct)
 
 

@@ -456,7 +456,7 @@ def attention_phase(config: DapoConfig, run_store: RunStore, key: str, log: trai
     """The teacher-forced pass with checkpoint `key`: old log-probs, entropy and the attention metrics (a
     `reanalysis` of a stored round keeps the round's old log-probs)."""
     if reanalysis:
-        # A re-analysis always measures visual dependency (off by default in training for its cost).
+        # A re-analysis always measures visual dependency, whatever the run's `visual_dependency`.
         config = config.replace(visual_dependency=True)
         log(f"re-analysis of {key} with mdi_tolerance {config.mdi_tolerance} and the masked pass ({config.visual_mask})")
     launched = _launched(config, policies, launch, "attention", reanalysis=reanalysis)
