@@ -18,6 +18,9 @@ CHECKPOINT ?=
 PORT ?=
 NUM_PROCESSES ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` / `make test-fast` (0: one process); tests/scheduling.py says how they split.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 CONFIG ?=
 SET ?=
 
@@ -40,13 +43,13 @@ run: install
 	$(BIN)/python -m pipelines.cli run $(RUN_ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-faults: install
 	DAPO_VLM_FULL_FAULTS=1 $(BIN)/python -m pytest tests/test_reliability.py -k many_kills -s $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_XDIST) -m "not slow and not browser" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check dapo_ops pipelines tests benchmarks

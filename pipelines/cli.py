@@ -557,6 +557,9 @@ def sync_mlflow(run_name: str | None) -> int:
 
 
 def mlflow_ui(port: int) -> int:
+    # MLflow's job runner (GenAI scorer jobs, which this project never submits) starts a pool of consumer
+    # processes with the UI; an exported value wins.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(root)

@@ -16,12 +16,29 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-try:  # Keep the 2-core machines responsive: one intra-op thread per test process.
+try:  # Keep the 2-core machines responsive: the cores shared among the test processes (`make test`: 2 workers).
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 except ImportError:  # pragma: no cover
     pass
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 - pytest-xdist's hook
+    """`make test` runs the suite on pytest-xdist workers, a test module (or an `xdist_group`) at a time, so a
+    module's fixtures are built once: see `tests/scheduling.py`."""
+    from tests.scheduling import ModuleScheduling
+
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with heavy end-to-end cases first, so that under xdist the last module to finish is a light one."""
+    from tests.scheduling import heavy_first
+
+    items[:] = heavy_first(items)
 
 # A CI-sized round: seconds, not minutes.
 # A round of seconds, for tests about the sequence of writes and the run's lifecycle, not learning.

@@ -25,7 +25,6 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,20 +109,9 @@ def _no_process_outlives_the_tests():
             process.wait()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _side_by_side(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                  _no_process_outlives_the_tests):
-    """Scenarios that depend on nothing else start with the module (when a selected test needs them), one at a
-    time beside the other tests: their `make run` processes are single-threaded, and the first tests (the kill
-    sample) keep only one of the two cores busy."""
-    wanted = {"nan_run": nan_scenario, "bad_data_run": bad_data_scenario, "unusable_data_run": unusable_data_scenario}
-    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ()) if name in wanted}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield {name: pool.submit(wanted[name], tmp_path_factory.mktemp(name)) for name in sorted(needed)}
-
-
-def _result(future: Future):
-    return future.result(timeout=2 * PROCESS_TIMEOUT)
+# Under pytest-xdist the tests that compare with the uninterrupted `reference` run form one work unit, so that
+# it runs once; the rest of the module is another, beside it.
+SHARES_REFERENCE = pytest.mark.xdist_group("reliability-reference")
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -402,6 +390,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -
     return result
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_sample_killed_the_run_three_times_at_the_intended_moments(killed_run: KilledRun):
     assert [k.rc for k in killed_run.kills] == [-signal.SIGKILL] * 3, killed_run.kills
@@ -410,6 +399,7 @@ def test_the_sample_killed_the_run_three_times_at_the_intended_moments(killed_ru
     print("\n" + "\n".join(f"kill {i + 1}: {k.how} -> killed during {k.phase}" for i, k in enumerate(killed_run.kills)))
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_checkpoint_killed_mid_write_is_never_readable_as_complete(killed_run: KilledRun):
     seen = killed_run.after_checkpoint_kill
@@ -418,6 +408,7 @@ def test_a_checkpoint_killed_mid_write_is_never_readable_as_complete(killed_run:
     assert written not in seen["complete"]
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resumed_run_ends_with_the_weights_and_optimizer_of_an_uninterrupted_run(killed_run, reference):
     store, ref = RunStore(killed_run.root, RUN), RunStore(reference.root, RUN)
@@ -428,6 +419,7 @@ def test_the_resumed_run_ends_with_the_weights_and_optimizer_of_an_uninterrupted
                         load_optimizer_state(ref.checkpoint_dir("ckpt-0002")))
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resumed_run_logs_every_metric_once_per_step_with_the_uninterrupted_values(killed_run, reference):
     history = metric_histories(default_tracking_uri(killed_run.root), RUN)
@@ -436,6 +428,7 @@ def test_the_resumed_run_logs_every_metric_once_per_step_with_the_uninterrupted_
     assert [step for step, _ in history["eval/accuracy"]] == [0, 2, 4]
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resumed_run_continues_the_same_mlflow_run(killed_run):
     runs = training_runs(default_tracking_uri(killed_run.root), RUN)
@@ -444,11 +437,13 @@ def test_the_resumed_run_continues_the_same_mlflow_run(killed_run):
         assert killed_run.first_mlflow_run_ids == [runs[0].info.run_id]
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resume_leaves_no_temporaries_stuck_dagster_runs_or_missing_reports(killed_run, reference):
     assert differences_from(reference, killed_run.root) == []
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DAPO_VLM_FULL_FAULTS") != "1",
                     reason="the long kill loop runs with DAPO_VLM_FULL_FAULTS=1")
@@ -666,8 +661,8 @@ def _bad_rows_parquet(path: Path, *, all_bad: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_data_run(_side_by_side) -> tuple[Path, int, str]:
-    return _result(_side_by_side["bad_data_run"])
+def bad_data_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    return bad_data_scenario(tmp_path_factory.mktemp("bad_data_run"))
 
 
 def bad_data_scenario(root: Path) -> tuple[Path, int, str]:
@@ -677,8 +672,8 @@ def bad_data_scenario(root: Path) -> tuple[Path, int, str]:
 
 
 @pytest.fixture(scope="module")
-def unusable_data_run(_side_by_side) -> tuple[Path, Path, int, str]:
-    return _result(_side_by_side["unusable_data_run"])
+def unusable_data_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, str]:
+    return unusable_data_scenario(tmp_path_factory.mktemp("unusable_data_run"))
 
 
 def unusable_data_scenario(root: Path) -> tuple[Path, Path, int, str]:
@@ -823,7 +818,8 @@ def mlflow_server(tmp_path: Path):
         [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env_for(tmp_path), start_new_session=True)
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**env_for(tmp_path), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -902,8 +898,8 @@ def test_an_mlflow_outage_loses_no_round_and_duplicates_none(tmp_path: Path, mlf
 
 
 @pytest.fixture(scope="module")
-def nan_run(_side_by_side) -> dict:
-    return _result(_side_by_side["nan_run"])
+def nan_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return nan_scenario(tmp_path_factory.mktemp("nan_run"))
 
 
 def nan_scenario(root: Path) -> dict:
@@ -930,6 +926,7 @@ def nan_scenario(root: Path) -> dict:
     return seen
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_nan_loss_fails_the_round_with_a_message_naming_the_cause(nan_run):
     assert nan_run["rc"] == 1
@@ -939,18 +936,21 @@ def test_a_nan_loss_fails_the_round_with_a_message_naming_the_cause(nan_run):
     assert not nan_run["done"]
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_nan_loss_writes_no_checkpoint(nan_run):
     assert nan_run["complete"] == ["ckpt-0000"]
     assert nan_run["entries"] == ["ckpt-0000"]  # no ckpt-0001, not even a temporary one
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_nan_loss_fails_the_non_finite_health_check(nan_run):
     assert [(f["name"], f["passed"]) for f in nan_run["health"]] == [("non_finite", False)]
     assert nan_run["check"] == "FAILED"
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_after_a_nan_the_next_run_continues_as_if_nothing_happened(nan_run, reference):
     assert nan_run["rerun_rc"] == 0, nan_run["rerun_output"]
@@ -995,6 +995,7 @@ def test_a_non_finite_gradient_skips_the_optimizer_step(embedded_policy_for):
 # ------------------------------------------------------------------------------------------- 5. concurrency
 
 
+@SHARES_REFERENCE
 @pytest.mark.slow
 def test_two_run_names_on_one_data_root_both_finish_and_a_second_same_name_is_refused(tmp_path, reference):
     traces = {name: tmp_path / f"{name}.trace" for name in ("alpha", "beta")}

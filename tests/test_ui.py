@@ -27,6 +27,9 @@ from ui_support import (
     mlflow_ids,
 )
 
+# The modules on the session's `trained_run` share one xdist worker, so it is trained once.
+pytestmark = pytest.mark.xdist_group("trained_run")
+
 # Playwright drives the system Chromium; its own browser download must never run.
 os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
 
@@ -46,6 +49,7 @@ class Uis:
     mlflow: str
     location: str  # the Dagster code location's name
     run_name: str  # the training run in both UIs
+    mlflow_pid: int  # `make mlflow-ui`, the leader of its process group
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +91,8 @@ def uis(trained_run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uis]:
         dagster.wait_until(dagster_ready, SERVER_START_S, "loaded code location")
         mlflow.wait_until(lambda: http_ok(f"{mlflow_base}/health") and bool(
             mlflow_ids(mlflow_base, "dapo-vlm", trained_run.run_name)), SERVER_START_S, "run in the MLflow API")
-        yield Uis(dagster=dagster_base, mlflow=mlflow_base, location=location[0], run_name=trained_run.run_name)
+        yield Uis(dagster=dagster_base, mlflow=mlflow_base, location=location[0], run_name=trained_run.run_name,
+                  mlflow_pid=mlflow.process.pid)
     finally:
         for process in started:
             process.terminate()
@@ -180,6 +185,15 @@ def test_make_ui_and_make_mlflow_ui_start_on_the_data_root_of_make_run(uis):
     """Both servers answer, Dagster with the code location loaded and MLflow with the run (no browser needed)."""
     assert loaded_code_location(uis.dagster) == uis.location
     assert mlflow_ids(uis.mlflow, "dapo-vlm", uis.run_name)
+
+
+@pytest.mark.slow
+def test_make_mlflow_ui_starts_no_job_runner(uis):
+    """MLflow's job runner (GenAI scorer jobs, never used here) would start a pool of consumer processes."""
+    import psutil
+
+    tree = psutil.Process(uis.mlflow_pid).children(recursive=True)
+    assert tree and not [p for p in tree if "huey" in " ".join(p.cmdline())]
 
 
 @pytest.mark.browser
