@@ -5,7 +5,6 @@ code location stays fast."""
 
 
 import base64
-import math
 import os
 import re
 import time
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from dapo_ops.common.names import EVAL_ACCURACY, attn_column
+from dapo_ops.common.names import EVAL_ACCURACY, EVAL_FORMAT, attention_metric, attn_column, reward_metric
 from dapo_ops.rl.rewards import ACCURACY_REWARDS
 from dapo_ops.run import round as dapo_round
 from dapo_ops.run.policy_cache import PolicyCache
@@ -157,7 +156,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
         "checkpoint": key,
         "path": dg.MetadataValue.path(str(store.checkpoint_dir(key))),
         "eval_accuracy": evaluation[EVAL_ACCURACY],
-        "eval_format": evaluation["eval/format"],
+        "eval_format": evaluation[EVAL_FORMAT],
     })
 
 
@@ -377,18 +376,11 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
                      mlflow: MlflowResource) -> dg.MaterializeResult:
     """attention_diagnostics.md (+ an attention-balance chart per stage). In a re-analysis it is logged to
     an MLflow run of its own, tagged with the training run and checkpoint."""
-    from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
-    from dapo_ops.config.dapo import STAGES
-
     cfg, store, key, _ = _open(context, training_config, run_store)
     report = dapo_round.write_attention_report(store, key)
     if training_config.reanalysis:
         tracker = mlflow.tracker(store)
-        metrics = {f"attention/{s}/{n}": report.stage_means[s][n]
-                   for s in STAGES for n in LOGGED_METRIC_NAMES}
-        # The masked pass's values and the checkpoint's blind eval, recomputed by the re-analysis.
-        metrics.update({k: v for k, v in (report.visual or {}).items()
-                        if k != "abs_log_mdi_kl_correlation" and math.isfinite(v)})
+        metrics = report.metrics()
         run_id = tracker.start_reanalysis_run(cfg.run_name, key, {"mdi_tolerance": report.tolerance,
                                                                    "dagster_run_id": context.run.run_id})
         charts = [report.chart] + ([report.visual_chart] if report.visual_chart is not None else [])
@@ -433,8 +425,9 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
     terminal = written.terminal
     summary_md = (f"![Learning curves]({curves.name})\n\n| Metric | Value |\n|---|---|\n" + "\n".join(
         f"| {name} | {metrics[name]:.4f} |" for name in (
-            "reward", *[f"rewards/{n}/mean" for n in ACCURACY_REWARDS if n in cfg.reward_names], EVAL_ACCURACY,
-            "rewards/think_format_reward/mean", "attention/all/mdi", "entropy", "completions/mean_length")
+            "reward", *[reward_metric(n, "mean") for n in ACCURACY_REWARDS if n in cfg.reward_names], EVAL_ACCURACY,
+            reward_metric("think_format_reward", "mean"), attention_metric("all", "mdi"), "entropy",
+            "completions/mean_length")
         if name in metrics))
     dapo_round.mark_done(store, key, written.started)
     return dg.MaterializeResult(metadata={

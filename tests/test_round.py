@@ -290,3 +290,17 @@ def test_the_blind_eval_decodes_the_same_prompts_with_blank_images_and_grades_th
                                    seed=0)
     correct = rewards.answer_correct(greedy.completions, rows)
     assert accuracy == pytest.approx(sum(correct) / len(correct))
+
+
+def test_a_reanalysis_logs_the_stage_metrics_and_the_finite_visual_values(tmp_path: Path):
+    import math
+
+    from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
+
+    means = {stage: {name: 1.0 for name in LOGGED_METRIC_NAMES} for stage in ("early", "middle", "late", "all")}
+    visual = {"visual/kl_mean": 0.2, "visual/kl_answer": math.nan, "eval/blind_accuracy": 0.25,
+              "abs_log_mdi_kl_correlation": -0.5}
+    report = dapo_round.AttentionReport("", tmp_path / "r.md", tmp_path / "c.png", 2.0, means, visual)
+    metrics = report.metrics()
+    assert metrics["attention/all/mdi"] == 1.0 and len(metrics) == 4 * len(LOGGED_METRIC_NAMES) + 2
+    assert metrics["visual/kl_mean"] == 0.2 and metrics["eval/blind_accuracy"] == 0.25  # NaN and the r left out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import polars as pl
 import torch
 
 from dapo_ops.common import faults
-from dapo_ops.common.names import EVAL_ACCURACY, EVAL_FORMAT
+from dapo_ops.common.names import EVAL_ACCURACY, EVAL_FORMAT, attention_metric
 from dapo_ops.config.dapo import DapoConfig
 from dapo_ops.data import loading as data
 from dapo_ops.models import loading as models
@@ -129,6 +130,17 @@ class AttentionReport:
     stage_means: dict[str, dict[str, float]]
     visual: dict[str, float] | None = None  # the visual-dependency values (None without the masked pass)
     visual_chart: Path | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """What a re-analysis logs to its MLflow run: the per-stage attention metrics, and the masked pass's
+        values with the checkpoint's blind eval (the finite ones)."""
+        from dapo_ops.attention.metrics import LOGGED_METRIC_NAMES
+
+        out = {attention_metric(stage, name): self.stage_means[stage][name]
+               for stage in self.stage_means for name in LOGGED_METRIC_NAMES}
+        out.update({k: v for k, v in (self.visual or {}).items()
+                    if k != "abs_log_mdi_kl_correlation" and math.isfinite(v)})
+        return out
 
 
 VISUAL_CHART = "visual_dependency.png"
