@@ -27,15 +27,16 @@ from typing import Any
 import polars as pl
 from PIL import Image
 
-KEPT_SCHEMA: dict[str, pl.DataType] = {
+# The A-OKVQA layout's columns, as the embedded dataset is written (`data.synthetic`) and a loaded one is kept.
+AOKVQA_SCHEMA: dict[str, pl.DataType] = {
     "question_id": pl.String(),
     "question": pl.String(),
     "choices": pl.List(pl.String()),
     "correct_choice_idx": pl.Int64(),
     "image": pl.Binary(),
     "rationales": pl.List(pl.String()),
-    "source_row": pl.Int64(),
 }
+KEPT_SCHEMA: dict[str, pl.DataType] = {**AOKVQA_SCHEMA, "source_row": pl.Int64()}
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "question_id": pl.String(),
     "question": pl.String(),

@@ -291,10 +291,11 @@ def generate_rows(
                              for t, img in zip(records["task"], records["image"], strict=True)]
     import polars as pl
 
-    types = {"question_id": pl.String, "question": pl.String, "choices": pl.List(pl.String),
-             "correct_choice_idx": pl.Int64, "image": pl.Binary, "rationales": pl.List(pl.String), "task": pl.String,
+    from dapo_ops.data.loading import AOKVQA_SCHEMA
+
+    types = {**AOKVQA_SCHEMA, "task": pl.String(),
              # opt-in tasks only: every image of a row, and the free-form answer (null for multiple choice)
-             "images": pl.List(pl.Binary), "solution": pl.String}
+             "images": pl.List(pl.Binary()), "solution": pl.String()}
     return pl.DataFrame(records, schema={name: types[name] for name in records})
 
 
