@@ -411,16 +411,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
+    parser = common.cli("benchmarks.attention", __doc__, quick_help="the embedded model, tiny lengths (smoke test)")
     parser.add_argument("--lengths", default=None, help="comma-separated prompt lengths")
-    parser.add_argument("--quick", action="store_true", help="the embedded model, tiny lengths (smoke test)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--image-share", type=float, default=0.75)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--json-out", default=None)
     parser.add_argument("--memory-case", choices=CASES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=("wide", "tiny"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -433,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     result = run(device=args.device, lengths=lengths, quick=args.quick, batch_size=args.batch_size,
                  image_share=args.image_share, repeats=args.repeats, memory=not args.no_memory,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+                 log=common.log)
     common.emit(result, markdown(result), args.json_out)
     return 0
 

@@ -7,6 +7,7 @@ saw the same machine load. On CUDA the timers are CUDA events and memory is `max
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -141,6 +142,23 @@ def run_json_subprocess(module: str, args: Sequence[str], *, timeout: float, thr
         tail = (proc.stderr or proc.stdout or "(see the output above)")[-3000:]
         raise RuntimeError(f"`python -m {module} {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
     return json.loads(lines[-1])
+
+
+def cli(module: str, doc: str | None, *, device: str = "auto", device_help: str | None = None,
+        quick_help: str = "a tiny model and batch (smoke test)") -> argparse.ArgumentParser:
+    """The argument parser every benchmark module starts from: `--device`, `--quick` and `--json-out`; a module
+    adds its own options."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=device, help=device_help)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json-out", default=None, help="also write the result's JSON to this file")
+    return parser
+
+
+def log(line: str) -> None:
+    """A benchmark's progress line: on stderr, so that stdout holds only the result's JSON."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def emit(result: dict[str, Any], markdown_text: str, json_out: str | None) -> None:

@@ -20,7 +20,6 @@ how many times larger than the embedded model a model must be for 2 CPU processe
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import subprocess
@@ -135,13 +134,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.launch_overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="ignored: the ranks always run on the CPU")
-    parser.add_argument("--quick", action="store_true", help="a tiny round (smoke test)")
-    parser.add_argument("--json-out", default=None)
+    parser = common.cli("benchmarks.launch_overhead", __doc__, device="cpu",
+                        device_help="ignored: the ranks always run on the CPU", quick_help="a tiny round (smoke test)")
     args = parser.parse_args(argv)
-    result = run(device=args.device, quick=args.quick, log=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run(device=args.device, quick=args.quick, log=common.log)
     common.emit(result, markdown(result), args.json_out)
     return 0
 

@@ -303,12 +303,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true")
+    parser = common.cli("benchmarks.memory_plan", __doc__, quick_help="tiny models (smoke test)")
     parser.add_argument("--case", choices=("embedded", "realistic"), default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)
     if args.case:

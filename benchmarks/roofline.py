@@ -23,7 +23,6 @@ intra-op thread, fp32), in one process:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -466,14 +465,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu only: the peak and the counts are one CPU thread's")
-    parser.add_argument("--quick", action="store_true", help="a tiny model and batch (smoke test)")
+    parser = common.cli("benchmarks.roofline", __doc__, device="cpu",
+                        device_help="cpu only: the peak and the counts are one CPU thread's")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
-    result = run(quick=args.quick, repeats=args.repeats, log=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run(quick=args.quick, repeats=args.repeats, log=common.log)
     common.emit(result, markdown(result), args.json_out)
     return 0
 

@@ -23,7 +23,6 @@ The sides alternate (TRL r, library r, pipeline r, TRL r+1, …); round 0 is a w
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -605,15 +604,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.round_vs_trl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="a tiny round (smoke test)")
+    parser = common.cli("benchmarks.round_vs_trl", __doc__, quick_help="a tiny round (smoke test)")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (after one warm-up round)")
-    parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     result = run(device=args.device, quick=args.quick, rounds=args.rounds,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+                 log=common.log)
     common.emit(result, markdown(result), args.json_out)
     return 0
 

@@ -469,14 +469,10 @@ def _token_ratio(tokens: dict[str, int], shape: dict[str, Any]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_prefix", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="a tiny model and batch (smoke test)")
+    parser = common.cli("benchmarks.shared_prefix", __doc__)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds vs TRL (after one warm-up)")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--json-out", default=None)
     parser.add_argument("--memory-case", choices=CASES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_case:
@@ -484,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(memory_case(args.memory_case, shape, common.resolve_device(args.device))), flush=True)
         return 0
     result = run(device=args.device, quick=args.quick, repeats=args.repeats, rounds=args.rounds,
-                 memory=not args.no_memory, log=lambda line: print(line, file=sys.stderr, flush=True))
+                 memory=not args.no_memory, log=common.log)
     common.emit(result, markdown(result), args.json_out)
     return 0
 

@@ -19,7 +19,6 @@ overhead is the median over pairs of (with − without) / without, wall time (pr
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -138,15 +137,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.visual_dependency", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="a tiny model and batch (smoke test)")
+    parser = common.cli("benchmarks.visual_dependency", __doc__)
     parser.add_argument("--rounds", type=int, default=None, help="measured pairs of rounds (after one warm-up)")
-    parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     result = run(device=args.device, quick=args.quick, rounds=args.rounds,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+                 log=common.log)
     common.emit(result, markdown(result), args.json_out)
     return 0
 
