@@ -20,7 +20,7 @@ NUM_PROCESSES ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers of `make test` / `make test-fast` (0: one process); tests/scheduling.py says how they split.
 PYTEST_WORKERS ?= 2
-PYTEST_XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
+PYTEST_XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadscope)
 CONFIG ?=
 SET ?=
 

@@ -27,8 +27,8 @@ except ImportError:  # pragma: no cover
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 - pytest-xdist's hook
-    """`make test` runs the suite on pytest-xdist workers, a test module (or an `xdist_group`) at a time, so a
-    module's fixtures are built once: see `tests/scheduling.py`."""
+    """`make test` runs the suite on pytest-xdist workers, a test module (or a unit of modules sharing a session
+    fixture) at a time, so their fixtures are built once: see `tests/scheduling.py`."""
     from tests.scheduling import ModuleScheduling
 
     return ModuleScheduling(config, log)

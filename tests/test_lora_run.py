@@ -10,8 +10,7 @@ import pytest
 
 from tests.conftest import TINY_RUN, _restore_env, _set_env, run_make
 
-# The modules on the session's `trained_run` share one xdist worker, so it is trained once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]  # a 5-round LoRA `make run`
+pytestmark = pytest.mark.slow  # a 5-round LoRA `make run`
 
 RUN = {
     **TINY_RUN,

@@ -14,8 +14,7 @@ import pytest
 from dapo_ops.reporting.reports import ROUND_METRIC_NAMES
 from tests.conftest import run_make
 
-# The modules on the session's `trained_run` share one xdist worker, so it is trained once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]
+pytestmark = pytest.mark.slow
 
 REPORTS = ("rollout_results.md", "attention_diagnostics.md", "run_terminal.md")
 

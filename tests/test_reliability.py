@@ -109,11 +109,6 @@ def _no_process_outlives_the_tests():
             process.wait()
 
 
-# Under pytest-xdist the tests that compare with the uninterrupted `reference` run form one work unit, so that
-# it runs once; the rest of the module is another, beside it.
-SHARES_REFERENCE = pytest.mark.xdist_group("reliability-reference")
-
-
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = open(log, "ab")  # noqa: SIM115 - closed by `finish`
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -390,7 +385,6 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -
     return result
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_sample_killed_the_run_three_times_at_the_intended_moments(killed_run: KilledRun):
     assert [k.rc for k in killed_run.kills] == [-signal.SIGKILL] * 3, killed_run.kills
@@ -399,7 +393,6 @@ def test_the_sample_killed_the_run_three_times_at_the_intended_moments(killed_ru
     print("\n" + "\n".join(f"kill {i + 1}: {k.how} -> killed during {k.phase}" for i, k in enumerate(killed_run.kills)))
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_checkpoint_killed_mid_write_is_never_readable_as_complete(killed_run: KilledRun):
     seen = killed_run.after_checkpoint_kill
@@ -408,7 +401,6 @@ def test_a_checkpoint_killed_mid_write_is_never_readable_as_complete(killed_run:
     assert written not in seen["complete"]
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resumed_run_ends_with_the_weights_and_optimizer_of_an_uninterrupted_run(killed_run, reference):
     store, ref = RunStore(killed_run.root, RUN), RunStore(reference.root, RUN)
@@ -419,7 +411,6 @@ def test_the_resumed_run_ends_with_the_weights_and_optimizer_of_an_uninterrupted
                         load_optimizer_state(ref.checkpoint_dir("ckpt-0002")))
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resumed_run_logs_every_metric_once_per_step_with_the_uninterrupted_values(killed_run, reference):
     history = metric_histories(default_tracking_uri(killed_run.root), RUN)
@@ -428,7 +419,6 @@ def test_the_resumed_run_logs_every_metric_once_per_step_with_the_uninterrupted_
     assert [step for step, _ in history["eval/accuracy"]] == [0, 2, 4]
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resumed_run_continues_the_same_mlflow_run(killed_run):
     runs = training_runs(default_tracking_uri(killed_run.root), RUN)
@@ -437,13 +427,11 @@ def test_the_resumed_run_continues_the_same_mlflow_run(killed_run):
         assert killed_run.first_mlflow_run_ids == [runs[0].info.run_id]
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_the_resume_leaves_no_temporaries_stuck_dagster_runs_or_missing_reports(killed_run, reference):
     assert differences_from(reference, killed_run.root) == []
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DAPO_VLM_FULL_FAULTS") != "1",
                     reason="the long kill loop runs with DAPO_VLM_FULL_FAULTS=1")
@@ -926,7 +914,6 @@ def nan_scenario(root: Path) -> dict:
     return seen
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_nan_loss_fails_the_round_with_a_message_naming_the_cause(nan_run):
     assert nan_run["rc"] == 1
@@ -936,21 +923,18 @@ def test_a_nan_loss_fails_the_round_with_a_message_naming_the_cause(nan_run):
     assert not nan_run["done"]
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_nan_loss_writes_no_checkpoint(nan_run):
     assert nan_run["complete"] == ["ckpt-0000"]
     assert nan_run["entries"] == ["ckpt-0000"]  # no ckpt-0001, not even a temporary one
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_a_nan_loss_fails_the_non_finite_health_check(nan_run):
     assert [(f["name"], f["passed"]) for f in nan_run["health"]] == [("non_finite", False)]
     assert nan_run["check"] == "FAILED"
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_after_a_nan_the_next_run_continues_as_if_nothing_happened(nan_run, reference):
     assert nan_run["rerun_rc"] == 0, nan_run["rerun_output"]
@@ -995,7 +979,6 @@ def test_a_non_finite_gradient_skips_the_optimizer_step(embedded_policy_for):
 # ------------------------------------------------------------------------------------------- 5. concurrency
 
 
-@SHARES_REFERENCE
 @pytest.mark.slow
 def test_two_run_names_on_one_data_root_both_finish_and_a_second_same_name_is_refused(tmp_path, reference):
     traces = {name: tmp_path / f"{name}.trace" for name in ("alpha", "beta")}

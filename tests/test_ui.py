@@ -27,9 +27,6 @@ from ui_support import (
     mlflow_ids,
 )
 
-# The modules on the session's `trained_run` share one xdist worker, so it is trained once.
-pytestmark = pytest.mark.xdist_group("trained_run")
-
 # Playwright drives the system Chromium; its own browser download must never run.
 os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
 
