@@ -10,7 +10,6 @@ PaliGemma also the probe with the completion marked 0 (the prefix), as the pipel
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -19,8 +18,7 @@ import torch
 from PIL import Image
 
 from dapo_ops.attention.forward import model_inputs
-from dapo_ops.attention.metrics import masses_from_attention_weights
-from dapo_ops.attention.teacher_forced import teacher_forced_pass
+from dapo_ops.attention.teacher_forced import eager_attention_masses, teacher_forced_pass
 from dapo_ops.models.inputs import PromptBatch, encode_prompts
 from dapo_ops.models.loading import Policy
 from dapo_ops.models.tiny_families import BUILDERS, build_tiny_family
@@ -60,12 +58,7 @@ def measure(name: str) -> dict:
     policy = build_tiny_family(name, CORPUS, seed=0)
     sampled = generate_rollouts(policy, _prompts(policy), num_generations=2, max_completion_length=6, seed=0)
     lean = teacher_forced_pass(policy, sampled)
-    eager = copy.deepcopy(policy.model)
-    eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        outputs = eager(**model_inputs(eager, sampled, torch.device("cpu")), output_attentions=True)
-    query = torch.cat([torch.zeros_like(sampled.prompt_mask, dtype=torch.bool), sampled.completion_mask.bool()], 1)
-    vision, text = masses_from_attention_weights(outputs.attentions, query, sampled.vision_mask, sampled.text_mask)
+    vision, text = eager_attention_masses(policy, sampled)
     fixed = _fixed(policy)
     shared = teacher_forced_pass(policy, fixed, shared_prefix=True).per_token_logps
     unshared = teacher_forced_pass(policy, fixed, shared_prefix=False).per_token_logps

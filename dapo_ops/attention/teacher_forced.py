@@ -4,6 +4,7 @@ rollout from one forward each, shared-prefix aware; and the per-rollout attentio
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +13,11 @@ import torch
 from dapo_ops.attention.forward import (
     RolloutLike,
     TeacherForcedOutputs,
+    model_inputs,
     unshared_completion_forward,
     unwrap_model,
 )
-from dapo_ops.attention.metrics import StageMetrics, metrics_from_masses
+from dapo_ops.attention.metrics import StageMetrics, masses_from_attention_weights, metrics_from_masses
 from dapo_ops.attention.recorder import decoder_num_layers
 from dapo_ops.attention.shared_prefix import shared_completion_forward
 from dapo_ops.attention.visual import degraded_batch, token_kl, vision_patch_size
@@ -111,6 +113,19 @@ def teacher_forced_pass(
     if with_attention:
         return TeacherForcedOutputs(*columns, visual_kl=visual_kl)
     return TeacherForcedOutputs(columns[0], columns[1], visual_kl=visual_kl)
+
+
+def eager_attention_masses(model_or_policy: Any, rollouts: RolloutLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readable oracle of the pass's per-layer masses (m_V, m_T), each [B, L] float64: a copy of the model
+    with eager attention returns every layer's full weights, averaged over the completion queries. Memory grows
+    with T² per layer: for tests and the family probes, not for training."""
+    eager = copy.deepcopy(unwrap_model(model_or_policy))
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        outputs = eager(**model_inputs(eager, rollouts, next(eager.parameters()).device), output_attentions=True)
+    prompt = torch.zeros_like(rollouts.prompt_mask, dtype=torch.bool)  # [B, P]: prompt tokens ask nothing
+    query = torch.cat([prompt, rollouts.completion_mask.bool()], 1)  # [B, P + C]
+    return masses_from_attention_weights(outputs.attentions, query, rollouts.vision_mask, rollouts.text_mask)
 
 
 def rollout_attention_metrics(
