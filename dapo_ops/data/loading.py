@@ -519,17 +519,23 @@ def load_mc_splits(
     test (parquet files/folders named so, or a DatasetDict). Otherwise (or when only one split exists)
     splits deterministically by a stable hash of question_id, `eval_fraction` of rows to eval.
     """
+    return load_splits(source, _load_parts, eval_fraction=eval_fraction)
+
+
+Loaded = tuple[pl.DataFrame, pl.DataFrame]  # (kept, quarantined)
+
+
+def load_splits(source: str | os.PathLike[str], load: Callable[[Path, list[_Part]], Loaded], *,
+                eval_fraction: float) -> dict[str, Loaded]:
+    """{"train": ..., "eval": ...} of `load(path, parts)`: the source's own train and eval splits, else one
+    table (the unsplit source, its train split or its only split) split by `_hash_split`."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1)")
     path = Path(source)
     layout = _discover(path)
     eval_name = next((name for name in EVAL_SPLITS if name in layout), None)
     if "train" in layout and eval_name is not None:
-        return {
-            "train": _load_parts(path, layout["train"]),
-            "eval": _load_parts(path, layout[eval_name]),
-        }
-    # One table to split ourselves: the whole unsplit source, the train split, or the only split.
+        return {"train": load(path, layout["train"]), "eval": load(path, layout[eval_name])}
     if None in layout:
         parts = layout[None]
     elif "train" in layout:
@@ -541,7 +547,7 @@ def load_mc_splits(
             f"{path} holds splits {', '.join(sorted(str(k) for k in layout))} and none is 'train'; "
             "point at one split, or name the splits train and validation"
         )
-    kept, quarantined = _load_parts(path, parts)
+    kept, quarantined = load(path, parts)
     if kept.height < 2:
         raise ValueError(f"{path}: only {kept.height} usable row; a train/eval split needs at least 2")
     return _hash_split(kept, quarantined, eval_fraction)

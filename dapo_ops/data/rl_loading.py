@@ -185,29 +185,8 @@ def load_rl_splits(
     prompt_key: str | None = None, answer_key: str | None = None, image_key: str | None = None,
 ) -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
     """`data.load_mc_splits` for any layout: the source's own train and eval splits, else a stable hash split."""
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1)")
-    path = Path(source)
     keys = Keys(prompt_key, answer_key, image_key)
-    found = data._discover(path)
-    eval_name = next((name for name in data.EVAL_SPLITS if name in found), None)
-    if "train" in found and eval_name is not None:
-        return {"train": _load(path, found["train"], layout, keys), "eval": _load(path, found[eval_name], layout, keys)}
-    if None in found:
-        parts = found[None]
-    elif "train" in found:
-        parts = found["train"]
-    elif len(found) == 1:
-        (parts,) = found.values()
-    else:
-        raise ValueError(
-            f"{path} holds splits {', '.join(sorted(str(k) for k in found))} and none is 'train'; "
-            "point at one split, or name the splits train and validation"
-        )
-    kept, quarantined = _load(path, parts, layout, keys)
-    if kept.height < 2:
-        raise ValueError(f"{path}: only {kept.height} usable row; a train/eval split needs at least 2")
-    return data._hash_split(kept, quarantined, eval_fraction)
+    return data.load_splits(source, lambda path, parts: _load(path, parts, layout, keys), eval_fraction=eval_fraction)
 
 
 def dataset_answer_kinds(config: DapoConfig) -> set[str]:
