@@ -658,8 +658,7 @@ def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
         ["KL completion (mean per token, nats)", _fmt(v["visual/kl_mean"], 4)],
         ["KL answer (tokens after `</think>`)", _fmt(v["visual/kl_answer"], 4)],
         ["Pivotal-token share (KL > threshold)", _fmt(v["visual/dependent_token_ratio"])],
-        ["Blind accuracy (eval, blank images)", _fmt(v[EVAL_BLIND_ACCURACY])],
-        ["Visual gain (eval accuracy − blind)", _fmt(v[EVAL_VISUAL_GAIN])],
+        *_blind_eval_rows(v),
         ["corr(|ln MDI|, KL) over rollouts", _fmt(v["abs_log_mdi_kl_correlation"])],
     ]
     parts = ["## Visual dependency",
@@ -673,12 +672,17 @@ def _visual_section(table: pl.DataFrame, evaluation: Mapping[str, float] | None,
     return parts
 
 
+def _blind_eval_rows(values: Mapping[str, float]) -> list[list[str]]:
+    """The blind eval's rows of the "Visual dependency" table (NaN where the eval has no value)."""
+    return [["Blind accuracy (eval, blank images)", _fmt(float(values.get(EVAL_BLIND_ACCURACY, math.nan)))],
+            ["Visual gain (eval accuracy − blind)", _fmt(float(values.get(EVAL_VISUAL_GAIN, math.nan)))]]
+
+
 def _blind_eval_section(evaluation: Mapping[str, float]) -> list[str]:
     """The section of a round without the masked pass (`visual_dependency` off): the blind eval only."""
     if EVAL_BLIND_ACCURACY not in evaluation:
         return []
-    rows = [["Blind accuracy (eval, blank images)", _fmt(float(evaluation[EVAL_BLIND_ACCURACY]))],
-            ["Visual gain (eval accuracy − blind)", _fmt(float(evaluation[EVAL_VISUAL_GAIN]))]]
+    rows = _blind_eval_rows(evaluation)
     return ["## Visual dependency",
             "Does the answer depend on the image? This checkpoint's greedy eval again with every image blanked. "
             "The per-token KL of the rollouts needs the masked pass, which this run turned off "
