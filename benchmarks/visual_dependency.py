@@ -68,9 +68,8 @@ def library_round(policy: Any, optimizer: Any, rows: Any, eval_rows: Any, config
     phases["rewards + update"] = t - last
     engine = make_engine(config, policy)
     prompts = training.encode_rows(policy, eval_rows)
-    engine.generate(prompts, num_generations=1, max_completion_length=config.max_completion_length, temperature=0.0,
-                    top_p=1.0, seed=0)
-    training.blind_accuracy(config, policy, engine, prompts, eval_rows)  # the default eval, on both sides
+    training.greedy_completions(config, policy, engine, prompts)  # the eval's decoding, then its blind decoding
+    training.blind_accuracy(config, policy, engine, prompts, eval_rows)  # (always on: on both sides)
     t, last = clock.now(), t
     phases["eval"] = t - last
     phases["total"] = t - start

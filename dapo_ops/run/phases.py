@@ -661,10 +661,9 @@ def evaluate(config: DapoConfig, run_store: RunStore, policy: models.Policy, *,
     engine = make_engine(config, policy) if engine is None else engine
     rows = load_split(run_store, "eval").head(config.eval_subset_size)
     prompts = encode_rows(policy, rows)
-    batch = generate_shared(engine, prompts, dp, pad_token_id=policy.pad_token_id, num_generations=1,
-                            max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
-    correct = rewards.answer_correct(batch.completions, rows)
-    fmt = rewards.think_format_reward(batch.completions)
+    completions = greedy_completions(config, policy, engine, prompts, dp)
+    correct = rewards.answer_correct(completions, rows)
+    fmt = rewards.think_format_reward(completions)
     result = {EVAL_ACCURACY: sum(correct) / len(correct), EVAL_FORMAT: sum(fmt) / len(fmt)}
     result[EVAL_BLIND_ACCURACY] = blind_accuracy(config, policy, engine, prompts, rows, dp)
     result[EVAL_VISUAL_GAIN] = result[EVAL_ACCURACY] - result[EVAL_BLIND_ACCURACY]
@@ -676,10 +675,16 @@ def blind_accuracy(config: DapoConfig, policy: models.Policy, engine: RolloutEng
     """Greedy accuracy on the same eval rows with every image blanked (the processor's mean pixel): what the
     policy answers without seeing the image. `eval/accuracy` minus it is `eval/visual_gain`."""
     blind = visual.degraded_batch(prompts, mode="blank", ratio=1.0, seed=0)
-    batch = generate_shared(engine, blind, dp, pad_token_id=policy.pad_token_id, num_generations=1,
-                            max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
-    correct = rewards.answer_correct(batch.completions, rows)  # graded as eval/accuracy is: any answer kind
+    correct = rewards.answer_correct(greedy_completions(config, policy, engine, blind, dp), rows)  # as eval/accuracy
     return sum(correct) / len(correct)
+
+
+def greedy_completions(config: DapoConfig, policy: models.Policy, engine: RolloutEngine,
+                       prompts: inputs.PromptBatch, dp: DataParallel = SINGLE) -> list[Any]:
+    """One greedy completion per prompt, as the eval decodes (under `dp` each rank decodes its share)."""
+    batch = generate_shared(engine, prompts, dp, pad_token_id=policy.pad_token_id, num_generations=1,
+                            max_completion_length=config.max_completion_length, temperature=0.0, top_p=1.0, seed=0)
+    return batch.completions
 
 
 # --------------------------------------------------------------------------------------------- metrics
