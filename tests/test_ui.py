@@ -449,9 +449,7 @@ def test_mlflow_shows_each_round_s_rollout_table_with_its_images(uis, page):
         for column in ("image", "question", "choices", "completion", "total", "advantage", "mdi/all"):
             expect(headers.filter(has_text=re.compile(rf"^{re.escape(column)}$"))).to_have_count(1)
         images = page.locator(f'img[src*="{key}%2Frollout_images%2F"]')
-        # The cells get their image URLs from the MLflow server; beside the other xdist worker's runs that
-        # once took longer than the page's 30 s default (the same test passed alone in 54 s).
-        expect(images.first).to_be_visible(timeout=RUN_TIMEOUT_MS)
+        expect(images.first).to_be_visible()
         page.wait_for_function("images => images.every(img => img.complete && img.naturalWidth > 0)",
                                arg=images.element_handles())
         save(page, f"mlflow_rollout_table_{key}.png")
