@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from ui_support import (
@@ -433,6 +434,10 @@ def test_mlflow_models_tab_shows_each_checkpoint_with_its_eval_accuracy(uis, tra
 def test_mlflow_shows_each_round_s_rollout_table_with_its_images(uis, page):
     from playwright.sync_api import expect
 
+    # The image files the page asked the server for. MLflow <= 3.17 puts their get-artifact URL in the <img>;
+    # 3.18 fetches them (a presigned URL first, then get-artifact) and shows blob: URLs.
+    served: list[str] = []
+    page.on("response", lambda response: served.append(unquote(response.url)) if response.ok else None)
     open_training_run(page, uis)
     page.get_by_text("Artifacts", exact=True).first.click()
     page.get_by_text("reports", exact=True).click()
@@ -448,10 +453,14 @@ def test_mlflow_shows_each_round_s_rollout_table_with_its_images(uis, page):
         headers = page.get_by_role("columnheader")
         for column in ("image", "question", "choices", "completion", "total", "advantage", "mdi/all"):
             expect(headers.filter(has_text=re.compile(rf"^{re.escape(column)}$"))).to_have_count(1)
-        images = page.locator(f'img[src*="{key}%2Frollout_images%2F"]')
-        expect(images.first).to_be_visible()
+        # Each row's image cell holds a decoded <img> (a cell still loading holds an icon, not an <img>).
+        rows = page.get_by_role("row").filter(has=page.get_by_role("cell"))
+        expect(rows.first).to_be_visible()
+        images = rows.get_by_role("cell").locator("img")
+        expect(images).to_have_count(rows.count())
         page.wait_for_function("images => images.every(img => img.complete && img.naturalWidth > 0)",
                                arg=images.element_handles())
+        assert any(f"reports/{key}/rollout_images/" in url for url in served), served
         save(page, f"mlflow_rollout_table_{key}.png")
 
 
