@@ -395,3 +395,39 @@ def test_a_table_path_is_checked_before_it_is_journaled(store: tuple[Path, str],
     with pytest.raises(ValueError, match="table artifact"):
         tracker.log_round("ckpt-0000", 1, {"reward": 1.0}, tables=["../outside.json"])
     assert not tracker.journal_path.exists()
+
+
+class CutShort(Exception):
+    """Stands for a kill: raised inside MLflow's migration of a new store."""
+
+
+def test_a_store_whose_creation_was_cut_short_opens_on_the_next_run(tmp_path: Path) -> None:
+    """A process killed while MLflow migrates a new SQLite store (here: right after a migration created a table,
+    before it recorded its version) leaves nothing the next open trips over, and no staging file behind."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from dapo_ops.tracking.mlflow_sink import open_client
+
+    uri = default_tracking_uri(tmp_path)
+    state = {"migrating": False, "created_table": False}
+
+    def cut(conn, cursor, statement: str, parameters, context, executemany) -> None:  # noqa: ANN001
+        words = statement.split()
+        if state["created_table"]:
+            raise CutShort(" ".join(words[:3]))
+        if "alembic_version" in words and words[0] == "UPDATE":
+            state["migrating"] = True
+        state["created_table"] = state["migrating"] and words[:2] == ["CREATE", "TABLE"]
+
+    event.listen(Engine, "before_cursor_execute", cut)
+    try:
+        with pytest.raises(CutShort):
+            open_client(uri)
+    finally:
+        event.remove(Engine, "before_cursor_execute", cut)
+
+    client = open_client(uri)
+    experiment = client.create_experiment("after-the-cut")
+    assert client.get_experiment(experiment).name == "after-the-cut"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.init-lock"]

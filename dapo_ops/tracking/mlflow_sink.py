@@ -78,12 +78,32 @@ def open_client(tracking_uri: str) -> Any:
     fd = os.open(database.with_name(database.name + ".init-lock"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if not database.exists():
+            _create_store(database)
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
     finally:
         os.close(fd)
     return client
+
+
+def _create_store(database: Path) -> None:
+    """A new SQLite store, built under a temporary name and renamed into place (under the caller's lock).
+
+    MLflow's migrations commit table by table: a process killed while it builds the store in place leaves
+    tables ahead of the recorded schema version, and every later open fails ("table ... already exists").
+    Built aside, a killed build leaves only a staging file, removed by the next build."""
+    from mlflow import MlflowClient
+
+    for stale in database.parent.glob(f"{database.name}.staging-*"):
+        stale.unlink(missing_ok=True)
+    # A name never used before: MLflow caches a store's engine per URI for the life of the process.
+    staging = database.with_name(f"{database.name}.staging-{os.getpid()}-{time.time_ns()}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}")
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+    os.replace(staging, database)
 
 
 class MlflowSink:
