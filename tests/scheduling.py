@@ -18,11 +18,10 @@ from xdist.scheduler import LoadScopeScheduling
 
 HEAVY_MARKS = ("slow", "browser")
 
-# Modules that share a session fixture (tests/conftest.py) -> the unit they run in together. test_ui.py is
-# left out: after test_pipeline.py's commands in the same process, its MLflow rollout-table images did not
-# render in two clean-clone runs (it passes alone and on its own worker); see the closing note.
+# Modules that share a session fixture (tests/conftest.py) -> the unit they run in together.
 UNITS: dict[str, str] = {
     "tests/test_pipeline.py": "trained_run",
+    "tests/test_ui.py": "trained_run",
     "tests/test_lora_run.py": "trained_run",
 }
 
