@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dapo_ops.common import faults
+from dapo_ops.store.layout import TMP_PREFIX
 from dapo_ops.tracking.journal import CHECKPOINT_TAG, MAX_TAG_VALUE, Journal, truncate
 
 DEFAULT_EXPERIMENT = "dapo-vlm"
@@ -93,13 +94,14 @@ def _create_store(database: Path) -> None:
 
     MLflow's migrations commit table by table: a process killed while it builds the store in place leaves
     tables ahead of the recorded schema version, and every later open fails ("table ... already exists").
-    Built aside, a killed build leaves only a staging file, removed by the next build."""
+    Built aside, a killed build leaves only a temporary file (the store's `.tmp-` convention), removed by the
+    next build."""
     from mlflow import MlflowClient
 
-    for stale in database.parent.glob(f"{database.name}.staging-*"):
+    for stale in database.parent.glob(f"{TMP_PREFIX}{database.name}-*"):
         stale.unlink(missing_ok=True)
     # A name never used before: MLflow caches a store's engine per URI for the life of the process.
-    staging = database.with_name(f"{database.name}.staging-{os.getpid()}-{time.time_ns()}")
+    staging = database.with_name(f"{TMP_PREFIX}{database.name}-{os.getpid()}-{time.time_ns()}")
     client = MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}")
     client.search_experiments(max_results=1)
     client.search_registered_models(max_results=1)
