@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "run":
+        if not args.verbose:
+            # MLflow's INFO lines (creating the store, the system-metrics monitor) would break into the round
+            # lines; set before mlflow is imported, so the phases' child processes inherit it. An exported
+            # MLFLOW_LOGGING_LEVEL wins, as in MLflow.
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         try:
             config = run_config_from_args(args)
         except (ValueError, TypeError) as error:

@@ -280,6 +280,17 @@ def test_make_run_piped_prints_one_summary_line_per_round_and_no_control_codes(r
 
 
 @pytest.mark.slow
+def test_make_run_keeps_mlflow_s_info_lines_and_its_dataset_warning_out_of_the_output(runs):
+    """MLflow logs INFO lines on creating a store and around its system-metrics monitor, and warns that a
+    dataset path "can be interpreted in multiple ways"; `make run` shows neither (VERBOSE=1 keeps the INFO)."""
+    for name in ("piped", "terminal"):
+        rc, text, stderr = runs[name]
+        assert rc == 0, stderr[-3000:]
+        for line in (text + stderr).splitlines():
+            assert " INFO mlflow" not in line and "Warning" not in line, (name, line)
+
+
+@pytest.mark.slow
 def test_make_run_verbose_piped_adds_the_step_lines_and_phase_timings_without_control_codes(runs):
     rc, text, stderr = runs["piped verbose"]
     assert rc == 0, stderr[-3000:]

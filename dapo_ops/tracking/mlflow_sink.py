@@ -379,7 +379,11 @@ class MlflowSink:
             warnings.warn(f"dataset {path} no longer exists; not logged to MLflow", stacklevel=4)
             return
         table = pl.read_parquet(path)
-        entity = mlflow.data.from_polars(table, source=str(path), name=str(dataset["name"]))._to_mlflow_entity()
+        with warnings.catch_warnings():
+            # MLflow registers its local-file dataset source twice and warns that a path "can be interpreted in
+            # multiple ways" (both ways are that one class).
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            entity = mlflow.data.from_polars(table, source=str(path), name=str(dataset["name"]))._to_mlflow_entity()
         context = InputTag("mlflow.data.context", str(dataset.get("context", dataset["name"])))
         self.client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[context])])
 
