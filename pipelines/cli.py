@@ -38,7 +38,8 @@ CLI_PID_TAG = "dapo/cli_pid"
 def config_default(name: str) -> Any:
     """A `DapoConfig` field's default. Building a default config would validate its rollout engine, which
     imports torch and transformers: seconds that `--help`, `mlflow-ui` or `sync-mlflow` never need."""
-    return next(field.default for field in dataclasses.fields(DapoConfig) if field.name == name)
+    field = {field.name: field for field in dataclasses.fields(DapoConfig)}[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 DEFAULT_ROUNDS = config_default("max_rounds")
@@ -453,30 +454,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "run":
-        if not args.verbose:
-            # MLflow's INFO lines (creating the store, the system-metrics monitor) would break into the round
-            # lines; set before mlflow is imported, so the phases' child processes inherit it. An exported
-            # MLFLOW_LOGGING_LEVEL wins, as in MLflow.
-            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        try:
-            config = run_config_from_args(args)
-        except (ValueError, TypeError) as error:
-            print(error, file=sys.stderr)
-            return 2
-        try:
-            run_training(config, config.max_rounds, live=not args.quiet, verbose=args.verbose)
-        except KeyboardInterrupt as error:
-            print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
-                  file=sys.stderr)
-            return 128 + getattr(error, "signum", signal.SIGINT)
-        except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
-            from dapo_ops.store.layout import RunLockedError
-            if isinstance(error, EvalDropError):
-                print(f"\nmake run stopped: {error}", file=sys.stderr)
-                return 4
-            print(f"\nmake run failed: {error}", file=sys.stderr)
-            return 3 if isinstance(error, RunLockedError) else 1
-        return 0
+        # MLflow's INFO lines (creating the store, the system-metrics monitor) would break into the round lines:
+        # set before mlflow is imported, so the phases' child processes inherit it. An exported
+        # MLFLOW_LOGGING_LEVEL wins, as in MLflow.
+        with _env_default("MLFLOW_LOGGING_LEVEL", None if args.verbose else "WARNING"):
+            return _run_command(args)
     if args.command == "reanalyze":
         from dapo_ops.run.retention import PrunedCheckpointError
 
@@ -555,6 +537,42 @@ def run_config_from_args(args: argparse.Namespace) -> DapoConfig:
     return load_run_config(args.config, args.set, flags={k: v for k, v in flags.items() if v is not None})
 
 
+@contextlib.contextmanager
+def _env_default(name: str, value: str | None) -> Iterator[None]:
+    """`name=value` in the environment unless it is set (or `value` is None), for the block only."""
+    added = value is not None and name not in os.environ
+    if added:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop(name, None)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """`run`: the exit codes of docs/outputs.md."""
+    try:
+        config = run_config_from_args(args)
+    except (ValueError, TypeError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        run_training(config, config.max_rounds, live=not args.quiet, verbose=args.verbose)
+    except KeyboardInterrupt as error:
+        print(f"\nmake run {error or 'interrupted'}: its MLflow run is marked KILLED; `make run` resumes it",
+              file=sys.stderr)
+        return 128 + getattr(error, "signum", signal.SIGINT)
+    except Exception as error:  # noqa: BLE001 - the CLI reports, the traceback is in the Dagster run
+        from dapo_ops.store.layout import RunLockedError
+        if isinstance(error, EvalDropError):
+            print(f"\nmake run stopped: {error}", file=sys.stderr)
+            return 4
+        print(f"\nmake run failed: {error}", file=sys.stderr)
+        return 3 if isinstance(error, RunLockedError) else 1
+    return 0
+
+
 def sync_mlflow(run_name: str | None) -> int:
     """Send every run's journaled rounds and run status; 1 when something could not be sent (MLflow
     unreachable: it stays journaled), 2 when `run_name` has no run directory, else 0."""
@@ -575,9 +593,12 @@ def mlflow_ui(port: int) -> int:
     # MLflow's job runner (GenAI scorer jobs, which this project never submits) starts a pool of consumer
     # processes with the UI; an exported value wins.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    from dapo_ops.tracking.mlflow_sink import ensure_store
+
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(root)
+    ensure_store(uri)  # a new store built as `make run` builds it, not in place by the server
     artifacts = root / "mlartifacts"
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--default-artifact-root", str(artifacts), "--host", "127.0.0.1", "--port", str(port)])

@@ -166,7 +166,8 @@ def make_run(root: Path, run_name: str, rounds: int, *, verbose: bool = False, d
                *(["VERBOSE=1"] if verbose else [])]
     env = {**os.environ, "DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL"):  # the run's own defaults, not the session's
+        env.pop(name, None)
     return subprocess.Popen(command, cwd=REPO, env=env, **streams)
 
 

@@ -1,6 +1,7 @@
 """Run config files: YAML of DapoConfig fields, `--set` overrides, errors naming the key and the file,
 and the same keys as a Dagster run config."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -107,9 +108,11 @@ def test_cli_run_fails_before_anything_starts_on_a_bad_file(tmp_path, capsys, mo
     monkeypatch.setenv("DAPO_VLM_HOME", str(tmp_path / "home"))
     path = tmp_path / "run.yaml"
     path.write_text("epsilon_hi: 0.3\n")
+    environment = dict(os.environ)
     assert cli.main(["run", "--config", str(path)]) == 2
     assert f"run config {path}" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()
+    assert dict(os.environ) == environment  # e.g. its MLflow log level is for a run's own process only
 
 
 def test_launchpad_config_prints_the_file_under_the_training_config_resource(capsys):

@@ -413,6 +413,8 @@ def test_a_store_whose_creation_was_cut_short_opens_on_the_next_run(tmp_path: Pa
     state = {"migrating": False, "created_table": False}
 
     def cut(conn, cursor, statement: str, parameters, context, executemany) -> None:  # noqa: ANN001
+        if str(tmp_path) not in str(conn.engine.url.database):
+            return  # another test's store (a thread left running)
         words = statement.split()
         if state["created_table"]:
             raise CutShort(" ".join(words[:3]))
@@ -431,3 +433,20 @@ def test_a_store_whose_creation_was_cut_short_opens_on_the_next_run(tmp_path: Pa
     experiment = client.create_experiment("after-the-cut")
     assert client.get_experiment(experiment).name == "after-the-cut"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.init-lock"]
+
+
+def test_ensure_store_builds_a_missing_store_once_and_removes_only_its_own_leftovers(tmp_path: Path) -> None:
+    """What `make mlflow-ui` calls before the server opens the store: a missing SQLite store is built (aside,
+    then linked into place); an existing one is left as it is."""
+    from dapo_ops.tracking.mlflow_sink import ensure_store
+
+    leftover, unrelated = tmp_path / ".tmp-mlflow.db-123-456-journal", tmp_path / ".tmp-mlflow.db-notes"
+    leftover.write_bytes(b"half")
+    unrelated.write_text("not a store build's")
+    ensure_store(default_tracking_uri(tmp_path))
+    store = tmp_path / "mlflow.db"
+    assert mlflow.MlflowClient(default_tracking_uri(tmp_path)).get_experiment("0").name == "Default"
+    assert not leftover.exists() and unrelated.exists()
+    built = store.stat().st_mtime_ns
+    ensure_store(default_tracking_uri(tmp_path))
+    assert store.stat().st_mtime_ns == built

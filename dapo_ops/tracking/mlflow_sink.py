@@ -7,8 +7,11 @@ mlflow is imported lazily: importing this module stays cheap for Dagster's defin
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -62,35 +65,56 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:////abs/path` tracking URI; None for any other store."""
+    parts = urlsplit(tracking_uri)
+    return Path(parts.path[1:]) if parts.scheme == "sqlite" and parts.path.startswith("//") else None
+
+
+@contextlib.contextmanager
+def _store_lock(database: Path) -> Iterator[None]:
+    """Processes opening a new store at once race through MLflow's schema migrations ("table ... already
+    exists"): each process's first access, which creates the tables, goes in turn."""
+    database.parent.mkdir(parents=True, exist_ok=True)  # SQLite does not create the folder of its file
+    fd = os.open(database.with_name(database.name + ".init-lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_store(tracking_uri: str) -> None:
+    """Create the SQLite store of `tracking_uri` (folder, tables) if it does not exist yet, as `open_client`
+    would; for a process that opens it some other way (`mlflow ui`). Other stores are left alone."""
+    database = sqlite_database(tracking_uri)
+    if database is None or database.exists():
+        return
+    with _store_lock(database):
+        if not database.exists():
+            _create_store(database)
+
+
 def open_client(tracking_uri: str) -> Any:
     """An `MlflowClient` whose store exists: a new SQLite file gets its folder and its tables, in turn."""
     for name, value in FAST_FAILURE_ENV.items():
         os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
-    parts = urlsplit(tracking_uri)
-    if not (parts.scheme == "sqlite" and parts.path.startswith("//")):
+    database = sqlite_database(tracking_uri)
+    if database is None:
         return MlflowClient(tracking_uri=tracking_uri)
-    # sqlite:////abs/path: SQLite does not create the folder of its database file.
-    database = Path(parts.path[1:])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    # Processes opening a new store at once race through MLflow's schema migrations ("table ... already
-    # exists"): each process's first access, which creates the tables, goes in turn.
-    fd = os.open(database.with_name(database.name + ".init-lock"), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _store_lock(database):
         if not database.exists():
             _create_store(database)
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
-    finally:
-        os.close(fd)
     return client
 
 
 def _create_store(database: Path) -> None:
-    """A new SQLite store, built under a temporary name and renamed into place (under the caller's lock).
+    """A new SQLite store, built under a temporary name and linked into place (under `_store_lock`).
 
     MLflow's migrations commit table by table: a process killed while it builds the store in place leaves
     tables ahead of the recorded schema version, and every later open fails ("table ... already exists").
@@ -98,14 +122,22 @@ def _create_store(database: Path) -> None:
     next build."""
     from mlflow import MlflowClient
 
-    for stale in database.parent.glob(f"{TMP_PREFIX}{database.name}-*"):
-        stale.unlink(missing_ok=True)
+    prefix = f"{TMP_PREFIX}{database.name}-"
+    leftover = re.compile(rf"{re.escape(prefix)}\d+-\d+(-journal|-wal|-shm)?")
+    for stale in database.parent.glob(f"{glob.escape(prefix)}*"):
+        if leftover.fullmatch(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
     # A name never used before: MLflow caches a store's engine per URI for the life of the process.
-    staging = database.with_name(f"{TMP_PREFIX}{database.name}-{os.getpid()}-{time.time_ns()}")
+    staging = database.with_name(f"{prefix}{os.getpid()}-{time.time_ns()}")
     client = MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}")
     client.search_experiments(max_results=1)
     client.search_registered_models(max_results=1)
-    os.replace(staging, database)
+    try:
+        os.link(staging, database)
+    except FileExistsError:
+        pass  # made meanwhile by a process that does not take the lock (an `mlflow ui` started by hand): kept
+    finally:
+        staging.unlink()
 
 
 class MlflowSink:
