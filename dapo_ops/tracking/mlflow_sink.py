@@ -73,8 +73,8 @@ def sqlite_database(tracking_uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def _store_lock(database: Path) -> Iterator[None]:
-    """Processes opening a new store at once race through MLflow's schema migrations ("table ... already
-    exists"): each process's first access, which creates the tables, goes in turn."""
+    """Processes creating a new store at once would race through MLflow's schema migrations ("table ...
+    already exists"): the creation goes in turn."""
     database.parent.mkdir(parents=True, exist_ok=True)  # SQLite does not create the folder of its file
     fd = os.open(database.with_name(database.name + ".init-lock"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
@@ -101,16 +101,18 @@ def open_client(tracking_uri: str) -> Any:
         os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
-    database = sqlite_database(tracking_uri)
-    if database is None:
-        return MlflowClient(tracking_uri=tracking_uri)
-    with _store_lock(database):
-        if not database.exists():
-            _create_store(database)
-        client = MlflowClient(tracking_uri=tracking_uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
+    ensure_store(tracking_uri)  # before the client: MLflow may build a missing store in place as it opens it
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if sqlite_database(tracking_uri) is not None:
+        _open_stores(client)
     return client
+
+
+def _open_stores(client: Any) -> None:
+    """Open the client's tracking and model-registry stores now (MLflow opens each on first use), so that a
+    database that cannot be opened fails here."""
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
 
 
 def _create_store(database: Path) -> None:
@@ -129,9 +131,7 @@ def _create_store(database: Path) -> None:
             stale.unlink(missing_ok=True)
     # A name never used before: MLflow caches a store's engine per URI for the life of the process.
     staging = database.with_name(f"{prefix}{os.getpid()}-{time.time_ns()}")
-    client = MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}")
-    client.search_experiments(max_results=1)
-    client.search_registered_models(max_results=1)
+    _open_stores(MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}"))  # creates their tables
     try:
         os.link(staging, database)
     except FileExistsError:
