@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from dapo_ops.run.round_files import UpdateRecord
 from dapo_ops.store.layout import RunStore, checkpoint_key
 from dapo_ops.tracking.facade import default_tracking_uri
 from dapo_ops.train.update import rank_micro_batches
+from tests.process_checks import alive, kill_once_phase_ranks_run, stuck_dagster_runs, temporaries
 
 KEY = checkpoint_key(0)
 NEXT = checkpoint_key(1)
@@ -227,26 +229,69 @@ def _one_process_round(run: RunStore, root: Path) -> RunStore:
     return store
 
 
+# `NUM_PROCESSES=2 make run ROUNDS=1` on conftest's SMALL_RUN, cold.
+TWO_PROCESS_RUN = {"prompts_per_round": 8, "num_generations": 4, "max_completion_length": 16,
+                   "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
+                   "num_eval_examples": 24, "eval_subset_size": 16, "warmup_steps": 0}
+
+
+@dataclass
+class KilledTwoProcessRun:
+    root: Path
+    kill_returncode: int
+    survivors: list[str]  # command lines of the killed run's descendants still alive 10 s after the kill
+    complete_after_kill: list[str]
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> KilledTwoProcessRun:
+    """`NUM_PROCESSES=2 make run ROUNDS=1` killed -9 while its rollouts run on 2 ranks (the first launch),
+    then run again to the end, as a user re-runs a crashed command."""
+    root = tmp_path_factory.mktemp("two-process-run")
+    args = [sys.executable, "-m", "pipelines.cli", "run", "--rounds", "1", "--num-processes", "2",
+            "--run-name", "dist-run", "--quiet", *(f"--set={name}={value}" for name, value in TWO_PROCESS_RUN.items())]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("DAPO_VLM_", "DAGSTER_", "MLFLOW_"))},
+           "DAPO_VLM_HOME": str(root), "DAGSTER_HOME": str(root / "dagster"),
+           "MLFLOW_TRACKING_URI": default_tracking_uri(root), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen(args, cwd=distributed.REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        survivors = kill_once_phase_ranks_run(killed, "rollouts")
+    finally:
+        killed.kill()
+    complete = RunStore(root, "dist-run").complete_checkpoints()
+    resumed = subprocess.run(args, cwd=distributed.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return KilledTwoProcessRun(root, killed.returncode, survivors, complete, resumed)
+
+
 @pytest.mark.slow
-def test_make_run_with_two_processes_runs_rollouts_attention_update_and_eval_through_dagster_pipes(tmp_path: Path):
-    """`NUM_PROCESSES=2 make run ROUNDS=1` on a CI-sized run: the rollouts, attention_metrics and policy_update
-    assets each launch their phase with accelerate through Pipes; the round's files are those of one process
-    (the same rollouts token for token, the same schemas and counts), and MLflow has each metric once."""
+def test_kill_9_of_make_run_during_a_two_process_phase_leaves_no_child_and_the_next_run_resumes(two_process_run):
+    """The CI sample of the multi-process kills (the full loop of tests/test_reliability.py kills the update;
+    `test_kill_9_of_the_parent_during_a_two_process_update...` below, a bare update)."""
+    run = two_process_run
+    assert run.kill_returncode == -signal.SIGKILL
+    assert run.survivors == []
+    assert run.complete_after_kill == [KEY]
+    assert run.resumed.returncode == 0, run.resumed.stdout[-3000:] + run.resumed.stderr[-5000:]
+    assert RunStore(run.root, "dist-run").complete_checkpoints() == [KEY, NEXT]
+    assert temporaries(RunStore(run.root, "dist-run").run_dir) == []
+    assert stuck_dagster_runs(run.root, "dist-run") == []
+
+
+@pytest.mark.slow
+def test_make_run_with_two_processes_runs_rollouts_attention_update_and_eval_through_dagster_pipes(two_process_run):
+    """`NUM_PROCESSES=2 make run ROUNDS=1` on a CI-sized run (the resumed run above): the rollouts,
+    attention_metrics and policy_update assets each launch their phase with accelerate through Pipes; the round's
+    files are those of one process (the same rollouts token for token, the same schemas and counts), and MLflow
+    has each metric once, although the first run was killed mid-round."""
     import dagster as dg
     from mlflow.tracking import MlflowClient
 
     from dapo_ops.reporting.reports import round_metric_names
 
-    overrides = {"prompts_per_round": 8, "num_generations": 4, "max_completion_length": 16,
-                 "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
-                 "num_eval_examples": 24, "eval_subset_size": 16, "warmup_steps": 0}  # conftest's SMALL_RUN, cold
-    args = [f"--set={name}={value}" for name, value in overrides.items()]
+    tmp_path, done = two_process_run.root, two_process_run.resumed
     uri = default_tracking_uri(tmp_path)
-    env = {**os.environ, "DAPO_VLM_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path / "dagster"),
-           "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--rounds", "1", "--num-processes", "2",
-                           "--run-name", "dist-run", "--quiet", *args], cwd=distributed.REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     store = RunStore(tmp_path, "dist-run")
     assert store.complete_checkpoints() == [KEY, NEXT]
@@ -312,18 +357,6 @@ PARENT = ("import os, subprocess, sys; from dapo_ops.distributed import process_
           "os.environ[h.PARENT_PID_ENV] = str(os.getpid()); sys.exit(subprocess.run(sys.argv[1:]).returncode)")
 
 
-def _alive(processes: list) -> list:
-    import psutil
-
-    def running(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    return [p for p in processes if running(p)]
-
-
 def _supervised_env(launch: distributed.UpdateLaunch, **extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("DAPO_VLM_")}, **launch.env,
             "OMP_NUM_THREADS": "1", **extra}
@@ -347,9 +380,9 @@ def test_a_parent_death_signal_kills_the_child_when_its_parent_is_killed(tmp_pat
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
-        while _alive(children) and time.monotonic() < deadline:
+        while alive(children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _alive(children) == []
+        assert alive(children) == []
     finally:
         parent.kill()
 
@@ -384,13 +417,13 @@ def test_kill_9_of_the_parent_during_a_two_process_update_leaves_no_child_alive_
             assert parent.poll() is None and time.monotonic() < deadline, "the ranks did not start"
             time.sleep(0.1)
         family = psutil.Process(parent.pid).children(recursive=True)  # supervisor, launcher, 2 ranks
-        assert sum(distributed.CHILD_MODULE in " ".join(p.cmdline()) for p in _alive(family)) >= 2, family
+        assert sum(distributed.CHILD_MODULE in " ".join(p.cmdline()) for p in alive(family)) >= 2, family
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
-        while _alive(family) and time.monotonic() < deadline:
+        while alive(family) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _alive(family) == [], [p.cmdline() for p in _alive(family)]
+        assert alive(family) == [], [p.cmdline() for p in alive(family)]
         assert not store.checkpoint_dir(NEXT).exists()
     finally:
         parent.kill()

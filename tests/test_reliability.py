@@ -31,9 +31,10 @@ from pathlib import Path
 import pytest
 
 from dapo_ops.common import faults
-from dapo_ops.store.layout import COMPLETE_MARKER, TEMPORARY_RE, RunStore
+from dapo_ops.store.layout import COMPLETE_MARKER, RunStore
 from dapo_ops.tracking.facade import default_tracking_uri
 from tests.conftest import TINY_RUN
+from tests.process_checks import kill_once_phase_ranks_run, stuck_dagster_runs, temporaries
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -172,10 +173,6 @@ def phase_of(trace: Path, pid: int) -> str:
     return phase
 
 
-def temporaries(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.rglob(".*") if TEMPORARY_RE.match(p.name)]
-
-
 def load_weights(checkpoint: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -232,16 +229,6 @@ def metric_histories(tracking_uri: str, run_name: str) -> dict[str, list[tuple[i
     run = runs[0]
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
             for name in run.data.metrics if not name.startswith("system/")}
-
-
-def stuck_dagster_runs(root: Path, run_name: str) -> list[str]:
-    import dagster as dg
-
-    instance = dg.DagsterInstance.from_config(str(root / "dagster"))
-    runs = instance.get_runs(filters=dg.RunsFilter(
-        statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED],
-        tags={"dapo/run_name": run_name}))
-    return [r.run_id for r in runs]
 
 
 def differences_from(reference: Reference, root: Path, run_name: str = RUN, rounds: int = ROUNDS) -> list[str]:
@@ -497,68 +484,16 @@ def test_many_kills_at_random_moments_and_points_lose_nothing(tmp_path: Path, re
 TWO = ("--num-processes", "2")
 
 
-def _alive(processes: list) -> list:
-    import psutil
-
-    def running(p) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    return [p for p in processes if running(p)]
-
-
 def kill_parent_during_distributed_update(root: Path, trace: Path, log: Path, rounds: int = ROUNDS,
                                           delay: float = 0.0, extra_env: dict | None = None,
                                           phase: str = "update") -> tuple[Kill, list[str]]:
     """kill -9 of `make run` once the ranks of `phase` (rollouts, attention, update) run (+ `delay` s); the
     command lines of its descendants still alive 10 s later."""
-    import psutil
-
     process = start(run_args(RUN, rounds, *TWO), {**env_for(root, trace=trace), **(extra_env or {})}, log)
-    deadline = time.monotonic() + 300
-    family: list = []
-    while process.poll() is None:
-        assert time.monotonic() < deadline, "the update's ranks never started"
-        with contextlib.suppress(psutil.Error):
-            family = psutil.Process(process.pid).children(recursive=True)
-            # Each multi-process phase launches ranks of its own: wait for those of `phase`.
-            if sum("pipelines.pipes_update" in (line := " ".join(p.cmdline())) and f"--phase {phase}" in line
-                   for p in _alive(family)) >= 2:
-                break
-        time.sleep(0.05)
-    time.sleep(delay)
-    with contextlib.suppress(psutil.Error):
-        family = psutil.Process(process.pid).children(recursive=True)  # supervisor, launcher, ranks
-    os.kill(process.pid, signal.SIGKILL)
+    survivors = kill_once_phase_ranks_run(process, phase, delay)
     rc, _ = finish(process)
-    deadline = time.monotonic() + 10
-    while _alive(family) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    survivors = []
-    for p in _alive(family):
-        with contextlib.suppress(psutil.Error):
-            survivors.append(" ".join(p.cmdline()))
     return Kill(f"kill -9 of make run during the 2-process {phase} (+{delay:.2f} s)", process.pid, rc,
                 f"distributed {phase}"), survivors
-
-
-@pytest.mark.slow
-def test_kill_9_of_make_run_during_a_two_process_phase_leaves_no_child_and_the_next_run_resumes(tmp_path: Path):
-    """The CI sample of the multi-process kills: one round, killed while its rollouts run on 2 ranks (the
-    first launch: the cheapest; the full loop kills the update, `tests/test_distributed.py` a bare update)."""
-    trace, log = tmp_path / "trace.txt", tmp_path / "runs.log"
-    kill, survivors = kill_parent_during_distributed_update(tmp_path, trace, log, rounds=1, phase="rollouts")
-    assert kill.rc == -signal.SIGKILL
-    assert survivors == []
-    store = RunStore(tmp_path, RUN)
-    assert store.complete_checkpoints() == ["ckpt-0000"]
-    rc, text = cli(run_args(RUN, 1, *TWO), env_for(tmp_path, trace=trace), log)
-    assert rc == 0, text[-3000:]
-    assert store.complete_checkpoints() == ["ckpt-0000", "ckpt-0001"]
-    assert json.loads((store.round_dir("ckpt-0000") / "update.json").read_text())["num_processes"] == 2
-    assert temporaries(store.run_dir) == [] and stuck_dagster_runs(tmp_path, RUN) == []
 
 
 @pytest.mark.skipif(os.environ.get("DAPO_VLM_FULL_FAULTS") != "1",
