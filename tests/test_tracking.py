@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -401,15 +402,18 @@ class CutShort(Exception):
     """Stands for a kill: raised inside MLflow's migration of a new store."""
 
 
-def test_a_store_whose_creation_was_cut_short_opens_on_the_next_run(tmp_path: Path) -> None:
+def test_a_store_whose_creation_was_cut_short_opens_on_the_next_run(tmp_path: Path, monkeypatch) -> None:
     """A process killed while MLflow migrates a new SQLite store (here: right after a migration created a table,
-    before it recorded its version) leaves nothing the next open trips over, and no staging file behind."""
+    before it recorded its version; the migration of the store template, the one place they run) leaves nothing
+    the next open trips over, and no staging file behind."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from dapo_ops.tracking.mlflow_sink import open_client
+    from dapo_ops.tracking.mlflow_sink import CACHE_ENV, open_client
 
-    uri = default_tracking_uri(tmp_path)
+    cache, root = tmp_path / "cache", tmp_path / "root"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    uri = default_tracking_uri(root)
     state = {"migrating": False, "created_table": False}
 
     def cut(conn, cursor, statement: str, parameters, context, executemany) -> None:  # noqa: ANN001
@@ -432,7 +436,83 @@ def test_a_store_whose_creation_was_cut_short_opens_on_the_next_run(tmp_path: Pa
     client = open_client(uri)
     experiment = client.create_experiment("after-the-cut")
     assert client.get_experiment(experiment).name == "after-the-cut"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.init-lock"]
+    assert sorted(p.name for p in root.iterdir()) == ["mlflow.db", "mlflow.db.init-lock"]
+    template, lock = sorted(p.name for p in cache.iterdir())  # the template and its lock, no staging file
+    assert template.endswith(".db") and lock == f"{template}.init-lock"
+
+
+def _migrations_run(build) -> int:  # noqa: ANN001
+    """How many MLflow schema migrations `build()` runs (each records its version in alembic_version)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    counted = []
+
+    def count(conn, cursor, statement: str, *args) -> None:  # noqa: ANN001
+        if statement.lstrip().startswith("UPDATE alembic_version"):
+            counted.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        build()
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    return len(counted)
+
+
+def _dump(database: Path) -> tuple[list, dict]:
+    """The schema and every row of a SQLite store, but the Default experiment's times. (MLflow's migrations
+    write a table's constraints in no fixed order: each statement is compared as its sorted lines.)"""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        schema = [(kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+                  for kind, name, sql in connection.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")]
+        rows = {}
+        for (table,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            columns = [c[1] for c in connection.execute(f'PRAGMA table_info("{table}")')]
+            kept = [c for c in columns if c not in ("creation_time", "last_update_time")]
+            rows[table] = sorted(connection.execute(f'SELECT {", ".join(kept)} FROM "{table}"').fetchall(), key=repr)
+    return schema, rows
+
+
+def test_new_stores_are_copies_of_a_template_built_once_and_equal_what_mlflow_builds(tmp_path, monkeypatch):
+    from dapo_ops.tracking.mlflow_sink import CACHE_ENV, ensure_store
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    # MLflow puts its Default experiment's artifacts under the working directory of the process that builds a
+    # store: the template, built elsewhere, must not carry its own.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _migrations_run(lambda: ensure_store(default_tracking_uri(tmp_path / "first"))) > 10
+    monkeypatch.chdir(tmp_path)
+    assert _migrations_run(lambda: ensure_store(default_tracking_uri(tmp_path / "second"))) == 0
+    assert [p.suffix for p in (tmp_path / "cache").glob("*.db")] == [".db"]
+    # MLflow's own build, for comparison.
+    mlflow.MlflowClient(default_tracking_uri(tmp_path / "mlflow")).search_experiments()
+    reference = _dump(tmp_path / "mlflow" / "mlflow.db")
+    assert _dump(tmp_path / "second" / "mlflow.db") == reference
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path / "second"))
+    assert client.get_experiment("0").artifact_location == mlflow.MlflowClient(
+        default_tracking_uri(tmp_path / "mlflow")).get_experiment("0").artifact_location
+    assert client.create_experiment("next") == "1"
+
+
+def test_an_unreadable_template_is_rebuilt_and_an_unwritable_cache_only_costs_time(tmp_path, monkeypatch):
+    from dapo_ops.tracking.mlflow_sink import CACHE_ENV, ensure_store, store_template
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    template = store_template()
+    template.write_bytes(b"not a database")
+    ensure_store(default_tracking_uri(tmp_path / "a"))
+    assert mlflow.MlflowClient(default_tracking_uri(tmp_path / "a")).get_experiment("0").name == "Default"
+    assert store_template() == template and template.read_bytes().startswith(b"SQLite format 3")
+
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))
+    with pytest.warns(UserWarning, match="MLflow store template not written"):
+        ensure_store(default_tracking_uri(tmp_path / "b"))
+    assert mlflow.MlflowClient(default_tracking_uri(tmp_path / "b")).get_experiment("0").name == "Default"
 
 
 def test_ensure_store_builds_a_missing_store_once_and_removes_only_its_own_leftovers(tmp_path: Path) -> None:

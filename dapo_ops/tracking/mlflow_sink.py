@@ -12,9 +12,11 @@ import fcntl
 import glob
 import os
 import re
+import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +50,9 @@ FAST_FAILURE_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
+
+# The folder of the MLflow store template (`store_template`).
+CACHE_ENV = "DAPO_VLM_CACHE"
 
 REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
 
@@ -121,7 +126,23 @@ def _create_store(database: Path) -> None:
     MLflow's migrations commit table by table: a process killed while it builds the store in place leaves
     tables ahead of the recorded schema version, and every later open fails ("table ... already exists").
     Built aside, a killed build leaves only a temporary file (the store's `.tmp-` convention), removed by the
-    next build."""
+    next build. The tables come from a copy of `store_template()` when there is one (milliseconds instead of
+    MLflow's seconds of migrations); MLflow adds its Default experiment as it opens the copy, as it does in a
+    store it built."""
+    template = store_template()
+    try:
+        _build_aside(database, before_open=partial(shutil.copyfile, template) if template else None)
+    except Exception:
+        if template is None:
+            raise
+        _discard(template)  # unreadable by this MLflow: built anew by the next store creation
+        _build_aside(database)
+
+
+def _build_aside(database: Path, *, before_open: Callable[[Path], Any] | None = None,
+                 after_open: Callable[[Path], Any] | None = None) -> None:
+    """Open an MLflow store at a staging name next to `database` (`before_open(staging)` first, `after_open`
+    after), then link it to `database`; leftovers of killed builds of `database` are removed first."""
     from mlflow import MlflowClient
 
     prefix = f"{TMP_PREFIX}{database.name}-"
@@ -131,13 +152,64 @@ def _create_store(database: Path) -> None:
             stale.unlink(missing_ok=True)
     # A name never used before: MLflow caches a store's engine per URI for the life of the process.
     staging = database.with_name(f"{prefix}{os.getpid()}-{time.time_ns()}")
-    _open_stores(MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}"))  # creates their tables
     try:
-        os.link(staging, database)
-    except FileExistsError:
-        pass  # made meanwhile by a process that does not take the lock (an `mlflow ui` started by hand): kept
+        if before_open:
+            before_open(staging)
+        _open_stores(MlflowClient(tracking_uri=f"sqlite:///{staging.as_posix()}"))  # creates what is missing
+        if after_open:
+            after_open(staging)
+        # FileExistsError: made meanwhile by a process that does not take the lock (an `mlflow ui` started by
+        # hand), and kept.
+        with contextlib.suppress(FileExistsError):
+            os.link(staging, database)
     finally:
-        staging.unlink()
+        staging.unlink(missing_ok=True)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def store_cache_dir() -> Path:
+    """Where the store template lives: `DAPO_VLM_CACHE`, else `$XDG_CACHE_HOME/dapo-vlm` (`~/.cache/dapo-vlm`),
+    beside Hugging Face's and pip's caches."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dapo-vlm"
+
+
+def store_template() -> Path | None:
+    """An empty SQLite store at this MLflow's schema, without its Default experiment (whose artifact location
+    MLflow derives from where a store is opened), built once per MLflow install (its version and migration
+    files name it) in `store_cache_dir()`; None when that folder cannot be written, and stores are then built
+    by MLflow's migrations each time."""
+    import hashlib
+
+    import mlflow
+
+    migrations = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+    names = "\n".join(sorted(p.name for p in migrations.glob("*.py"))) if migrations.is_dir() else ""
+    digest = hashlib.sha256(names.encode()).hexdigest()[:12]
+    template = store_cache_dir() / f"mlflow-{mlflow.__version__}-{digest}.db"
+    if template.exists():
+        return template
+    try:
+        with _store_lock(template):
+            if not template.exists():
+                _build_aside(template, after_open=_drop_default_experiment)  # MLflow's migrations, once
+    except OSError as error:
+        warnings.warn(f"MLflow store template not written to {template.parent} ({error}); each new store runs "
+                      f"MLflow's migrations (set {CACHE_ENV} to a writable folder)", stacklevel=2)
+        return None
+    return template
+
+
+def _drop_default_experiment(template: Path) -> None:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(template)) as connection, connection:
+        connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
 
 
 class MlflowSink:
