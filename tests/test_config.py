@@ -167,3 +167,20 @@ def test_objective_options_default_to_trls_plain_loss():
     assert (config.sapo_temperature_pos, config.sapo_temperature_neg) == (1.0, 1.05)
     assert not config.mask_truncated_completions and config.entropy_coef == 0.0
     assert config.multi_objective_aggregation == "sum_then_normalize"
+
+
+def test_a_refused_config_fails_before_importing_torch_or_the_plug_ins():
+    """Finding the rollout engine and the rewards imports their modules (torch, transformers): a config with
+    another problem is refused without them, in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dapo_ops.config.dapo import DapoConfig\n"
+            "try:\n    DapoConfig(loss_type='ppo', use_vllm=True)\nexcept ValueError as error:\n    print(error)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'dapo_ops.rl.rewards') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "loss_type='ppo' is unknown" in done.stdout
+    assert done.stdout.strip().endswith("[]")
+    # Once the rest is valid, the engine is looked up (and refused here).
+    with pytest.raises(ValueError, match="selects the 'vllm' rollout engine"):
+        DapoConfig(use_vllm=True)

@@ -219,9 +219,6 @@ class DapoConfig:
             problems.append(f"vllm_mode={self.vllm_mode!r} is unknown; use one of {', '.join(VLLM_MODES)}")
         if self.rollout_cache not in ROLLOUT_CACHES:
             problems.append(f"rollout_cache={self.rollout_cache!r} is unknown; use one of {', '.join(ROLLOUT_CACHES)}")
-        engine = engine_problem(self)
-        if engine:
-            problems.append(engine)
         if self.num_generations < 2:
             problems.append(
                 f"num_generations={self.num_generations} gives no group statistics; set it to 2 or more"
@@ -288,6 +285,8 @@ class DapoConfig:
             )
         if not self.run_name or any(c in self.run_name for c in "/\\ ") or self.run_name.startswith("."):
             problems.append(f"run_name={self.run_name!r} must be a plain name (no slashes or spaces)")
+        if not problems:  # plug-ins are found by importing their modules (torch, transformers): a refusal is quick
+            problems = self._plugin_problems()
         if problems:
             raise ValueError("Invalid dapo-vlm configuration:\n  - " + "\n  - ".join(problems))
 
@@ -337,16 +336,22 @@ class DapoConfig:
                             "dependency; set visual_dependency to true")
         return problems
 
-    def _reward_problems(self) -> list[str]:
-        """Every `reward_funcs` entry resolves to a callable, names are unique, one weight per entry."""
-        problems: list[str] = []
-        if not self.reward_funcs:
-            problems.append("reward_funcs is empty; name at least one reward")
+    def _plugin_problems(self) -> list[str]:
+        """The rollout engine exists and every `reward_funcs` entry resolves to a callable."""
+        engine = engine_problem(self)
+        problems = [engine] if engine else []
         for entry in self.reward_funcs:
             try:
                 registry.resolve_reward(entry)
             except ValueError as error:
                 problems.append(f"reward_funcs: {error}")
+        return problems
+
+    def _reward_problems(self) -> list[str]:
+        """Names are unique, one weight per entry (`_plugin_problems` resolves them)."""
+        problems: list[str] = []
+        if not self.reward_funcs:
+            problems.append("reward_funcs is empty; name at least one reward")
         names = self.reward_names
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
