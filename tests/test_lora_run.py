@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import TINY_RUN, _restore_env, _set_env, run_make
 
-pytestmark = pytest.mark.slow  # a 5-round LoRA `make run`
+pytestmark = pytest.mark.slow  # a 3-round LoRA `make run`
 
 RUN = {
     **TINY_RUN,
@@ -21,7 +21,7 @@ RUN = {
     "lora_r": 8,
     "beta": 0.04,  # the reference pass runs through the adapter-disabled model
     "save_total_limit": 2,
-    "max_rounds": 5,
+    "max_rounds": 3,
 }
 
 
@@ -36,7 +36,7 @@ def lora_run(tmp_path_factory):
                          "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"})
     try:
         config = DapoConfig(**RUN)
-        run_training(config, rounds=5, root=root, echo=lambda _: None)
+        run_training(config, rounds=3, root=root, echo=lambda _: None)
         yield RunStore(root, config.run_name), config
     finally:
         _restore_env(previous)
@@ -50,7 +50,7 @@ def test_lora_checkpoints_hold_the_adapter_only_at_under_a_tenth_of_a_full_check
     from dapo_ops.store.layout import RunStore
 
     store, _ = lora_run
-    newest = store.checkpoint_dir("ckpt-0005")
+    newest = store.checkpoint_dir("ckpt-0003")
     names = {p.name for p in newest.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= names
     assert not any(n.startswith("model") and n.endswith(".safetensors") for n in names)
@@ -58,13 +58,13 @@ def test_lora_checkpoints_hold_the_adapter_only_at_under_a_tenth_of_a_full_check
     assert _bytes(newest) <= 0.10 * _bytes(full), (_bytes(newest), _bytes(full))
 
 
-def test_save_total_limit_2_leaves_two_trained_checkpoints_with_weights_after_5_rounds(lora_run):
+def test_save_total_limit_2_leaves_two_trained_checkpoints_with_weights_after_3_rounds(lora_run):
     from dapo_ops.run import retention
 
     store, _ = lora_run
-    assert store.complete_checkpoints() == [f"ckpt-000{i}" for i in range(6)]
-    assert retention.checkpoints_with_weights(store) == ["ckpt-0000", "ckpt-0004", "ckpt-0005"]
-    for key in ("ckpt-0001", "ckpt-0002", "ckpt-0003"):
+    assert store.complete_checkpoints() == [f"ckpt-000{i}" for i in range(4)]
+    assert retention.checkpoints_with_weights(store) == ["ckpt-0000", "ckpt-0002", "ckpt-0003"]
+    for key in ("ckpt-0001",):
         assert {p.name for p in store.checkpoint_dir(key).iterdir()} == {"state.json", "COMPLETE", "PRUNED",
                                                                        "PRUNED.observed"}
         assert store.round(key).done.exists() and (store.reports_dir(key) / "rollout_results.md").exists()
@@ -83,14 +83,14 @@ def test_reanalysis_of_a_lora_checkpoint_works_and_of_a_pruned_one_says_why_not(
     from pipelines import cli
 
     store, _ = lora_run
-    report = store.reports_dir("ckpt-0004") / "attention_diagnostics.md"
+    report = store.reports_dir("ckpt-0002") / "attention_diagnostics.md"
     report.unlink()
-    assert cli.main(["reanalyze", "--checkpoint", "ckpt-0004", "--run-name", store.run_name]) == 0
+    assert cli.main(["reanalyze", "--checkpoint", "ckpt-0002", "--run-name", store.run_name]) == 0
     assert report.exists()
-    assert cli.main(["reanalyze", "--checkpoint", "ckpt-0002", "--run-name", store.run_name]) == 2
+    assert cli.main(["reanalyze", "--checkpoint", "ckpt-0001", "--run-name", store.run_name]) == 2
     err = capsys.readouterr().err
-    assert "checkpoint ckpt-0002 of run 'lora-small' cannot be re-analysed" in err
-    assert "pruned by save_total_limit=2" in err and "Checkpoints with weights: ckpt-0000, ckpt-0004, ckpt-0005" in err
+    assert "checkpoint ckpt-0001 of run 'lora-small' cannot be re-analysed" in err
+    assert "pruned by save_total_limit=2" in err and "Checkpoints with weights: ckpt-0000, ckpt-0002, ckpt-0003" in err
 
 
 def test_pruned_partitions_show_in_dagster_as_not_reanalysable(lora_run):
@@ -100,7 +100,7 @@ def test_pruned_partitions_show_in_dagster_as_not_reanalysable(lora_run):
     instance = dg.DagsterInstance.from_config(str(store.root / "dagster"))
     records = instance.fetch_observations(dg.AssetKey("attention_metrics"), limit=20).records
     observed = {r.partition_key: r.asset_observation.metadata["reanalysable"].value for r in records}
-    assert observed == {"ckpt-0001": False, "ckpt-0002": False, "ckpt-0003": False}
+    assert observed == {"ckpt-0001": False}
 
 
 def test_make_export_merge_writes_a_model_transformers_loads_with_the_same_greedy_answers(lora_run, tmp_path):
@@ -114,9 +114,9 @@ def test_make_export_merge_writes_a_model_transformers_loads_with_the_same_greed
 
     store, config = lora_run
     out = tmp_path / "merged"
-    done = run_make("export", store.root, CHECKPOINT="ckpt-0005", RUN_NAME=store.run_name, MERGE=1, OUT=out)
+    done = run_make("export", store.root, CHECKPOINT="ckpt-0003", RUN_NAME=store.run_name, MERGE=1, OUT=out)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith(f"exported ckpt-0005 of {store.run_name} (LoRA merged): {out}")
+    assert done.stdout.strip().endswith(f"exported ckpt-0003 of {store.run_name} (LoRA merged): {out}")
     assert not any("lora_" in k for k in AutoModelForImageTextToText.from_pretrained(out).state_dict())
     assert {"chat_template.json", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
 
@@ -128,7 +128,7 @@ def test_make_export_merge_writes_a_model_transformers_loads_with_the_same_greed
         return batch.completions
 
     with torch.no_grad():
-        assert answers(models.load_policy(out)) == answers(load_checkpoint_policy(store, "ckpt-0005", config))
+        assert answers(models.load_policy(out)) == answers(load_checkpoint_policy(store, "ckpt-0003", config))
 
 
 def test_a_full_disk_stops_the_run_before_the_round_and_loses_nothing(lora_run, monkeypatch):
@@ -147,7 +147,7 @@ def test_a_full_disk_stops_the_run_before_the_round_and_loses_nothing(lora_run, 
     before = digest()
     usage = shutil.disk_usage(store.root)
     monkeypatch.setattr(retention.shutil, "disk_usage", lambda _: usage._replace(free=1_000_000))
-    with pytest.raises(retention.DiskSpaceError, match=r"round ckpt-0005 .* needs about .* MB .* has 976.6 KB free"):
-        run_training(config.replace(max_rounds=6), rounds=6, root=store.root, echo=lambda _: None)
+    with pytest.raises(retention.DiskSpaceError, match=r"round ckpt-0003 .* needs about .* MB .* has 976.6 KB free"):
+        run_training(config.replace(max_rounds=4), rounds=4, root=store.root, echo=lambda _: None)
     assert digest() == before
-    assert store.latest_checkpoint() == "ckpt-0005" and not store.round_dir("ckpt-0005").exists()
+    assert store.latest_checkpoint() == "ckpt-0003" and not store.round_dir("ckpt-0003").exists()

@@ -317,6 +317,21 @@ def close_assistant(page) -> None:
         close.click()
 
 
+def click_until_shown(item, shown, attempts: int = 3) -> None:
+    """Click `item` until `shown` is visible, as a person clicks again when a click landed while the list was
+    being redrawn (MLflow's artifact tree re-renders as each folder's listing arrives)."""
+    from playwright.sync_api import expect
+
+    for attempt in range(attempts):
+        item.click()
+        try:
+            expect(shown).to_be_visible(timeout=UI_TIMEOUT_MS // attempts)
+            return
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
+
+
 def open_experiment(page, uis: Uis) -> None:
     """Home → Model training → experiment dapo-vlm (its runs), as a person clicks through."""
     page.goto(uis.mlflow)
@@ -356,8 +371,8 @@ def test_mlflow_run_has_the_reports_as_artifacts(uis, page):
     for name in ("attention_diagnostics.md", "rollout_results.md", "run_terminal.md", "learning_curves.png",
                  "attention_balance.png"):
         expect(page.get_by_text(name, exact=True)).to_be_visible()
-    page.get_by_text("attention_diagnostics.md", exact=True).click()
-    expect(page.get_by_text("reports/ckpt-0001/attention_diagnostics.md", exact=True)).to_be_visible()
+    click_until_shown(page.get_by_text("attention_diagnostics.md", exact=True),
+                      page.get_by_text("reports/ckpt-0001/attention_diagnostics.md", exact=True))
     expect(page.get_by_role("heading", name="Attention diagnostics")).to_be_visible()
     expect(page.get_by_role("cell", name="MDI Mean")).to_be_visible()
     save(page, "mlflow_report_artifacts.png")
