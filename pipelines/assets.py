@@ -16,7 +16,6 @@ import dagster as dg
 
 from dapo_ops.common.names import EVAL_ACCURACY, EVAL_FORMAT, attention_metric, attn_column, reward_metric
 from dapo_ops.rl.rewards import ACCURACY_REWARDS
-from dapo_ops.run import round as dapo_round
 from dapo_ops.run.policy_cache import PolicyCache
 from dapo_ops.run.resume import EVAL_DROP_CHECK
 from dapo_ops.store.layout import (
@@ -110,6 +109,7 @@ def _run_tags(context: dg.AssetExecutionContext, run_name: str, key: str | None 
 def dataset(context: dg.AssetExecutionContext, training_config: TrainingConfig,
             run_store: RunStoreResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validated train/eval tables in the A-OKVQA layout, plus the quarantined rows and their reasons."""
+    from dapo_ops.run import round as dapo_round
     cfg, store, _, log = _open(context, training_config, run_store, checkpoint_key(0))
     summary = dapo_round.dataset_phase(cfg, store, log)
     reasons = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(summary.quarantine_reasons.items()))
@@ -139,6 +139,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
     """ckpt-0000: the embedded tiny Qwen2.5-VL (locally trained tokenizer, supervised warm start) or a
     real model directory. Registers the `ckpt-0000` partition. A complete ckpt-0000 (left by an interrupted
     setup, or a re-materialization) is kept, never rebuilt under checkpoints trained from it."""
+    from dapo_ops.run import round as dapo_round
     cfg, store, key, log = _open(context, training_config, run_store, checkpoint_key(0))
     evaluation = dapo_round.base_checkpoint_phase(cfg, store, log, policy_cache)
     add_checkpoint_partitions(context.instance, [key])
@@ -164,6 +165,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, training_config: Training
 def rollouts(context: dg.AssetExecutionContext, training_config: TrainingConfig, run_store: RunStoreResource,
              mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]) -> dg.MaterializeResult:
     """G completions per prompt sampled from checkpoint k (KV cache, batched, left padding)."""
+    from dapo_ops.run import round as dapo_round
     cfg, store, key, log = _open(context, training_config, run_store)
     store.require_checkpoint(key)
     # A journal left by an MLflow outage is sent before new work (no duplicates: see dapo_ops.tracking.facade).
@@ -194,6 +196,7 @@ def attention_metrics(context: dg.AssetExecutionContext, training_config: Traini
     round without touching rollouts, rewards or checkpoints."""
     from dapo_ops.config.dapo import STAGES
     from dapo_ops.run import phases as training
+    from dapo_ops.run import round as dapo_round
 
     cfg, store, key, log = _open(context, training_config, run_store)
     result = dapo_round.attention_phase(cfg, store, key, log, policy_cache, launch=_launcher(context, store, key,
@@ -224,6 +227,7 @@ def rewards(context: dg.AssetExecutionContext, training_config: TrainingConfig, 
     weighted total, group advantages and the keep-mask of groups that enter the update; stores the attention
     values it used."""
     from dapo_ops.reporting.reports import reward_label
+    from dapo_ops.run import round as dapo_round
 
     cfg, store, key, log = _open(context, training_config, run_store)
     metrics, findings = dapo_round.rewards_phase(cfg, store, key, log)
@@ -252,6 +256,7 @@ def policy_update(context: dg.AssetExecutionContext, training_config: TrainingCo
                   mlflow: MlflowResource, policy_cache: dg.ResourceParam[PolicyCache]):
     """μ = num_iterations epochs of clipped policy-gradient steps; writes ckpt-(k+1) atomically and
     registers its partition. A NaN/Inf loss or gradient fails the round and writes nothing."""
+    from dapo_ops.run import round as dapo_round
     cfg, store, key, log = _open(context, training_config, run_store)
     try:
         result = dapo_round.update_phase(cfg, store, key, log, policy_cache,
@@ -376,6 +381,7 @@ def attention_report(context: dg.AssetExecutionContext, training_config: Trainin
                      mlflow: MlflowResource) -> dg.MaterializeResult:
     """attention_diagnostics.md (+ an attention-balance chart per stage). In a re-analysis it is logged to
     an MLflow run of its own, tagged with the training run and checkpoint."""
+    from dapo_ops.run import round as dapo_round
     cfg, store, key, _ = _open(context, training_config, run_store)
     report = dapo_round.write_attention_report(store, key)
     if training_config.reanalysis:
@@ -400,8 +406,8 @@ def training_report(context: dg.AssetExecutionContext, training_config: Training
                     mlflow: MlflowResource) -> dg.MaterializeResult:
     """rollout_results.md and run_terminal.md, the 44 metrics (+ eval accuracy) in MLflow at the round's
     global step, learning curves, and the three reports attached to the MLflow run."""
-
     from dapo_ops.reporting import reports
+    from dapo_ops.run import round as dapo_round
     from dapo_ops.run.round_files import read_update_record
 
     cfg, store, key, log = _open(context, training_config, run_store)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from dapo_ops.config.dapo import EMBEDDED, DapoConfig, data_root
 from dapo_ops.run.resume import EvalDropError
@@ -35,14 +33,7 @@ telemetry:
 CLI_PID_TAG = "dapo/cli_pid"
 
 
-def config_default(name: str) -> Any:
-    """A `DapoConfig` field's default. Building a default config would validate its rollout engine, which
-    imports torch and transformers: seconds that `--help`, `mlflow-ui` or `sync-mlflow` never need."""
-    field = {field.name: field for field in dataclasses.fields(DapoConfig)}[name]
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
-
-
-DEFAULT_ROUNDS = config_default("max_rounds")
+DEFAULT_ROUNDS = DapoConfig.field_default("max_rounds")
 
 
 def prepare_instance(root: Path | None = None) -> Path:
@@ -416,12 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
     export_parser = sub.add_parser("export", help="write a checkpoint as a standalone transformers model directory")
     export_parser.add_argument("--checkpoint", required=True)
-    export_parser.add_argument("--run-name", default=os.environ.get("RUN_NAME") or config_default("run_name"))
+    export_parser.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig.field_default("run_name"))
     export_parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights")
     export_parser.add_argument("--out", type=Path, default=None, help="default: <run>/export/<checkpoint>[-merged]")
     reanalyze_parser = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
     reanalyze_parser.add_argument("--checkpoint", required=True)
-    reanalyze_parser.add_argument("--run-name", default=os.environ.get("RUN_NAME") or config_default("run_name"))
+    reanalyze_parser.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig.field_default("run_name"))
     reanalyze_parser.add_argument("--mdi-tolerance", type=float, default=None)
     reanalyze_parser.add_argument("--num-processes", type=int, default=None, help="default: the run's num_processes")
     sync = sub.add_parser("sync-mlflow", help="send journaled rounds to MLflow")

@@ -21,7 +21,8 @@ training_round_job = dg.define_asset_job(
 # What the launchpad scaffolds for a partition: launches as is (the default run), and shows the two knobs a
 # re-analysis changes; every other field keeps the default it has in the training_config resource.
 REANALYSIS_DEFAULTS = {"resources": {RESOURCE_KEY: {"config": {
-    "run_name": DapoConfig().run_name, "reanalysis": True, "mdi_tolerance": DapoConfig().mdi_tolerance}}}}
+    "run_name": DapoConfig.field_default("run_name"), "reanalysis": True,
+    "mdi_tolerance": DapoConfig.field_default("mdi_tolerance")}}}}
 reanalysis_job = dg.define_asset_job(
     "reanalysis", selection=list(REANALYSIS_ASSETS), partitions_def=checkpoints, config=REANALYSIS_DEFAULTS,
     tags={"dapo/kind": "reanalysis"},

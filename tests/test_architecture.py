@@ -155,3 +155,12 @@ def test_importing_one_subpackage_loads_only_its_dependencies():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     loaded = eval(out)  # noqa: S307 - our own subprocess' list literal
     assert not [m for m in loaded if m.split(".")[1] in {"attention", "run", "tracking", "distributed", "train"}], loaded
+
+
+def test_loading_the_dagster_definitions_imports_neither_torch_nor_transformers():
+    """`make ui`'s code server and `dagster definitions validate` load the definitions; the assets import the
+    heavy libraries as they run."""
+    code = ("import sys; import pipelines.definitions; "
+            "print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

@@ -403,6 +403,14 @@ class DapoConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def field_default(cls, name: str) -> Any:
+        """A field's default, without building a config: a valid config looks up its rollout engine and rewards,
+        which imports torch and transformers (seconds that `--help` or loading the Dagster definitions never
+        need)."""
+        spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+        return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DapoConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
