@@ -735,7 +735,10 @@ def _free_port() -> int:
 @pytest.fixture()
 def mlflow_server(tmp_path: Path):
     """A real `mlflow server` on loopback (SQLite backend in tmp_path); yields its port."""
+    from dapo_ops.tracking.mlflow_sink import ensure_store
+
     port = _free_port()
+    ensure_store(f"sqlite:///{tmp_path}/server.db")  # as `make mlflow-ui` does: a copy of the store template
     log = open(tmp_path / "mlflow-server.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
