@@ -31,8 +31,6 @@ telemetry:
 
 # Tags the Dagster runs `make run` starts with its pid, so a resumed run can tell its own from orphans.
 CLI_PID_TAG = "dapo/cli_pid"
-
-
 DEFAULT_ROUNDS = DapoConfig.field_default("max_rounds")
 
 
@@ -405,14 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB")
     launchpad = sub.add_parser("launchpad-config", help="print a run config file as Dagster launchpad YAML")
     launchpad.add_argument("--config", type=Path, required=True, metavar="FILE")
+    default_run_name = os.environ.get("RUN_NAME") or DapoConfig.field_default("run_name")
     export_parser = sub.add_parser("export", help="write a checkpoint as a standalone transformers model directory")
     export_parser.add_argument("--checkpoint", required=True)
-    export_parser.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig.field_default("run_name"))
+    export_parser.add_argument("--run-name", default=default_run_name)
     export_parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights")
     export_parser.add_argument("--out", type=Path, default=None, help="default: <run>/export/<checkpoint>[-merged]")
     reanalyze_parser = sub.add_parser("reanalyze", help="re-run the attention analysis of one stored checkpoint")
     reanalyze_parser.add_argument("--checkpoint", required=True)
-    reanalyze_parser.add_argument("--run-name", default=os.environ.get("RUN_NAME") or DapoConfig.field_default("run_name"))
+    reanalyze_parser.add_argument("--run-name", default=default_run_name)
     reanalyze_parser.add_argument("--mdi-tolerance", type=float, default=None)
     reanalyze_parser.add_argument("--num-processes", type=int, default=None, help="default: the run's num_processes")
     sync = sub.add_parser("sync-mlflow", help="send journaled rounds to MLflow")

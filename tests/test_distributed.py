@@ -29,6 +29,7 @@ from dapo_ops.run.round_files import UpdateRecord
 from dapo_ops.store.layout import RunStore, checkpoint_key
 from dapo_ops.tracking.facade import default_tracking_uri
 from dapo_ops.train.update import rank_micro_batches
+from tests.conftest import SMALL_RUN
 from tests.process_checks import alive, kill_once_phase_ranks_run, stuck_dagster_runs, temporaries
 
 KEY = checkpoint_key(0)
@@ -230,9 +231,7 @@ def _one_process_round(run: RunStore, root: Path) -> RunStore:
 
 
 # `NUM_PROCESSES=2 make run ROUNDS=1` on conftest's SMALL_RUN, cold.
-TWO_PROCESS_RUN = {"prompts_per_round": 8, "num_generations": 4, "max_completion_length": 16,
-                   "steps_per_generation": 2, "num_iterations": 1, "num_train_examples": 96,
-                   "num_eval_examples": 24, "eval_subset_size": 16, "warmup_steps": 0}
+TWO_PROCESS_RUN = {**{k: v for k, v in SMALL_RUN.items() if k != "run_name"}, "warmup_steps": 0}
 
 
 @dataclass

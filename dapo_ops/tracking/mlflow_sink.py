@@ -135,7 +135,8 @@ def _create_store(database: Path) -> None:
     except Exception:
         if template is None:
             raise
-        _discard(template)  # unreadable by this MLflow: built anew by the next store creation
+        with contextlib.suppress(OSError):  # unreadable by this MLflow: built anew by the next store creation
+            template.unlink()
         _build_aside(database)
 
 
@@ -164,11 +165,6 @@ def _build_aside(database: Path, *, before_open: Callable[[Path], Any] | None = 
             os.link(staging, database)
     finally:
         staging.unlink(missing_ok=True)
-
-
-def _discard(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 def store_cache_dir() -> Path:
